@@ -1,0 +1,43 @@
+# grpo-cli: `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch first, pinned: on the project's CPU machines pip takes this version's CPU wheel from local
+# disk; elsewhere pip downloads it. Override e.g. TORCH_SPEC="torch --index-url .../cu124".
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: help install demo test test-fast lint format bench-env clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+install: ## create .venv and install grpo-cli with its dev tools (editable)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+
+demo: ## grpo train on the embedded tiny model (builds it on first use), offline, CPU
+	HF_HUB_OFFLINE=1 $(BIN)/grpo train
+
+test: ## all tests, slow end-to-end ones included (CPU, offline)
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+
+test-fast: ## tests without the slow end-to-end ones
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -m "not slow"
+
+lint: ## ruff check + format check
+	$(BIN)/ruff check grpo_cli tests scripts
+	$(BIN)/ruff format --check grpo_cli tests scripts
+
+format: ## apply ruff formatting and fixes
+	$(BIN)/ruff format grpo_cli tests scripts
+	$(BIN)/ruff check --fix grpo_cli tests scripts
+
+bench-env: ## a separate .venv-bench with TRL for scripts/bench_vs_trl.py
+	$(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/pip install -q "$(TORCH_SPEC)"
+	.venv-bench/bin/pip install -q -e . trl
+
+clean: ## remove run outputs and caches (not the tiny model cache)
+	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -1,0 +1,129 @@
+"""The ``grpo`` command: the first word picks the subcommand, every other word goes to Hydra untouched.
+
+    grpo train model=qwen reward=math algo.beta=0.0
+    grpo sample algo.group_size=16
+    grpo eval checkpoint=outputs/2026-01-01/12-00-00/checkpoint-200
+    grpo train --cfg job          # Hydra's own flags keep working: --help, -m, hydra.run.dir=...
+
+Before Hydra starts a run, the overrides are composed once here so that a bad value, an unknown
+group option or a missing model path is one error line (exit code 2) instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("grpo_cli.train", "train the policy with GRPO"),
+    "sample": ("grpo_cli.sample", "show G completions per prompt with rewards and advantages"),
+    "eval": ("grpo_cli.evaluate", "pass@k, maj@k and mean reward of checkpoints"),
+}
+# Flags after which Hydra does not run a single job, so there is nothing to pre-validate.
+_NO_PRECHECK = {"-m", "--multirun", "--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion"}
+
+USAGE = "usage: grpo {train,sample,eval} [key=value ...] [hydra flags]\n\n" + "\n".join(
+    f"  {name:<8}{desc}" for name, (_, desc) in SUBCOMMANDS.items()
+)
+
+
+def compose_config(command: str, overrides: Sequence[str] = ()) -> tuple[Any, Any]:
+    """Compose ``conf/<command>.yaml`` with overrides. Returns (typed dataclass object, DictConfig)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from grpo_cli.config import conf_dir, register
+
+    register()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        dcfg = compose(config_name=command, overrides=list(overrides))
+    return OmegaConf.to_object(dcfg), dcfg
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for a Hydra/OmegaConf composition error: the key, what was wrong, what is allowed."""
+    import re
+
+    from grpo_cli.config import conf_dir
+
+    chain = []
+    while exc is not None:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for err in chain:
+        key = getattr(err, "full_key", None)
+        if key:
+            first = str(err).splitlines()[0]
+            return f"{key}: {first}"
+    text = str(chain[0])
+    missing = re.search(r"Could not find '([\w-]+)/([^']+)'", text)
+    if missing:
+        group, option = missing.groups()
+        options = sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+        return f"{group}={option} is not an option; choose one of: {', '.join(options)}"
+    return " ".join(text.split())[:300]
+
+
+def precheck(command: str, args: Sequence[str]) -> str | None:
+    """Compose and validate the overrides; return an error line, or None when they are good."""
+    from grpo_cli.config import ConfigError, validate
+
+    if any(a.split("=")[0] in _NO_PRECHECK for a in args):
+        return None
+    overrides = [a for a in args if not a.startswith("-") and not a.startswith("hydra.")]
+    try:
+        cfg, _ = compose_config(command, overrides)
+        validate(cfg)
+    except ConfigError as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - every composition failure becomes one line
+        return describe_error(exc)
+    return None
+
+
+def _hydra_entry(command: str, run: Callable[[Any, str], Any]) -> Callable[[], None]:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from grpo_cli.config import ConfigError, conf_dir, validate
+
+    @hydra.main(version_base=None, config_path=str(conf_dir()), config_name=command)
+    def _main(dcfg) -> None:
+        try:
+            cfg = OmegaConf.to_object(dcfg)
+            validate(cfg)
+            run(cfg, HydraConfig.get().runtime.output_dir)
+        except ConfigError as exc:
+            print(f"grpo {command}: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+
+    return _main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in SUBCOMMANDS:
+        print(f"grpo: unknown subcommand {command!r}\n{USAGE}", file=sys.stderr)
+        return 2
+    from grpo_cli.config import register
+
+    register()
+    error = precheck(command, rest)
+    if error:
+        print(f"grpo {command}: error: {error}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[command][0])
+    sys.argv = [f"grpo {command}", *rest]
+    _hydra_entry(command, module.run)()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

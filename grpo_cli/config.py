@@ -1,0 +1,323 @@
+"""Config schema: one dataclass per group, registered with Hydra so a wrong type fails at compose time.
+
+The YAML files under ``conf/`` hold values only; every key they may set is a field here, with one
+line of help. ``validate`` checks ranges and paths before any model loads and raises ``ConfigError``
+with a single line that names the key and what it accepts; the CLI turns that into exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A bad config value; its message is one line naming the key and the allowed values."""
+
+
+@dataclass
+class ModelConfig:
+    # "tiny" is the embedded model, built on first use under $GRPO_HOME; otherwise a hub id or a path.
+    name_or_path: str = "tiny"
+    # auto: bfloat16 on CUDA, float32 on CPU.
+    dtype: str = "auto"
+    # auto: cuda if available, else cpu.
+    device: str = "auto"
+    # transformers attention implementation (sdpa, eager, flash_attention_2); null keeps the model's default.
+    attn_implementation: str | None = "sdpa"
+    # Wrap prompts in the tokenizer's chat template (instruct models).
+    chat_template: bool = False
+    # Trade compute for memory in the training forward pass.
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class LoraConfig:
+    # false: full fine-tuning (lora=none).
+    enabled: bool = True
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    # "all-linear" or a list of module names.
+    target_modules: Any = "all-linear"
+
+
+@dataclass
+class AlgoConfig:
+    """The loss family. Field names are the ones ``core.loss.policy_loss`` reads."""
+
+    name: str = "grpo"
+    # G: completions sampled per prompt (DeepSeekMath: 64; the seed default 8).
+    group_size: int = 8
+    # epsilon: lower clip range of the ratio (PPO/GRPO 0.2).
+    epsilon: float = 0.2
+    # Upper clip range; null means epsilon (DAPO's clip-higher uses 0.28).
+    epsilon_high: float | None = None
+    # beta: weight of KL(pi_theta || pi_ref) (DeepSeekMath 0.04; 0 skips the reference pass).
+    beta: float = 0.04
+    # KL estimator: k1 (log-ratio), k2 (squared log-ratio / 2), k3 (DeepSeekMath, unbiased, >= 0).
+    kl_estimator: str = "k3"
+    # seq_mean_token_mean (GRPO), token_mean (DAPO), seq_mean_token_sum_norm (Dr. GRPO).
+    aggregation: str = "seq_mean_token_mean"
+    # token: one ratio per token; sequence: GSPO's length-normalised sequence ratio.
+    importance_level: str = "token"
+    # Advantage scale: group (std of the group), batch (std of the batch), none (Dr. GRPO).
+    scale_rewards: str = "group"
+    # mu: policy updates per rollout batch (GRPO iterations); 1 keeps training on-policy.
+    num_iterations: int = 1
+    # Dr. GRPO's constant divisor; null means rollout.max_new_tokens.
+    max_completion_length: int | None = None
+    # DAPO dynamic sampling: resample prompts until the batch holds informative groups.
+    dynamic_sampling: bool = False
+    # At most this many rollout rounds per step when dynamic_sampling is on.
+    max_sampling_rounds: int = 3
+
+
+@dataclass
+class RolloutConfig:
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    # 1.0 disables nucleus sampling.
+    top_p: float = 1.0
+    # 0 disables top-k.
+    top_k: int = 0
+    # Completions decoded together at most (a multiple of group_size keeps groups whole).
+    batch_size: int = 256
+
+
+@dataclass
+class DataConfig:
+    # Source: arithmetic, gsm8k, math500, humaneval, jsonl (also .parquet files).
+    name: str = "arithmetic"
+    # Local file (jsonl / parquet); for gsm8k and math500, null falls back to the hub dataset.
+    path: str | None = None
+    # Hub dataset id used when path is null.
+    hub_id: str | None = None
+    hub_config: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    # Field names in the rows.
+    question_field: str = "question"
+    answer_field: str = "answer"
+    id_field: str | None = None
+    # Prompt text; {question} is replaced by the row's question.
+    template: str = "{question}"
+    # Synthetic arithmetic only: problem counts and the number of operators.
+    num_train: int = 20000
+    num_test: int = 500
+    max_operators: int = 2
+    max_operand: int = 9
+
+
+@dataclass
+class RewardConfig:
+    # List of rules: {name, _target_, weight, ...kwargs}; see grpo_cli/rewards/__init__.py.
+    rules: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    # Prompts per step; each yields group_size completions.
+    prompts_per_step: int = 16
+    lr: float = 5e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    max_grad_norm: float = 1.0
+    # Completions per forward/backward pass; gradients accumulate over the step's batch.
+    micro_batch_size: int = 64
+    save_every: int = 0
+    eval_every: int = 50
+    # Held-out problems and samples per problem for the in-training evaluation.
+    eval_problems: int = 200
+    eval_samples: int = 4
+    keep_checkpoints: int = 2
+    # null, "auto" (newest checkpoint in the run dir) or a checkpoint path.
+    resume: str | None = None
+    log_completions_every: int = 10
+    # Stop after this many consecutive steps with a non-finite loss or gradient.
+    max_bad_steps: int = 5
+    # Warn when the fraction of zero-variance groups stays above this.
+    zero_std_warn: float = 0.9
+
+
+@dataclass
+class SampleConfig:
+    prompts: int = 2
+    # Which split to draw prompts from.
+    split: str = "test"
+    out: str | None = None
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str | None = None
+    checkpoints: list[str] = field(default_factory=list)
+    split: str = "test"
+    limit: int | None = None
+    samples: int = 4
+    temperature: float = 1.0
+    greedy: bool = True
+    k: list[int] = field(default_factory=lambda: [1, 4])
+    bootstrap: int = 1000
+    completions: str | None = None
+    out: str | None = None
+
+
+@dataclass
+class _Common:
+    model: ModelConfig = MISSING
+    lora: LoraConfig = MISSING
+    algo: AlgoConfig = MISSING
+    data: DataConfig = MISSING
+    reward: RewardConfig = MISSING
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    seed: int = 0
+    # console output: rich (live panel) or plain (one line per step).
+    console: str = "rich"
+
+
+@dataclass
+class TrainRoot(_Common):
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class SampleRoot(_Common):
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+@dataclass
+class EvalRoot(_Common):
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: str | None = None
+
+
+def register() -> None:
+    """Register the schemas with Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainRoot)
+    cs.store(name="sample_schema", node=SampleRoot)
+    cs.store(name="eval_schema", node=EvalRoot)
+    for group, node in (
+        ("model", ModelConfig),
+        ("lora", LoraConfig),
+        ("algo", AlgoConfig),
+        ("data", DataConfig),
+        ("reward", RewardConfig),
+    ):
+        cs.store(group=f"schema/{group}", name="base", node=node)
+
+
+def conf_dir() -> Path:
+    """The conf/ tree: inside the installed package, else beside it in a source checkout."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "conf", here.parent / "conf"):
+        if (cand / "train.yaml").is_file():
+            return cand
+    raise ConfigError(f"conf/ not found next to {here}; reinstall grpo-cli")
+
+
+def grpo_home() -> Path:
+    return Path(os.environ.get("GRPO_HOME", Path.home() / ".cache" / "grpo-cli"))
+
+
+_CHOICES = {
+    "algo.kl_estimator": ("k1", "k2", "k3"),
+    "algo.aggregation": ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"),
+    "algo.importance_level": ("token", "sequence"),
+    "algo.scale_rewards": ("group", "batch", "none"),
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "console": ("rich", "plain"),
+}
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate(cfg: Any) -> None:
+    """Range and path checks that types alone cannot express. Raises ConfigError (one line)."""
+    for key, allowed in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+    algo = cfg.algo
+    if algo.group_size < 2:
+        raise ConfigError(f"algo.group_size={algo.group_size}: must be >= 2 (advantages compare within a group)")
+    if not 0 < algo.epsilon < 1:
+        raise ConfigError(f"algo.epsilon={algo.epsilon}: must be in (0, 1)")
+    if algo.epsilon_high is not None and not algo.epsilon_high > 0:
+        raise ConfigError(f"algo.epsilon_high={algo.epsilon_high}: must be > 0 (or null for epsilon)")
+    if algo.beta < 0:
+        raise ConfigError(f"algo.beta={algo.beta}: must be >= 0")
+    if algo.num_iterations < 1:
+        raise ConfigError(f"algo.num_iterations={algo.num_iterations}: must be >= 1")
+    ro = cfg.rollout
+    if ro.max_new_tokens < 1:
+        raise ConfigError(f"rollout.max_new_tokens={ro.max_new_tokens}: must be >= 1")
+    if ro.temperature <= 0:
+        raise ConfigError(f"rollout.temperature={ro.temperature}: must be > 0")
+    if not 0 < ro.top_p <= 1:
+        raise ConfigError(f"rollout.top_p={ro.top_p}: must be in (0, 1]")
+    if ro.top_k < 0:
+        raise ConfigError(f"rollout.top_k={ro.top_k}: must be >= 0 (0 disables)")
+    if hasattr(cfg, "train"):
+        tr = cfg.train
+        if tr.prompts_per_step < 1:
+            raise ConfigError(f"train.prompts_per_step={tr.prompts_per_step}: must be >= 1")
+        if tr.steps < 0:
+            raise ConfigError(f"train.steps={tr.steps}: must be >= 0")
+        if tr.lr <= 0:
+            raise ConfigError(f"train.lr={tr.lr}: must be > 0")
+        if tr.micro_batch_size < 1:
+            raise ConfigError(f"train.micro_batch_size={tr.micro_batch_size}: must be >= 1")
+    if cfg.lora.enabled and cfg.lora.r < 1:
+        raise ConfigError(f"lora.r={cfg.lora.r}: must be >= 1")
+    check_model_path(cfg.model.name_or_path)
+
+
+def check_model_path(name_or_path: str) -> None:
+    """A local path must exist; a hub id must be cached or the hub reachable. One-line error otherwise."""
+    if name_or_path == "tiny":
+        return
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise ConfigError(f"model.name_or_path={name_or_path}: directory has no config.json")
+        return
+    is_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
+    if not is_hub_id:
+        raise ConfigError(f"model.name_or_path={name_or_path}: no such directory")
+    # A hub id: fine if cached; otherwise only if the hub is allowed.
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name_or_path, "config.json")
+    if isinstance(cached, str):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise ConfigError(
+            f"model.name_or_path={name_or_path}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+            "download it first or point model.name_or_path at a local directory"
+        )
+    try:
+        from huggingface_hub import HfApi
+
+        HfApi().model_info(name_or_path, timeout=10)
+    except Exception as exc:  # noqa: BLE001 - any failure means we cannot load it
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise ConfigError(
+            f"model.name_or_path={name_or_path}: not cached and the hub cannot be reached ({reason}); "
+            "download it on a connected machine or set model.name_or_path=/path/to/local/model"
+        ) from None

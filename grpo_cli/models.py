@@ -1,0 +1,177 @@
+"""Load the policy, its tokenizer and the reference policy; compute per-token log-probs of completions.
+
+One loading path for every model: the embedded tiny model is a directory like any other, so
+``model=tiny`` and ``model=qwen`` go through the same ``from_pretrained`` calls.
+
+The reference policy pi_ref:
+- with LoRA it is the base model with the adapter switched off (``peft``'s ``disable_adapter``),
+  so no second copy of the weights is held;
+- with full fine-tuning it is a frozen copy, made only when ``algo.beta > 0``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from grpo_cli.config import ConfigError
+from grpo_cli.core.logprobs import token_logprobs
+
+log = logging.getLogger("grpo_cli")
+
+
+@dataclass
+class Policy:
+    model: Any  # a transformers CausalLM, or a peft PeftModel around one
+    tokenizer: Any
+    device: torch.device
+    ref_model: Any | None = None  # frozen copy (full fine-tuning with beta > 0)
+    is_lora: bool = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def resolve_path(name_or_path: str) -> str:
+    """The directory or hub id to load: ``tiny`` is built on first use and cached."""
+    if name_or_path == "tiny":
+        from grpo_cli.tiny import ensure_tiny
+
+        return str(ensure_tiny())
+    return name_or_path
+
+
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # prompts are left-padded so every completion starts at one column
+    return tok
+
+
+def checkpoint_base(checkpoint: str) -> str | None:
+    """The base model an adapter checkpoint was trained from, or None for a full-model checkpoint."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise ConfigError(f"checkpoint={checkpoint}: no such directory")
+    adapter = path / "adapter_config.json"
+    if adapter.is_file():
+        return json.loads(adapter.read_text())["base_model_name_or_path"]
+    if (path / "config.json").is_file():
+        return None
+    raise ConfigError(f"checkpoint={checkpoint}: holds neither adapter_config.json nor config.json")
+
+
+def _load_causal_lm(path: str, model_cfg: Any, dtype: torch.dtype, device: torch.device) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": model_cfg.trust_remote_code}
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise ConfigError(f"model.name_or_path={path}: cannot be loaded ({str(exc).splitlines()[0]})") from None
+    return model.to(device)
+
+
+def load_policy(model_cfg: Any, lora_cfg: Any, beta: float, checkpoint: str | None = None,
+                trainable: bool = True) -> Policy:
+    """Policy (+ reference) for training, sampling or evaluation.
+
+    ``checkpoint``: an adapter directory (its base must be the configured model) or a full model
+    directory saved by ``grpo train``; None starts from ``model.name_or_path``.
+    """
+    device = resolve_device(model_cfg.device)
+    dtype = resolve_dtype(model_cfg.dtype, device)
+    base_path = ref_path = resolve_path(model_cfg.name_or_path)
+    adapter_base = checkpoint_base(checkpoint) if checkpoint else None
+    if checkpoint and adapter_base is None:
+        base_path = checkpoint  # a full-model checkpoint replaces the base weights
+    elif adapter_base is not None and Path(adapter_base).resolve() != Path(base_path).resolve() \
+            and adapter_base != base_path:
+        raise ConfigError(
+            f"checkpoint={checkpoint}: adapter was trained on {adapter_base}, not model.name_or_path={base_path}"
+        )
+    tokenizer = load_tokenizer(checkpoint if checkpoint and (Path(checkpoint) / "tokenizer_config.json").exists()
+                               else base_path)
+    model = _load_causal_lm(base_path, model_cfg, dtype, device)
+    policy = Policy(model=model, tokenizer=tokenizer, device=device)
+    if adapter_base is not None or (lora_cfg.enabled and trainable):
+        policy.model = _wrap_lora(model, lora_cfg, checkpoint if adapter_base else None, trainable)
+        policy.is_lora = True
+    elif trainable and beta > 0:
+        policy.ref_model = _load_causal_lm(ref_path, model_cfg, dtype, device).eval().requires_grad_(False)
+    if model_cfg.gradient_checkpointing and trainable:
+        policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.model.config.use_cache = False
+    return policy
+
+
+def _wrap_lora(model: Any, lora_cfg: Any, adapter_dir: str | None, trainable: bool) -> Any:
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter_dir is not None:
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+    targets = lora_cfg.target_modules
+    config = LoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=targets if isinstance(targets, str) else list(targets),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def reference(policy: Policy) -> Iterator[Any]:
+    """The model to use as pi_ref inside this block (the adapter is off while it is open)."""
+    if policy.is_lora:
+        with policy.model.disable_adapter():
+            yield policy.model
+    elif policy.ref_model is not None:
+        yield policy.ref_model
+    else:
+        raise RuntimeError("no reference policy: full fine-tuning keeps one only when algo.beta > 0")
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding: [B, S] -> [B, S] (0 at the first real token)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def completion_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                        temperature: float = 1.0, return_entropy: bool = False):
+    """log pi(o_t | q, o_<t) for every completion token, without [B, T, V] logits.
+
+    input_ids, attention_mask: [B, S], the left-padded prompt (``prompt_len`` columns) followed by
+    the completion. Returns logps [B, S - prompt_len] float32 (and entropy of the same shape).
+    """
+    decoder = model.get_decoder()
+    hidden = decoder(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask), use_cache=False
+    ).last_hidden_state  # [B, S, H]
+    # The hidden state at position t predicts token t + 1.
+    hidden = hidden[:, prompt_len - 1 : -1]
+    weight = model.get_output_embeddings().weight  # [V, H]
+    return token_logprobs(hidden, weight, input_ids[:, prompt_len:], temperature=temperature,
+                          return_entropy=return_entropy)

@@ -1,0 +1,202 @@
+"""Rollout: G completions per prompt, decoded and scored, returned as one ``Rollout`` batch.
+
+Each distinct prompt is prefilled once and its KV cache is repeated G times, so a group of G
+completions pays for one prefill instead of G (Hugging Face's ``generate(num_return_sequences=G)``
+expands the input and prefills every copy). Decoding then runs all sequences of a chunk together
+with the KV cache and stops as soon as every sequence has produced EOS.
+
+Sampling applies temperature, then top-k, then top-p, then draws with ``torch.multinomial`` on the
+float32 probabilities: the order and the filtering rules of ``model.generate``'s warpers, so for the
+same logits and RNG state the same tokens come out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from grpo_cli.models import Policy, positions
+
+
+@dataclass
+class Rollout:
+    """One batch of N = num_prompts * G completions; group i is rows [i*G, (i+1)*G)."""
+
+    prompt_ids: torch.Tensor  # [N, L] left-padded prompt tokens, repeated for each completion
+    prompt_mask: torch.Tensor  # [N, L] 1 on real prompt tokens
+    completion_ids: torch.Tensor  # [N, T] sampled tokens, pad after EOS
+    completion_mask: torch.Tensor  # [N, T] 1 on sampled tokens (EOS included)
+    texts: list[str]  # [N] decoded completions (special tokens dropped)
+    rows: list[dict]  # [N] the dataset row behind each completion
+    group_size: int
+    rewards: torch.Tensor | None = None  # [N] float32; NaN where no rule could judge the completion
+    per_rule: dict[str, list[float | None]] = field(default_factory=dict)
+    reward_metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.texts) // self.group_size
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(-1)
+
+    def input_ids(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt and completion side by side: ids [N, L + T], attention mask [N, L + T]."""
+        ids = torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+        mask = torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+        return ids, mask
+
+    def select(self, index: torch.Tensor | Sequence[int]) -> Rollout:
+        """The completions at ``index`` (whole groups, to keep advantages meaningful)."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        pick = idx.tolist()
+        return Rollout(
+            prompt_ids=self.prompt_ids[idx], prompt_mask=self.prompt_mask[idx],
+            completion_ids=self.completion_ids[idx], completion_mask=self.completion_mask[idx],
+            texts=[self.texts[i] for i in pick], rows=[self.rows[i] for i in pick], group_size=self.group_size,
+            rewards=None if self.rewards is None else self.rewards[idx.to(self.rewards.device)],
+            per_rule={k: [v[i] for i in pick] for k, v in self.per_rule.items()},
+            reward_metrics=dict(self.reward_metrics),
+        )
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Temperature, top-k, top-p on [B, V] float32 logits, as ``generate``'s warpers do."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k > 0:
+        k = min(top_k, logits.size(-1))
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=False)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum <= (1 - top_p)
+        remove[..., -1] = False  # keep at least the most likely token
+        logits = logits.masked_fill(remove.scatter(-1, sorted_idx, remove), float("-inf"))
+    return logits
+
+
+def _expand_cache(cache: Any, repeats: int) -> None:
+    """Repeat every layer's keys and values along the batch: one prefill serves G completions."""
+    if repeats > 1:
+        cache.batch_repeat_interleave(repeats)
+
+
+@torch.inference_mode()
+def sample_group(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int,
+                 max_new_tokens: int, eos_id: int, pad_id: int, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, greedy: bool = False, return_logprobs: bool = False):
+    """Sample G completions for each of P left-padded prompts.
+
+    prompt_ids, prompt_mask: [P, L]. Returns completion ids [P*G, T] (pad after EOS) and mask [P*G, T]
+    (1 on sampled tokens including EOS), T <= max_new_tokens; with ``return_logprobs`` also the
+    log-prob [P*G, T] of each sampled token under the temperature-scaled (unfiltered) distribution.
+    """
+    pos = positions(prompt_mask)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True,
+                logits_to_keep=1)
+    cache = out.past_key_values
+    _expand_cache(cache, group_size)
+    logits = out.logits[:, -1].float().repeat_interleave(group_size, 0)  # [N, V]
+    mask = prompt_mask.repeat_interleave(group_size, 0)
+    next_pos = pos[:, -1:].repeat_interleave(group_size, 0) + 1  # [N, 1]
+    n = logits.size(0)
+    done = torch.zeros(n, dtype=torch.bool, device=logits.device)
+    tokens, logprobs = [], []
+    for step in range(max_new_tokens):
+        if greedy:
+            tok = logits.argmax(-1)
+        else:
+            probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+            tok = torch.multinomial(probs, 1).squeeze(1)
+        tok = tok.masked_fill(done, pad_id)
+        tokens.append(tok)
+        if return_logprobs:
+            logprobs.append(torch.log_softmax(logits / temperature, -1).gather(1, tok[:, None]).squeeze(1))
+        done = done | (tok == eos_id)
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        # Finished rows keep decoding pad tokens (ignored) so the batch stays rectangular.
+        mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
+                    use_cache=True)
+        logits = out.logits[:, -1].float()
+        next_pos = next_pos + 1
+    ids = torch.stack(tokens, dim=1)  # [N, T]
+    # A token is part of the completion up to and including the first EOS.
+    is_eos = ids == eos_id
+    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+    if return_logprobs:
+        return ids, (~after_eos).long(), torch.stack(logprobs, dim=1)
+    return ids, (~after_eos).long()
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], chat_template: bool, device: torch.device):
+    """Left-padded prompt ids and mask [P, L]; the chat template wraps each prompt when asked."""
+    if chat_template:
+        prompts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def _pad_cat(chunks: list[torch.Tensor], value: int, left: bool = False) -> torch.Tensor:
+    width = max(c.size(1) for c in chunks)
+    padded = []
+    for c in chunks:
+        pad = torch.full((c.size(0), width - c.size(1)), value, dtype=c.dtype, device=c.device)
+        padded.append(torch.cat([pad, c] if left else [c, pad], dim=1))
+    return torch.cat(padded, dim=0)
+
+
+def generate(policy: Policy, rows: Sequence[dict], prompts: Sequence[str], group_size: int, rollout_cfg: Any,
+             chat_template: bool = False, greedy: bool = False) -> Rollout:
+    """G completions for each prompt (rows[i] is the dataset row of prompts[i]), decoded, not yet scored."""
+    tok = policy.tokenizer
+    model = policy.model
+    was_training = model.training
+    model.eval()  # dropout off while sampling
+    per_chunk = max(1, rollout_cfg.batch_size // group_size)
+    parts: dict[str, list[torch.Tensor]] = {"p": [], "pm": [], "c": [], "cm": []}
+    try:
+        for start in range(0, len(prompts), per_chunk):
+            p_ids, p_mask = encode_prompts(tok, prompts[start : start + per_chunk], chat_template, policy.device)
+            c_ids, c_mask = sample_group(
+                model, p_ids, p_mask, group_size, rollout_cfg.max_new_tokens, tok.eos_token_id, tok.pad_token_id,
+                rollout_cfg.temperature, rollout_cfg.top_k, rollout_cfg.top_p, greedy=greedy,
+            )
+            parts["p"].append(p_ids.repeat_interleave(group_size, 0))
+            parts["pm"].append(p_mask.repeat_interleave(group_size, 0))
+            parts["c"].append(c_ids)
+            parts["cm"].append(c_mask)
+    finally:
+        model.train(was_training)
+    c_ids = _pad_cat(parts["c"], tok.pad_token_id)
+    c_mask = _pad_cat(parts["cm"], 0)
+    texts = tok.batch_decode(c_ids.masked_fill(c_mask == 0, tok.pad_token_id), skip_special_tokens=True)
+    return Rollout(
+        prompt_ids=_pad_cat(parts["p"], tok.pad_token_id, left=True),
+        prompt_mask=_pad_cat(parts["pm"], 0, left=True),
+        completion_ids=c_ids,
+        completion_mask=c_mask,
+        texts=texts,
+        rows=[row for row in rows for _ in range(group_size)],
+        group_size=group_size,
+    )
+
+
+def score(rollout: Rollout, rewarder: Any) -> Rollout:
+    """Fill in rewards from the reward rules (None -> NaN: not judged)."""
+    result = rewarder(rollout.texts, rollout.rows)
+    rollout.rewards = torch.tensor([float("nan") if r is None else float(r) for r in result.total],
+                                   dtype=torch.float32)
+    rollout.per_rule = result.per_rule
+    rollout.reward_metrics = result.metrics
+    return rollout

@@ -1,0 +1,62 @@
+"""Shared fixtures: CPU only, offline, seeded; the embedded tiny model built once per machine."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def shared_data_dir() -> Path:
+    """``../shared/data`` beside the checkout (or $GRPO_SHARED_DATA)."""
+    return Path(os.environ.get("GRPO_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> Path:
+    """The embedded tiny model, built on first use (cached under $GRPO_HOME, like for users)."""
+    from grpo_cli.tiny import ensure_tiny
+
+    return ensure_tiny(quiet=True)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    import torch
+
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def random_model_dir(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer Qwen2 with the project's tokenizer: fast, for plumbing tests."""
+    from dataclasses import replace
+
+    from grpo_cli.tiny import TinySpec, make_model, make_tokenizer
+
+    path = tmp_path_factory.mktemp("random-qwen2")
+    spec = replace(TinySpec(), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2)
+    tokenizer = make_tokenizer()
+    make_model(spec, len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
