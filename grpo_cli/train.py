@@ -111,7 +111,7 @@ def prepare(policy: Policy, rollout: Rollout, cfg: Any) -> Batch:
     algo, micro, temp = cfg.algo, cfg.train.micro_batch_size, cfg.rollout.temperature
     adv, judged = advantages_for(rollout, algo.group_size, algo.scale_rewards)
     device = policy.device
-    loss_mask = rollout.completion_mask * judged[:, None].to(rollout.completion_mask.dtype)
+    loss_mask = rollout.completion_mask.bool() & judged[:, None]
     ref = old = None
     if algo.beta > 0:
         with reference(policy) as ref_model:

@@ -1,0 +1,71 @@
+"""Configs as data: every group option composes, overrides land typed, bad values are one line."""
+
+from __future__ import annotations
+
+import pytest
+
+from grpo_cli.cli import compose_config
+from grpo_cli.config import AlgoConfig, ConfigError, conf_dir, validate
+
+GROUPS = ["model", "lora", "algo", "data", "reward"]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "eval"])
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_group_option_composes(command, group):
+    for option in _options(group):
+        cfg, _ = compose_config(command, [f"{group}={option}"])
+        assert getattr(cfg, group) is not None
+
+
+def test_defaults_are_the_papers():
+    cfg, _ = compose_config("train")
+    assert isinstance(cfg.algo, AlgoConfig)
+    assert (cfg.algo.group_size, cfg.algo.epsilon, cfg.algo.beta) == (8, 0.2, 0.04)
+    assert cfg.model.name_or_path == "tiny" and cfg.data.name == "arithmetic"
+
+
+def test_overrides_land_in_the_schema():
+    cfg, _ = compose_config("train", ["model=qwen", "reward=math", "algo.beta=0.0", "algo.group_size=16",
+                                      "train.lr=1e-4", "rollout.top_k=50", "lora.r=8"])
+    assert cfg.model.name_or_path == "Qwen/Qwen2.5-0.5B-Instruct" and cfg.model.chat_template is True
+    assert cfg.algo.beta == 0.0 and cfg.algo.group_size == 16 and isinstance(cfg.algo.group_size, int)
+    assert cfg.train.lr == 1e-4 and cfg.rollout.top_k == 50 and cfg.lora.r == 8
+
+
+def test_algo_presets_differ_where_their_papers_do():
+    dapo, _ = compose_config("train", ["algo=dapo"])
+    dr, _ = compose_config("train", ["algo=dr_grpo"])
+    gspo, _ = compose_config("train", ["algo=gspo"])
+    assert dapo.algo.aggregation == "token_mean" and dapo.algo.epsilon_high == 0.28 and dapo.algo.dynamic_sampling
+    assert dr.algo.scale_rewards == "none" and dr.algo.aggregation == "seq_mean_token_sum_norm"
+    assert gspo.algo.importance_level == "sequence"
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("algo.group_size=1", "algo.group_size"),
+        ("algo.epsilon=1.5", "algo.epsilon"),
+        ("algo.beta=-0.1", "algo.beta"),
+        ("train.prompts_per_step=0", "train.prompts_per_step"),
+        ("algo.aggregation=mean", "seq_mean_token_mean"),
+        ("model.name_or_path=/no/such/model", "no such directory"),
+    ],
+)
+def test_validate_rejects_bad_values_with_the_key(override, needle):
+    cfg, _ = compose_config("train", [override])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_uncached_hub_id_offline_says_how_to_use_local_weights(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg, _ = compose_config("train", ["model.name_or_path=nobody/not-a-model-xyz"])
+    with pytest.raises(ConfigError, match="model.name_or_path=/path/to/local/model|local directory"):
+        validate(cfg)
