@@ -20,6 +20,7 @@ few hundred steps.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -49,14 +50,17 @@ class TinySpec:
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
-    steps: int = 1500
+    steps: int = 1200
     batch_size: int = 128
-    lr: float = 3e-3
+    # 1e-3: measured here, 3e-3 plateaus at ~14% greedy accuracy where 1e-3 reaches ~64%.
+    lr: float = 1e-3
     # Probability that a warm-up target is the right answer (the rest are plausible mistakes).
     p_correct: float = 0.5
 
     def key(self) -> str:
-        return f"tiny-v{self.version}-s{self.seed}-h{self.hidden_size}-l{self.num_hidden_layers}-n{self.steps}"
+        """Cache directory name: readable, plus a hash of every field so any change rebuilds."""
+        digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
+        return f"tiny-v{self.version}-s{self.seed}-{digest}"
 
 
 def tiny_path(spec: TinySpec | None = None) -> Path:
