@@ -22,7 +22,18 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("grpo_cli.evaluate", "pass@k, maj@k and mean reward of checkpoints"),
 }
 # Flags after which Hydra does not run a single job, so there is nothing to pre-validate.
-_NO_PRECHECK = {"-m", "--multirun", "--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion"}
+_NO_PRECHECK = {
+    "-m",
+    "--multirun",
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--info",
+    "-i",
+    "--cfg",
+    "-c",
+    "--shell-completion",
+}
 
 USAGE = "usage: grpo {train,sample,eval} [key=value ...] [hydra flags]\n\n" + "\n".join(
     f"  {name:<8}{desc}" for name, (_, desc) in SUBCOMMANDS.items()

@@ -89,12 +89,15 @@ def _load_causal_lm(path: str, model_cfg: Any, dtype: torch.dtype, device: torch
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
-        raise ConfigError(f"model.name_or_path={path}: cannot be loaded ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(
+            f"model.name_or_path={path}: cannot be loaded ({str(exc).splitlines()[0]})"
+        ) from None
     return model.to(device)
 
 
-def load_policy(model_cfg: Any, lora_cfg: Any, beta: float, checkpoint: str | None = None,
-                trainable: bool = True) -> Policy:
+def load_policy(
+    model_cfg: Any, lora_cfg: Any, beta: float, checkpoint: str | None = None, trainable: bool = True
+) -> Policy:
     """Policy (+ reference) for training, sampling or evaluation.
 
     ``checkpoint``: an adapter directory (its base must be the configured model) or a full model
@@ -106,13 +109,17 @@ def load_policy(model_cfg: Any, lora_cfg: Any, beta: float, checkpoint: str | No
     adapter_base = checkpoint_base(checkpoint) if checkpoint else None
     if checkpoint and adapter_base is None:
         base_path = checkpoint  # a full-model checkpoint replaces the base weights
-    elif adapter_base is not None and Path(adapter_base).resolve() != Path(base_path).resolve() \
-            and adapter_base != base_path:
+    elif (
+        adapter_base is not None
+        and Path(adapter_base).resolve() != Path(base_path).resolve()
+        and adapter_base != base_path
+    ):
         raise ConfigError(
             f"checkpoint={checkpoint}: adapter was trained on {adapter_base}, not model.name_or_path={base_path}"
         )
-    tokenizer = load_tokenizer(checkpoint if checkpoint and (Path(checkpoint) / "tokenizer_config.json").exists()
-                               else base_path)
+    tokenizer = load_tokenizer(
+        checkpoint if checkpoint and (Path(checkpoint) / "tokenizer_config.json").exists() else base_path
+    )
     model = _load_causal_lm(base_path, model_cfg, dtype, device)
     policy = Policy(model=model, tokenizer=tokenizer, device=device)
     if adapter_base is not None or (lora_cfg.enabled and trainable):
@@ -159,8 +166,14 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def completion_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                        temperature: float = 1.0, return_entropy: bool = False):
+def completion_logprobs(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_len: int,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+):
     """log pi(o_t | q, o_<t) for every completion token, without [B, T, V] logits.
 
     input_ids, attention_mask: [B, S], the left-padded prompt (``prompt_len`` columns) followed by
@@ -168,10 +181,14 @@ def completion_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: tor
     """
     decoder = model.get_decoder()
     hidden = decoder(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask), use_cache=False
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions(attention_mask),
+        use_cache=False,
     ).last_hidden_state  # [B, S, H]
     # The hidden state at position t predicts token t + 1.
     hidden = hidden[:, prompt_len - 1 : -1]
     weight = model.get_output_embeddings().weight  # [V, H]
-    return token_logprobs(hidden, weight, input_ids[:, prompt_len:], temperature=temperature,
-                          return_entropy=return_entropy)
+    return token_logprobs(
+        hidden, weight, input_ids[:, prompt_len:], temperature=temperature, return_entropy=return_entropy
+    )

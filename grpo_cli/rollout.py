@@ -55,9 +55,13 @@ class Rollout:
         idx = torch.as_tensor(index, dtype=torch.long)
         pick = idx.tolist()
         return Rollout(
-            prompt_ids=self.prompt_ids[idx], prompt_mask=self.prompt_mask[idx],
-            completion_ids=self.completion_ids[idx], completion_mask=self.completion_mask[idx],
-            texts=[self.texts[i] for i in pick], rows=[self.rows[i] for i in pick], group_size=self.group_size,
+            prompt_ids=self.prompt_ids[idx],
+            prompt_mask=self.prompt_mask[idx],
+            completion_ids=self.completion_ids[idx],
+            completion_mask=self.completion_mask[idx],
+            texts=[self.texts[i] for i in pick],
+            rows=[self.rows[i] for i in pick],
+            group_size=self.group_size,
             rewards=None if self.rewards is None else self.rewards[idx.to(self.rewards.device)],
             per_rule={k: [v[i] for i in pick] for k, v in self.per_rule.items()},
             reward_metrics=dict(self.reward_metrics),
@@ -88,9 +92,20 @@ def _expand_cache(cache: Any, repeats: int) -> None:
 
 
 @torch.inference_mode()
-def sample_group(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int,
-                 max_new_tokens: int, eos_id: int, pad_id: int, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, greedy: bool = False, return_logprobs: bool = False):
+def sample_group(
+    model: Any,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    group_size: int,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    return_logprobs: bool = False,
+):
     """Sample G completions for each of P left-padded prompts.
 
     prompt_ids, prompt_mask: [P, L]. Returns completion ids [P*G, T] (pad after EOS) and mask [P*G, T]
@@ -98,8 +113,9 @@ def sample_group(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     log-prob [P*G, T] of each sampled token under the temperature-scaled (unfiltered) distribution.
     """
     pos = positions(prompt_mask)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True,
-                logits_to_keep=1)
+    out = model(
+        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True, logits_to_keep=1
+    )
     cache = out.past_key_values
     _expand_cache(cache, group_size)
     logits = out.logits[:, -1].float().repeat_interleave(group_size, 0)  # [N, V]
@@ -123,8 +139,13 @@ def sample_group(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
             break
         # Finished rows keep decoding pad tokens (ignored) so the batch stays rectangular.
         mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
-                    use_cache=True)
+        out = model(
+            input_ids=tok[:, None],
+            attention_mask=mask,
+            position_ids=next_pos,
+            past_key_values=cache,
+            use_cache=True,
+        )
         logits = out.logits[:, -1].float()
         next_pos = next_pos + 1
     ids = torch.stack(tokens, dim=1)  # [N, T]
@@ -140,7 +161,9 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], chat_template: bool, 
     """Left-padded prompt ids and mask [P, L]; the chat template wraps each prompt when asked."""
     if chat_template:
         prompts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
             for p in prompts
         ]
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
@@ -156,8 +179,15 @@ def _pad_cat(chunks: list[torch.Tensor], value: int, left: bool = False) -> torc
     return torch.cat(padded, dim=0)
 
 
-def generate(policy: Policy, rows: Sequence[dict], prompts: Sequence[str], group_size: int, rollout_cfg: Any,
-             chat_template: bool = False, greedy: bool = False) -> Rollout:
+def generate(
+    policy: Policy,
+    rows: Sequence[dict],
+    prompts: Sequence[str],
+    group_size: int,
+    rollout_cfg: Any,
+    chat_template: bool = False,
+    greedy: bool = False,
+) -> Rollout:
     """G completions for each prompt (rows[i] is the dataset row of prompts[i]), decoded, not yet scored."""
     tok = policy.tokenizer
     model = policy.model
@@ -167,10 +197,21 @@ def generate(policy: Policy, rows: Sequence[dict], prompts: Sequence[str], group
     parts: dict[str, list[torch.Tensor]] = {"p": [], "pm": [], "c": [], "cm": []}
     try:
         for start in range(0, len(prompts), per_chunk):
-            p_ids, p_mask = encode_prompts(tok, prompts[start : start + per_chunk], chat_template, policy.device)
+            p_ids, p_mask = encode_prompts(
+                tok, prompts[start : start + per_chunk], chat_template, policy.device
+            )
             c_ids, c_mask = sample_group(
-                model, p_ids, p_mask, group_size, rollout_cfg.max_new_tokens, tok.eos_token_id, tok.pad_token_id,
-                rollout_cfg.temperature, rollout_cfg.top_k, rollout_cfg.top_p, greedy=greedy,
+                model,
+                p_ids,
+                p_mask,
+                group_size,
+                rollout_cfg.max_new_tokens,
+                tok.eos_token_id,
+                tok.pad_token_id,
+                rollout_cfg.temperature,
+                rollout_cfg.top_k,
+                rollout_cfg.top_p,
+                greedy=greedy,
             )
             parts["p"].append(p_ids.repeat_interleave(group_size, 0))
             parts["pm"].append(p_mask.repeat_interleave(group_size, 0))
@@ -195,8 +236,9 @@ def generate(policy: Policy, rows: Sequence[dict], prompts: Sequence[str], group
 def score(rollout: Rollout, rewarder: Any) -> Rollout:
     """Fill in rewards from the reward rules (None -> NaN: not judged)."""
     result = rewarder(rollout.texts, rollout.rows)
-    rollout.rewards = torch.tensor([float("nan") if r is None else float(r) for r in result.total],
-                                   dtype=torch.float32)
+    rollout.rewards = torch.tensor(
+        [float("nan") if r is None else float(r) for r in result.total], dtype=torch.float32
+    )
     rollout.per_rule = result.per_rule
     rollout.reward_metrics = result.metrics
     return rollout

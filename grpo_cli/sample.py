@@ -42,8 +42,13 @@ def _table(rollout: Rollout, advantages: torch.Tensor, g: int, prompt: str):
     for i in range(rows.start, rows.stop):
         adv = float(advantages[i])
         color = "green" if adv > 0 else "red" if adv < 0 else "white"
-        table.add_row(str(i - rows.start), rollout.texts[i].strip()[:200], f"{float(rollout.rewards[i]):.3f}",
-                      f"[{color}]{adv:+.3f}[/{color}]", str(int(rollout.lengths[i])))
+        table.add_row(
+            str(i - rows.start),
+            rollout.texts[i].strip()[:200],
+            f"{float(rollout.rewards[i]):.3f}",
+            f"[{color}]{adv:+.3f}[/{color}]",
+            str(int(rollout.lengths[i])),
+        )
     return table
 
 
@@ -60,8 +65,10 @@ def run(cfg: Any, run_dir: str) -> list[dict[str, Any]]:
     policy = load_policy(cfg.model, cfg.lora, beta=0.0, trainable=False)
     rewarder = build_rewarder(cfg.reward)
     try:
-        rollout = score(generate(policy, rows, prompts, cfg.algo.group_size, cfg.rollout, cfg.model.chat_template),
-                        rewarder)
+        rollout = score(
+            generate(policy, rows, prompts, cfg.algo.group_size, cfg.rollout, cfg.model.chat_template),
+            rewarder,
+        )
     finally:
         rewarder.close()
     advantages, _ = advantages_for(rollout, cfg.algo.group_size, cfg.algo.scale_rewards)
@@ -69,10 +76,16 @@ def run(cfg: Any, run_dir: str) -> list[dict[str, Any]]:
     for g, prompt in enumerate(prompts):
         console.print(_table(rollout, advantages, g, prompt))
     records = [
-        {"prompt_index": i // rollout.group_size, "id": rollout.rows[i].get("id"), "prompt": prompts[i // rollout.group_size],
-         "completion": rollout.texts[i], "reward": None if torch.isnan(rollout.rewards[i]) else float(rollout.rewards[i]),
-         "advantage": float(advantages[i]), "tokens": int(rollout.lengths[i]),
-         **{f"reward/{k}": v[i] for k, v in rollout.per_rule.items()}}
+        {
+            "prompt_index": i // rollout.group_size,
+            "id": rollout.rows[i].get("id"),
+            "prompt": prompts[i // rollout.group_size],
+            "completion": rollout.texts[i],
+            "reward": None if torch.isnan(rollout.rewards[i]) else float(rollout.rewards[i]),
+            "advantage": float(advantages[i]),
+            "tokens": int(rollout.lengths[i]),
+            **{f"reward/{k}": v[i] for k, v in rollout.per_rule.items()},
+        }
         for i in range(len(rollout.texts))
     ]
     out = Path(cfg.sample.out) if cfg.sample.out else Path(run_dir) / "samples.jsonl"

@@ -54,8 +54,14 @@ def random_model_dir(tmp_path_factory) -> Path:
     from grpo_cli.tiny import TinySpec, make_model, make_tokenizer
 
     path = tmp_path_factory.mktemp("random-qwen2")
-    spec = replace(TinySpec(), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2)
+    spec = replace(
+        TinySpec(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     tokenizer = make_tokenizer()
     make_model(spec, len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -15,8 +15,14 @@ from grpo_cli.config import conf_dir
 
 def grpo(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "grpo_cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "grpo_cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def test_no_arguments_lists_the_subcommands():
@@ -65,10 +71,22 @@ def test_unknown_group_option_lists_the_choices():
 
 @pytest.mark.slow
 def test_multirun_sweep_writes_one_run_per_value(tmp_path, random_model_dir):
-    out = grpo("train", "-m", "algo.beta=0,0.04", f"model.name_or_path={random_model_dir}", "lora=none",
-               "train.steps=1", "train.prompts_per_step=2", "algo.group_size=2", "train.eval_problems=2",
-               "train.eval_samples=1", "rollout.max_new_tokens=3", "console=plain",
-               f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    out = grpo(
+        "train",
+        "-m",
+        "algo.beta=0,0.04",
+        f"model.name_or_path={random_model_dir}",
+        "lora=none",
+        "train.steps=1",
+        "train.prompts_per_step=2",
+        "algo.group_size=2",
+        "train.eval_problems=2",
+        "train.eval_samples=1",
+        "rollout.max_new_tokens=3",
+        "console=plain",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     runs = sorted((tmp_path / "sweep").glob("*/metrics.jsonl"))
     assert len(runs) == 2

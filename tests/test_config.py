@@ -30,8 +30,18 @@ def test_defaults_are_the_papers():
 
 
 def test_overrides_land_in_the_schema():
-    cfg, _ = compose_config("train", ["model=qwen", "reward=math", "algo.beta=0.0", "algo.group_size=16",
-                                      "train.lr=1e-4", "rollout.top_k=50", "lora.r=8"])
+    cfg, _ = compose_config(
+        "train",
+        [
+            "model=qwen",
+            "reward=math",
+            "algo.beta=0.0",
+            "algo.group_size=16",
+            "train.lr=1e-4",
+            "rollout.top_k=50",
+            "lora.r=8",
+        ],
+    )
     assert cfg.model.name_or_path == "Qwen/Qwen2.5-0.5B-Instruct" and cfg.model.chat_template is True
     assert cfg.algo.beta == 0.0 and cfg.algo.group_size == 16 and isinstance(cfg.algo.group_size, int)
     assert cfg.train.lr == 1e-4 and cfg.rollout.top_k == 50 and cfg.lora.r == 8
@@ -41,7 +51,11 @@ def test_algo_presets_differ_where_their_papers_do():
     dapo, _ = compose_config("train", ["algo=dapo"])
     dr, _ = compose_config("train", ["algo=dr_grpo"])
     gspo, _ = compose_config("train", ["algo=gspo"])
-    assert dapo.algo.aggregation == "token_mean" and dapo.algo.epsilon_high == 0.28 and dapo.algo.dynamic_sampling
+    assert (
+        dapo.algo.aggregation == "token_mean"
+        and dapo.algo.epsilon_high == 0.28
+        and dapo.algo.dynamic_sampling
+    )
     assert dr.algo.scale_rewards == "none" and dr.algo.aggregation == "seq_mean_token_sum_norm"
     assert gspo.algo.importance_level == "sequence"
 

@@ -13,8 +13,9 @@ from grpo_cli.rollout import encode_prompts
 
 
 def _batch(tok):
-    ids, mask = encode_prompts(tok, ["Calculate 1 + 2\nAnswer: ", "Calculate 9 * 8 - 7\nAnswer: "], False,
-                               torch.device("cpu"))
+    ids, mask = encode_prompts(
+        tok, ["Calculate 1 + 2\nAnswer: ", "Calculate 9 * 8 - 7\nAnswer: "], False, torch.device("cpu")
+    )
     completion = tok(["3", "65"], padding=True, return_tensors="pt", padding_side="right")
     full = torch.cat([ids, completion["input_ids"]], 1)
     full_mask = torch.cat([mask, completion["attention_mask"]], 1)
@@ -58,10 +59,13 @@ def test_lora_checkpoint_reloads_with_plain_peft(tmp_path, random_model_dir):
     torch.testing.assert_close(ref_lp[m], base_lp[m], atol=1e-5, rtol=1e-5)
     assert (ours[m] - ref_lp[m]).abs().max() > 1e-3, "the adapter should change the log-probs"
     # And through our own loader, as `grpo eval checkpoint=...` does.
-    again = load_policy(mc, LoraConfig(r=4, alpha=8), beta=0.0, checkpoint=str(tmp_path / "ckpt"), trainable=False)
+    again = load_policy(
+        mc, LoraConfig(r=4, alpha=8), beta=0.0, checkpoint=str(tmp_path / "ckpt"), trainable=False
+    )
     with torch.no_grad():
-        torch.testing.assert_close(completion_logprobs(again.model.eval(), ids, mask, L)[m], ours[m], atol=1e-5,
-                                   rtol=1e-5)
+        torch.testing.assert_close(
+            completion_logprobs(again.model.eval(), ids, mask, L)[m], ours[m], atol=1e-5, rtol=1e-5
+        )
 
 
 def test_full_finetuning_keeps_a_reference_copy_only_with_kl(random_model_dir):
@@ -82,8 +86,13 @@ def test_adapter_of_another_base_is_refused(tmp_path, random_model_dir):
     other = tmp_path / "other-base"
     AutoModelForCausalLM.from_pretrained(random_model_dir).save_pretrained(other)
     with pytest.raises(ConfigError, match="adapter was trained on"):
-        load_policy(ModelConfig(name_or_path=str(other), dtype="float32", device="cpu"), LoraConfig(), 0.0,
-                    checkpoint=str(tmp_path / "ckpt"), trainable=False)
+        load_policy(
+            ModelConfig(name_or_path=str(other), dtype="float32", device="cpu"),
+            LoraConfig(),
+            0.0,
+            checkpoint=str(tmp_path / "ckpt"),
+            trainable=False,
+        )
 
 
 def test_missing_checkpoint_is_a_config_error(random_model_dir):

@@ -22,17 +22,29 @@ def model_and_tok(random_model_dir):
 
 
 def _hf_generate(model, ids, mask, G, **kw):
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, num_return_sequences=G,
-                         pad_token_id=0, eos_token_id=0, **kw)
-    return out[:, ids.size(1):]
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=12,
+        num_return_sequences=G,
+        pad_token_id=0,
+        eos_token_id=0,
+        **kw,
+    )
+    return out[:, ids.size(1) :]
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.9, 20, 0.9)])
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.9, 20, 0.9)]
+)
 def test_filter_logits_matches_generate_warpers(temperature, top_k, top_p):
     logits = torch.randn(6, 273) * 3
     expected = logits.clone()
-    for warper in [TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k) if top_k else None,
-                   TopPLogitsWarper(top_p) if top_p < 1 else None]:
+    for warper in [
+        TemperatureLogitsWarper(temperature),
+        TopKLogitsWarper(top_k) if top_k else None,
+        TopPLogitsWarper(top_p) if top_p < 1 else None,
+    ]:
         if warper is not None:
             expected = warper(None, expected)
     got = filter_logits(logits, temperature, top_k, top_p)
@@ -69,7 +81,9 @@ def test_rollout_logprobs_match_a_plain_forward(model_and_tok):
     model, tok = model_and_tok
     ids, mask = encode_prompts(tok, PROMPTS, False, torch.device("cpu"))
     torch.manual_seed(0)
-    c_ids, c_mask, sampled_lp = sample_group(model, ids, mask, 3, 10, 0, 0, temperature=0.8, return_logprobs=True)
+    c_ids, c_mask, sampled_lp = sample_group(
+        model, ids, mask, 3, 10, 0, 0, temperature=0.8, return_logprobs=True
+    )
     full = torch.cat([ids.repeat_interleave(3, 0), c_ids], 1)
     full_mask = torch.cat([mask.repeat_interleave(3, 0), c_mask], 1)
     with torch.no_grad():

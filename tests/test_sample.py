@@ -19,10 +19,22 @@ def test_sample_advantages_match_group_advantages(tmp_path, random_model_dir):
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "PYTHONPATH": str(tmp_path)}
     out = subprocess.run(
-        [sys.executable, "-m", "grpo_cli", "sample", f"model.name_or_path={random_model_dir}", "sample.prompts=3",
-         "algo.group_size=6", "rollout.max_new_tokens=6", f"hydra.run.dir={tmp_path}",
-         "reward.rules=[{name:len,_target_:varied_reward.by_length,weight:1.0}]"],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "grpo_cli",
+            "sample",
+            f"model.name_or_path={random_model_dir}",
+            "sample.prompts=3",
+            "algo.group_size=6",
+            "rollout.max_new_tokens=6",
+            f"hydra.run.dir={tmp_path}",
+            "reward.rules=[{name:len,_target_:varied_reward.by_length,weight:1.0}]",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "advantage" in out.stdout and "group mean" in out.stdout

@@ -33,7 +33,9 @@ def test_noisy_answers_are_right_at_the_configured_rate():
 
 
 def test_build_is_deterministic(tmp_path):
-    spec = replace(TinySpec(), steps=3, batch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    spec = replace(
+        TinySpec(), steps=3, batch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1
+    )
     build(spec, tmp_path / "a", quiet=True)
     build(spec, tmp_path / "b", quiet=True)
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "a").state_dict()

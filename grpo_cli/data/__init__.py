@@ -35,7 +35,9 @@ def load_rows(cfg: Any, split: str) -> list[Row]:
     """Rows of ``split`` for the data group ``cfg`` (a DataConfig). Raises ConfigError on a bad name."""
     loader = SOURCES.get(cfg.name)
     if loader is None:
-        raise ConfigError(f"data.name={cfg.name!r} is not a known source; choose one of: {', '.join(sorted(SOURCES))}")
+        raise ConfigError(
+            f"data.name={cfg.name!r} is not a known source; choose one of: {', '.join(sorted(SOURCES))}"
+        )
     rows = loader(cfg, split)
     if not rows:
         raise ConfigError(f"data={cfg.name} split={split!r} holds no usable rows")
