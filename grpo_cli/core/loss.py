@@ -1,0 +1,326 @@
+r"""The GRPO objective family as pure tensor functions.
+
+For a prompt q the old policy pi_old samples a group of G completions o_1..o_G with rewards r_i.
+Every token t of completion o_i gets the completion's advantage A_i and a ratio rho_{i,t}; the
+loss is the negative of
+
+    J(theta) = AGG_{i,t} [ min(rho_{i,t} A_i, clip(rho_{i,t}, 1 - epsilon, 1 + epsilon_high) A_i)
+                           - beta * KL_{i,t}(pi_theta || pi_ref) ]
+
+with
+    A_i       = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + eps)          (`group_advantages`)
+    rho_{i,t} = pi_theta(o_{i,t} | q, o_{i,<t}) / pi_old(o_{i,t} | q, o_{i,<t})    (importance_level=token)
+              = exp(mean_t log(pi_theta / pi_old))  for every t of o_i         (importance_level=sequence)
+    KL_{i,t}  = k3: pi_ref/pi_theta - log(pi_ref/pi_theta) - 1 (k1 and k2 as options)
+    AGG       = one of the three aggregations below (how tokens and completions are averaged).
+
+Which options reproduce which paper:
+
+- GRPO / DeepSeekMath (arXiv 2402.03300): scale="group", aggregation="seq_mean_token_mean",
+  importance_level="token", kl_estimator="k3", beta=0.04, epsilon=0.2 (the defaults).
+- DAPO (arXiv 2503.14476): aggregation="token_mean" and a larger epsilon_high ("clip-higher",
+  0.28), usually beta=0.
+- Dr. GRPO (arXiv 2503.20783): scale="none" and aggregation="seq_mean_token_sum_norm" with
+  max_completion_length as the constant divisor, beta=0.
+- GSPO (arXiv 2507.18071): importance_level="sequence" (one length-normalised ratio per
+  completion, clipped once; the gradient reaches every token of the completion through it).
+
+What it leaves out: PPO's value function (GRPO has none), dual-clip, entropy bonuses and CISPO.
+`policy_loss` returns the loss to minimise (-J) and a `LossStats` record of detached scalars.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "AGGREGATIONS",
+    "IMPORTANCE_LEVELS",
+    "KL_ESTIMATORS",
+    "LossConfig",
+    "LossStats",
+    "aggregation_units",
+    "group_advantages",
+    "policy_loss",
+]
+
+
+@dataclass
+class LossConfig:
+    """The loss options. `policy_loss` reads these attributes from any object that has them
+    (the project's ``AlgoConfig`` uses the same names)."""
+
+    epsilon: float = 0.2  # lower clip range: rho >= 1 - epsilon (PPO/GRPO 0.2)
+    epsilon_high: float | None = None  # upper clip range; None means epsilon (DAPO 0.28)
+    beta: float = 0.04  # KL weight (DeepSeekMath 0.04); 0 skips the reference entirely
+    kl_estimator: str = "k3"  # "k1" | "k2" | "k3"
+    aggregation: str = "seq_mean_token_mean"  # | "token_mean" | "seq_mean_token_sum_norm"
+    importance_level: str = "token"  # | "sequence" (GSPO)
+    max_completion_length: int | None = None  # Dr. GRPO's constant divisor
+
+
+class LossStats(NamedTuple):
+    """Detached 0-dim tensors (no device sync until `to_dict`).
+
+    `policy_loss` is the surrogate term of the returned loss (same aggregation and denominator,
+    so it adds up over micro-batches like the loss). The others are means over this batch's
+    masked tokens, except the ratio statistics under importance_level="sequence", which are over
+    completions with at least one token. An empty batch gives zeros.
+    """
+
+    policy_loss: Tensor  # -AGG[min(rho A, clip(rho) A)]
+    kl: Tensor  # mean KL estimate per token (0 when beta == 0)
+    clip_low_frac: Tensor  # fraction of tokens with rho < 1 - epsilon and A < 0 (clip active)
+    clip_high_frac: Tensor  # fraction of tokens with rho > 1 + epsilon_high and A > 0 (clip active)
+    ratio_mean: Tensor
+    ratio_min: Tensor
+    ratio_max: Tensor
+    tokens: Tensor  # number of masked tokens
+
+    def to_dict(self) -> dict[str, float]:
+        """Metric names as logged (this is where the values move to the host)."""
+        names = ("loss/policy", "kl", "clip/low_frac", "clip/high_frac")
+        names += ("ratio/mean", "ratio/min", "ratio/max", "tokens")
+        return {name: float(value) for name, value in zip(names, self)}
+
+
+# ---------------------------------------------------------------------------- advantages
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
+    """A_i = (r_i - mean of its group) / (std + eps), std unbiased.
+
+    Args:
+        rewards: [N] with N = num_groups * G, the G completions of a prompt contiguous.
+        group_size: G.
+        scale: "group" divides by the group's std (GRPO), "batch" by the std of all N rewards
+            (mean still per group), "none" only centres (Dr. GRPO).
+        eps: keeps a group whose rewards are all equal at 0 instead of 0/0.
+
+    Returns:
+        [N] advantages, floating dtype of `rewards` (float32 for integer rewards).
+    """
+    if scale not in _REWARD_SCALES:
+        raise ValueError(f"scale={scale!r}: expected one of {sorted(_REWARD_SCALES)}")
+    if group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    if not rewards.is_floating_point():
+        rewards = rewards.float()
+    grouped = rewards.reshape(-1, group_size)  # [num_groups, G]
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    return (centred / _REWARD_SCALES[scale](grouped, eps)).reshape(-1)
+
+
+def _unbiased_std(x: Tensor, dim: int | None = None) -> Tensor:
+    # A single reward has no spread: 0 rather than torch.std's NaN for one sample.
+    n = x.numel() if dim is None else x.shape[dim]
+    return x.std(dim=dim, keepdim=dim is not None) if n > 1 else x.new_zeros(())
+
+
+_REWARD_SCALES: dict[str, Callable[[Tensor, float], Tensor | float]] = {
+    "group": lambda grouped, eps: _unbiased_std(grouped, dim=1) + eps,
+    "batch": lambda grouped, eps: _unbiased_std(grouped) + eps,
+    "none": lambda grouped, eps: 1.0,
+}
+
+
+# ---------------------------------------------------------------------------- KL estimators
+# Schulman's estimators of KL(pi_theta || pi_ref) from samples of pi_theta, with
+# log_r = log pi_ref - log pi_theta per token (http://joschu.net/blog/kl-approx.html).
+
+
+def _kl_k1(log_r: Tensor) -> Tensor:
+    return -log_r
+
+
+def _kl_k2(log_r: Tensor) -> Tensor:
+    return 0.5 * log_r.square()
+
+
+def _kl_k3(log_r: Tensor) -> Tensor:
+    # expm1 keeps the small-|log_r| regime (the usual one) accurate: e^x - 1 - x ~ x^2/2.
+    return torch.expm1(log_r) - log_r
+
+
+KL_ESTIMATORS: dict[str, Callable[[Tensor], Tensor]] = {"k1": _kl_k1, "k2": _kl_k2, "k3": _kl_k3}
+
+
+# ---------------------------------------------------------------------------- importance ratios
+# Each takes log(pi_theta / pi_old) per token (0 on masked tokens) and the mask; returns the
+# ratio broadcast to [B, T] and the values its statistics are taken over.
+
+
+def _token_ratio(log_ratio: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    ratio = log_ratio.exp()  # [B, T]
+    return ratio, ratio, mask > 0
+
+
+def _sequence_ratio(log_ratio: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    # GSPO: s_i = exp(mean_t log ratio), so every token of o_i shares one ratio and one clip.
+    lengths = mask.sum(dim=1)  # [B]
+    seq_ratio = (log_ratio.sum(dim=1) / lengths.clamp(min=1)).exp()  # [B]
+    return seq_ratio[:, None].expand_as(log_ratio), seq_ratio, lengths > 0
+
+
+IMPORTANCE_LEVELS = {"token": _token_ratio, "sequence": _sequence_ratio}
+
+
+# ---------------------------------------------------------------------------- aggregations
+# Each maps the masked per-token loss [B, T] to (sum of per-unit losses, local unit count);
+# the loss is that sum divided by the unit count over the whole batch. Units are tokens for
+# token_mean and completions for the seq_mean_* modes.
+
+
+def _token_mean(per_token: Tensor, mask: Tensor, cfg: Any) -> tuple[Tensor, Tensor]:
+    return per_token.sum(), mask.sum()
+
+
+def _seq_mean_token_mean(per_token: Tensor, mask: Tensor, cfg: Any) -> tuple[Tensor, Tensor]:
+    per_seq = per_token.sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # [B]
+    return per_seq.sum(), torch.tensor(float(mask.shape[0]), dtype=mask.dtype, device=mask.device)
+
+
+def _seq_mean_token_sum_norm(per_token: Tensor, mask: Tensor, cfg: Any) -> tuple[Tensor, Tensor]:
+    # Dr. GRPO divides by a constant, so long and short completions weigh the same per token.
+    if not cfg.max_completion_length:
+        raise ValueError("aggregation='seq_mean_token_sum_norm' needs max_completion_length (Dr. GRPO)")
+    per_seq = per_token.sum(dim=1) / cfg.max_completion_length  # [B]
+    return per_seq.sum(), torch.tensor(float(mask.shape[0]), dtype=mask.dtype, device=mask.device)
+
+
+AGGREGATIONS = {
+    "seq_mean_token_mean": _seq_mean_token_mean,
+    "token_mean": _token_mean,
+    "seq_mean_token_sum_norm": _seq_mean_token_sum_norm,
+}
+
+
+def aggregation_units(mask: Tensor, aggregation: str) -> Tensor:
+    """Normalising units in `mask` [B, T] for `aggregation`: masked tokens for token_mean,
+    completions (rows, fully masked ones included) for the seq_mean_* modes.
+
+    Sum this over micro-batches and ranks to get the `denominator` of `policy_loss`.
+    """
+    if aggregation == "token_mean":
+        return mask.sum().to(torch.float32)
+    _choice(AGGREGATIONS, aggregation, "aggregation")
+    return torch.tensor(float(mask.shape[0]), device=mask.device)
+
+
+# ---------------------------------------------------------------------------- the loss
+
+
+def policy_loss(
+    logps: Tensor,
+    old_logps: Tensor | None,
+    ref_logps: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    cfg: Any,
+    denominator: float | Tensor | None = None,
+) -> tuple[Tensor, LossStats]:
+    """The clipped surrogate plus beta * KL, aggregated: the loss -J(theta) to minimise.
+
+    Args:
+        logps: [B, T] log pi_theta of the sampled tokens (carries the gradient).
+        old_logps: [B, T] log pi_old; None means logps.detach() (mu = 1: rho = 1, gradient intact).
+        ref_logps: [B, T] log pi_ref; may be None only when cfg.beta == 0.
+        advantages: [B] A_i, one per completion.
+        mask: [B, T] bool or 0/1, true on completion tokens. Masked-out positions may hold any
+            value (even inf/NaN): they are replaced before use, never multiplied by zero.
+        cfg: epsilon, epsilon_high, beta, kl_estimator, aggregation, importance_level,
+            max_completion_length (see `LossConfig`).
+        denominator: None normalises locally (this batch's tokens for token_mean, its rows for
+            the seq_mean_* modes). Otherwise the unit count over the full batch (all
+            micro-batches, all ranks; see `aggregation_units`), so micro-batch losses add up
+            exactly to the full-batch loss. A fully masked row adds nothing to the loss but
+            counts as a completion in the seq_mean_* modes (as in TRL).
+
+    Returns:
+        (loss, stats): loss a 0-dim tensor in float32 (float64 for float64 inputs).
+    """
+    beta = float(cfg.beta)
+    if beta > 0 and ref_logps is None:
+        raise ValueError(f"beta={beta} > 0 needs ref_logps (log-probs under pi_ref); pass them or set beta=0")
+    dtype = torch.promote_types(logps.dtype, torch.float32)  # never compute the loss in bf16
+    mask = mask.bool()
+    weights = mask.to(dtype)
+    logps = logps.to(dtype)
+    # pi_old and pi_ref are constants of the objective: no gradient reaches them.
+    old_logps = logps.detach() if old_logps is None else old_logps.detach().to(dtype)
+    # torch.where, not a product with the mask: padding may hold -inf and inf * 0 is NaN.
+    log_ratio = torch.where(mask, logps - old_logps, 0.0)
+    ratio, ratio_values, ratio_mask = _choice(IMPORTANCE_LEVELS, cfg.importance_level, "importance_level")(
+        log_ratio, weights
+    )
+    adv = advantages.to(dtype)[:, None]  # [B, 1]
+    surrogate, clip_low, clip_high = _clipped_surrogate(ratio, adv, cfg, mask)
+    kl = torch.zeros_like(logps)  # beta == 0: no reference pass, no KL term
+    if beta > 0:
+        log_r = torch.where(mask, ref_logps.detach().to(dtype) - logps, 0.0)  # log pi_ref / pi_theta
+        kl = _choice(KL_ESTIMATORS, cfg.kl_estimator, "kl_estimator")(log_r)
+    aggregate = _choice(AGGREGATIONS, cfg.aggregation, "aggregation")
+    # DeepSeekMath puts beta * KL inside the per-token sum, so it is aggregated like the surrogate.
+    loss_sum, units = aggregate(torch.where(mask, beta * kl - surrogate, 0.0), weights, cfg)
+    if denominator is None:
+        denominator = units.clamp(min=1)  # an empty batch gives 0, not 0/0
+    with torch.no_grad():
+        policy = aggregate(torch.where(mask, -surrogate, 0.0), weights, cfg)[0] / denominator
+    return loss_sum / denominator, _stats(policy, kl, clip_low, clip_high, ratio_values, ratio_mask, weights)
+
+
+def _clipped_surrogate(ratio: Tensor, adv: Tensor, cfg: Any, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """min(rho A, clip(rho) A) per token, [B, T], and where each side of the clip is active.
+
+    Written as a choice rather than torch.min: torch.min splits the gradient at ties, and the
+    choice makes plain that the clip bites only on the side the advantage points to.
+    """
+    low = 1.0 - cfg.epsilon
+    high = 1.0 + (cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high)
+    clip_low = (ratio < low) & (adv < 0) & mask  # min picks the constant (1 - eps) A
+    clip_high = (ratio > high) & (adv > 0) & mask  # min picks the constant (1 + eps_high) A
+    clipped = torch.where(clip_low, low, torch.where(clip_high, high, ratio))
+    # The constants carry no gradient: the ratio is cut off from the loss where the clip bites.
+    return clipped * adv, clip_low, clip_high
+
+
+@torch.no_grad()
+def _stats(
+    policy: Tensor,
+    kl: Tensor,
+    clip_low: Tensor,
+    clip_high: Tensor,
+    ratio: Tensor,
+    ratio_mask: Tensor,
+    weights: Tensor,
+) -> LossStats:
+    tokens = weights.sum()
+    per_token = tokens.clamp(min=1)
+    n_ratio = ratio_mask.sum().clamp(min=1)
+    ratio_mean = torch.where(ratio_mask, ratio, 0.0).sum() / n_ratio
+    # +-inf outside the mask, then 0 if nothing is left (no host sync, no NaN).
+    ratio_min = torch.where(ratio_mask, ratio, torch.inf).amin() if ratio.numel() else ratio.new_zeros(())
+    ratio_max = torch.where(ratio_mask, ratio, -torch.inf).amax() if ratio.numel() else ratio.new_zeros(())
+    any_ratio = ratio_mask.any()
+    return LossStats(
+        policy_loss=policy.detach(),
+        kl=(kl * weights).sum() / per_token,
+        clip_low_frac=clip_low.sum() / per_token,
+        clip_high_frac=clip_high.sum() / per_token,
+        ratio_mean=ratio_mean.detach(),
+        ratio_min=torch.where(any_ratio, ratio_min, 0.0).detach(),
+        ratio_max=torch.where(any_ratio, ratio_max, 0.0).detach(),
+        tokens=tokens,
+    )
+
+
+def _choice(table: dict[str, Any], key: str, name: str) -> Any:
+    try:
+        return table[key]
+    except KeyError:
+        raise ValueError(f"{name}={key!r}: expected one of {sorted(table)}") from None

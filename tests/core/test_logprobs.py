@@ -1,0 +1,119 @@
+"""core.logprobs.token_logprobs against the naive full-logits path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grpo_cli.core.logprobs import token_logprobs
+
+
+def _naive(hidden, weight, targets, temperature=1.0):
+    """log_softmax over the full [B, T, V] logits, and the entropy of each row."""
+    log_probs = torch.log_softmax(hidden @ weight.T / temperature, dim=-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return log_probs.gather(-1, targets[..., None]).squeeze(-1), entropy
+
+
+def _inputs(B=3, T=7, H=16, V=50, dtype=torch.float64, device="cpu"):
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(B, T, H, generator=gen, dtype=torch.float64) * 2
+    weight = torch.randn(V, H, generator=gen, dtype=torch.float64) / H**0.5
+    targets = torch.randint(0, V, (B, T), generator=gen)
+    return hidden.to(device, dtype), weight.to(device, dtype), targets.to(device)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 5, 21, 1024])  # B*T = 21: 4 and 5 do not divide it
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("train_weight", [True, False])  # full fine-tuning / frozen lm_head (LoRA)
+def test_values_and_gradients_match_naive_float64(chunk_size, temperature, train_weight):
+    hidden, weight, targets = _inputs()
+    ours_h, ours_w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(train_weight)
+    naive_h, naive_w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(train_weight)
+    logps, entropy = token_logprobs(ours_h, ours_w, targets, temperature, chunk_size, return_entropy=True)
+    expected, expected_entropy = _naive(naive_h, naive_w, targets, temperature)
+    assert logps.dtype == torch.float64 and logps.shape == targets.shape
+    torch.testing.assert_close(logps, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(entropy, expected_entropy.detach(), rtol=0, atol=1e-12)
+    assert not entropy.requires_grad
+    upstream = torch.randn_like(expected)  # a non-uniform upstream gradient, as from the loss
+    (logps * upstream).sum().backward()
+    (expected * upstream).sum().backward()
+    torch.testing.assert_close(ours_h.grad, naive_h.grad, rtol=0, atol=1e-12)
+    if train_weight:
+        torch.testing.assert_close(ours_w.grad, naive_w.grad, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("train_weight", [True, False])
+def test_gradcheck(train_weight):
+    hidden, weight, targets = _inputs(B=2, T=3, H=4, V=9)
+    hidden.requires_grad_()
+    weight.requires_grad_(train_weight)
+
+    def fn(h, w):
+        return token_logprobs(h, w, targets, temperature=0.8, chunk_size=4)
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight))
+
+
+def test_bfloat16_within_bf16_tolerance():
+    hidden, weight, targets = _inputs(B=4, T=16, H=64, V=300, dtype=torch.bfloat16)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logps, entropy = token_logprobs(h, w, targets, chunk_size=24, return_entropy=True)
+    assert logps.dtype == torch.float32 and entropy.dtype == torch.float32
+    # The reference: the same bf16 values, computed in float64.
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    expected, expected_entropy = _naive(h64, w64, targets)
+    # bf16 keeps 8 mantissa bits: logits of size ~|z| are off by ~|z| * 2^-8 before the float32 log-sum-exp
+    torch.testing.assert_close(logps.double(), expected, rtol=0, atol=0.05)
+    torch.testing.assert_close(entropy.double(), expected_entropy, rtol=0, atol=0.05)
+    upstream = torch.randn(targets.shape, dtype=torch.float64)
+    (logps * upstream.float()).sum().backward()
+    (expected * upstream).sum().backward()
+    assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+    for ours, ref in [(h.grad, h64.grad), (w.grad, w64.grad)]:
+        assert (ours.double() - ref).abs().max() <= 0.03 * ref.abs().max()
+
+
+def test_no_grad_call_saves_nothing():
+    hidden, weight, targets = _inputs()
+    with torch.no_grad():
+        logps = token_logprobs(hidden.requires_grad_(), weight, targets)
+    assert logps.grad_fn is None
+
+
+def test_rejects_mismatched_shapes():
+    hidden, weight, targets = _inputs()
+    with pytest.raises(ValueError, match="shapes"):
+        token_logprobs(hidden, weight, targets[:, :-1])
+    with pytest.raises(ValueError, match="chunk_size"):
+        token_logprobs(hidden, weight, targets, chunk_size=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_naive(dtype):
+    hidden, weight, targets = _inputs(B=4, T=33, H=64, V=1000, dtype=dtype, device="cuda")
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logps, entropy = token_logprobs(h, w, targets, temperature=0.9, chunk_size=50, return_entropy=True)
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    expected, expected_entropy = _naive(h64, w64, targets, 0.9)
+    atol = 1e-4 if dtype == torch.float32 else 0.05  # TF32/bf16 matmuls on the GPU
+    torch.testing.assert_close(logps.double(), expected, rtol=0, atol=atol)
+    torch.testing.assert_close(entropy.double(), expected_entropy.detach(), rtol=0, atol=atol)
+    logps.sum().backward()
+    expected.sum().backward()
+    for ours, ref in [(h.grad, h64.grad), (w.grad, w64.grad)]:
+        assert (ours.double() - ref).abs().max() <= 0.03 * ref.abs().max()
+
+
+def test_second_backward_through_the_same_graph_recomputes():
+    # The first backward reuses the last chunk's softmax from forward; a retained graph must not.
+    hidden, weight, targets = _inputs()
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    logps = token_logprobs(h, w, targets, chunk_size=5)
+    first = torch.autograd.grad(logps.sum(), (h, w), retain_graph=True)
+    second = torch.autograd.grad(logps.sum(), (h, w))
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

@@ -1,0 +1,374 @@
+"""core.loss against hand arithmetic and a float64 reference written as plain Python loops."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from grpo_cli.core.loss import (
+    KL_ESTIMATORS,
+    LossConfig,
+    LossStats,
+    aggregation_units,
+    group_advantages,
+    policy_loss,
+)
+
+AGGS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
+LEVELS = ("token", "sequence")
+T_MAX = 9
+
+
+# ---------------------------------------------------------------------------- the seed's worked numbers
+
+
+def test_worked_advantages_four_of_eight_correct():
+    # mean = 4/8 = 0.5; deviations +-0.5; unbiased var = 8 * 0.25 / 7 = 2/7; std = 0.53452
+    # A = 0.5 / (0.53452 + 1e-4) = 0.93524 -> 0.94 and -0.94
+    rewards = torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 0])
+    adv = group_advantages(rewards, group_size=8)
+    expected = 0.5 / (math.sqrt(2 / 7) + 1e-4)
+    assert adv[:4].tolist() == pytest.approx([expected] * 4, abs=1e-6)
+    assert adv[4:].tolist() == pytest.approx([-expected] * 4, abs=1e-6)
+    assert [round(a, 2) for a in adv.tolist()] == [0.94] * 4 + [-0.94] * 4
+    assert round(expected, 3) == 0.935
+
+
+def _one_token_rows(p_new, p_old, adv, **cfg):
+    """Completions of one token each: logps = log p_new, old = log p_old."""
+    logps = torch.tensor(p_new, dtype=torch.float64).log()[:, None].requires_grad_()
+    old = torch.tensor(p_old, dtype=torch.float64).log()[:, None]
+    mask = torch.ones_like(old, dtype=torch.bool)
+    config = LossConfig(beta=0.0, aggregation="token_mean", **cfg)
+    loss, stats = policy_loss(logps, old, None, torch.tensor(adv, dtype=torch.float64), mask, config)
+    loss.backward()
+    return loss, stats, logps.grad[:, 0]
+
+
+def test_worked_ratios_clip_at_epsilon_02():
+    # 0.9/0.5 = 1.8, A=+1: min(1.8 * 1, clip(1.8, 0.8, 1.2) * 1) = min(1.8, 1.2) = 1.2
+    # 0.2/0.5 = 0.4, A=-1: min(0.4 * -1, clip(0.4) * -1) = min(-0.4, -0.8) = -0.8
+    # 0.7/0.5 = 1.4, A=+1: min(1.4, 1.2) = 1.2
+    # token_mean loss = -(1.2 - 0.8 + 1.2) / 3 = -1.6 / 3
+    loss, stats, grad = _one_token_rows([0.9, 0.2, 0.7], [0.5, 0.5, 0.5], [1.0, -1.0, 1.0], epsilon=0.2)
+    assert loss.item() == pytest.approx(-1.6 / 3, abs=1e-12)
+    assert grad.tolist() == [0.0, 0.0, 0.0]  # every clip is active: no gradient anywhere
+    s = stats.to_dict()
+    assert s["clip/high_frac"] == pytest.approx(2 / 3) and s["clip/low_frac"] == pytest.approx(1 / 3)
+    assert (s["ratio/min"], s["ratio/max"]) == pytest.approx((0.4, 1.8))
+    assert s["ratio/mean"] == pytest.approx((1.8 + 0.4 + 1.4) / 3)
+    assert s["loss/policy"] == pytest.approx(-1.6 / 3) and s["tokens"] == 3.0
+
+
+def test_asymmetric_epsilon_high_lets_ratio_rise_further():
+    # DAPO clip-higher, epsilon_high = 0.28: 0.7/0.5 = 1.4 -> 1.28 instead of 1.2; 1.25 passes unclipped
+    loss, stats, grad = _one_token_rows([0.7, 0.625], [0.5, 0.5], [1.0, 1.0], epsilon=0.2, epsilon_high=0.28)
+    assert loss.item() == pytest.approx(-(1.28 + 1.25) / 2, abs=1e-12)
+    assert grad.tolist() == pytest.approx([0.0, -1.25 / 2], abs=1e-12)  # d(-r A / 2)/dlogp = -r A / 2
+    assert stats.to_dict()["clip/high_frac"] == pytest.approx(0.5)
+
+
+def test_gradient_through_clipped_ratio_only_on_the_advantage_side():
+    # Clip active (min picks the constant): r=1.8 with A>0, r=0.4 with A<0 -> gradient exactly 0.
+    # Ratio outside the range but on the other side: r=1.8 with A<0 gives min(-1.8, -1.2) = -1.8,
+    # r=0.4 with A>0 gives min(0.4, 0.8) = 0.4: the unclipped term, gradient -r A / 4.
+    p_new, adv = [0.9, 0.2, 0.9, 0.2], [1.0, -1.0, -1.0, 1.0]
+    loss, stats, grad = _one_token_rows(p_new, [0.5] * 4, adv, epsilon=0.2)
+    assert loss.item() == pytest.approx(-(1.2 - 0.8 - 1.8 + 0.4) / 4, abs=1e-12)
+    assert grad[0].item() == 0.0 and grad[1].item() == 0.0
+    assert grad[2].item() == pytest.approx(-(1.8 * -1.0) / 4, abs=1e-12)
+    assert grad[3].item() == pytest.approx(-(0.4 * 1.0) / 4, abs=1e-12)
+    s = stats.to_dict()
+    assert s["clip/high_frac"] == pytest.approx(0.25) and s["clip/low_frac"] == pytest.approx(0.25)
+
+
+# ---------------------------------------------------------------------------- group_advantages
+
+
+def _loop_advantages(rewards, g, scale, eps=1e-4):
+    def std(xs):  # unbiased
+        m = sum(xs) / len(xs)
+        return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+    out = []
+    for k in range(0, len(rewards), g):
+        group = rewards[k : k + g]
+        mean = sum(group) / g
+        div = {"group": std(group) + eps, "batch": std(rewards) + eps, "none": 1.0}[scale]
+        out += [(r - mean) / div for r in group]
+    return out
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_group_advantages_match_loop(scale):
+    rewards = torch.rand(24, dtype=torch.float64) * 3
+    rewards[8:12] = 0.5  # one all-equal group of 4
+    adv = group_advantages(rewards, group_size=4, scale=scale)
+    assert adv.tolist() == pytest.approx(_loop_advantages(rewards.tolist(), 4, scale), abs=1e-12)
+    assert adv[8:12].tolist() == [0.0] * 4
+
+
+def test_group_advantages_all_equal_gives_zeros_not_nan():
+    adv = group_advantages(torch.ones(16), group_size=8)
+    assert torch.equal(adv, torch.zeros(16))
+
+
+def test_group_advantages_std_is_unbiased():
+    # rewards 0, 1: mean 0.5, unbiased std sqrt(0.5) (the biased one would be 0.5)
+    adv = group_advantages(torch.tensor([0.0, 1.0], dtype=torch.float64), group_size=2, eps=0.0)
+    assert adv.tolist() == pytest.approx([-0.5 / math.sqrt(0.5), 0.5 / math.sqrt(0.5)])
+
+
+def test_group_advantages_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="groups of 3"):
+        group_advantages(torch.ones(8), group_size=3)
+    with pytest.raises(ValueError, match="scale"):
+        group_advantages(torch.ones(8), group_size=4, scale="rank")
+
+
+# ---------------------------------------------------------------------------- float64 loop reference
+
+
+def _kl_and_grad(estimator, x):
+    """KL estimate at x = ref - logp and its derivative w.r.t. logp (dx/dlogp = -1)."""
+    if estimator == "k1":
+        return -x, 1.0
+    if estimator == "k2":
+        return 0.5 * x * x, -x
+    return math.exp(x) - x - 1.0, -(math.exp(x) - 1.0)
+
+
+def _reference(logp, old, ref, adv, mask, cfg):
+    """Loss, d loss / d logp and stats, one completion and one token at a time."""
+    B, T = len(logp), len(logp[0])
+    lo, hi = 1 - cfg.epsilon, 1 + (cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high)
+    total_tokens = sum(map(sum, mask))
+    loss, grad = 0.0, [[0.0] * T for _ in range(B)]
+    kl_sum, n_low, n_high, ratios = 0.0, 0, 0, []
+    for i in range(B):
+        toks = [t for t in range(T) if mask[i][t]]
+        if cfg.aggregation == "token_mean":
+            w = 1.0 / max(total_tokens, 1)
+        elif cfg.aggregation == "seq_mean_token_mean":
+            w = 1.0 / (B * max(len(toks), 1))
+        else:
+            w = 1.0 / (B * cfg.max_completion_length)
+        seq_r = math.exp(sum(logp[i][t] - old[i][t] for t in toks) / max(len(toks), 1))
+        if cfg.importance_level == "sequence" and toks:
+            ratios.append(seq_r)
+        d_seq = 0.0  # d loss / d s_i, collected over the tokens of completion i
+        for t in toks:
+            a = adv[i]
+            r = seq_r if cfg.importance_level == "sequence" else math.exp(logp[i][t] - old[i][t])
+            if cfg.importance_level == "token":
+                ratios.append(r)
+            clipped = min(max(r, lo), hi)
+            unclipped_wins = r * a <= clipped * a
+            n_low += r < lo and a < 0
+            n_high += r > hi and a > 0
+            loss -= w * min(r * a, clipped * a)
+            d_surr = -a if unclipped_wins else 0.0  # d(-min(...)) / d r
+            if cfg.importance_level == "token":
+                grad[i][t] += w * d_surr * r  # d r / d logp = r
+            else:
+                d_seq += w * d_surr
+            if cfg.beta > 0:
+                kl, d_kl = _kl_and_grad(cfg.kl_estimator, ref[i][t] - logp[i][t])
+                loss += w * cfg.beta * kl
+                grad[i][t] += w * cfg.beta * d_kl
+                kl_sum += kl
+        for t in toks:  # s_i = exp(mean_t (logp - old)): d s_i / d logp_t = s_i / L_i
+            grad[i][t] += d_seq * seq_r / len(toks)
+    n = max(total_tokens, 1)
+    stats = {"kl": kl_sum / n, "clip/low_frac": n_low / n, "clip/high_frac": n_high / n}
+    stats.update(
+        {"ratio/mean": sum(ratios) / len(ratios), "ratio/min": min(ratios), "ratio/max": max(ratios)}
+    )
+    stats["tokens"] = float(total_tokens)
+    return loss, grad, stats
+
+
+def _random_batch(B=8, T=T_MAX, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    old = -torch.rand(B, T, generator=gen, dtype=torch.float64) * 3 - 0.05
+    # log-ratios: a shift per completion (so GSPO's sequence ratios spread too) plus noise per
+    # token, ratios from ~0.4 to ~2.5: the clips bite on both sides
+    shift = 0.3 * torch.randn(B, 1, generator=gen, dtype=torch.float64)
+    logps = old + shift + 0.4 * torch.randn(B, T, generator=gen, dtype=torch.float64)
+    ref = logps + 0.3 * torch.randn(B, T, generator=gen, dtype=torch.float64)
+    adv = torch.randn(B, generator=gen, dtype=torch.float64)
+    lengths = torch.randint(1, T + 1, (B,), generator=gen)
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    mask[2] = False  # one fully masked row
+    mask[0, 1] = False  # and a hole inside a completion
+    return logps, old, ref, adv, mask
+
+
+COMBOS = list(itertools.product(AGGS, LEVELS, ("k1", "k2", "k3"), (0.0, 0.04), (None, 0.28)))
+
+
+@pytest.mark.parametrize("aggregation,level,estimator,beta,eps_high", COMBOS)
+def test_every_option_matches_loop_reference(aggregation, level, estimator, beta, eps_high):
+    cfg = LossConfig(0.2, eps_high, beta, estimator, aggregation, level, max_completion_length=T_MAX + 3)
+    logps, old, ref, adv, mask = _random_batch()
+    logps.requires_grad_()
+    loss, stats = policy_loss(logps, old, ref, adv, mask, cfg)
+    loss.backward()
+    rows = [x.tolist() for x in (logps.detach(), old, ref, adv, mask.long())]
+    ref_loss, ref_grad, ref_stats = _reference(*rows, cfg)
+    assert loss.dtype == torch.float64
+    assert abs(loss.item() - ref_loss) < 1e-10
+    assert torch.allclose(logps.grad, torch.tensor(ref_grad, dtype=torch.float64), rtol=0, atol=1e-10)
+    got = stats.to_dict()
+    for name, value in ref_stats.items():
+        assert got[name] == pytest.approx(value, abs=1e-10), name
+    # the inputs are spread wide enough to exercise both clips
+    assert got["clip/low_frac"] > 0 and got["clip/high_frac"] > 0
+
+
+@pytest.mark.parametrize("aggregation,level", list(itertools.product(AGGS, LEVELS)))
+def test_micro_batches_with_shared_denominator_add_up(aggregation, level):
+    cfg = LossConfig(
+        epsilon_high=0.28, aggregation=aggregation, importance_level=level, max_completion_length=12
+    )
+    logps, old, ref, adv, mask = _random_batch(B=7, seed=1)
+    full_in = logps.clone().requires_grad_()
+    full, _ = policy_loss(full_in, old, ref, adv, mask, cfg)
+    full.backward()
+    parts = [slice(0, 3), slice(3, 4), slice(4, 7)]  # ragged: 3, 1 and 3 completions
+    denominator = sum(aggregation_units(mask[p], aggregation) for p in parts)
+    micro_in = logps.clone().requires_grad_()
+    total = sum(policy_loss(micro_in[p], old[p], ref[p], adv[p], mask[p], cfg, denominator)[0] for p in parts)
+    total.backward()
+    assert abs(total.item() - full.item()) < 1e-12
+    assert torch.allclose(micro_in.grad, full_in.grad, rtol=0, atol=1e-12)
+    # A plain float denominator works the same way.
+    as_float = policy_loss(logps, old, ref, adv, mask, cfg, float(denominator))[0]
+    assert abs(as_float.item() - full.item()) < 1e-12
+
+
+# ---------------------------------------------------------------------------- edge cases
+
+
+def test_beta_positive_without_reference_raises():
+    logps, old, _, adv, mask = _random_batch()
+    with pytest.raises(ValueError, match="ref_logps"):
+        policy_loss(logps, old, None, adv, mask, LossConfig(beta=0.04))
+
+
+def test_beta_zero_without_reference_works_and_reports_no_kl():
+    logps, old, _, adv, mask = _random_batch()
+    loss, stats = policy_loss(logps, old, None, adv, mask, LossConfig(beta=0.0))
+    assert torch.isfinite(loss) and stats.kl.item() == 0.0
+
+
+def test_k3_is_nonnegative_everywhere():
+    log_r = torch.randn(100_000, dtype=torch.float64) * 5
+    assert (KL_ESTIMATORS["k3"](log_r) >= 0).all()
+    logps, old, ref, adv, mask = _random_batch()
+    _, stats = policy_loss(logps, old, ref, adv, mask, LossConfig(beta=0.04))
+    assert stats.kl.item() > 0
+
+
+@pytest.mark.parametrize("aggregation", AGGS)
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_on_policy_loss_is_mean_of_minus_advantage_and_gradient_is_policy_gradient(aggregation, beta):
+    # old_logps None: rho = 1 in value, so the loss is AGG[-A_i + beta KL] and the gradient of the
+    # surrogate is the REINFORCE form -A_i * d logp (weighted by the aggregation).
+    cfg = LossConfig(beta=beta, aggregation=aggregation, max_completion_length=T_MAX)
+    logps, _, ref, adv, mask = _random_batch()
+    logps.requires_grad_()
+    loss, stats = policy_loss(logps, None, ref, adv, mask, cfg)
+    loss.backward()
+    kl_cfg = SimpleNamespace(**{**vars(cfg), "importance_level": "token"})
+    x = logps.detach()
+    expected_loss, expected_grad, _ = _reference(*[v.tolist() for v in (x, x, ref, adv, mask.long())], kl_cfg)
+    B, lengths = mask.shape[0], mask.sum(1).clamp(min=1).double()
+    weight = {  # the aggregation's weight per token
+        "token_mean": torch.full((B,), 1 / mask.sum().item(), dtype=torch.float64),
+        "seq_mean_token_mean": 1 / (B * lengths),
+        "seq_mean_token_sum_norm": torch.full((B,), 1 / (B * T_MAX), dtype=torch.float64),
+    }[aggregation]
+    minus_a = (-adv * weight * mask.sum(1)).sum()
+    assert stats.policy_loss.item() == pytest.approx(minus_a.item(), abs=1e-12)
+    assert loss.item() == pytest.approx(expected_loss, abs=1e-12)
+    pg = -(adv * weight)[:, None] * mask
+    assert torch.allclose(logps.grad - beta * _kl_grad(logps.detach(), ref, mask, weight), pg, atol=1e-12)
+    assert torch.allclose(logps.grad, torch.tensor(expected_grad, dtype=torch.float64), atol=1e-12)
+    assert stats.ratio_mean.item() == 1.0 and stats.clip_low_frac.item() == 0.0
+
+
+def _kl_grad(logps, ref, mask, weight):
+    # d k3 / d logp = -(exp(ref - logp) - 1), weighted like the loss
+    return -(torch.exp(ref - logps) - 1) * weight[:, None] * mask
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("aggregation", AGGS)
+def test_masked_rows_and_padding_give_no_nan(level, aggregation):
+    cfg = LossConfig(aggregation=aggregation, importance_level=level, max_completion_length=T_MAX)
+    logps, old, ref, adv, mask = _random_batch()
+    logps = torch.where(mask, logps, -torch.inf).requires_grad_()  # padding may hold anything
+    old = torch.where(mask, old, torch.nan)
+    loss, stats = policy_loss(logps, old, ref, adv, mask, cfg)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logps.grad).all()
+    assert (logps.grad[~mask] == 0).all()
+    assert all(math.isfinite(v) for v in stats.to_dict().values())
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("aggregation", AGGS)
+def test_all_rows_masked_gives_zero_loss_zero_grad_finite_stats(level, aggregation):
+    cfg = LossConfig(aggregation=aggregation, importance_level=level, max_completion_length=T_MAX)
+    logps, old, ref, adv, mask = _random_batch()
+    logps.requires_grad_()
+    loss, stats = policy_loss(logps, old, ref, adv, torch.zeros_like(mask), cfg)
+    loss.backward()
+    assert loss.item() == 0.0 and (logps.grad == 0).all()
+    assert stats.to_dict() == dict.fromkeys(stats.to_dict(), 0.0)
+
+
+def test_stats_are_detached_scalars_with_metric_names():
+    logps, old, ref, adv, mask = _random_batch()
+    logps.requires_grad_()
+    loss, stats = policy_loss(logps, old, ref, adv, mask, LossConfig())
+    assert isinstance(stats, LossStats) and loss.requires_grad
+    assert all(v.dim() == 0 and not v.requires_grad for v in stats)
+    assert list(stats.to_dict()) == [
+        "loss/policy",
+        "kl",
+        "clip/low_frac",
+        "clip/high_frac",
+        "ratio/mean",
+        "ratio/min",
+        "ratio/max",
+        "tokens",
+    ]
+    assert stats.tokens.item() == mask.sum().item()
+
+
+def test_reads_any_config_object_and_rejects_unknown_options():
+    logps, old, ref, adv, mask = _random_batch()
+    duck = SimpleNamespace(**vars(LossConfig()))
+    assert (
+        policy_loss(logps, old, ref, adv, mask, duck)[0].item()
+        == policy_loss(logps, old, ref, adv, mask, LossConfig())[0].item()
+    )
+    for field, bad in [("aggregation", "mean"), ("importance_level", "group"), ("kl_estimator", "k4")]:
+        with pytest.raises(ValueError, match=field):
+            policy_loss(logps, old, ref, adv, mask, SimpleNamespace(**{**vars(duck), field: bad}))
+    with pytest.raises(ValueError, match="max_completion_length"):
+        policy_loss(logps, old, ref, adv, mask, LossConfig(aggregation="seq_mean_token_sum_norm"))
+
+
+def test_bf16_log_probs_are_promoted():
+    logps, old, ref, adv, mask = _random_batch()
+    loss, _ = policy_loss(
+        logps.bfloat16(), old.bfloat16(), ref.bfloat16(), adv.bfloat16(), mask, LossConfig()
+    )
+    assert loss.dtype == torch.float32
