@@ -77,6 +77,10 @@ class AlgoConfig:
     dynamic_sampling: bool = False
     # At most this many rollout rounds per step when dynamic_sampling is on.
     max_sampling_rounds: int = 3
+    # DAPO overlong shaping: the last N tokens before rollout.max_new_tokens cost a linear penalty (0: off).
+    overlong_buffer: int = 0
+    # Penalty at rollout.max_new_tokens (DAPO: 1.0), reached linearly across the buffer.
+    overlong_penalty: float = 1.0
 
 
 @dataclass
@@ -123,10 +127,13 @@ class RewardConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 200
+    # The defaults are the embedded demo's: 300 steps of 16 x 8 completions raise the tiny model's
+    # held-out sampled accuracy by ~17 points in a few CPU minutes (README).
+    steps: int = 300
     # Prompts per step; each yields group_size completions.
     prompts_per_step: int = 16
-    lr: float = 5e-4
+    # AdamW learning rate (suits LoRA; full fine-tuning of larger models wants ~1e-6).
+    lr: float = 3e-4
     warmup_steps: int = 10
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -135,10 +142,11 @@ class TrainConfig:
     # Completions per forward/backward pass; gradients accumulate over the step's batch.
     micro_batch_size: int = 64
     save_every: int = 0
-    eval_every: int = 50
+    eval_every: int = 100
     # Held-out problems and samples per problem for the in-training evaluation.
     eval_problems: int = 200
     eval_samples: int = 4
+    # Newest checkpoints kept in the run dir (0 keeps all).
     keep_checkpoints: int = 2
     # null, "auto" (newest checkpoint in the run dir) or a checkpoint path.
     resume: str | None = None
@@ -147,6 +155,8 @@ class TrainConfig:
     max_bad_steps: int = 5
     # Warn when the fraction of zero-variance groups stays above this.
     zero_std_warn: float = 0.9
+    # Metric sinks besides metrics.jsonl: jsonl (none) or tensorboard (event files in <run_dir>/tb).
+    logger: str = "jsonl"
 
 
 @dataclass
@@ -159,16 +169,27 @@ class SampleConfig:
 
 @dataclass
 class EvalConfig:
+    # One checkpoint (LoRA adapter dir or full model dir); the root key checkpoint= is the short form.
     checkpoint: str | None = None
+    # Several side by side, in order ("base" = the configured model); deltas are against the first.
     checkpoints: list[str] = field(default_factory=list)
+    # Data split to evaluate on.
     split: str = "test"
+    # Only the first N problems (null: all of the split).
     limit: int | None = None
+    # n: completions sampled per problem.
     samples: int = 4
+    # Sampling temperature of those n completions.
     temperature: float = 1.0
+    # Also decode one greedy completion per problem (metrics greedy/pass@1, greedy/mean_reward, ...).
     greedy: bool = True
+    # K of pass@K and maj@K; each must be <= samples.
     k: list[int] = field(default_factory=lambda: [1, 4])
+    # Bootstrap resamples (over problems, seeded by seed) for the 95% intervals.
     bootstrap: int = 1000
+    # JSONL of {"id": problem id, "completion": text} to score without loading a model.
     completions: str | None = None
+    # JSON results path; null: <run_dir>/eval.json (per-completion records: eval_completions.jsonl beside it).
     out: str | None = None
 
 
@@ -198,6 +219,7 @@ class SampleRoot(_Common):
 @dataclass
 class EvalRoot(_Common):
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # grpo eval checkpoint=PATH: a LoRA adapter dir or a full model dir (same as eval.checkpoint).
     checkpoint: str | None = None
 
 
@@ -283,9 +305,71 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"train.lr={tr.lr}: must be > 0")
         if tr.micro_batch_size < 1:
             raise ConfigError(f"train.micro_batch_size={tr.micro_batch_size}: must be >= 1")
+        _validate_robustness(cfg)
     if cfg.lora.enabled and cfg.lora.r < 1:
         raise ConfigError(f"lora.r={cfg.lora.r}: must be >= 1")
     check_model_path(cfg.model.name_or_path)
+
+
+def _validate_robustness(cfg: Any) -> None:
+    """Checkpointing, guards, dynamic sampling and logging fields of a train config."""
+    tr, algo = cfg.train, cfg.algo
+    if tr.logger not in ("jsonl", "tensorboard"):
+        raise ConfigError(f"train.logger={tr.logger!r} is not allowed; choose one of: jsonl, tensorboard")
+    for key in ("save_every", "eval_every", "log_completions_every"):
+        if getattr(tr, key) < 0:
+            raise ConfigError(f"train.{key}={getattr(tr, key)}: must be >= 0 (0 turns it off)")
+    if tr.keep_checkpoints < 0:
+        raise ConfigError(
+            f"train.keep_checkpoints={tr.keep_checkpoints}: must be >= 0 (0 keeps every checkpoint)"
+        )
+    if tr.max_bad_steps < 1:
+        raise ConfigError(f"train.max_bad_steps={tr.max_bad_steps}: must be >= 1")
+    if not 0 <= tr.zero_std_warn <= 1:
+        raise ConfigError(f"train.zero_std_warn={tr.zero_std_warn}: must be in [0, 1]")
+    if algo.max_sampling_rounds < 1:
+        raise ConfigError(f"algo.max_sampling_rounds={algo.max_sampling_rounds}: must be >= 1")
+    if not 0 <= algo.overlong_buffer <= cfg.rollout.max_new_tokens:
+        raise ConfigError(
+            f"algo.overlong_buffer={algo.overlong_buffer}: must be in [0, rollout.max_new_tokens="
+            f"{cfg.rollout.max_new_tokens}] (0 turns overlong shaping off)"
+        )
+    if algo.overlong_penalty < 0:
+        raise ConfigError(f"algo.overlong_penalty={algo.overlong_penalty}: must be >= 0")
+
+
+def validate_eval(cfg: Any) -> None:
+    """Checks of an EvalRoot's eval fields (``grpo eval`` calls it before any model loads). ConfigError (one line)."""
+    ev = cfg.eval
+    if ev.samples < 1:
+        raise ConfigError(f"eval.samples={ev.samples}: must be >= 1")
+    if ev.temperature <= 0:
+        raise ConfigError(f"eval.temperature={ev.temperature}: must be > 0 (eval.greedy=true adds greedy decoding)")
+    if ev.limit is not None and ev.limit < 1:
+        raise ConfigError(f"eval.limit={ev.limit}: must be >= 1 (null evaluates the whole split)")
+    if ev.bootstrap < 1:
+        raise ConfigError(f"eval.bootstrap={ev.bootstrap}: must be >= 1")
+    if not ev.k or any(k < 1 for k in ev.k):
+        raise ConfigError(f"eval.k={list(ev.k)}: needs one or more K >= 1")
+    single = cfg.checkpoint or ev.checkpoint
+    if single and ev.checkpoints:
+        raise ConfigError("checkpoint= and eval.checkpoints= both given; list every checkpoint in eval.checkpoints")
+    if ev.completions is not None:
+        if single or ev.checkpoints:
+            raise ConfigError("eval.completions= scores a file without a model; drop checkpoint= / eval.checkpoints=")
+        if not Path(ev.completions).is_file():
+            raise ConfigError(f"eval.completions={ev.completions}: no such file")
+        return  # k is checked against the completions per problem once the file is read
+    if max(ev.k) > ev.samples:
+        raise ConfigError(f"eval.k={list(ev.k)}: K={max(ev.k)} exceeds eval.samples={ev.samples} (need K <= n)")
+    for name in list(ev.checkpoints) or [single]:
+        if name in (None, "base"):
+            continue
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"checkpoint={name}: no such directory")
+        if not (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            raise ConfigError(f"checkpoint={name}: holds neither adapter_config.json (LoRA) nor config.json (model)")
 
 
 def check_model_path(name_or_path: str) -> None:

@@ -1,7 +1,16 @@
-"""Run output: ``metrics.jsonl`` (one row per step: ``step`` plus one key per metric), the console.
+"""Run output: metrics, sampled completions, TensorBoard events, curves, and the console.
 
-The console is a rich progress line with the latest metrics (``console=rich``) or one plain line
-per logged step (``console=plain``, for log files and CI).
+Files in the run directory:
+- ``metrics.jsonl``: one row per step, ``step`` plus one key per metric (NaN written as null);
+- ``completions.jsonl``: every ``train.log_completions_every`` steps, one row per completion of the
+  step's batch: step, prompt, completion, length (tokens), reward, per-rule rewards, advantage;
+- ``tb/``: TensorBoard event files when ``train.logger=tensorboard`` and tensorboard is installed;
+- ``curves.png``: reward, accuracy, KL, clip fraction, completion length and step time against step
+  (``grpo_cli.plots``; needs matplotlib).
+
+On resume the rows after the checkpoint's step are dropped first, so a resumed run never holds a
+step twice. The console is a rich live panel (progress with ETA, the latest metrics, one sampled
+completion) with ``console=rich`` on a terminal, else one plain line per step.
 """
 
 from __future__ import annotations
@@ -9,18 +18,43 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
 
 log = logging.getLogger("grpo_cli")
 
-# What the console shows of each step, in order: metric name -> short label.
-CONSOLE_KEYS = {"reward": "reward", "accuracy": "acc", "kl": "kl", "loss": "loss", "completion_len": "len",
-                "step_time": "s/step"}
+# What the plain console line shows of each step, in order: metric name -> short label.
+CONSOLE_KEYS = {
+    "reward": "reward",
+    "accuracy": "acc",
+    "kl": "kl",
+    "loss": "loss",
+    "completion_len": "len",
+    "step_time": "s/step",
+    "eval/accuracy": "eval acc",
+    "eval/accuracy_greedy": "eval greedy",
+}
+# The live panel shows these too: the signs of a run that learns nothing or is going wrong.
+PANEL_KEYS = {
+    **CONSOLE_KEYS,
+    "zero_std_frac": "zero-std groups",
+    "sampling_rounds": "sampling rounds",
+    "clip/high_frac": "clip high",
+    "clip/low_frac": "clip low",
+    "grad_norm": "grad norm",
+    "lr": "lr",
+    "bad_steps": "bad steps",
+    "tokens_per_s": "tokens/s",
+}
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -33,11 +67,18 @@ def setup_logging(level: int = logging.INFO) -> None:
     transformers.utils.logging.disable_progress_bar()
     # peft still calls this deprecated transformers property; nothing for a user to act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    if not log.handlers:
+    # Under Hydra the root logger already prints to the console (and to <run_dir>/<job>.log): a handler
+    # of our own would show every line twice.
+    if not log.handlers and not _console_handlers(logging.getLogger()):
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
         log.addHandler(handler)
     log.setLevel(level)
+
+
+def _console_handlers(logger: logging.Logger) -> list[logging.StreamHandler]:
+    # Exact type: FileHandler and pytest's capture handlers subclass StreamHandler.
+    return [h for h in logger.handlers if type(h) is logging.StreamHandler]
 
 
 def _clean(value: Any) -> Any:
@@ -47,46 +88,193 @@ def _clean(value: Any) -> Any:
 
 
 def format_metrics(metrics: dict[str, float], keys: dict[str, str] = CONSOLE_KEYS) -> str:
-    return "  ".join(f"{label} {metrics[k]:.3g}" for k, label in keys.items() if k in metrics)
+    return "  ".join(f"{label} {metrics[k]:.3g}" for k, label in keys.items() if _is_number(metrics.get(k)))
 
 
-class RunLogger:
-    """Appends metric rows to ``<run_dir>/metrics.jsonl`` and shows progress on the console."""
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
-    def __init__(self, run_dir: str | Path, total_steps: int, start_step: int = 0, console: str = "rich"):
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.console = Console(stderr=True)
-        self.plain = console == "plain" or not self.console.is_terminal
-        self.total = total_steps
-        self.progress: Progress | None = None
-        self.start = time.monotonic()
-        if not self.plain:
-            self.progress = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
-                                     TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.description}"),
-                                     console=self.console, transient=False)
-            self.task = self.progress.add_task("", total=total_steps, completed=start_step)
-            self.progress.start()
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.progress is not None:
-            self.progress.update(self.task, completed=step, description=format_metrics(metrics))
-        else:
-            self.console.print(f"step {step}/{self.total}  {format_metrics(metrics)}", highlight=False,
-                               soft_wrap=True)
+def _row_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a line cut short by a kill: dropped with the rows after the checkpoint
 
-    def print(self, text: str) -> None:
-        self.console.print(text, highlight=False, soft_wrap=True)
 
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
+def truncate_rows(path: str | Path, keep_through: int) -> int:
+    """Drop rows of a JSONL file whose ``step`` is after ``keep_through``; returns how many were dropped."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if _row_step(line) <= keep_through]
+    if len(kept) < len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    return len(lines) - len(kept)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class LivePanel:
+    """The rich console view: step and ETA, a table of the latest metrics, one sampled completion."""
+
+    def __init__(self, console: Console, total_steps: int, start_step: int):
+        self.progress = Progress(
+            TextColumn("step {task.completed}/{task.total}"),
+            BarColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.task = self.progress.add_task("train", total=total_steps, completed=start_step)
+        self.step, self.metrics, self.example = start_step, {}, None
+        out, err = sys.stdout, sys.stderr
+        self.live = Live(self._render(), console=console, refresh_per_second=4)
+        self.live.start()
+        # Log lines go through the proxies Live put in place of sys.stdout / sys.stderr, so they print
+        # above the panel instead of through it.
+        proxies = {id(out): sys.stdout, id(err): sys.stderr}
+        self._handlers = [
+            h for lg in (log, logging.getLogger()) for h in _console_handlers(lg) if id(h.stream) in proxies
+        ]
+        self._streams = [h.setStream(proxies[id(h.stream)]) for h in self._handlers]
+
+    def update(self, step: int, metrics: dict[str, float], example: dict[str, Any] | None) -> None:
+        self.progress.update(self.task, completed=step)
+        self.step, self.metrics = step, {**self.metrics, **metrics}
+        self.example = example or self.example
+        self.live.update(self._render())
+
+    def _render(self) -> Group:
+        table = Table.grid(padding=(0, 3))
+        cells = [
+            f"[dim]{label}[/] {self.metrics[k]:.4g}"
+            for k, label in PANEL_KEYS.items()
+            if _is_number(self.metrics.get(k))
+        ]
+        for i in range(0, len(cells), 4):
+            table.add_row(*cells[i : i + 4])
+        parts: list[Any] = [self.progress, Panel(table, title=f"step {self.step}", title_align="left")]
+        if self.example:
+            ex = self.example
+            body = Text(ex["prompt"][-300:], style="dim") + Text(ex["completion"][-500:])
+            reward = "unjudged" if ex["reward"] is None else f"{ex['reward']:.3g}"
+            parts.append(Panel(body, title=f"a sampled completion (reward {reward})", title_align="left"))
+        return Group(*parts)
+
+    def stop(self) -> None:
+        self.live.stop()
+        for handler, stream in zip(self._handlers, self._streams):
+            if stream is not None:
+                handler.setStream(stream)
+
+
+class RunLogger:
+    """Writes the run's metric rows, completions, TensorBoard events and curves; drives the console.
+
+    ``start_step``: the checkpoint step a resumed run continues from (rows after it are dropped);
+    a fresh run (``resumed=False``) starts both JSONL files empty.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        total_steps: int,
+        start_step: int = 0,
+        console: str = "rich",
+        sink: str = "jsonl",
+        resumed: bool = False,
+    ):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / "metrics.jsonl"
+        self.completions_path = self.run_dir / "completions.jsonl"
+        for path in (self.path, self.completions_path):
+            truncate_rows(path, start_step if resumed else -1)
+        self.console = Console(stderr=True)
+        self.total = total_steps
+        self.title = f"{self.run_dir.parent.name}/{self.run_dir.name}"
+        self._said: set[str] = set()
+        self.panel = None
+        if console == "rich" and self.console.is_terminal:
+            self.panel = LivePanel(self.console, total_steps, start_step)
+        self.tb = (
+            _tensorboard_writer(self.run_dir / "tb", start_step if resumed else 0)
+            if sink == "tensorboard"
+            else None
+        )
+
+    def log(self, step: int, metrics: dict[str, float], example: dict[str, Any] | None = None) -> None:
+        """Append the step's row; ``example`` (prompt, completion, reward) is shown in the live panel."""
+        row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if _is_number(v) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+        if self.panel is not None:
+            self.panel.update(step, metrics, example)
+        else:
+            self.console.print(
+                f"step {step}/{self.total}  {format_metrics(metrics)}", highlight=False, soft_wrap=True
+            )
+
+    def log_completions(self, records: list[dict[str, Any]]) -> None:
+        """Append one row per completion to ``completions.jsonl``."""
+        with self.completions_path.open("a") as f:
+            for rec in records:
+                f.write(json.dumps({k: _clean(v) for k, v in rec.items()}) + "\n")
+
+    def write_curves(self) -> Path | None:
+        """Redraw ``curves.png`` from ``metrics.jsonl``; without matplotlib say so once and return None."""
+        from grpo_cli import plots
+
+        out = self.run_dir / "curves.png"
+        if not self.path.exists() or not plots.write_curves(read_metrics(self.run_dir), out, self.title):
+            if not plots.matplotlib_available():
+                self.warn_once(
+                    "matplotlib is not installed: no curves.png is written (pip install 'grpo-cli[plots]')"
+                )
+            return None
+        return out
+
+    def warn_once(self, message: str) -> None:
+        if message not in self._said:
+            self._said.add(message)
+            log.warning(message)
+
+    def print(self, text: str) -> None:
+        if text:
+            self.console.print(text, highlight=False, soft_wrap=True)
+
+    def close(self) -> None:
+        if self.panel is not None:
+            self.panel.stop()
+            self.panel = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+def _tensorboard_writer(log_dir: Path, resume_step: int) -> Any:
+    """A SummaryWriter, or None (said once) when tensorboard is not installed.
+
+    ``purge_step`` makes TensorBoard discard the events a resumed run writes again.
+    """
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning(
+            "train.logger=tensorboard, but tensorboard is not installed: no event files are written "
+            "(pip install 'grpo-cli[tensorboard]'); metrics.jsonl is written as always"
+        )
+        return None
+    return SummaryWriter(log_dir=str(log_dir), purge_step=resume_step + 1 if resume_step else None)

@@ -242,3 +242,31 @@ def score(rollout: Rollout, rewarder: Any) -> Rollout:
     rollout.per_rule = result.per_rule
     rollout.reward_metrics = result.metrics
     return rollout
+
+
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Several scored rollouts as one: prompts re-padded on the left, completions on the right.
+
+    Reward counters (``reward/<rule>/<count>``, ``reward/unjudged``) are summed over the parts, the
+    other reward metrics averaged (every part holds the same number of completions).
+    """
+    if len(parts) == 1:
+        return parts[0]
+
+    metrics: dict[str, float] = {}
+    for key in {k for p in parts for k in p.reward_metrics}:
+        values = [p.reward_metrics[key] for p in parts if key in p.reward_metrics]
+        is_count = key.count("/") >= 2 or key == "reward/unjudged"
+        metrics[key] = sum(values) if is_count else sum(values) / len(values)
+    return Rollout(
+        prompt_ids=_pad_cat([p.prompt_ids for p in parts], pad_id, left=True),
+        prompt_mask=_pad_cat([p.prompt_mask for p in parts], 0, left=True),
+        completion_ids=_pad_cat([p.completion_ids for p in parts], pad_id),
+        completion_mask=_pad_cat([p.completion_mask for p in parts], 0),
+        texts=[t for p in parts for t in p.texts],
+        rows=[r for p in parts for r in p.rows],
+        group_size=parts[0].group_size,
+        rewards=torch.cat([p.rewards for p in parts]),
+        per_rule={k: [s for p in parts for s in p.per_rule[k]] for k in parts[0].per_rule},
+        reward_metrics=metrics,
+    )

@@ -2,26 +2,43 @@
 
     grpo train                                   # tiny model, arithmetic, CPU, a few minutes
     grpo train model=qwen data=gsm8k algo.beta=0.0 train.steps=500
+    grpo train algo=dapo                         # clip-higher, token mean, dynamic sampling
+    grpo train <same overrides> hydra.run.dir=<run dir> train.resume=auto    # continue a stopped run
 
 One step (DeepSeekMath, Algorithm 1, with the reward model replaced by rule-based rewards):
 1. take ``train.prompts_per_step`` prompts and sample G = ``algo.group_size`` completions of each
-   from pi_old (the current policy);
-2. score them; A_i = (r_i - mean(r)) / std(r) within each group (``core.loss.group_advantages``);
+   from pi_old (the current policy) and score them (``sample_step``: DAPO's dynamic sampling and
+   overlong reward shaping are options there);
+2. A_i = (r_i - mean(r)) / std(r) within each group (``core.loss.group_advantages``);
 3. log-probs under pi_ref (adapter off) and, when mu > 1, under pi_old, without gradients;
 4. mu = ``algo.num_iterations`` times: one optimizer step on ``core.loss.policy_loss`` over the whole
    batch, accumulated over micro-batches of ``train.micro_batch_size`` completions.
 
 A completion no rule can judge (reward None) is left out of the loss and its reward replaced by its
 group's mean, so it neither pulls nor pushes the others.
+
+Robustness (issue 6):
+- a step whose loss or gradient norm is not finite is not applied (``skipped`` = 1, ``bad_steps``
+  counts them); after ``train.max_bad_steps`` such steps in a row the run stops (exit status 1) and no
+  checkpoint is written during the streak, so the newest checkpoint holds the last good weights;
+- the first Ctrl-C / SIGTERM finishes the step, saves a checkpoint, prints the resume command and exits
+  130 / 143; a second one stops at once, without saving;
+- a resumed run continues the RNG streams, the prompt order and the counters where the checkpoint left
+  them, so its metric rows equal an uninterrupted run's (exactly on CPU; on GPU up to the
+  non-determinism of CUDA kernels unless ``torch.use_deterministic_algorithms`` is on).
+
+Test hook: ``GRPO_TEST_NAN_STEPS="3,4"`` multiplies the loss of those steps by NaN (tests of the guard).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import random
+import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,49 +46,40 @@ import numpy as np
 import torch
 
 from grpo_cli import checkpoint
-from grpo_cli.core.loss import group_advantages, policy_loss
+from grpo_cli.config import ConfigError
+from grpo_cli.core.loss import aggregation_units, group_advantages, policy_loss
 from grpo_cli.data import build_prompt, load_rows
 from grpo_cli.evaluate import held_out_metrics
 from grpo_cli.logging import RunLogger, setup_logging
 from grpo_cli.models import Policy, completion_logprobs, load_policy, reference
 from grpo_cli.rewards import build_rewarder
-from grpo_cli.rollout import Rollout, generate, score
+from grpo_cli.rollout import Rollout
+from grpo_cli.sampling import PromptSampler, informative_groups, sample_step
 
 log = logging.getLogger("grpo_cli")
 
+NAN_STEPS_ENV = "GRPO_TEST_NAN_STEPS"
+# Warn about zero-variance groups after this many steps in a row above train.zero_std_warn, then at
+# most once every ZERO_STD_REPEAT steps while it lasts.
+ZERO_STD_PATIENCE, ZERO_STD_REPEAT = 5, 50
+# Settings a resumed run may change without its metrics departing from the uninterrupted run's.
+RESUME_FREE_KEYS = tuple(
+    "train.steps train.resume train.save_every train.keep_checkpoints train.logger train.log_completions_every "
+    "train.max_bad_steps train.zero_std_warn console".split()
+)
 
-class PromptSampler:
-    """Shuffled passes over the training rows; its state (epoch, position) is part of a checkpoint."""
 
-    def __init__(self, num_rows: int, seed: int):
-        self.num_rows, self.seed, self.epoch, self.pos = num_rows, seed, 0, 0
-        self._order = self._shuffle()
-
-    def _shuffle(self) -> list[int]:
-        return random.Random(self.seed * 100_003 + self.epoch).sample(range(self.num_rows), self.num_rows)
-
-    def take(self, k: int) -> list[int]:
-        out = []
-        while len(out) < k:
-            if self.pos == self.num_rows:
-                self.epoch, self.pos = self.epoch + 1, 0
-                self._order = self._shuffle()
-            out.append(self._order[self.pos])
-            self.pos += 1
-        return out
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.pos = state["epoch"], state["pos"]
-        self._order = self._shuffle()
+class RunStopped(SystemExit):
+    """Training stopped early (a signal, too many bad steps); ``code`` is the process exit status."""
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------- the update
 
 
 @dataclass
@@ -103,7 +111,9 @@ def _micro_batches(n: int, size: int) -> list[slice]:
 def _logps_no_grad(model: Any, rollout: Rollout, temperature: float, micro: int) -> torch.Tensor:
     ids, mask = rollout.input_ids()
     L = rollout.prompt_ids.size(1)
-    return torch.cat([completion_logprobs(model, ids[s], mask[s], L, temperature) for s in _micro_batches(len(ids), micro)])
+    return torch.cat(
+        [completion_logprobs(model, ids[s], mask[s], L, temperature) for s in _micro_batches(len(ids), micro)]
+    )
 
 
 def prepare(policy: Policy, rollout: Rollout, cfg: Any) -> Batch:
@@ -121,21 +131,27 @@ def prepare(policy: Policy, rollout: Rollout, cfg: Any) -> Batch:
     return Batch(rollout, adv.to(device), loss_mask.to(device), ref, old)
 
 
-def loss_denominator(loss_mask: torch.Tensor, aggregation: str) -> float:
-    """Normalising units over the whole batch: tokens for token_mean, else sequences with a token."""
-    if aggregation == "token_mean":
-        return float(loss_mask.sum())
-    return float((loss_mask.sum(-1) > 0).sum())
+def update(
+    policy: Policy,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    batch: Batch,
+    cfg: Any,
+    poison: bool = False,
+) -> dict[str, float]:
+    """mu optimizer steps on the batch; returns loss statistics (means over micro-batches, last iteration).
 
-
-def update(policy: Policy, optimizer: torch.optim.Optimizer, scheduler: Any, batch: Batch, cfg: Any) -> dict[str, float]:
-    """mu optimizer steps on the batch; returns loss statistics (means over micro-batches, last iteration)."""
+    An iteration whose loss or gradient norm is not finite is not applied (``skipped`` = 1).
+    ``poison`` (the NaN test hook) multiplies the loss by NaN.
+    """
     algo, tr = cfg.algo, cfg.train
     ids, attn = batch.rollout.input_ids()
     L = batch.rollout.prompt_ids.size(1)
-    denom = max(loss_denominator(batch.loss_mask, algo.aggregation), 1.0)
+    # The whole batch's units (tokens or completions), counted as policy_loss counts them.
+    denom = max(float(aggregation_units(batch.loss_mask, algo.aggregation)), 1.0)
     params = [p for p in policy.model.parameters() if p.requires_grad]
     stats: dict[str, float] = {}
+    skipped = False
     for _ in range(algo.num_iterations):
         totals: dict[str, float] = {}
         parts = _micro_batches(len(ids), tr.micro_batch_size)
@@ -143,7 +159,11 @@ def update(policy: Policy, optimizer: torch.optim.Optimizer, scheduler: Any, bat
             logps = completion_logprobs(policy.model, ids[s], attn[s], L, cfg.rollout.temperature)
             old = None if batch.old_logps is None else batch.old_logps[s]
             ref = None if batch.ref_logps is None else batch.ref_logps[s]
-            loss, st = policy_loss(logps, old, ref, batch.advantages[s], batch.loss_mask[s], algo, denominator=denom)
+            loss, st = policy_loss(
+                logps, old, ref, batch.advantages[s], batch.loss_mask[s], algo, denominator=denom
+            )
+            if poison:
+                loss = loss * float("nan")
             loss.backward()
             for k, v in st.to_dict().items():
                 totals[k] = totals.get(k, 0.0) + v / len(parts)
@@ -152,24 +172,25 @@ def update(policy: Policy, optimizer: torch.optim.Optimizer, scheduler: Any, bat
         finite = math.isfinite(grad_norm) and math.isfinite(totals["loss"])
         if finite:
             optimizer.step()
+        skipped = skipped or not finite
         optimizer.zero_grad(set_to_none=True)
-        stats = {**totals, "grad_norm": grad_norm, "skipped": 0.0 if finite else 1.0}
+        stats = {**totals, "grad_norm": grad_norm}
     scheduler.step()
+    stats["skipped"] = float(skipped)
     stats["lr"] = scheduler.get_last_lr()[0]
     return stats
 
 
 def rollout_metrics(rollout: Rollout) -> dict[str, float]:
+    """Metrics of everything sampled in a step: reward, accuracy (first rule == 1), zero-variance groups, length."""
     r = rollout.rewards
-    groups = r.view(-1, rollout.group_size)
     first_rule = next(iter(rollout.per_rule.values()), None)
     correct = [s == 1.0 for s in first_rule] if first_rule is not None else []
-    zero_std = (groups.max(1).values - groups.min(1).values).abs() < 1e-8
     return {
         "reward": float(torch.nanmean(r)),
         "reward_std": float(r[~torch.isnan(r)].std()) if (~torch.isnan(r)).sum() > 1 else 0.0,
         "accuracy": sum(correct) / max(len(correct), 1),
-        "zero_std_frac": float(zero_std.float().mean()),
+        "zero_std_frac": 1.0 - float(informative_groups(r, rollout.group_size).float().mean()),
         "completion_len": float(rollout.lengths.float().mean()),
         **rollout.reward_metrics,
     }
@@ -177,19 +198,119 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
 
 def make_optimizer(policy: Policy, tr: Any, total_steps: int):
     params = [p for p in policy.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=tr.lr, betas=(tr.adam_beta1, tr.adam_beta2), weight_decay=tr.weight_decay)
+    opt = torch.optim.AdamW(
+        params, lr=tr.lr, betas=(tr.adam_beta1, tr.adam_beta2), weight_decay=tr.weight_decay
+    )
     warm = max(tr.warmup_steps, 0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warm + 1)) if warm else 1.0)
     return opt, sched
 
 
-def run(cfg: Any, run_dir: str) -> dict[str, Any]:
-    """Train with GRPO; returns the before/after held-out metrics. ``cfg`` is a validated TrainRoot."""
+# ---------------------------------------------------------------------------- guards
+
+
+@dataclass
+class StepGuard:
+    """Counts non-finite steps and watches the zero-variance fraction; saved in every checkpoint."""
+
+    max_bad_steps: int
+    zero_std_warn: float
+    bad_total: int = 0
+    bad_streak: int = 0
+    zero_streak: int = 0
+    last_zero_warning: int = -(10**9)
+
+    def record(self, step: int, metrics: dict[str, float]) -> list[str]:
+        """Count this step (adds ``bad_steps`` to ``metrics``); returns the warnings to show."""
+        warnings = []
+        if metrics["skipped"]:
+            self.bad_total, self.bad_streak = self.bad_total + 1, self.bad_streak + 1
+            warnings.append(
+                f"step {step}: non-finite loss or gradient (loss {metrics['loss']:.3g}, grad norm "
+                f"{metrics['grad_norm']:.3g}): update skipped ({self.bad_streak} in a row, "
+                f"{self.bad_total} in all; the run stops at {self.max_bad_steps} in a row)"
+            )
+        else:
+            self.bad_streak = 0
+        metrics["bad_steps"] = float(self.bad_total)
+        self.zero_streak = self.zero_streak + 1 if metrics["zero_std_frac"] > self.zero_std_warn else 0
+        if self.zero_streak >= ZERO_STD_PATIENCE and step - self.last_zero_warning >= ZERO_STD_REPEAT:
+            self.last_zero_warning = step
+            warnings.append(
+                f"zero_std_frac above {self.zero_std_warn} for {self.zero_streak} steps: most groups "
+                "have equal rewards and give no gradient; try algo.dynamic_sampling=true (algo=dapo), "
+                "a larger algo.group_size, or data of a difficulty the model can sometimes solve"
+            )
+        return warnings
+
+    @property
+    def must_stop(self) -> bool:
+        return self.bad_streak >= self.max_bad_steps
+
+    def state_dict(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in ("bad_total", "bad_streak", "zero_streak", "last_zero_warning")}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+def _nan_steps() -> set[int]:
+    return {int(s) for s in os.environ.get(NAN_STEPS_ENV, "").replace(" ", "").split(",") if s}
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Trainer:
+    """Everything one run holds; ``trainer_state`` is what a checkpoint adds to the weights."""
+
+    cfg: Any
+    path: Path
+    policy: Policy
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    sampler: PromptSampler
+    guard: StepGuard
+    rewarder: Any
+    train_rows: list[dict]
+    test_rows: list[dict]
+    config_yaml: str
+    evals: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "guard": self.guard.state_dict(),
+            "evals": self.evals,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.guard.load_state_dict(state.get("guard", {}))
+        self.evals = dict(state.get("evals", {}))
+
+    def save(self, step: int) -> Path | None:
+        """A checkpoint of this step, unless the weights are not finite."""
+        params = [p for p in self.policy.model.parameters() if p.requires_grad]
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            log.error(
+                "step %d: the weights are not finite; no checkpoint written (the last one is kept)", step
+            )
+            return None
+        model, tok, keep = self.policy.model, self.policy.tokenizer, self.cfg.train.keep_checkpoints
+        return checkpoint.save(self.path, step, model, tok, self.trainer_state(), self.config_yaml, keep)
+
+
+def _build(cfg: Any, run_path: Path) -> tuple[Trainer, dict[str, Any] | None]:
+    """Load data, policy, optimizer; restore a checkpoint when ``train.resume`` finds one."""
     from omegaconf import OmegaConf
 
-    setup_logging()
-    run_path = Path(run_dir)
-    run_path.mkdir(parents=True, exist_ok=True)
     tr, algo = cfg.train, cfg.algo
     if algo.max_completion_length is None:  # Dr. GRPO's constant: the longest completion we sample
         algo.max_completion_length = cfg.rollout.max_new_tokens
@@ -197,55 +318,171 @@ def run(cfg: Any, run_dir: str) -> dict[str, Any]:
     train_rows = load_rows(cfg.data, cfg.data.train_split)
     test_rows = load_rows(cfg.data, cfg.data.test_split)[: tr.eval_problems]
     resume_from = checkpoint.resolve_resume(tr.resume, run_path)
+    existing = checkpoint.list_checkpoints(run_path)
+    if resume_from is None and existing and not tr.resume:
+        # Starting over would truncate this run's metrics and overwrite its checkpoints.
+        raise ConfigError(
+            f"{run_path} already holds {existing[-1].name}: continue it with train.resume=auto, "
+            "or give the new run another hydra.run.dir"
+        )
+    if resume_from is None and tr.resume == "auto":
+        log.info("no checkpoint in %s yet: starting from step 0", run_path)
     policy = load_policy(cfg.model, cfg.lora, algo.beta, checkpoint=str(resume_from) if resume_from else None)
-    rewarder = build_rewarder(cfg.reward)
     optimizer, scheduler = make_optimizer(policy, tr, tr.steps)
-    sampler = PromptSampler(len(train_rows), cfg.seed)
-    start = 0
-    if resume_from is not None:
-        state = checkpoint.load_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        start = state["step"]
-        log.info("resumed from %s at step %d", resume_from, start)
-    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
-    logger = RunLogger(run_path, tr.steps, start, cfg.console)
-    evals: dict[int, dict[str, float]] = {}
+    trainer = Trainer(
+        cfg,
+        run_path,
+        policy,
+        optimizer,
+        scheduler,
+        PromptSampler(len(train_rows), cfg.seed),
+        StepGuard(tr.max_bad_steps, tr.zero_std_warn),
+        build_rewarder(cfg.reward),
+        train_rows,
+        test_rows,
+        OmegaConf.to_yaml(OmegaConf.structured(cfg)),
+    )
+    if resume_from is None:
+        return trainer, None
+    state = checkpoint.load_state(resume_from)
+    trainer.restore(state)
+    old_yaml = (resume_from / "config.yaml").read_text() if (resume_from / "config.yaml").is_file() else ""
+    changes = checkpoint.config_changes(old_yaml, trainer.config_yaml, RESUME_FREE_KEYS) if old_yaml else []
+    if changes:
+        log.warning(
+            "resuming with changed settings (metrics will differ from an uninterrupted run): %s",
+            "; ".join(changes),
+        )
+    log.info("resumed from %s at step %d", resume_from, state["step"])
+    return trainer, state
+
+
+def train_step(t: Trainer, step: int) -> tuple[dict[str, float], Batch]:
+    """One GRPO step: sample and score, advantages, mu updates. Returns the step's metrics and batch."""
+    t0 = time.perf_counter()
+    sampled = sample_step(t.policy, t.sampler, t.train_rows, t.rewarder, t.cfg)
+    t_gen = time.perf_counter() - t0
+    batch = prepare(t.policy, sampled.batch, t.cfg)
+    stats = update(t.policy, t.optimizer, t.scheduler, batch, t.cfg, poison=step in _nan_steps())
+    dt = time.perf_counter() - t0
+    metrics = {
+        **rollout_metrics(sampled.seen),
+        **stats,
+        "step_time": dt,
+        "gen_time": t_gen,
+        "tokens_per_s": float(sampled.seen.lengths.sum()) / dt,
+    }
+    if t.cfg.algo.dynamic_sampling:
+        metrics["sampling_rounds"] = float(sampled.rounds)
+        metrics["batch_zero_std_frac"] = rollout_metrics(sampled.batch)["zero_std_frac"]
+    tr = t.cfg.train
+    if step == tr.steps or (tr.eval_every and step % tr.eval_every == 0):
+        t.evals[step] = held_out_metrics(t.policy, t.test_rows, t.cfg, t.rewarder)
+        metrics.update(t.evals[step])
+    return metrics, batch
+
+
+def completion_records(step: int, batch: Batch, template: str) -> list[dict[str, Any]]:
+    """One ``completions.jsonl`` row per completion of the batch."""
+    ro = batch.rollout
+    return [
+        {
+            "step": step,
+            "prompt": build_prompt(ro.rows[i], template),
+            "completion": ro.texts[i],
+            "length": int(ro.lengths[i]),
+            "reward": float(ro.rewards[i]),
+            "rewards": {k: v[i] for k, v in ro.per_rule.items()},
+            "advantage": float(batch.advantages[i]),
+        }
+        for i in range(len(ro.texts))
+    ]
+
+
+def _loop(t: Trainer, logger: RunLogger, stop: checkpoint.GracefulStop, start: int, resume_cmd: str) -> None:
+    """Steps ``start + 1 .. train.steps``; raises RunStopped after a signal or too many bad steps."""
+    tr = t.cfg.train
+    for step in range(start + 1, tr.steps + 1):
+        metrics, batch = train_step(t, step)
+        _log_step(t, logger, step, metrics, batch)
+        stopping = _stop_reason(t, stop, step)  # a signal arriving later is seen after the next step
+        saved = None
+        due = (tr.save_every and step % tr.save_every == 0) or step == tr.steps or stopping
+        if due and not t.guard.bad_streak:  # no checkpoint while updates are being skipped
+            saved = t.save(step)
+        if saved or step == tr.steps or stopping:
+            logger.write_curves()
+        if stopping:
+            raise RunStopped(_stop_message(stopping[0], t.path, resume_cmd, stopping[1]))
+
+
+def _log_step(t: Trainer, logger: RunLogger, step: int, metrics: dict[str, float], batch: Batch) -> None:
+    warnings = t.guard.record(step, metrics)  # adds bad_steps
+    records = completion_records(step, batch, t.cfg.data.template)
+    logger.log(step, metrics, example=records[step % len(records)])  # not random: the RNG belongs to training
+    for w in warnings:
+        log.warning(w)
+    every = t.cfg.train.log_completions_every
+    if every and step % every == 0:
+        logger.log_completions(records)
+
+
+def _stop_reason(t: Trainer, stop: checkpoint.GracefulStop, step: int) -> tuple[str, int] | None:
+    """Why the run must stop after this step, and its exit status; None to go on."""
+    if t.guard.must_stop:
+        return (
+            f"stopped: {t.guard.bad_streak} steps in a row had a non-finite loss or gradient "
+            f"(train.max_bad_steps={t.cfg.train.max_bad_steps}); lower train.lr or check the rewards",
+            1,
+        )
+    if stop.requested and step < t.cfg.train.steps:  # a signal during the last step: just finish
+        return f"stopped by {signal.Signals(stop.signum).name} after step {step}", stop.exit_code
+    return None
+
+
+def _stop_message(reason: str, run_path: Path, resume_cmd: str, code: int) -> int:
+    """Say why the run stopped and how to continue it (on stderr); returns the exit status."""
+    found = checkpoint.list_checkpoints(run_path)
+    where = f"last checkpoint: {found[-1]}" if found else "no checkpoint was written yet"
+    log.error("%s; %s\nresume with:\n  %s", reason, where, resume_cmd)
+    return code
+
+
+def run(cfg: Any, run_dir: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train with GRPO; returns the held-out metrics by step. ``cfg`` is a validated TrainRoot.
+
+    ``overrides``: the command-line overrides, for the printed resume command (by default the ones
+    Hydra parsed). Raises ``RunStopped`` (a SystemExit) when a signal or bad steps end the run early.
+    """
+    setup_logging()
+    run_path = Path(run_dir).resolve()
+    run_path.mkdir(parents=True, exist_ok=True)
+    checkpoint.remove_partial(run_path)
+    t, state = _build(cfg, run_path)
+    start = state["step"] if state else 0
+    resume_cmd = checkpoint.resume_command(run_path, overrides)
+    logger = RunLogger(
+        run_path, cfg.train.steps, start, cfg.console, cfg.train.logger, resumed=state is not None
+    )
     try:
-        if resume_from is None:
-            evals[0] = held_out_metrics(policy, test_rows, cfg, rewarder)
-            logger.log(0, evals[0])
-        if resume_from is not None:
-            checkpoint.set_rng_state(state["rng"])
-        for step in range(start + 1, tr.steps + 1):
-            t0 = time.perf_counter()
-            rows = [train_rows[i] for i in sampler.take(tr.prompts_per_step)]
-            prompts = [build_prompt(r, cfg.data.template) for r in rows]
-            rollout = score(generate(policy, rows, prompts, algo.group_size, cfg.rollout, cfg.model.chat_template),
-                            rewarder)
-            t_gen = time.perf_counter() - t0
-            stats = update(policy, optimizer, scheduler, prepare(policy, rollout, cfg), cfg)
-            dt = time.perf_counter() - t0
-            metrics = {**rollout_metrics(rollout), **stats, "step_time": dt, "gen_time": t_gen,
-                       "tokens_per_s": float(rollout.lengths.sum()) / dt}
-            if tr.eval_every and step % tr.eval_every == 0 and step != tr.steps:
-                evals[step] = held_out_metrics(policy, test_rows, cfg, rewarder)
-                metrics.update(evals[step])
-            if step == tr.steps:
-                evals[step] = held_out_metrics(policy, test_rows, cfg, rewarder)
-                metrics.update(evals[step])
-            logger.log(step, metrics)
-            if (tr.save_every and step % tr.save_every == 0) or step == tr.steps:
-                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "sampler": sampler.state_dict()}
-                checkpoint.save(run_path, step, policy.model, policy.tokenizer, state, config_yaml, tr.keep_checkpoints)
+        with checkpoint.GracefulStop() as stop:
+            if state is None:
+                t.evals[0] = held_out_metrics(t.policy, t.test_rows, cfg, t.rewarder)
+                logger.log(0, t.evals[0])
+            else:
+                # Exactly where the checkpoint took it: the next draw is the one step start+1 made.
+                checkpoint.set_rng_state(state["rng"])
+            _loop(t, logger, stop, start, resume_cmd)
+    except KeyboardInterrupt:
+        code = checkpoint.EXIT_CODES.get(stop.signum, 130)
+        raise RunStopped(
+            _stop_message("interrupted twice: stopped at once, without saving", run_path, resume_cmd, code)
+        ) from None
     finally:
         logger.close()
-        rewarder.close()
-    summary = _summary(evals)
-    logger.print(summary)
-    return {"evals": evals, "run_dir": str(run_path)}
+        t.rewarder.close()
+    logger.print(_summary(t.evals))
+    return {"evals": t.evals, "run_dir": str(run_path)}
 
 
 def _summary(evals: dict[int, dict[str, float]]) -> str:

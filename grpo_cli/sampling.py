@@ -1,0 +1,127 @@
+"""What one training step trains on: the prompt order, rollout rounds, DAPO's dynamic sampling and
+overlong reward shaping.
+
+    grpo train algo=dapo                                  # dynamic sampling on
+    grpo train algo.overlong_buffer=64 algo.overlong_penalty=1.0
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from grpo_cli.data import build_prompt
+from grpo_cli.models import Policy
+from grpo_cli.rollout import Rollout, concat_rollouts, generate, score
+
+
+class PromptSampler:
+    """Shuffled passes over the training rows; its state (epoch, position) is part of a checkpoint."""
+
+    def __init__(self, num_rows: int, seed: int):
+        self.num_rows, self.seed, self.epoch, self.pos = num_rows, seed, 0, 0
+        self._order = self._shuffle()
+
+    def _shuffle(self) -> list[int]:
+        return random.Random(self.seed * 100_003 + self.epoch).sample(range(self.num_rows), self.num_rows)
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos == self.num_rows:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._shuffle()
+            out.append(self._order[self.pos])
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._order = self._shuffle()
+
+
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, penalty: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13), [N] lengths -> [N] penalties <= 0.
+
+    0 up to ``max_new_tokens - buffer`` tokens, then linear down to ``-penalty`` at ``max_new_tokens``
+    (a completion cut off without EOS has exactly that length, so it gets the full penalty).
+    """
+    if buffer <= 0:
+        return torch.zeros(lengths.shape)
+    excess = (lengths.float().cpu() - (max_new_tokens - buffer)).clamp(min=0)
+    return -penalty * excess / buffer
+
+
+def informative_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N] rewards (NaN: unjudged) -> [N / G] bool: the judged rewards of the group are not all equal.
+
+    A group with equal rewards has zero advantages, hence no policy gradient (DAPO section 3.2).
+    """
+    grouped = rewards.view(-1, group_size)
+    judged = ~torch.isnan(grouped)
+    hi = torch.where(judged, grouped, -math.inf).amax(1)
+    lo = torch.where(judged, grouped, math.inf).amin(1)
+    return (hi - lo) > 1e-8  # a group with no judged reward: -inf - inf, not informative
+
+
+@dataclass
+class Sampled:
+    """One step's sampling: ``batch`` (prompts_per_step groups) is trained on; ``seen`` is every group sampled."""
+
+    batch: Rollout
+    seen: Rollout
+    rounds: int
+
+
+def _sample_round(
+    policy: Policy, sampler: PromptSampler, rows: list[dict], rewarder: Any, cfg: Any
+) -> Rollout:
+    picked = [rows[i] for i in sampler.take(cfg.train.prompts_per_step)]
+    prompts = [build_prompt(r, cfg.data.template) for r in picked]
+    ro = score(
+        generate(policy, picked, prompts, cfg.algo.group_size, cfg.rollout, cfg.model.chat_template), rewarder
+    )
+    if cfg.algo.overlong_buffer > 0:
+        pen = overlong_penalty(
+            ro.lengths, cfg.rollout.max_new_tokens, cfg.algo.overlong_buffer, cfg.algo.overlong_penalty
+        )
+        ro.rewards = ro.rewards + pen  # NaN (unjudged) stays NaN
+        ro.reward_metrics["reward/overlong_penalty"] = float(pen.mean())
+    return ro
+
+
+def sample_step(policy: Policy, sampler: PromptSampler, rows: list[dict], rewarder: Any, cfg: Any) -> Sampled:
+    """Sample, score and (with ``algo.dynamic_sampling``) filter one step's groups.
+
+    Dynamic sampling (DAPO): sample rounds of ``prompts_per_step`` prompts until ``prompts_per_step``
+    informative groups are in hand or ``algo.max_sampling_rounds`` rounds are spent, and train on the
+    first ``prompts_per_step`` of them. When the cap is hit first, the batch is filled up with
+    zero-variance groups in the order sampled: they add no policy gradient (zero advantage), only
+    the KL term, and keep the batch size, and with it the loss normalisation, constant.
+    """
+    algo, P, G = cfg.algo, cfg.train.prompts_per_step, cfg.algo.group_size
+    max_rounds = algo.max_sampling_rounds if algo.dynamic_sampling else 1
+    parts: list[Rollout] = []
+    found = 0
+    while len(parts) < max_rounds and (not parts or found < P):
+        parts.append(_sample_round(policy, sampler, rows, rewarder, cfg))
+        found += int(informative_groups(parts[-1].rewards, G).sum())
+    seen = concat_rollouts(parts, policy.tokenizer.pad_token_id)
+    if not algo.dynamic_sampling:
+        return Sampled(seen, seen, 1)
+    chosen = choose_groups(informative_groups(seen.rewards, G).tolist(), P)
+    return Sampled(seen.select([g * G + j for g in chosen for j in range(G)]), seen, len(parts))
+
+
+def choose_groups(informative: list[bool], count: int) -> list[int]:
+    """The first ``count`` informative groups, topped up with zero-variance ones; in sampled order."""
+    chosen = [g for g, ok in enumerate(informative) if ok][:count]
+    chosen += [g for g, ok in enumerate(informative) if not ok][: count - len(chosen)]
+    return sorted(chosen)
