@@ -339,12 +339,14 @@ def _validate_robustness(cfg: Any) -> None:
 
 
 def validate_eval(cfg: Any) -> None:
-    """Checks of an EvalRoot's eval fields (``grpo eval`` calls it before any model loads). ConfigError (one line)."""
+    """Checks of an EvalRoot's eval fields, run by ``grpo eval`` before any model loads (ConfigError)."""
     ev = cfg.eval
     if ev.samples < 1:
         raise ConfigError(f"eval.samples={ev.samples}: must be >= 1")
     if ev.temperature <= 0:
-        raise ConfigError(f"eval.temperature={ev.temperature}: must be > 0 (eval.greedy=true adds greedy decoding)")
+        raise ConfigError(
+            f"eval.temperature={ev.temperature}: must be > 0 (eval.greedy=true adds greedy decoding)"
+        )
     if ev.limit is not None and ev.limit < 1:
         raise ConfigError(f"eval.limit={ev.limit}: must be >= 1 (null evaluates the whole split)")
     if ev.bootstrap < 1:
@@ -353,15 +355,21 @@ def validate_eval(cfg: Any) -> None:
         raise ConfigError(f"eval.k={list(ev.k)}: needs one or more K >= 1")
     single = cfg.checkpoint or ev.checkpoint
     if single and ev.checkpoints:
-        raise ConfigError("checkpoint= and eval.checkpoints= both given; list every checkpoint in eval.checkpoints")
+        raise ConfigError(
+            "checkpoint= and eval.checkpoints= both given; list every checkpoint in eval.checkpoints"
+        )
     if ev.completions is not None:
         if single or ev.checkpoints:
-            raise ConfigError("eval.completions= scores a file without a model; drop checkpoint= / eval.checkpoints=")
+            raise ConfigError(
+                "eval.completions= scores a file without a model; drop checkpoint= / eval.checkpoints="
+            )
         if not Path(ev.completions).is_file():
             raise ConfigError(f"eval.completions={ev.completions}: no such file")
         return  # k is checked against the completions per problem once the file is read
     if max(ev.k) > ev.samples:
-        raise ConfigError(f"eval.k={list(ev.k)}: K={max(ev.k)} exceeds eval.samples={ev.samples} (need K <= n)")
+        raise ConfigError(
+            f"eval.k={list(ev.k)}: K={max(ev.k)} exceeds eval.samples={ev.samples} (need K <= n)"
+        )
     for name in list(ev.checkpoints) or [single]:
         if name in (None, "base"):
             continue
@@ -369,7 +377,9 @@ def validate_eval(cfg: Any) -> None:
         if not path.is_dir():
             raise ConfigError(f"checkpoint={name}: no such directory")
         if not (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-            raise ConfigError(f"checkpoint={name}: holds neither adapter_config.json (LoRA) nor config.json (model)")
+            raise ConfigError(
+                f"checkpoint={name}: holds neither adapter_config.json (LoRA) nor config.json (model)"
+            )
 
 
 def check_model_path(name_or_path: str) -> None:

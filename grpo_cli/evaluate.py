@@ -1,28 +1,78 @@
-"""``grpo eval``: held-out accuracy and mean reward of the base model or a checkpoint.
+"""``grpo eval``: pass@1, unbiased pass@k, maj@k, mean reward per rule, with 95% intervals.
 
-    grpo eval                                             # the configured base model
-    grpo eval checkpoint=outputs/<date>/<time>/checkpoint-200
+    grpo eval                                                     # the configured base model
+    grpo eval checkpoint=outputs/<date>/<time>/checkpoint-200     # a LoRA adapter dir or a full model dir
+    grpo eval 'eval.checkpoints=[base,outputs/run/checkpoint-100,outputs/run/checkpoint-200]'
+    grpo eval eval.completions=samples.jsonl data=math500         # score completions made elsewhere
+    grpo eval data=gsm8k data.path=../shared/data/gsm8k eval.limit=100 eval.samples=16 'eval.k=[1,4,16]'
 
-Accuracy is the fraction of completions that the first reward rule scores 1 (for ``reward=math``:
-the final answer is right). It is reported sampled (``eval.samples`` completions per problem at
-``eval.temperature``) and greedy.
+For every checkpoint, ``eval.samples`` = n completions per problem are sampled at ``eval.temperature``
+(the torch RNG is seeded with ``seed`` before each checkpoint, so a run is reproducible and every
+checkpoint sees the same random stream), plus one greedy completion per problem when
+``eval.greedy=true``. A completion is *correct* when the first reward rule scores it 1.0.
+
+Metrics (keys of ``metrics``; ``grpo_cli.metrics`` computes them):
+
+- ``pass@1``: mean correctness (per problem c/n, averaged over problems);
+- ``pass@K`` for K in ``eval.k``: the unbiased estimator 1 - C(n-c, K) / C(n, K) (Chen et al. 2021);
+- ``maj@K`` for K > 1 in ``eval.k``: majority vote over the answers of the first K completions.
+  Answers are ``rewards.math.extract_answer``'s (plain numbers compared by value: ``1,000`` = ``1000.0``),
+  for a code rule the extracted program text. Completions without an answer do not vote; with no votes
+  the problem counts as wrong. **Tie rule: among the answers with the most votes, the one that
+  appears first in sample order wins**; the vote is correct when the first completion giving that
+  answer is correct;
+- ``mean_reward`` (weighted total) and ``reward/<rule>`` per rule: means over judged completions;
+- ``extracted``: fraction of completions with an answer; ``completion_len``: mean tokens (EOS
+  included; absent for ``eval.completions``, where no tokenizer is loaded);
+- ``greedy/<metric>``: the same for the greedy completion (n = 1);
+- ``delta_pass@1``: pass@1 of this checkpoint minus the first one's (checkpoints after the first).
+
+Intervals (``ci95``): percentile bootstrap over problems with ``eval.bootstrap`` resamples seeded by
+``seed``, for every pass@K and maj@K (and greedy/pass@1); ``delta_pass@1``'s is paired (the same
+resampled problems for both checkpoints).
+
+Output: a table (checkpoints as rows; differences from the first row in green / red), and
+
+    <eval.out, default <run_dir>/eval.json>:
+    {"results": [{"checkpoint": "base", "n": 4,
+                  "metrics": {"pass@1": 0.41, "pass@4": 0.78, "maj@4": 0.52, "mean_reward": 0.41,
+                              "reward/math": 0.41, "extracted": 0.97, "completion_len": 4.2,
+                              "greedy/pass@1": 0.47, ...},
+                  "ci95": {"pass@1": [0.37, 0.45], "pass@4": [...], "maj@4": [...], ...}},
+                 {"checkpoint": "outputs/run/checkpoint-200", ..., "metrics": {..., "delta_pass@1": 0.12},
+                  "ci95": {..., "delta_pass@1": [0.09, 0.15]}}]}
+
+    <same folder>/eval_completions.jsonl, one line per completion:
+    {"checkpoint": str, "id": str, "sample": int, "greedy": bool, "completion": str, "answer": str | null,
+     "reward": float | null, "correct": bool, "rewards": {rule: float | null}, "tokens": int | null}
+
+``eval.completions=FILE`` scores completions produced by any other system without loading a model:
+one JSON object per line, ``{"id": ..., "completion": ...}``, ``id`` being the data group's problem id
+(arithmetic and GSM8K: the row index; MATH-500: ``unique_id``; HumanEval: ``task_id``). n is the number
+of lines per id; ``eval.limit`` keeps the first N ids of the file.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from grpo_cli.config import ConfigError, validate_eval
 from grpo_cli.data import build_prompt, load_rows
-from grpo_cli.models import Policy, load_policy
+from grpo_cli.metrics import Summary, paired_delta, summarize
+from grpo_cli.models import Policy, checkpoint_base, load_policy, resolve_path
 from grpo_cli.rollout import generate, score
 
 log = logging.getLogger("grpo_cli")
+
+AnswerFn = Callable[[str], tuple[str | None, str | None]]  # completion -> (answer shown, vote key)
 
 
 def _accuracy(rollout) -> tuple[float, float]:
@@ -31,9 +81,19 @@ def _accuracy(rollout) -> tuple[float, float]:
     return acc, float(torch.nanmean(rollout.rewards))
 
 
-def held_out_metrics(policy: Policy, rows: list[dict], cfg: Any, rewarder: Any, samples: int | None = None,
-                     temperature: float | None = None, greedy: bool = True) -> dict[str, float]:
-    """Sampled and greedy accuracy and mean reward on ``rows``; restores the global RNG afterwards."""
+def held_out_metrics(
+    policy: Policy,
+    rows: list[dict],
+    cfg: Any,
+    rewarder: Any,
+    samples: int | None = None,
+    temperature: float | None = None,
+    greedy: bool = True,
+) -> dict[str, float]:
+    """Sampled and greedy accuracy and mean reward on ``rows`` (for ``grpo train``); restores the global RNG.
+
+    Returns ``eval/accuracy``, ``eval/reward`` and, with ``greedy``, ``eval/accuracy_greedy``.
+    """
     n = samples or getattr(getattr(cfg, "train", None), "eval_samples", 4)
     prompts = [build_prompt(r, cfg.data.template) for r in rows]
     rollout_cfg = replace(cfg.rollout, temperature=temperature or cfg.rollout.temperature)
@@ -41,43 +101,343 @@ def held_out_metrics(policy: Policy, rows: list[dict], cfg: Any, rewarder: Any, 
     # the same training completions as one without.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 1)
-        acc, reward = _accuracy(score(generate(policy, rows, prompts, n, rollout_cfg, cfg.model.chat_template), rewarder))
+        acc, reward = _accuracy(
+            score(generate(policy, rows, prompts, n, rollout_cfg, cfg.model.chat_template), rewarder)
+        )
         out = {"eval/accuracy": acc, "eval/reward": reward}
         if greedy:
-            ro = score(generate(policy, rows, prompts, 1, rollout_cfg, cfg.model.chat_template, greedy=True), rewarder)
+            ro = score(
+                generate(policy, rows, prompts, 1, rollout_cfg, cfg.model.chat_template, greedy=True),
+                rewarder,
+            )
             out["eval/accuracy_greedy"] = _accuracy(ro)[0]
     return out
 
 
-def run(cfg: Any, run_dir: str) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` (or ``eval.checkpoint``), or the base model; print and save the metrics."""
-    from rich.console import Console
+# ------------------------------------------------------------------------------------------------
+# Completions -> records
+
+
+def answer_fn(rewarder: Any) -> AnswerFn:
+    """How to read a completion's answer for maj@k and ``extracted``, chosen by the first reward rule.
+
+    A code rule: the program ``rewards.code.extract_code`` runs (the vote is over identical programs).
+    Anything else: ``rewards.math.extract_answer``, with plain numbers voting by value.
+    """
+    from grpo_cli.rewards.code import CodeReward, code_reward, extract_code
+    from grpo_cli.rewards.math import as_number, extract_answer
+
+    first = rewarder.rules[0].fn
+    if isinstance(first, CodeReward) or first is code_reward:
+
+        def code_answer(text: str) -> tuple[str | None, str | None]:
+            program = extract_code(text).strip()
+            return (program, program) if program else (None, None)
+
+        return code_answer
+    fallback = getattr(first, "fallback_last_number", True)
+
+    def math_answer(text: str) -> tuple[str | None, str | None]:
+        answer = extract_answer(text, fallback)
+        if answer is None:
+            return None, None
+        number = as_number(answer)  # "1,000", "1000" and "1000.0" cast one vote; (+ 0) folds -0 into 0
+        return answer, (answer.strip() if number is None else str((number + 0).normalize()))
+
+    return math_answer
+
+
+def score_records(
+    texts: list[str],
+    rows: list[dict],
+    rewarder: Any,
+    answer_of: AnswerFn,
+    tokens: list[int] | None = None,
+    samples: list[int] | None = None,
+    greedy: bool = False,
+) -> list[dict[str, Any]]:
+    """Score completions [N] against their rows [N]; one record per completion (see the module doc).
+
+    ``vote`` is kept in memory for maj@k and dropped from the JSONL.
+    """
+    result = rewarder(texts, rows)
+    first = rewarder.rules[0].name
+    records = []
+    for i, text in enumerate(texts):
+        answer, vote = answer_of(text)
+        records.append(
+            {
+                "id": str(rows[i]["id"]),
+                "sample": samples[i] if samples else 0,
+                "greedy": greedy,
+                "completion": text,
+                "answer": answer,
+                "vote": vote,
+                "reward": result.total[i],
+                "correct": result.per_rule[first][i] == 1.0,
+                "rewards": {rule: scores[i] for rule, scores in result.per_rule.items()},
+                "tokens": tokens[i] if tokens else None,
+            }
+        )
+    return records
+
+
+def generate_records(
+    policy: Policy, rows: list[dict], cfg: Any, rewarder: Any, n: int, greedy: bool, progress: Any, label: str
+) -> list[dict[str, Any]]:
+    """n completions per row, generated and scored in chunks of ``rollout.batch_size`` completions."""
+    rollout_cfg = replace(cfg.rollout, temperature=cfg.eval.temperature)
+    prompts = [build_prompt(r, cfg.data.template) for r in rows]
+    answer_of = answer_fn(rewarder)
+    per_chunk = max(1, rollout_cfg.batch_size // n)
+    task = progress.add_task(label, total=len(rows))
+    records: list[dict[str, Any]] = []
+    for start in range(0, len(rows), per_chunk):
+        chunk = slice(start, start + per_chunk)
+        ro = generate(
+            policy, rows[chunk], prompts[chunk], n, rollout_cfg, cfg.model.chat_template, greedy=greedy
+        )
+        samples = [i % n for i in range(len(ro.texts))]
+        records += score_records(ro.texts, ro.rows, rewarder, answer_of, ro.lengths.tolist(), samples, greedy)
+        progress.advance(task, len(ro.texts) // n)
+    return records
+
+
+def read_completions(
+    path: str, rows: list[dict], limit: int | None, where: str
+) -> tuple[list[str], list[dict]]:
+    """Texts [N] and their rows [N] from a ``{"id", "completion"}`` JSONL file; ConfigError on a bad line.
+
+    ``limit`` keeps the first ``limit`` distinct ids of the file; ``where`` names the data in errors.
+    """
+    by_id = {str(r["id"]): r for r in rows}
+    texts, picked, kept = [], [], set()
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"eval.completions={path} line {lineno}: not JSON ({exc.msg})") from None
+            if not isinstance(obj, dict) or "id" not in obj or not isinstance(obj.get("completion"), str):
+                raise ConfigError(
+                    f'eval.completions={path} line {lineno}: expected {{"id": ..., "completion": "<text>"}}'
+                )
+            pid = str(obj["id"])
+            if pid not in by_id:
+                raise ConfigError(
+                    f"eval.completions={path} line {lineno}: id {pid!r} is not a problem of {where}"
+                )
+            if pid not in kept and limit is not None and len(kept) >= limit:
+                continue
+            kept.add(pid)
+            texts.append(obj["completion"])
+            picked.append(by_id[pid])
+    if not texts:
+        raise ConfigError(f"eval.completions={path}: holds no completions")
+    return texts, picked
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints -> results
+
+
+def checkpoint_names(cfg: Any) -> list[str]:
+    """The checkpoints to evaluate, in order; "base" is the configured model."""
+    return list(cfg.eval.checkpoints) or [cfg.checkpoint or cfg.eval.checkpoint or "base"]
+
+
+def check_checkpoints(cfg: Any, names: list[str]) -> None:
+    """Every adapter must have been trained on the configured model: checked before any weights load."""
+    base = None
+    for name in names:
+        if name == "base":
+            continue
+        adapter_base = checkpoint_base(name)
+        if adapter_base is None:
+            continue  # a full model directory replaces the base weights
+        base = base or resolve_path(cfg.model.name_or_path)
+        if adapter_base != base and Path(adapter_base).resolve() != Path(base).resolve():
+            raise ConfigError(
+                f"checkpoint={name}: adapter was trained on {adapter_base}, not model.name_or_path={base}"
+            )
+
+
+def evaluate_checkpoint(
+    name: str, cfg: Any, rows: list[dict], rewarder: Any, progress: Any
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Sampled records (n per row) and greedy records (1 per row, or none) of one checkpoint."""
+    ev = cfg.eval
+    policy = load_policy(
+        cfg.model, cfg.lora, beta=0.0, checkpoint=None if name == "base" else name, trainable=False
+    )
+    try:
+        torch.manual_seed(cfg.seed)  # every checkpoint sees the same random stream
+        sampled = generate_records(
+            policy, rows, cfg, rewarder, ev.samples, False, progress, f"{name}: sampling"
+        )
+        greedy = (
+            generate_records(policy, rows, cfg, rewarder, 1, True, progress, f"{name}: greedy")
+            if ev.greedy
+            else []
+        )
+    finally:
+        del policy
+        gc.collect()
+    return sampled, greedy
+
+
+def result_entry(
+    name: str, sampled: list[dict], greedy: list[dict], ks: list[int], seed: int, n_boot: int
+) -> tuple[dict[str, Any], Summary]:
+    """The JSON entry of one checkpoint and its Summary (kept for the paired deltas)."""
+    summary = summarize(sampled, ks, seed=seed, n_boot=n_boot)
+    metrics, ci95 = dict(summary.metrics), dict(summary.ci95)
+    if greedy:
+        g = summarize(greedy, [1], seed=seed, n_boot=n_boot)
+        metrics.update({f"greedy/{k}": v for k, v in g.metrics.items()})
+        ci95["greedy/pass@1"] = g.ci95["pass@1"]
+    return {"checkpoint": name, "n": summary.n, "metrics": metrics, "ci95": ci95}, summary
+
+
+def add_deltas(results: list[dict[str, Any]], summaries: list[Summary], seed: int, n_boot: int) -> None:
+    """``delta_pass@1`` and its paired interval for every checkpoint after the first (in place)."""
+    for entry, summary in zip(results[1:], summaries[1:]):
+        delta, (lo, hi) = paired_delta(summaries[0], summary, "pass@1", seed=seed, n_boot=n_boot)
+        entry["metrics"]["delta_pass@1"] = delta
+        entry["ci95"]["delta_pass@1"] = [lo, hi]
+
+
+# ------------------------------------------------------------------------------------------------
+# Output
+
+
+def _cell(name: str, value: float, first: float | None, ci: list[float] | None) -> str:
+    """One table cell: the value (pass@1 with its interval) and its difference from the first row, coloured.
+
+    ``delta_pass@1`` is green when its interval lies above 0, red below, yellow when it holds 0.
+    """
+    if name == "delta_pass@1":
+        color = "green" if ci and ci[0] > 0 else "red" if ci and ci[1] < 0 else "yellow"
+        interval = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
+        return f"[{color}]{value:+.3f}{interval}[/{color}]"
+    is_length = name.endswith("completion_len")
+    text = f"{value:.1f}" if is_length else f"{value:.3f}"
+    if ci and name.endswith("pass@1"):
+        text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+    if first is not None and value != first:
+        # Longer or shorter completions are neither better nor worse: no colour for lengths.
+        color = "white" if is_length else "green" if value > first else "red"
+        text += f" [{color}]({value - first:+.3f})[/{color}]"
+    return text
+
+
+def table_columns(results: list[dict[str, Any]]) -> list[str]:
+    """The headline metrics (eval.json holds them all): of the greedy ones only greedy/pass@1, and a
+    ``reward/<rule>`` column only where it differs from ``mean_reward`` (one rule of weight 1 repeats it)."""
+    names = list(dict.fromkeys(k for r in results for k in r["metrics"]))
+
+    def redundant(name: str) -> bool:
+        if name.startswith("greedy/"):
+            return name != "greedy/pass@1"
+        if name.startswith("reward/"):
+            return all(r["metrics"].get(name) == r["metrics"].get("mean_reward") for r in results)
+        return False
+
+    return [n for n in names if not redundant(n)]
+
+
+def results_table(results: list[dict[str, Any]], title: str) -> Any:
+    """A rich Table: one row per checkpoint, one column per headline metric."""
     from rich.table import Table
+
+    names = table_columns(results)
+    table = Table(title=title)
+    table.add_column("checkpoint", overflow="fold")
+    table.add_column("n", justify="right")
+    for name in names:
+        table.add_column(name, justify="right")
+    first = results[0]["metrics"]
+    for i, r in enumerate(results):
+        cells = [
+            _cell(m, r["metrics"][m], first.get(m) if i else None, r["ci95"].get(m))
+            if m in r["metrics"]
+            else "-"
+            for m in names
+        ]
+        table.add_row(r["checkpoint"], str(r["n"]), *cells)
+    return table
+
+
+def write_outputs(results: list[dict[str, Any]], records: list[dict[str, Any]], out: Path) -> Path:
+    """eval.json at ``out`` and the per-completion JSONL beside it; returns the JSONL path."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"results": results}, indent=2) + "\n")
+    jsonl = out.with_name(f"{out.stem}_completions.jsonl")
+    with open(jsonl, "w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps({k: v for k, v in rec.items() if k != "vote"}) + "\n")
+    return jsonl
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver
+
+
+def _score_file(cfg: Any, rows: list[dict], rewarder: Any) -> tuple[list[dict], list[dict]]:
+    """Records from ``eval.completions``; checks every K against the completions per problem."""
+    ev = cfg.eval
+    where = f"data={cfg.data.name} split={ev.split}"
+    texts, picked = read_completions(ev.completions, rows, ev.limit, where)
+    counts: dict[str, int] = {}
+    samples = []
+    for row in picked:
+        samples.append(counts.get(row["id"], 0))
+        counts[row["id"]] = samples[-1] + 1
+    fewest = min(counts, key=counts.__getitem__)
+    if max(ev.k) > counts[fewest]:
+        raise ConfigError(
+            f"eval.k={list(ev.k)}: K={max(ev.k)} exceeds the {counts[fewest]} completions of id {fewest!r} "
+            f"in {ev.completions}"
+        )
+    return score_records(texts, picked, rewarder, answer_fn(rewarder), samples=samples), []
+
+
+def run(cfg: Any, run_dir: str) -> dict[str, Any]:
+    """Evaluate every checkpoint (or score ``eval.completions``); print the table, write JSON and JSONL."""
+    from rich.console import Console
+    from rich.progress import Progress
 
     from grpo_cli.logging import setup_logging
     from grpo_cli.rewards import build_rewarder
 
     setup_logging()
+    validate_eval(cfg)
     ev = cfg.eval
-    ckpt = cfg.checkpoint or ev.checkpoint
-    rows = load_rows(cfg.data, ev.split)
-    if ev.limit:
-        rows = rows[: ev.limit]
-    policy = load_policy(cfg.model, cfg.lora, beta=0.0, checkpoint=ckpt, trainable=False)
+    names = [ev.completions] if ev.completions else checkpoint_names(cfg)
+    if not ev.completions:
+        check_checkpoints(cfg, names)
+    rows = load_rows(cfg.data, ev.split)  # never empty (ConfigError)
     rewarder = build_rewarder(cfg.reward)
+    results, summaries, all_records = [], [], []
     try:
-        metrics = held_out_metrics(policy, rows, cfg, rewarder, samples=ev.samples, temperature=ev.temperature,
-                                   greedy=ev.greedy)
+        with Progress(console=Console(stderr=True), transient=True) as progress:
+            for name in names:
+                if ev.completions:  # eval.limit applies to the file's ids, not to the split's rows
+                    sampled, greedy = _score_file(cfg, rows, rewarder)
+                else:
+                    sampled, greedy = evaluate_checkpoint(name, cfg, rows[: ev.limit], rewarder, progress)
+                entry, summary = result_entry(name, sampled, greedy, list(ev.k), cfg.seed, ev.bootstrap)
+                results.append(entry)
+                summaries.append(summary)
+                all_records += [{"checkpoint": name, **r} for r in sampled + greedy]
     finally:
         rewarder.close()
-    table = Table(title=f"grpo eval: {len(rows)} problems x {ev.samples} samples")
-    table.add_column("checkpoint")
-    for k in metrics:
-        table.add_column(k, justify="right")
-    table.add_row(ckpt or "base", *(f"{v:.3f}" for v in metrics.values()))
-    Console().print(table)
+    add_deltas(results, summaries, cfg.seed, ev.bootstrap)
+    problems = len({r["id"] for r in all_records})
+    Console().print(results_table(results, f"grpo eval: {problems} problems x {results[0]['n']} samples"))
     out = Path(ev.out) if ev.out else Path(run_dir) / "eval.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"results": [{"checkpoint": ckpt or "base", "n": ev.samples, "metrics": metrics}]}
-    out.write_text(json.dumps(result, indent=2))
-    return result
+    jsonl = write_outputs(results, all_records, out)
+    log.info("results: %s; completions: %s", out, jsonl)
+    return {"results": results}
