@@ -277,7 +277,9 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
     algo = cfg.algo
     if algo.group_size < 2:
-        raise ConfigError(f"algo.group_size={algo.group_size}: must be >= 2 (advantages compare within a group)")
+        raise ConfigError(
+            f"algo.group_size={algo.group_size}: must be >= 2 (advantages compare within a group)"
+        )
     if not 0 < algo.epsilon < 1:
         raise ConfigError(f"algo.epsilon={algo.epsilon}: must be in (0, 1)")
     if algo.epsilon_high is not None and not algo.epsilon_high > 0:
