@@ -192,3 +192,83 @@ def completion_logprobs(
     return token_logprobs(
         hidden, weight, input_ids[:, prompt_len:], temperature=temperature, return_entropy=return_entropy
     )
+
+
+def _shareable_cache(cache: Any, prompt_len: int) -> bool:
+    """Whether the prompt pass left a plain per-layer key/value cache of all ``prompt_len`` columns."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    return (
+        isinstance(cache, DynamicCache)
+        and all(type(layer) is DynamicLayer for layer in cache.layers)
+        and cache.get_seq_length() == prompt_len
+    )
+
+
+def grouped_completion_logprobs(
+    model: Any,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    group_size: int | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    prompt_index: torch.Tensor | None = None,
+):
+    """``completion_logprobs`` with each distinct prompt run through the decoder once, not once per completion.
+
+    prompt_ids, prompt_mask: [P, L] left-padded, one row per group; completion_ids, completion_mask:
+    [N, T] right-padded, where completion i continues prompt ``prompt_index[i]`` (by default
+    ``i // group_size``: N = P * G rows, group p is rows [p*G, (p+1)*G)). The prompt pass keeps its
+    key/value cache, which is expanded to the N completions (differentiably: the gradients of all G
+    completions flow into the one prompt pass) and attended to by the completion pass. Returns what
+    ``completion_logprobs`` on the concatenated sequences returns, up to float rounding.
+
+    Falls back to the full-sequence path when the cache cannot be shared: gradient checkpointing in
+    training mode (transformers drops the cache there), or a cache other than a plain DynamicCache.
+    """
+    if prompt_index is None:
+        if group_size is None:
+            raise ValueError("grouped_completion_logprobs: give group_size or prompt_index")
+        prompt_index = torch.arange(prompt_ids.size(0), device=prompt_ids.device).repeat_interleave(
+            group_size
+        )
+    prompt_index = prompt_index.to(prompt_ids.device)
+    if prompt_index.numel() != completion_ids.size(0):
+        raise ValueError(
+            f"prompt_index covers {prompt_index.numel()} completions, completion_ids has {completion_ids.size(0)}"
+        )
+    L = prompt_ids.size(1)
+    decoder = model.get_decoder()
+
+    def full_path():
+        ids = torch.cat([prompt_ids[prompt_index], completion_ids], 1)
+        mask = torch.cat([prompt_mask[prompt_index], completion_mask], 1)
+        return completion_logprobs(model, ids, mask, L, temperature, return_entropy)
+
+    if getattr(decoder, "gradient_checkpointing", False) and decoder.training:
+        return full_path()
+    prompt_pos = positions(prompt_mask)
+    out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True)
+    cache = out.past_key_values
+    if not _shareable_cache(cache, L):
+        return full_path()
+    cache.batch_select_indices(prompt_index)  # [P, ...] -> [N, ...]; indexing, so differentiable
+    T = completion_ids.size(1)
+    steps = torch.arange(1, T + 1, device=prompt_pos.device)
+    hidden = decoder(
+        input_ids=completion_ids,
+        attention_mask=torch.cat([prompt_mask[prompt_index], completion_mask], 1),
+        position_ids=prompt_pos[prompt_index, -1:] + steps,
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state  # [N, T, H]
+    if cache.get_seq_length() != L + T:  # the completion pass did not attend to the prompt
+        return full_path()
+    # The prompt's last hidden state predicts the first completion token; completion t predicts t + 1.
+    hidden = torch.cat([out.last_hidden_state[prompt_index, -1:], hidden[:, :-1]], 1)
+    weight = model.get_output_embeddings().weight  # [V, H]
+    return token_logprobs(
+        hidden, weight, completion_ids, temperature=temperature, return_entropy=return_entropy
+    )

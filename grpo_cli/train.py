@@ -13,6 +13,8 @@ One step (DeepSeekMath, Algorithm 1, with the reward model replaced by rule-base
 3. log-probs under pi_ref (adapter off) and, when mu > 1, under pi_old, without gradients;
 4. mu = ``algo.num_iterations`` times: one optimizer step on ``core.loss.policy_loss`` over the whole
    batch, accumulated over micro-batches of ``train.micro_batch_size`` completions.
+Log-probs run each group's prompt through the model once per micro-batch and its G completions on
+the shared key/value cache (``models.grouped_completion_logprobs``).
 
 A completion no rule can judge (reward None) is left out of the loss and its reward replaced by its
 group's mean, so it neither pulls nor pushes the others.
@@ -51,7 +53,7 @@ from grpo_cli.core.loss import aggregation_units, group_advantages, policy_loss
 from grpo_cli.data import build_prompt, load_rows
 from grpo_cli.evaluate import held_out_metrics
 from grpo_cli.logging import RunLogger, setup_logging
-from grpo_cli.models import Policy, completion_logprobs, load_policy, reference
+from grpo_cli.models import Policy, grouped_completion_logprobs, load_policy, reference
 from grpo_cli.rewards import build_rewarder
 from grpo_cli.rollout import Rollout
 from grpo_cli.sampling import PromptSampler, informative_groups, sample_step
@@ -107,13 +109,34 @@ def _micro_batches(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def _micro_logps(model: Any, rollout: Rollout, s: slice, temperature: float) -> torch.Tensor:
+    """Log-probs [n, T] of the completions in ``s``, each group's prompt run through the model once.
+
+    A micro-batch may start or end inside a group: its prompts are those of the groups it touches.
+    """
+    G = rollout.group_size
+    first, last = s.start // G, (s.stop - 1) // G
+    prompt_rows = slice(first * G, last * G + 1, G)  # one row per group touched by s
+    index = torch.arange(s.start, s.stop, device=rollout.prompt_ids.device) // G - first
+    prompt_ids, prompt_mask = rollout.prompt_ids[prompt_rows], rollout.prompt_mask[prompt_rows]
+    if not torch.equal(prompt_ids[index], rollout.prompt_ids[s]):  # not laid out in groups: no sharing
+        prompt_ids, prompt_mask = rollout.prompt_ids[s], rollout.prompt_mask[s]
+        index = torch.arange(s.stop - s.start, device=index.device)
+    return grouped_completion_logprobs(
+        model,
+        prompt_ids,
+        prompt_mask,
+        rollout.completion_ids[s],
+        rollout.completion_mask[s],
+        temperature=temperature,
+        prompt_index=index,
+    )
+
+
 @torch.no_grad()
 def _logps_no_grad(model: Any, rollout: Rollout, temperature: float, micro: int) -> torch.Tensor:
-    ids, mask = rollout.input_ids()
-    L = rollout.prompt_ids.size(1)
-    return torch.cat(
-        [completion_logprobs(model, ids[s], mask[s], L, temperature) for s in _micro_batches(len(ids), micro)]
-    )
+    n = rollout.completion_ids.size(0)
+    return torch.cat([_micro_logps(model, rollout, s, temperature) for s in _micro_batches(n, micro)])
 
 
 def prepare(policy: Policy, rollout: Rollout, cfg: Any) -> Batch:
@@ -145,8 +168,7 @@ def update(
     ``poison`` (the NaN test hook) multiplies the loss by NaN.
     """
     algo, tr = cfg.algo, cfg.train
-    ids, attn = batch.rollout.input_ids()
-    L = batch.rollout.prompt_ids.size(1)
+    n = batch.rollout.completion_ids.size(0)
     # The whole batch's units (tokens or completions), counted as policy_loss counts them.
     denom = max(float(aggregation_units(batch.loss_mask, algo.aggregation)), 1.0)
     params = [p for p in policy.model.parameters() if p.requires_grad]
@@ -154,9 +176,9 @@ def update(
     skipped = False
     for _ in range(algo.num_iterations):
         totals: dict[str, float] = {}
-        parts = _micro_batches(len(ids), tr.micro_batch_size)
+        parts = _micro_batches(n, tr.micro_batch_size)
         for s in parts:
-            logps = completion_logprobs(policy.model, ids[s], attn[s], L, cfg.rollout.temperature)
+            logps = _micro_logps(policy.model, batch.rollout, s, cfg.rollout.temperature)
             old = None if batch.old_logps is None else batch.old_logps[s]
             ref = None if batch.ref_logps is None else batch.ref_logps[s]
             loss, st = policy_loss(

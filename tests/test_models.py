@@ -7,8 +7,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from grpo_cli import models
 from grpo_cli.config import ConfigError, LoraConfig, ModelConfig
-from grpo_cli.models import completion_logprobs, load_policy, reference
+from grpo_cli.models import completion_logprobs, grouped_completion_logprobs, load_policy, reference
 from grpo_cli.rollout import encode_prompts
 
 
@@ -99,3 +100,77 @@ def test_missing_checkpoint_is_a_config_error(random_model_dir):
     mc = ModelConfig(name_or_path=str(random_model_dir), device="cpu")
     with pytest.raises(ConfigError, match="no such directory"):
         load_policy(mc, LoraConfig(), 0.0, checkpoint="/no/such/checkpoint", trainable=False)
+
+
+def _ragged_groups(tok, group_size=3):
+    """Two prompts of different lengths (left-padded), G ragged completions each (right-padded)."""
+    prompts = ["Calculate 1 + 2\nAnswer: ", "Calculate 19 * 8 - 7 + 123\nAnswer: "]
+    p_ids, p_mask = encode_prompts(tok, prompts, False, torch.device("cpu"))
+    texts = ["3", "3 and more words", "12", "145", "0", "one two three four five six"][: 2 * group_size]
+    c = tok(texts, padding=True, return_tensors="pt", padding_side="right")
+    c_ids, c_mask = c["input_ids"], c["attention_mask"]
+    c_ids = torch.where(c_mask.bool(), c_ids, 7)  # padding after the end: any token, masked out
+    assert p_mask.sum(1).unique().numel() == 2 and c_mask.sum(1).unique().numel() > 2
+    return p_ids, p_mask, c_ids, c_mask
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_grouped_logprobs_match_full_sequences(random_model_dir, lora, monkeypatch):
+    """Prompt once per group + its cache for the completions == every full sequence: values and gradients."""
+    torch.manual_seed(0)
+    mc = ModelConfig(name_or_path=str(random_model_dir), dtype="float32", device="cpu")
+    lcfg = LoraConfig(r=4, alpha=8, dropout=0.0) if lora else LoraConfig(enabled=False)
+    policy = load_policy(mc, lcfg, beta=0.04)
+    if lora:
+        _perturb_adapter(policy.model)
+    model, G = policy.model.train(), 3
+    p_ids, p_mask, c_ids, c_mask = _ragged_groups(policy.tokenizer, G)
+    L, m = p_ids.size(1), c_mask.bool()
+    full_ids = torch.cat([p_ids.repeat_interleave(G, 0), c_ids], 1)
+    full_mask = torch.cat([p_mask.repeat_interleave(G, 0), c_mask], 1)
+    weights = torch.randn(c_ids.shape)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(fn):
+        model.zero_grad(set_to_none=True)
+        lp = fn()
+        (lp * weights)[m].sum().backward()
+        return lp.detach(), [p.grad.clone() for p in params]
+
+    want, want_grads = run(lambda: completion_logprobs(model, full_ids, full_mask, L, temperature=0.7))
+    monkeypatch.setattr(models, "completion_logprobs", None)  # the shared path, not the fallback
+    got, got_grads = run(
+        lambda: grouped_completion_logprobs(model, p_ids, p_mask, c_ids, c_mask, G, temperature=0.7)
+    )
+    assert got.shape == c_ids.shape
+    torch.testing.assert_close(got[m], want[m], atol=1e-5, rtol=1e-5)
+    assert all(g is not None for g in got_grads) and len(got_grads) == len(params)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # The reference: no gradient, adapter off (or the frozen copy); an arbitrary row -> prompt map.
+    index = torch.tensor([1, 0, 0, 1, 1, 0])
+    ids = torch.cat([p_ids[index], c_ids], 1)
+    mask = torch.cat([p_mask[index], c_mask], 1)
+    with torch.no_grad(), reference(policy) as ref:
+        want = completion_logprobs(ref, ids, mask, L)
+        got = grouped_completion_logprobs(ref, p_ids, p_mask, c_ids, c_mask, prompt_index=index)
+    torch.testing.assert_close(got[m], want[m], atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_logprobs_fall_back_under_gradient_checkpointing(random_model_dir):
+    """transformers drops the cache under gradient checkpointing: the full-sequence path takes over."""
+    mc = ModelConfig(
+        name_or_path=str(random_model_dir), dtype="float32", device="cpu", gradient_checkpointing=True
+    )
+    policy = load_policy(mc, LoraConfig(r=4, alpha=8, dropout=0.0), beta=0.0)
+    _perturb_adapter(policy.model)
+    model, G = policy.model.train(), 3
+    p_ids, p_mask, c_ids, c_mask = _ragged_groups(policy.tokenizer, G)
+    full_ids = torch.cat([p_ids.repeat_interleave(G, 0), c_ids], 1)
+    full_mask = torch.cat([p_mask.repeat_interleave(G, 0), c_mask], 1)
+    m = c_mask.bool()
+    want = completion_logprobs(model, full_ids, full_mask, p_ids.size(1))
+    got = grouped_completion_logprobs(model, p_ids, p_mask, c_ids, c_mask, G)
+    torch.testing.assert_close(got[m], want[m], atol=1e-5, rtol=1e-5)
+    got[m].sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
