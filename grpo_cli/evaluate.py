@@ -76,9 +76,7 @@ AnswerFn = Callable[[str], tuple[str | None, str | None]]  # completion -> (answ
 
 
 def _accuracy(rollout) -> tuple[float, float]:
-    first = next(iter(rollout.per_rule.values()))
-    acc = sum(s == 1.0 for s in first) / max(len(first), 1)
-    return acc, float(torch.nanmean(rollout.rewards))
+    return rollout.accuracy, float(torch.nanmean(rollout.rewards))
 
 
 def held_out_metrics(

@@ -46,11 +46,11 @@ class Rollout:
     def lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(-1)
 
-    def input_ids(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt and completion side by side: ids [N, L + T], attention mask [N, L + T]."""
-        ids = torch.cat([self.prompt_ids, self.completion_ids], dim=1)
-        mask = torch.cat([self.prompt_mask, self.completion_mask], dim=1)
-        return ids, mask
+    @property
+    def accuracy(self) -> float:
+        """Fraction of completions the first reward rule scores 1 (for ``reward=math``: a right answer)."""
+        first = next(iter(self.per_rule.values()), [])
+        return sum(s == 1.0 for s in first) / max(len(first), 1)
 
     def select(self, index: torch.Tensor | Sequence[int]) -> Rollout:
         """The completions at ``index`` (whole groups, to keep advantages meaningful)."""

@@ -206,12 +206,10 @@ def update(
 def rollout_metrics(rollout: Rollout) -> dict[str, float]:
     """Metrics of everything sampled in a step: reward, accuracy (first rule == 1), zero-variance groups, length."""
     r = rollout.rewards
-    first_rule = next(iter(rollout.per_rule.values()), None)
-    correct = [s == 1.0 for s in first_rule] if first_rule is not None else []
     return {
         "reward": float(torch.nanmean(r)),
         "reward_std": float(r[~torch.isnan(r)].std()) if (~torch.isnan(r)).sum() > 1 else 0.0,
-        "accuracy": sum(correct) / max(len(correct), 1),
+        "accuracy": rollout.accuracy,
         "zero_std_frac": 1.0 - float(informative_groups(r, rollout.group_size).float().mean()),
         "completion_len": float(rollout.lengths.float().mean()),
         **rollout.reward_metrics,
