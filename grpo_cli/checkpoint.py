@@ -89,8 +89,11 @@ def save(
     trainer_state: dict[str, Any],
     config_yaml: str,
     keep: int = 2,
+    model_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``checkpoint-<step>`` atomically and keep only the newest ``keep`` checkpoints (0: all).
+
+    ``model_state``: the full weights when ``model`` holds only a shard of them (FSDP).
 
     The RNG states are taken here, so the caller must save at the point of the step sequence where a
     resumed run will continue (after everything of ``step`` that draws random numbers).
@@ -99,7 +102,7 @@ def save(
     final = run / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step}-", dir=run))
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({} if model_state is None else {"state_dict": model_state}))
         tokenizer.save_pretrained(tmp)
         torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
         (tmp / "config.yaml").write_text(config_yaml)

@@ -94,6 +94,27 @@ def precheck(command: str, args: Sequence[str]) -> str | None:
     return None
 
 
+def distributed_args(args: list[str]) -> list[str]:
+    """Under torchrun: one run directory for every rank, and Hydra's own files from rank 0 only.
+
+    Hydra names the default run directory by the clock, which ranks read at different instants, so
+    rank 0's reading is sent to all (the pattern is conf/train.yaml's ``hydra.run.dir``).
+    """
+    import time
+
+    from grpo_cli import distributed
+
+    world = distributed.init()
+    if not world.enabled:
+        return args
+    if not any(a.startswith("hydra.run.dir=") for a in args):
+        stamp = distributed.broadcast_object(time.strftime("%Y-%m-%d/%H-%M-%S"))
+        args = [*args, f"hydra.run.dir=outputs/{stamp}"]
+    if not world.is_main:
+        args = [*args, "hydra.output_subdir=null", "hydra/job_logging=disabled"]
+    return args
+
+
 def _hydra_entry(command: str, run: Callable[[Any, str], Any]) -> Callable[[], None]:
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -130,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if error:
         print(f"grpo {command}: error: {error}", file=sys.stderr)
         return 2
+    if command == "train":
+        rest = distributed_args(rest)
     module = importlib.import_module(SUBCOMMANDS[command][0])
     sys.argv = [f"grpo {command}", *rest]
     _hydra_entry(command, module.run)()

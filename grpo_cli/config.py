@@ -157,6 +157,9 @@ class TrainConfig:
     zero_std_warn: float = 0.9
     # Metric sinks besides metrics.jsonl: jsonl (none) or tensorboard (event files in <run_dir>/tb).
     logger: str = "jsonl"
+    # Under torchrun with several ranks: ddp (each rank holds the model) or fsdp (full fine-tuning,
+    # parameters, gradients and optimizer state sharded). A single process ignores it.
+    strategy: str = "ddp"
 
 
 @dataclass
@@ -324,6 +327,12 @@ def _validate_robustness(cfg: Any) -> None:
     if tr.keep_checkpoints < 0:
         raise ConfigError(
             f"train.keep_checkpoints={tr.keep_checkpoints}: must be >= 0 (0 keeps every checkpoint)"
+        )
+    if tr.strategy not in ("ddp", "fsdp"):
+        raise ConfigError(f"train.strategy={tr.strategy!r} is not allowed; choose one of: ddp, fsdp")
+    if tr.strategy == "fsdp" and cfg.lora.enabled:
+        raise ConfigError(
+            "train.strategy=fsdp shards full fine-tuning; with LoRA use train.strategy=ddp (or lora=none)"
         )
     if tr.max_bad_steps < 1:
         raise ConfigError(f"train.max_bad_steps={tr.max_bad_steps}: must be >= 1")

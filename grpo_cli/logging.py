@@ -278,3 +278,22 @@ def _tensorboard_writer(log_dir: Path, resume_step: int) -> Any:
         )
         return None
     return SummaryWriter(log_dir=str(log_dir), purge_step=resume_step + 1 if resume_step else None)
+
+
+class SilentLogger:
+    """The RunLogger of ranks other than 0: they write nothing and show nothing."""
+
+    def log(self, step: int, metrics: dict[str, float], example: dict[str, Any] | None = None) -> None:
+        pass
+
+    def log_completions(self, records: list[dict[str, Any]]) -> None:
+        pass
+
+    def write_curves(self) -> None:
+        return None
+
+    def print(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,22 @@ class Policy:
     device: torch.device
     ref_model: Any | None = None  # frozen copy (full fine-tuning with beta > 0)
     is_lora: bool = False
+    # With several ranks: the DDP / FSDP wrappers (``distributed.wrap``) every pass goes through.
+    engine: Any | None = None
+    ref_engine: Any | None = None
+
+    @property
+    def lockstep(self) -> bool:
+        """Every forward is a collective (FSDP): ranks must run the same number of passes."""
+        from grpo_cli.distributed import is_fsdp
+
+        return self.engine is not None and is_fsdp(self.engine)
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(model, *args, **kwargs)`` on the policy, through its distributed wrapper when it has one."""
+        if self.engine is not None:
+            return self.engine(fn, *args, **kwargs)
+        return fn(self.model, *args, **kwargs)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -150,13 +166,16 @@ def _wrap_lora(model: Any, lora_cfg: Any, adapter_dir: str | None, trainable: bo
 
 
 @contextlib.contextmanager
-def reference(policy: Policy) -> Iterator[Any]:
-    """The model to use as pi_ref inside this block (the adapter is off while it is open)."""
+def reference(policy: Policy) -> Iterator[Callable[..., Any]]:
+    """pi_ref inside this block, as a runner like ``Policy.run`` (the adapter is off while it is open)."""
     if policy.is_lora:
         with policy.model.disable_adapter():
-            yield policy.model
+            yield policy.run
     elif policy.ref_model is not None:
-        yield policy.ref_model
+        if policy.ref_engine is not None:
+            yield policy.ref_engine
+        else:
+            yield lambda fn, *args, **kwargs: fn(policy.ref_model, *args, **kwargs)
     else:
         raise RuntimeError("no reference policy: full fine-tuning keeps one only when algo.beta > 0")
 

@@ -98,7 +98,6 @@ def _expand_cache(cache: Any, repeats: int) -> None:
 COMPACT_FRACTION = 0.25
 
 
-@torch.inference_mode()
 def sample_group(
     model: Any,
     prompt_ids: torch.Tensor,
@@ -112,6 +111,8 @@ def sample_group(
     top_p: float = 1.0,
     greedy: bool = False,
     return_logprobs: bool = False,
+    generators: Sequence[torch.Generator] | None = None,
+    synced: bool = False,
 ):
     """Sample G completions for each of P left-padded prompts.
 
@@ -123,7 +124,48 @@ def sample_group(
     sampler still draws for all N rows from an [N, V] tensor, finished rows holding their last logits:
     ``torch.multinomial`` draws one exponential per entry whatever the values, so the random stream,
     and with it every live row's token, is the one ``generate`` (which decodes every row) would give.
+
+    ``generators``: one per prompt; its G completions draw from it alone, so what a prompt gets
+    depends on its generator's seed, not on which other prompts share the batch (or the rank).
+    None draws from the global torch RNG, as ``generate`` does. ``synced`` (FSDP, where each forward
+    is a collective): keep decoding until every rank's sequences have ended.
     """
+    # FSDP reuses its gather buffers outside this call, which inference tensors forbid.
+    with torch.no_grad() if synced else torch.inference_mode():
+        return _sample(
+            model,
+            prompt_ids,
+            prompt_mask,
+            group_size,
+            max_new_tokens,
+            eos_id,
+            pad_id,
+            temperature,
+            top_k,
+            top_p,
+            greedy,
+            return_logprobs,
+            generators,
+            synced,
+        )
+
+
+def _sample(
+    model: Any,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    group_size: int,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    greedy: bool,
+    return_logprobs: bool,
+    generators: Sequence[torch.Generator] | None,
+    synced: bool,
+):
     pos = positions(prompt_mask)
     out = model(
         input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True, logits_to_keep=1
@@ -142,13 +184,18 @@ def sample_group(
             tok = logits.argmax(-1)
         else:
             probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
-            tok = torch.multinomial(probs, 1).squeeze(1)
+            tok = _draw(probs, generators, group_size)
         tok = tok.masked_fill(done, pad_id)
         tokens.append(tok)
         if return_logprobs:
             logprobs.append(torch.log_softmax(logits / temperature, -1).gather(1, tok[:, None]).squeeze(1))
         done = done | (tok == eos_id)
-        if step == max_new_tokens - 1 or bool(done.all()):
+        finished = bool(done.all())
+        if synced:
+            from grpo_cli.distributed import all_ranks
+
+            finished = all_ranks(finished)
+        if step == max_new_tokens - 1 or finished:
             break
         live, mask, next_pos = _compact(cache, live, done, mask, next_pos)
         mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
@@ -168,9 +215,25 @@ def sample_group(
     # A token is part of the completion up to and including the first EOS.
     is_eos = ids == eos_id
     after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+    # Columns past every row's end exist only when decoding kept step with other ranks: drop them.
+    width = int((~after_eos).any(0).nonzero().max()) + 1
+    ids, mask = ids[:, :width], (~after_eos[:, :width]).long()
     if return_logprobs:
-        return ids, (~after_eos).long(), torch.stack(logprobs, dim=1)
-    return ids, (~after_eos).long()
+        return ids, mask, torch.stack(logprobs, dim=1)[:, :width]
+    return ids, mask
+
+
+def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator] | None, group_size: int) -> torch.Tensor:
+    """One token per row of probs [N, V]; group p (rows [p*G, (p+1)*G)) draws from generators[p]."""
+    if generators is None:
+        return torch.multinomial(probs, 1).squeeze(1)
+    groups = probs.split(group_size)
+    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(groups, generators)]).squeeze(1)
+
+
+def prompt_generators(seeds: Sequence[int], device: torch.device) -> list[torch.Generator]:
+    """One seeded generator per prompt (the sampling stream of its group)."""
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
 
 def _compact(
@@ -182,7 +245,8 @@ def _compact(
     """
     finished = done[live]
     n_finished = int(finished.sum())
-    if n_finished == 0 or n_finished < COMPACT_FRACTION * len(live):
+    # All finished happens only while decoding in step with other ranks: keep the batch non-empty.
+    if n_finished == 0 or n_finished < COMPACT_FRACTION * len(live) or n_finished == len(live):
         return live, mask, next_pos
     keep = (~finished).nonzero().squeeze(1)  # positions within the current batch
     cache.batch_select_indices(keep)
@@ -219,8 +283,13 @@ def generate(
     rollout_cfg: Any,
     chat_template: bool = False,
     greedy: bool = False,
+    seeds: Sequence[int] | None = None,
 ) -> Rollout:
-    """G completions for each prompt (rows[i] is the dataset row of prompts[i]), decoded, not yet scored."""
+    """G completions for each prompt (rows[i] is the dataset row of prompts[i]), decoded, not yet scored.
+
+    ``seeds``: one per prompt, the seed of its group's sampling stream (``sample_group``'s
+    generators); None samples from the global torch RNG.
+    """
     tok = policy.tokenizer
     model = policy.model
     was_training = model.training
@@ -232,8 +301,11 @@ def generate(
             p_ids, p_mask = encode_prompts(
                 tok, prompts[start : start + per_chunk], chat_template, policy.device
             )
-            c_ids, c_mask = sample_group(
-                model,
+            gens = (
+                None if seeds is None else prompt_generators(seeds[start : start + per_chunk], policy.device)
+            )
+            c_ids, c_mask = policy.run(
+                sample_group,
                 p_ids,
                 p_mask,
                 group_size,
@@ -244,6 +316,8 @@ def generate(
                 rollout_cfg.top_k,
                 rollout_cfg.top_p,
                 greedy=greedy,
+                generators=gens,
+                synced=policy.lockstep,
             )
             parts["p"].append(p_ids.repeat_interleave(group_size, 0))
             parts["pm"].append(p_mask.repeat_interleave(group_size, 0))

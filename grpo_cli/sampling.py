@@ -12,8 +12,10 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
+from grpo_cli import distributed
 from grpo_cli.data import build_prompt
 from grpo_cli.models import Policy
 from grpo_cli.rollout import Rollout, concat_rollouts, generate, score
@@ -28,6 +30,11 @@ class PromptSampler:
 
     def _shuffle(self) -> list[int]:
         return random.Random(self.seed * 100_003 + self.epoch).sample(range(self.num_rows), self.num_rows)
+
+    @property
+    def drawn(self) -> int:
+        """Prompts drawn so far over all epochs: the draw number of the next one."""
+        return self.epoch * self.num_rows + self.pos
 
     def take(self, k: int) -> list[int]:
         out = []
@@ -80,13 +87,31 @@ class Sampled:
     rounds: int
 
 
+def draw_seed(seed: int, draw: int) -> int:
+    """The seed of the sampling stream of the ``draw``-th prompt drawn in a run seeded ``seed``.
+
+    A function of the run's seed and the prompt's place in the prompt stream only: the completions of
+    a prompt do not depend on the batch, the rank or the world size it is sampled in, and a resumed
+    run draws what the uninterrupted one drew.
+    """
+    return int(np.random.SeedSequence([seed, draw]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def _sample_round(
     policy: Policy, sampler: PromptSampler, rows: list[dict], rewarder: Any, cfg: Any
 ) -> Rollout:
-    picked = [rows[i] for i in sampler.take(cfg.train.prompts_per_step)]
+    # Every rank draws the whole round (so all samplers stay in step) and keeps its own share.
+    first = sampler.drawn
+    index = list(enumerate(sampler.take(cfg.train.prompts_per_step), start=first))
+    mine = distributed.shard(index)
+    picked = [rows[i] for _, i in mine]
     prompts = [build_prompt(r, cfg.data.template) for r in picked]
+    seeds = [draw_seed(cfg.seed, d) for d, _ in mine]
     ro = score(
-        generate(policy, picked, prompts, cfg.algo.group_size, cfg.rollout, cfg.model.chat_template), rewarder
+        generate(
+            policy, picked, prompts, cfg.algo.group_size, cfg.rollout, cfg.model.chat_template, seeds=seeds
+        ),
+        rewarder,
     )
     if cfg.algo.overlong_buffer > 0:
         pen = overlong_penalty(
@@ -100,17 +125,20 @@ def _sample_round(
 def sample_step(policy: Policy, sampler: PromptSampler, rows: list[dict], rewarder: Any, cfg: Any) -> Sampled:
     """Sample, score and (with ``algo.dynamic_sampling``) filter one step's groups.
 
-    Dynamic sampling (DAPO): sample rounds of ``prompts_per_step`` prompts until ``prompts_per_step``
-    informative groups are in hand or ``algo.max_sampling_rounds`` rounds are spent, and train on the
-    first ``prompts_per_step`` of them. When the cap is hit first, the batch is filled up with
+    P is this rank's share of the step's groups, ``prompts_per_step / world_size``. Dynamic sampling
+    (DAPO): sample rounds of P prompts until P informative groups are in hand or
+    ``algo.max_sampling_rounds`` rounds are spent, and train on the first P of them. When the cap is hit first, the batch is filled up with
     zero-variance groups in the order sampled: they add no policy gradient (zero advantage), only
     the KL term, and keep the batch size, and with it the loss normalisation, constant.
     """
-    algo, P, G = cfg.algo, cfg.train.prompts_per_step, cfg.algo.group_size
+    algo, G = cfg.algo, cfg.algo.group_size
+    P = cfg.train.prompts_per_step // distributed.world().size  # this rank's groups
     max_rounds = algo.max_sampling_rounds if algo.dynamic_sampling else 1
     parts: list[Rollout] = []
     found = 0
-    while len(parts) < max_rounds and (not parts or found < P):
+    # With several ranks, every rank samples until each has its own P informative groups (or the
+    # rounds run out), so all take the same number of rounds.
+    while len(parts) < max_rounds and (not parts or not distributed.all_ranks(found >= P)):
         parts.append(_sample_round(policy, sampler, rows, rewarder, cfg))
         found += int(informative_groups(parts[-1].rewards, G).sum())
     seen = concat_rollouts(parts, policy.tokenizer.pad_token_id)

@@ -47,20 +47,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from grpo_cli import checkpoint
+from grpo_cli import checkpoint, distributed
 from grpo_cli.config import ConfigError
 from grpo_cli.core.loss import aggregation_units, group_advantages, policy_loss
 from grpo_cli.data import build_prompt, load_rows
 from grpo_cli.evaluate import held_out_metrics
-from grpo_cli.logging import RunLogger, setup_logging
+from grpo_cli.logging import RunLogger, SilentLogger, setup_logging
 from grpo_cli.models import Policy, grouped_completion_logprobs, load_policy, reference
 from grpo_cli.rewards import build_rewarder
-from grpo_cli.rollout import Rollout
+from grpo_cli.rollout import Rollout, concat_rollouts
 from grpo_cli.sampling import PromptSampler, informative_groups, sample_step
 
 log = logging.getLogger("grpo_cli")
 
 NAN_STEPS_ENV = "GRPO_TEST_NAN_STEPS"
+# Test hook: "<rank>:<step>" makes that rank raise during that step (a failing rank must end the job).
+FAIL_RANK_ENV = "GRPO_TEST_FAIL_RANK"
 # Warn about zero-variance groups after this many steps in a row above train.zero_std_warn, then at
 # most once every ZERO_STD_REPEAT steps while it lasts.
 ZERO_STD_PATIENCE, ZERO_STD_REPEAT = 5, 50
@@ -96,23 +98,33 @@ class Batch:
 
 
 def advantages_for(rollout: Rollout, group_size: int, scale: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Advantages [N] and the judged flag [N]; unjudged rewards take their group's judged mean."""
+    """Advantages [N] and the judged flag [N]; unjudged rewards take their group's judged mean.
+
+    ``scale=batch`` divides by the std of the whole step's rewards, every rank's included.
+    """
     rewards = rollout.rewards.view(-1, group_size)
     judged = ~torch.isnan(rewards)
     count = judged.sum(1, keepdim=True)
     group_mean = torch.where(judged, rewards, 0.0).sum(1, keepdim=True) / count.clamp(min=1)
-    filled = torch.where(judged, rewards, group_mean)
-    return group_advantages(filled.view(-1), group_size, scale=scale), judged.view(-1)
+    filled = torch.where(judged, rewards, group_mean).view(-1)
+    if scale == "batch" and distributed.world().enabled:
+        everyone = distributed.gather_objects(filled)
+        mine = distributed.world().rank
+        start = sum(len(x) for x in everyone[:mine])
+        adv = group_advantages(torch.cat(everyone), group_size, scale=scale)[start : start + len(filled)]
+        return adv, judged.view(-1)
+    return group_advantages(filled, group_size, scale=scale), judged.view(-1)
 
 
 def _micro_batches(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _micro_logps(model: Any, rollout: Rollout, s: slice, temperature: float) -> torch.Tensor:
+def _micro_logps(run: Any, rollout: Rollout, s: slice, temperature: float) -> torch.Tensor:
     """Log-probs [n, T] of the completions in ``s``, each group's prompt run through the model once.
 
-    A micro-batch may start or end inside a group: its prompts are those of the groups it touches.
+    ``run``: ``Policy.run`` or a reference runner (``models.reference``). A micro-batch may start or
+    end inside a group: its prompts are those of the groups it touches.
     """
     G = rollout.group_size
     first, last = s.start // G, (s.stop - 1) // G
@@ -122,8 +134,8 @@ def _micro_logps(model: Any, rollout: Rollout, s: slice, temperature: float) -> 
     if not torch.equal(prompt_ids[index], rollout.prompt_ids[s]):  # not laid out in groups: no sharing
         prompt_ids, prompt_mask = rollout.prompt_ids[s], rollout.prompt_mask[s]
         index = torch.arange(s.stop - s.start, device=index.device)
-    return grouped_completion_logprobs(
-        model,
+    return run(
+        grouped_completion_logprobs,
         prompt_ids,
         prompt_mask,
         rollout.completion_ids[s],
@@ -134,9 +146,9 @@ def _micro_logps(model: Any, rollout: Rollout, s: slice, temperature: float) -> 
 
 
 @torch.no_grad()
-def _logps_no_grad(model: Any, rollout: Rollout, temperature: float, micro: int) -> torch.Tensor:
+def _logps_no_grad(run: Any, rollout: Rollout, temperature: float, micro: int) -> torch.Tensor:
     n = rollout.completion_ids.size(0)
-    return torch.cat([_micro_logps(model, rollout, s, temperature) for s in _micro_batches(n, micro)])
+    return torch.cat([_micro_logps(run, rollout, s, temperature) for s in _micro_batches(n, micro)])
 
 
 def prepare(policy: Policy, rollout: Rollout, cfg: Any) -> Batch:
@@ -147,10 +159,10 @@ def prepare(policy: Policy, rollout: Rollout, cfg: Any) -> Batch:
     loss_mask = rollout.completion_mask.bool() & judged[:, None]
     ref = old = None
     if algo.beta > 0:
-        with reference(policy) as ref_model:
-            ref = _logps_no_grad(ref_model, rollout, temp, micro)
+        with reference(policy) as ref_run:
+            ref = _logps_no_grad(ref_run, rollout, temp, micro)
     if algo.num_iterations > 1:
-        old = _logps_no_grad(policy.model, rollout, temp, micro)
+        old = _logps_no_grad(policy.run, rollout, temp, micro)
     return Batch(rollout, adv.to(device), loss_mask.to(device), ref, old)
 
 
@@ -166,31 +178,41 @@ def update(
 
     An iteration whose loss or gradient norm is not finite is not applied (``skipped`` = 1).
     ``poison`` (the NaN test hook) multiplies the loss by NaN.
+
+    With several ranks the batch is this rank's share: the denominator counts every rank's units, so
+    the rank losses add up to the global loss, and the wrappers' gradient average is undone by
+    scaling each rank's loss by the world size before ``backward``. ``loss`` is the global loss, the
+    other statistics the mean of the ranks'.
     """
     algo, tr = cfg.algo, cfg.train
     n = batch.rollout.completion_ids.size(0)
-    # The whole batch's units (tokens or completions), counted as policy_loss counts them.
-    denom = max(float(aggregation_units(batch.loss_mask, algo.aggregation)), 1.0)
-    params = [p for p in policy.model.parameters() if p.requires_grad]
+    world = distributed.world()
+    # The whole batch's units (tokens or completions, every rank's), counted as policy_loss counts them.
+    denom = max(float(distributed.all_sum(aggregation_units(batch.loss_mask, algo.aggregation))), 1.0)
+    params = trained_params(optimizer)
     stats: dict[str, float] = {}
     skipped = False
     for _ in range(algo.num_iterations):
         totals: dict[str, float] = {}
         parts = _micro_batches(n, tr.micro_batch_size)
-        for s in parts:
-            logps = _micro_logps(policy.model, batch.rollout, s, cfg.rollout.temperature)
-            old = None if batch.old_logps is None else batch.old_logps[s]
-            ref = None if batch.ref_logps is None else batch.ref_logps[s]
-            loss, st = policy_loss(
-                logps, old, ref, batch.advantages[s], batch.loss_mask[s], algo, denominator=denom
-            )
-            if poison:
-                loss = loss * float("nan")
-            loss.backward()
+        for i, s in enumerate(parts):
+            # Gradients cross ranks once per optimizer step, after the last micro-batch.
+            with distributed.grad_sync(policy.engine, enabled=i == len(parts) - 1):
+                logps = _micro_logps(policy.run, batch.rollout, s, cfg.rollout.temperature)
+                old = None if batch.old_logps is None else batch.old_logps[s]
+                ref = None if batch.ref_logps is None else batch.ref_logps[s]
+                loss, st = policy_loss(
+                    logps, old, ref, batch.advantages[s], batch.loss_mask[s], algo, denominator=denom
+                )
+                if poison:
+                    loss = loss * float("nan")
+                (loss * world.size).backward()
             for k, v in st.to_dict().items():
                 totals[k] = totals.get(k, 0.0) + v / len(parts)
             totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm))
+        if world.enabled:
+            totals = _reduce_stats(totals, world.size)
+        grad_norm = distributed.clip_grad_norm(params, tr.max_grad_norm)
         finite = math.isfinite(grad_norm) and math.isfinite(totals["loss"])
         if finite:
             optimizer.step()
@@ -201,6 +223,13 @@ def update(
     stats["skipped"] = float(skipped)
     stats["lr"] = scheduler.get_last_lr()[0]
     return stats
+
+
+def _reduce_stats(totals: dict[str, float], world_size: int) -> dict[str, float]:
+    """The global loss (a sum over ranks) and the ranks' mean of every other statistic."""
+    keys = sorted(totals)
+    summed = distributed.all_sum(torch.tensor([totals[k] for k in keys], dtype=torch.float64)).tolist()
+    return {k: v if k == "loss" else v / world_size for k, v in zip(keys, summed)}
 
 
 def rollout_metrics(rollout: Rollout) -> dict[str, float]:
@@ -214,6 +243,15 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
         "completion_len": float(rollout.lengths.float().mean()),
         **rollout.reward_metrics,
     }
+
+
+def trained_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters the optimizer updates.
+
+    Not ``model.parameters()``: between a forward and its backward FSDP swaps the registered
+    parameters for unsharded ones, which never receive a gradient.
+    """
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def make_optimizer(policy: Policy, tr: Any, total_steps: int):
@@ -299,32 +337,48 @@ class Trainer:
     config_yaml: str
     evals: dict[int, dict[str, float]] = field(default_factory=dict)
 
-    def trainer_state(self) -> dict[str, Any]:
+    def trainer_state(self, optimizer_state: dict | None = None) -> dict[str, Any]:
         return {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state if optimizer_state is not None else self.optimizer.state_dict(),
+            "optimizer_format": "fsdp_full" if self.policy.lockstep else "torch",
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
             "guard": self.guard.state_dict(),
             "evals": self.evals,
+            # Every rank's RNG (dropout draws differ per rank); rank r resumes with rng_ranks[r].
+            "rng_ranks": distributed.gather_objects(checkpoint.rng_state()),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved = state.get("optimizer_format", "torch")
+        mine = "fsdp_full" if self.policy.lockstep else "torch"
+        if saved != mine:
+            raise ConfigError(
+                f"the checkpoint's optimizer state was saved with train.strategy="
+                f"{'fsdp' if saved == 'fsdp_full' else 'ddp (or 1 process)'}: resume it the same way"
+            )
+        distributed.load_optimizer_state(self.policy.engine, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         self.guard.load_state_dict(state.get("guard", {}))
         self.evals = dict(state.get("evals", {}))
 
     def save(self, step: int) -> Path | None:
-        """A checkpoint of this step, unless the weights are not finite."""
-        params = [p for p in self.policy.model.parameters() if p.requires_grad]
-        if not all(bool(torch.isfinite(p).all()) for p in params):
+        """A checkpoint of this step, unless the weights are not finite. Every rank calls it; rank 0 writes."""
+        if not distributed.all_finite(trained_params(self.optimizer)):
             log.error(
                 "step %d: the weights are not finite; no checkpoint written (the last one is kept)", step
             )
             return None
-        model, tok, keep = self.policy.model, self.policy.tokenizer, self.cfg.train.keep_checkpoints
-        return checkpoint.save(self.path, step, model, tok, self.trainer_state(), self.config_yaml, keep)
+        model_state, optim_state = distributed.full_state(self.policy.engine, self.optimizer)
+        state = self.trainer_state(optim_state)
+        path = None
+        if distributed.world().is_main:
+            model, tok, keep = self.policy.model, self.policy.tokenizer, self.cfg.train.keep_checkpoints
+            path = checkpoint.save(
+                self.path, step, model, tok, state, self.config_yaml, keep, model_state=model_state
+            )
+        return distributed.broadcast_object(path)
 
 
 def _build(cfg: Any, run_path: Path) -> tuple[Trainer, dict[str, Any] | None]:
@@ -334,7 +388,13 @@ def _build(cfg: Any, run_path: Path) -> tuple[Trainer, dict[str, Any] | None]:
     tr, algo = cfg.train, cfg.algo
     if algo.max_completion_length is None:  # Dr. GRPO's constant: the longest completion we sample
         algo.max_completion_length = cfg.rollout.max_new_tokens
-    seed_everything(cfg.seed)
+    world = distributed.init()
+    if cfg.train.prompts_per_step % world.size:
+        raise ConfigError(
+            f"train.prompts_per_step={cfg.train.prompts_per_step}: must divide by the {world.size} ranks "
+            "(each rank samples whole groups of an equal share)"
+        )
+    seed_everything(cfg.seed)  # the same on every rank: LoRA's initial weights must agree
     train_rows = load_rows(cfg.data, cfg.data.train_split)
     test_rows = load_rows(cfg.data, cfg.data.test_split)[: tr.eval_problems]
     resume_from = checkpoint.resolve_resume(tr.resume, run_path)
@@ -348,6 +408,12 @@ def _build(cfg: Any, run_path: Path) -> tuple[Trainer, dict[str, Any] | None]:
     if resume_from is None and tr.resume == "auto":
         log.info("no checkpoint in %s yet: starting from step 0", run_path)
     policy = load_policy(cfg.model, cfg.lora, algo.beta, checkpoint=str(resume_from) if resume_from else None)
+    if world.enabled:
+        policy.engine = distributed.wrap(policy.model, tr.strategy)
+        if policy.ref_model is not None and tr.strategy == "fsdp":
+            policy.ref_engine = distributed.wrap(policy.ref_model, tr.strategy, trainable=False)
+    # Per-rank streams from here (dropout); sampling has its own per-prompt streams (sampling.draw_seed).
+    seed_everything(cfg.seed + world.rank)
     optimizer, scheduler = make_optimizer(policy, tr, tr.steps)
     trainer = Trainer(
         cfg,
@@ -377,34 +443,61 @@ def _build(cfg: Any, run_path: Path) -> tuple[Trainer, dict[str, Any] | None]:
     return trainer, state
 
 
-def train_step(t: Trainer, step: int) -> tuple[dict[str, float], Batch]:
-    """One GRPO step: sample and score, advantages, mu updates. Returns the step's metrics and batch."""
+def _cpu(ro: Rollout) -> Rollout:
+    """A copy of ``ro`` with its tensors on the CPU (to send it to another rank)."""
+    return Rollout(**{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in vars(ro).items()})
+
+
+def gather_rollout(ro: Rollout, pad_id: int) -> Rollout:
+    """Every rank's rollout, concatenated in rank order (the 1-process layout); ``ro`` itself with one rank."""
+    if not distributed.world().enabled:
+        return ro
+    return concat_rollouts(distributed.gather_objects(_cpu(ro)), pad_id)
+
+
+def train_step(t: Trainer, step: int) -> tuple[dict[str, float], Rollout, torch.Tensor]:
+    """One GRPO step: sample and score, advantages, mu updates.
+
+    Returns the step's metrics, and the batch (all ranks') with its advantages [N], for the logs.
+    """
+    _fail_hook(step)
     t0 = time.perf_counter()
     sampled = sample_step(t.policy, t.sampler, t.train_rows, t.rewarder, t.cfg)
     t_gen = time.perf_counter() - t0
     batch = prepare(t.policy, sampled.batch, t.cfg)
     stats = update(t.policy, t.optimizer, t.scheduler, batch, t.cfg, poison=step in _nan_steps())
     dt = time.perf_counter() - t0
+    pad = t.policy.tokenizer.pad_token_id
+    seen = gather_rollout(sampled.seen, pad)
     metrics = {
-        **rollout_metrics(sampled.seen),
+        **rollout_metrics(seen),
         **stats,
         "step_time": dt,
         "gen_time": t_gen,
-        "tokens_per_s": float(sampled.seen.lengths.sum()) / dt,
+        "tokens_per_s": float(seen.lengths.sum()) / dt,
     }
+    everyone = seen if not t.cfg.algo.dynamic_sampling else gather_rollout(sampled.batch, pad)
     if t.cfg.algo.dynamic_sampling:
         metrics["sampling_rounds"] = float(sampled.rounds)
-        metrics["batch_zero_std_frac"] = rollout_metrics(sampled.batch)["zero_std_frac"]
+        metrics["batch_zero_std_frac"] = rollout_metrics(everyone)["zero_std_frac"]
+    advantages = torch.cat(distributed.gather_objects(batch.advantages.cpu()))
     tr = t.cfg.train
     if step == tr.steps or (tr.eval_every and step % tr.eval_every == 0):
         t.evals[step] = held_out_metrics(t.policy, t.test_rows, t.cfg, t.rewarder)
         metrics.update(t.evals[step])
-    return metrics, batch
+    return metrics, everyone, advantages
 
 
-def completion_records(step: int, batch: Batch, template: str) -> list[dict[str, Any]]:
+def _fail_hook(step: int) -> None:
+    spec = os.environ.get(FAIL_RANK_ENV, "")
+    if spec and tuple(map(int, spec.split(":"))) == (distributed.world().rank, step):
+        raise RuntimeError(f"{FAIL_RANK_ENV}: rank {distributed.world().rank} fails at step {step}")
+
+
+def completion_records(
+    step: int, ro: Rollout, advantages: torch.Tensor, template: str
+) -> list[dict[str, Any]]:
     """One ``completions.jsonl`` row per completion of the batch."""
-    ro = batch.rollout
     return [
         {
             "step": step,
@@ -413,7 +506,7 @@ def completion_records(step: int, batch: Batch, template: str) -> list[dict[str,
             "length": int(ro.lengths[i]),
             "reward": float(ro.rewards[i]),
             "rewards": {k: v[i] for k, v in ro.per_rule.items()},
-            "advantage": float(batch.advantages[i]),
+            "advantage": float(advantages[i]),
         }
         for i in range(len(ro.texts))
     ]
@@ -423,8 +516,8 @@ def _loop(t: Trainer, logger: RunLogger, stop: checkpoint.GracefulStop, start: i
     """Steps ``start + 1 .. train.steps``; raises RunStopped after a signal or too many bad steps."""
     tr = t.cfg.train
     for step in range(start + 1, tr.steps + 1):
-        metrics, batch = train_step(t, step)
-        _log_step(t, logger, step, metrics, batch)
+        metrics, ro, advantages = train_step(t, step)
+        _log_step(t, logger, step, metrics, ro, advantages)
         stopping = _stop_reason(t, stop, step)  # a signal arriving later is seen after the next step
         saved = None
         due = (tr.save_every and step % tr.save_every == 0) or step == tr.steps or stopping
@@ -436,9 +529,13 @@ def _loop(t: Trainer, logger: RunLogger, stop: checkpoint.GracefulStop, start: i
             raise RunStopped(_stop_message(stopping[0], t.path, resume_cmd, stopping[1]))
 
 
-def _log_step(t: Trainer, logger: RunLogger, step: int, metrics: dict[str, float], batch: Batch) -> None:
-    warnings = t.guard.record(step, metrics)  # adds bad_steps
-    records = completion_records(step, batch, t.cfg.data.template)
+def _log_step(
+    t: Trainer, logger: Any, step: int, metrics: dict[str, float], ro: Rollout, advantages: torch.Tensor
+) -> None:
+    warnings = t.guard.record(step, metrics)  # adds bad_steps; every rank keeps the counters
+    if not distributed.world().is_main:
+        return
+    records = completion_records(step, ro, advantages, t.cfg.data.template)
     logger.log(step, metrics, example=records[step % len(records)])  # not random: the RNG belongs to training
     for w in warnings:
         log.warning(w)
@@ -455,13 +552,19 @@ def _stop_reason(t: Trainer, stop: checkpoint.GracefulStop, step: int) -> tuple[
             f"(train.max_bad_steps={t.cfg.train.max_bad_steps}); lower train.lr or check the rewards",
             1,
         )
-    if stop.requested and step < t.cfg.train.steps:  # a signal during the last step: just finish
-        return f"stopped by {signal.Signals(stop.signum).name} after step {step}", stop.exit_code
+    # torchrun passes a signal to every rank, but not at the same instant: agree on it.
+    signum = int(distributed.all_max(stop.signum or 0))
+    if signum and step < t.cfg.train.steps:  # a signal during the last step: just finish
+        return f"stopped by {signal.Signals(signum).name} after step {step}", checkpoint.EXIT_CODES.get(
+            signum, 1
+        )
     return None
 
 
 def _stop_message(reason: str, run_path: Path, resume_cmd: str, code: int) -> int:
-    """Say why the run stopped and how to continue it (on stderr); returns the exit status."""
+    """Say why the run stopped and how to continue it (on stderr, from rank 0); returns the exit status."""
+    if not distributed.world().is_main:
+        return code
     found = checkpoint.list_checkpoints(run_path)
     where = f"last checkpoint: {found[-1]}" if found else "no checkpoint was written yet"
     log.error("%s; %s\nresume with:\n  %s", reason, where, resume_cmd)
@@ -474,15 +577,21 @@ def run(cfg: Any, run_dir: str, overrides: list[str] | None = None) -> dict[str,
     ``overrides``: the command-line overrides, for the printed resume command (by default the ones
     Hydra parsed). Raises ``RunStopped`` (a SystemExit) when a signal or bad steps end the run early.
     """
-    setup_logging()
-    run_path = Path(run_dir).resolve()
-    run_path.mkdir(parents=True, exist_ok=True)
-    checkpoint.remove_partial(run_path)
+    world = distributed.init()
+    setup_logging(logging.INFO if world.is_main else logging.WARNING)
+    run_path = Path(distributed.broadcast_object(str(Path(run_dir).resolve())))
+    if world.is_main:
+        run_path.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_partial(run_path)
+    distributed.barrier()
     t, state = _build(cfg, run_path)
     start = state["step"] if state else 0
     resume_cmd = checkpoint.resume_command(run_path, overrides)
-    logger = RunLogger(
-        run_path, cfg.train.steps, start, cfg.console, cfg.train.logger, resumed=state is not None
+    resumed = state is not None
+    logger = (
+        RunLogger(run_path, cfg.train.steps, start, cfg.console, cfg.train.logger, resumed=resumed)
+        if world.is_main
+        else SilentLogger()
     )
     try:
         with checkpoint.GracefulStop() as stop:
@@ -491,7 +600,7 @@ def run(cfg: Any, run_dir: str, overrides: list[str] | None = None) -> dict[str,
                 logger.log(0, t.evals[0])
             else:
                 # Exactly where the checkpoint took it: the next draw is the one step start+1 made.
-                checkpoint.set_rng_state(state["rng"])
+                checkpoint.set_rng_state(_rank_rng(state, world))
             _loop(t, logger, stop, start, resume_cmd)
     except KeyboardInterrupt:
         code = checkpoint.EXIT_CODES.get(stop.signum, 130)
@@ -502,7 +611,23 @@ def run(cfg: Any, run_dir: str, overrides: list[str] | None = None) -> dict[str,
         logger.close()
         t.rewarder.close()
     logger.print(_summary(t.evals))
+    distributed.barrier()  # no rank leaves while another may still be saving
     return {"evals": t.evals, "run_dir": str(run_path)}
+
+
+def _rank_rng(state: dict[str, Any], world: distributed.World) -> dict[str, Any]:
+    """This rank's RNG state in a checkpoint; with another world size, rank 0's on every rank (said once)."""
+    ranks = state.get("rng_ranks") or [state["rng"]]
+    if len(ranks) == world.size:
+        return ranks[world.rank]
+    if world.is_main:
+        log.warning(
+            "the checkpoint was written by %d ranks, this run has %d: sampling continues exactly "
+            "(its streams are per prompt), dropout draws do not",
+            len(ranks),
+            world.size,
+        )
+    return ranks[0]
 
 
 def _summary(evals: dict[int, dict[str, float]]) -> str:

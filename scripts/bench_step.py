@@ -85,7 +85,7 @@ def timed_step(t: Any, clock: Clock) -> None:
     for s in _micro_batches(len(ro.texts), cfg.train.micro_batch_size):
 
         def forward(s: slice = s) -> torch.Tensor:
-            logps = _micro_logps(policy.model, ro, s, cfg.rollout.temperature)
+            logps = _micro_logps(policy.run, ro, s, cfg.rollout.temperature)
             ref = None if batch.ref_logps is None else batch.ref_logps[s]
             args = (batch.advantages[s], batch.loss_mask[s], cfg.algo)
             return policy_loss(logps, None, ref, *args, denominator=denom)[0]

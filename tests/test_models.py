@@ -48,7 +48,7 @@ def test_lora_checkpoint_reloads_with_plain_peft(tmp_path, random_model_dir):
     with torch.no_grad():
         ours = completion_logprobs(policy.model, ids, mask, L)
         with reference(policy) as ref:
-            ref_lp = completion_logprobs(ref, ids, mask, L)
+            ref_lp = ref(completion_logprobs, ids, mask, L)
     policy.model.save_pretrained(tmp_path / "ckpt")
     base = AutoModelForCausalLM.from_pretrained(random_model_dir)
     with torch.no_grad():
@@ -152,8 +152,8 @@ def test_grouped_logprobs_match_full_sequences(random_model_dir, lora, monkeypat
     ids = torch.cat([p_ids[index], c_ids], 1)
     mask = torch.cat([p_mask[index], c_mask], 1)
     with torch.no_grad(), reference(policy) as ref:
-        want = completion_logprobs(ref, ids, mask, L)
-        got = grouped_completion_logprobs(ref, p_ids, p_mask, c_ids, c_mask, prompt_index=index)
+        want = ref(completion_logprobs, ids, mask, L)
+        got = ref(grouped_completion_logprobs, p_ids, p_mask, c_ids, c_mask, prompt_index=index)
     torch.testing.assert_close(got[m], want[m], atol=1e-5, rtol=1e-5)
 
 
