@@ -156,6 +156,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(SUBCOMMANDS[command][0])
     sys.argv = [f"grpo {command}", *rest]
     _hydra_entry(command, module.run)()
+    # Only after a clean finish (every rank passed the run's last barrier): after an error the peers
+    # may be gone, and leaving the group would wait for them.
+    from grpo_cli import distributed
+
+    distributed.shutdown()
     return 0
 
 

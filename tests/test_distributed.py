@@ -208,9 +208,9 @@ def ddp_runs(tmp_path_factory, tiny_model_path) -> tuple[Path, Path]:
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(ddp_runs):
     one, two = ddp_runs
-    # LoRA: the checkpoint is the adapter; its initial weights are zero in B, so compare to zero change.
+    # LoRA: the checkpoint is the adapter, whose B matrices start at zero (what training moved).
     adapter = _weights(one / "checkpoint-3")
-    _assert_same_run(one, two, {k: torch.zeros_like(v) for k, v in adapter.items()})
+    _assert_same_run(one, two, {k: torch.zeros_like(v) for k, v in adapter.items() if "lora_B" in k})
     # Rank 0 alone wrote: one metrics row per step, one checkpoint per step, no stray Hydra output.
     assert [r["step"] for r in read_metrics(two)] == [0, 1, 2, 3]
     assert sorted(p.name for p in two.glob("checkpoint-*")) == [
