@@ -169,7 +169,7 @@ def _wrap_lora(model: Any, lora_cfg: Any, adapter_dir: str | None, trainable: bo
 def reference(policy: Policy) -> Iterator[Callable[..., Any]]:
     """pi_ref inside this block, as a runner like ``Policy.run`` (the adapter is off while it is open)."""
     if policy.is_lora:
-        with policy.model.disable_adapter():
+        with _adapters_off(policy.model):
             yield policy.run
     elif policy.ref_model is not None:
         if policy.ref_engine is not None:
@@ -178,6 +178,35 @@ def reference(policy: Policy) -> Iterator[Callable[..., Any]]:
             yield lambda fn, *args, **kwargs: fn(policy.ref_model, *args, **kwargs)
     else:
         raise RuntimeError("no reference policy: full fine-tuning keeps one only when algo.beta > 0")
+
+
+@contextlib.contextmanager
+def _adapters_off(model: Any) -> Iterator[None]:
+    """The LoRA layers pass their input through the base layer alone inside this block.
+
+    Sets each adapter layer's switch directly: peft's ``disable_adapter()`` also toggles the adapter
+    weights' ``requires_grad`` and re-checks the whole model's adapter status on the way out, 10% of a
+    tiny-model step (scripts/bench_step.py). The reference pass runs without gradients, so the switch
+    is all it needs. Falls back to peft's context where its layers lack the switch.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = getattr(model, "_grpo_adapter_layers", None)
+    if layers is None:
+        layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        model._grpo_adapter_layers = layers  # the layer set of a model is fixed once it is wrapped
+    if not layers or not all(hasattr(m, "_disable_adapters") for m in layers):
+        with model.disable_adapter():
+            yield
+        return
+    before = [m._disable_adapters for m in layers]
+    try:
+        for m in layers:
+            m._disable_adapters = True
+        yield
+    finally:
+        for m, b in zip(layers, before):
+            m._disable_adapters = b
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:

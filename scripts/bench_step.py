@@ -72,12 +72,17 @@ def timed_step(t: Any, clock: Clock) -> None:
     from grpo_cli.core.loss import aggregation_units, policy_loss
     from grpo_cli.data import build_prompt
     from grpo_cli.rollout import generate, score
+    from grpo_cli.sampling import draw_seed
     from grpo_cli.train import _micro_batches, _micro_logps, prepare
 
     cfg, policy = t.cfg, t.policy
+    first = t.sampler.drawn
     picked = [t.train_rows[i] for i in t.sampler.take(cfg.train.prompts_per_step)]
     prompts = [build_prompt(r, cfg.data.template) for r in picked]
-    ro = clock.run("generate", generate, policy, picked, prompts, cfg.algo.group_size, cfg.rollout)
+    seeds = [draw_seed(cfg.seed, first + i) for i in range(len(picked))]  # per-prompt streams, as the loop
+    ro = clock.run(
+        "generate", generate, policy, picked, prompts, cfg.algo.group_size, cfg.rollout, seeds=seeds
+    )
     ro = clock.run("reward", score, ro, t.rewarder)
     batch = clock.run("reference", prepare, policy, ro, cfg)
     denom = max(float(aggregation_units(batch.loss_mask, cfg.algo.aggregation)), 1.0)

@@ -265,7 +265,8 @@ def test_two_process_run_resumes_with_two_and_evaluates_in_one(ddp_runs, tmp_pat
 
 @pytest.mark.slow
 def test_fsdp_two_processes_match_one(tmp_path, tiny_initial):
-    args = [*ARGS, "lora=none"]
+    # scale_rewards=batch: the std is taken over every rank's rewards, as over the 1-process batch.
+    args = [*ARGS, "lora=none", "algo.scale_rewards=batch"]
     _ok(_grpo(args, tmp_path / "one"))
     _ok(_grpo([*args, "train.strategy=fsdp"], tmp_path / "two", nproc=2))
     _assert_same_run(tmp_path / "one", tmp_path / "two", tiny_initial)
@@ -293,3 +294,13 @@ def test_a_failing_rank_ends_the_job(tmp_path):
     # What was written before the failure is intact.
     assert (run / "checkpoint-1" / "trainer_state.pt").is_file()
     assert [r["step"] for r in read_metrics(run)] == [0, 1]
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_keeps_the_ranks_in_step(tmp_path):
+    """Each rank resamples until every rank has its share of informative groups: no rank waits alone."""
+    run = tmp_path / "dapo"
+    _ok(_grpo([*ARGS, "algo=dapo", "algo.max_sampling_rounds=3", "train.steps=2"], run, nproc=2, timeout=180))
+    rows = _steps(run)
+    assert sorted(rows) == [1, 2]
+    assert all(1 <= r["sampling_rounds"] <= 3 for r in rows.values())

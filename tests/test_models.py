@@ -49,6 +49,7 @@ def test_lora_checkpoint_reloads_with_plain_peft(tmp_path, random_model_dir):
         ours = completion_logprobs(policy.model, ids, mask, L)
         with reference(policy) as ref:
             ref_lp = ref(completion_logprobs, ids, mask, L)
+        after = completion_logprobs(policy.model, ids, mask, L)  # the adapter is back on
     policy.model.save_pretrained(tmp_path / "ckpt")
     base = AutoModelForCausalLM.from_pretrained(random_model_dir)
     with torch.no_grad():
@@ -59,6 +60,7 @@ def test_lora_checkpoint_reloads_with_plain_peft(tmp_path, random_model_dir):
     torch.testing.assert_close(ours[m], plain[m], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ref_lp[m], base_lp[m], atol=1e-5, rtol=1e-5)
     assert (ours[m] - ref_lp[m]).abs().max() > 1e-3, "the adapter should change the log-probs"
+    torch.testing.assert_close(after, ours, atol=0, rtol=0)
     # And through our own loader, as `grpo eval checkpoint=...` does.
     again = load_policy(
         mc, LoraConfig(r=4, alpha=8), beta=0.0, checkpoint=str(tmp_path / "ckpt"), trainable=False
