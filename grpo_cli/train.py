@@ -16,6 +16,9 @@ One step (DeepSeekMath, Algorithm 1, with the reward model replaced by rule-base
 Log-probs run each group's prompt through the model once per micro-batch and its G completions on
 the shared key/value cache (``models.grouped_completion_logprobs``).
 
+Under ``torchrun`` each rank runs this loop on its share of the step's prompts
+(``grpo_cli.distributed``); rank 0 writes the logs and checkpoints.
+
 A completion no rule can judge (reward None) is left out of the loss and its reward replaced by its
 group's mean, so it neither pulls nor pushes the others.
 
