@@ -7,9 +7,12 @@ with the KV cache and stops as soon as every sequence has produced EOS; rows tha
 leave the decoding batch (their KV rows dropped) once a quarter of it has finished, so a long tail
 of completions does not pay for the short ones (1.4x on ragged lengths, mean 41 of 96 tokens).
 
-Sampling applies temperature, then top-k, then top-p, then draws with ``torch.multinomial`` on the
-float32 probabilities: the order and the filtering rules of ``model.generate``'s warpers, so for the
-same logits and RNG state the same tokens come out.
+Sampling applies temperature, then top-k, then top-p: the order and the filtering rules of
+``model.generate``'s warpers. Without per-prompt seeds the draw is ``torch.multinomial`` on the
+float32 probabilities from the global RNG, so for the same logits and RNG state the same tokens come
+out as from ``generate``. With seeds (training) each group's uniforms come from its own generator,
+drawn once per rollout, and every step's tokens are one inverse-CDF lookup for the whole batch: the
+same distribution, a different stream, and no per-group work per token.
 """
 
 from __future__ import annotations
@@ -125,8 +128,9 @@ def sample_group(
     ``torch.multinomial`` draws one exponential per entry whatever the values, so the random stream,
     and with it every live row's token, is the one ``generate`` (which decodes every row) would give.
 
-    ``generators``: one per prompt; its G completions draw from it alone, so what a prompt gets
-    depends on its generator's seed, not on which other prompts share the batch (or the rank).
+    ``generators``: one per prompt; its G completions draw from it alone (inverse CDF on uniforms it
+    gives up front), so what a prompt gets depends on its generator's seed, not on which other
+    prompts share the batch (or the rank).
     None draws from the global torch RNG, as ``generate`` does. ``synced`` (FSDP, where each forward
     is a collective): keep decoding until every rank's sequences have ended.
     """
@@ -167,6 +171,9 @@ def _sample(
     synced: bool,
 ):
     pos = positions(prompt_mask)
+    uniforms = None
+    if generators is not None and not greedy:
+        uniforms = _group_uniforms(generators, group_size, max_new_tokens, prompt_ids.device)
     out = model(
         input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True, logits_to_keep=1
     )
@@ -184,7 +191,11 @@ def _sample(
             tok = logits.argmax(-1)
         else:
             probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
-            tok = _draw(probs, generators, group_size)
+            tok = (
+                torch.multinomial(probs, 1).squeeze(1)
+                if uniforms is None
+                else _inverse_cdf(probs, uniforms[step])
+            )
         tok = tok.masked_fill(done, pad_id)
         tokens.append(tok)
         if return_logprobs:
@@ -223,12 +234,23 @@ def _sample(
     return ids, mask
 
 
-def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator] | None, group_size: int) -> torch.Tensor:
-    """One token per row of probs [N, V]; group p (rows [p*G, (p+1)*G)) draws from generators[p]."""
-    if generators is None:
-        return torch.multinomial(probs, 1).squeeze(1)
-    groups = probs.split(group_size)
-    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(groups, generators)]).squeeze(1)
+def _group_uniforms(
+    generators: Sequence[torch.Generator], group_size: int, steps: int, device: torch.device
+) -> torch.Tensor:
+    """Uniforms [steps, P*G] in [0, 1): column block p (group p's rows) from generators[p]."""
+    per_group = [torch.rand(steps, group_size, generator=g, device=device) for g in generators]
+    return torch.cat(per_group, dim=1)
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Row i of probs [N, V] sampled by its uniform u[i]: the first token whose CDF exceeds u * total.
+
+    float64 CDF: float32 cumulative sums over a 150k vocabulary lose the low-probability tokens. A
+    token of probability 0 (filtered out) has an empty CDF interval and is never returned.
+    """
+    cdf = probs.double().cumsum(-1)
+    target = (u.double() * cdf[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=probs.size(-1) - 1)
 
 
 def prompt_generators(seeds: Sequence[int], device: torch.device) -> list[torch.Generator]:
