@@ -7,8 +7,10 @@ A randomly initialised Qwen2 (hidden 512, 8 layers, vocab 32k: ~42 M parameters,
 G = 8 completions of ``--prompts`` random-token prompts of each length, ``--new-tokens`` tokens each,
 at temperature 1 with no top-k / top-p filtering. EOS is suppressed on both sides (``generate`` gets
 no EOS id; ours gets an id no token has), so both produce exactly prompts x G x new-tokens tokens.
-The two paths alternate A B A B over ``--repeats`` rounds after one warm-up each; the table shows
-median tokens/s (generated tokens over wall time, prefill included) and the ratio ours / generate.
+Three paths alternate over ``--repeats`` rounds after one warm-up each: ours with the global RNG
+(``grpo sample`` / ``grpo eval``), ours with per-prompt seeded streams (what ``grpo train`` runs), and
+``generate``; the table shows median tokens/s (generated tokens over wall time, prefill included)
+and the ratios to ``generate``.
 Target (issue 8): ratio >= 1.5 at prompt length 512 with G = 8.
 """
 
@@ -71,6 +73,18 @@ def ours(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, args: ar
     return out.numel()
 
 
+def ours_seeded(
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, args: argparse.Namespace
+) -> int:
+    from grpo_cli.rollout import prompt_generators, sample_group
+
+    gens = prompt_generators(range(ids.size(0)), ids.device)
+    out, _ = sample_group(
+        model, ids, mask, args.group_size, args.new_tokens, eos_id=NEVER, pad_id=0, generators=gens
+    )
+    return out.numel()
+
+
 @torch.inference_mode()
 def hf_generate(
     model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, args: argparse.Namespace
@@ -101,7 +115,7 @@ def bench_length(model: torch.nn.Module, length: int, args: argparse.Namespace) 
     gen = torch.Generator().manual_seed(args.seed + length)
     ids = torch.randint(1, args.vocab, (args.prompts, length), generator=gen)
     mask = torch.ones_like(ids)
-    paths = {"ours": ours, "generate": hf_generate}
+    paths = {"ours": ours, "seeded": ours_seeded, "generate": hf_generate}
     speeds: dict[str, list[float]] = {name: [] for name in paths}
     for fn in paths.values():  # warm-up: first-call allocations, lazy imports
         timed(fn, model, ids, mask, args)
@@ -123,10 +137,16 @@ def main(argv: list[str] | None = None) -> None:
         f"vocab {args.vocab}; {args.prompts} prompts x G={args.group_size} x {args.new_tokens} new tokens; "
         f"torch threads {torch.get_num_threads()}; median of {args.repeats}"
     )
-    print(f"{'prompt len':>10} {'ours tok/s':>11} {'generate tok/s':>15} {'ratio':>6}")
+    print(
+        f"{'prompt len':>10} {'ours tok/s':>11} {'seeded tok/s':>13} {'generate tok/s':>15} "
+        f"{'ratio':>6} {'seeded ratio':>13}"
+    )
     for length in args.lengths:
         r = bench_length(model, length, args)
-        print(f"{length:>10} {r['ours']:>11.1f} {r['generate']:>15.1f} {r['ours'] / r['generate']:>6.2f}")
+        print(
+            f"{length:>10} {r['ours']:>11.1f} {r['seeded']:>13.1f} {r['generate']:>15.1f} "
+            f"{r['ours'] / r['generate']:>6.2f} {r['seeded'] / r['generate']:>13.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -38,14 +38,15 @@ def test_bench_rollout_defaults_are_the_issue_settings(bench_rollout):
     assert 10e6 <= params <= 50e6  # "a randomly initialised Qwen2 config of ~10-50 M parameters"
 
 
-def test_both_rollout_paths_generate_every_token(bench_rollout):
-    """EOS is suppressed on both sides, so both produce prompts x G x new-tokens tokens."""
+def test_every_rollout_path_generates_every_token(bench_rollout):
+    """EOS is suppressed on every side, so each produces prompts x G x new-tokens tokens."""
     args = bench_rollout.parse_args(["--hidden", "64", "--layers", "1", "--vocab", "50", "--new-tokens", "6"])
     model = bench_rollout.build_model(args)
     ids = torch.randint(1, args.vocab, (args.prompts, 5))
     mask = torch.ones_like(ids)
     expected = args.prompts * args.group_size * args.new_tokens
     assert bench_rollout.ours(model, ids, mask, args) == expected
+    assert bench_rollout.ours_seeded(model, ids, mask, args) == expected
     assert bench_rollout.hf_generate(model, ids, mask, args) == expected
 
 
