@@ -158,17 +158,20 @@ def config_changes(old_yaml: str, new_yaml: str, ignore: Sequence[str] = ()) -> 
     return [f"{k}: {old.get(k)} -> {new.get(k)}" for k in keys if old.get(k) != new.get(k)]
 
 
-def resume_command(run_dir: str | Path, overrides: Sequence[str] | None = None) -> str:
+def resume_command(
+    run_dir: str | Path, overrides: Sequence[str] | None = None, launcher: Sequence[str] = ("grpo",)
+) -> str:
     """The shell command that continues this run: the same overrides, this run dir, ``train.resume=auto``.
 
-    ``overrides`` defaults to the ones Hydra parsed for this job (empty outside a Hydra run).
+    ``overrides`` defaults to the ones Hydra parsed for this job (empty outside a Hydra run);
+    ``launcher`` is what runs the subcommand (``distributed.launcher()`` under torchrun).
     """
     if overrides is None:
         overrides = _hydra_overrides()
     drop = ("train.resume", "hydra.run.dir")
     kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in drop]
     return shlex.join(
-        ["grpo", "train", *kept, f"hydra.run.dir={Path(run_dir).resolve()}", "train.resume=auto"]
+        [*launcher, "train", *kept, f"hydra.run.dir={Path(run_dir).resolve()}", "train.resume=auto"]
     )
 
 

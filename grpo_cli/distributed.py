@@ -98,6 +98,19 @@ def barrier() -> None:
         dist.barrier()
 
 
+def launcher() -> list[str]:
+    """The command that starts ``grpo`` the way this job was started (for the printed resume command).
+
+    Under torchrun: ``torchrun --nnodes N --nproc_per_node L -m grpo_cli``; on several nodes it is to
+    be run on each, with the job's rendezvous flags added.
+    """
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return ["grpo"]
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+    return ["torchrun", f"--nnodes={max(size // local, 1)}", f"--nproc_per_node={local}", "-m", "grpo_cli"]
+
+
 def shard(items: Sequence[Any], w: World | None = None) -> list[Any]:
     """This rank's contiguous share of ``items`` (len(items) must divide by the world size)."""
     w = w or world()

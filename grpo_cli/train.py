@@ -589,7 +589,7 @@ def run(cfg: Any, run_dir: str, overrides: list[str] | None = None) -> dict[str,
     distributed.barrier()
     t, state = _build(cfg, run_path)
     start = state["step"] if state else 0
-    resume_cmd = checkpoint.resume_command(run_path, overrides)
+    resume_cmd = checkpoint.resume_command(run_path, overrides, launcher=distributed.launcher())
     resumed = state is not None
     logger = (
         RunLogger(run_path, cfg.train.steps, start, cfg.console, cfg.train.logger, resumed=resumed)

@@ -129,6 +129,17 @@ def test_shard_gives_each_rank_whole_contiguous_shares():
         distributed.shard(items, distributed.World(0, 3))
 
 
+def test_the_resume_command_relaunches_with_torchrun(monkeypatch, tmp_path):
+    from grpo_cli import checkpoint
+
+    assert distributed.launcher() == ["grpo"]
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    command = checkpoint.resume_command(tmp_path, ["algo.beta=0"], launcher=distributed.launcher())
+    assert command.startswith("torchrun --nnodes=2 --nproc_per_node=8 -m grpo_cli train algo.beta=0 ")
+    assert command.endswith("train.resume=auto")
+
+
 def test_draw_seeds_depend_on_seed_and_draw_only():
     seeds = [draw_seed(0, d) for d in range(1000)]
     assert len(set(seeds)) == 1000 and all(0 <= s < 2**63 for s in seeds)
