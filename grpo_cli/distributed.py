@@ -207,8 +207,13 @@ def wrap(model: nn.Module, strategy: str, trainable: bool = True) -> nn.Module:
     if not trainable:
         return engine
     ids = [torch.cuda.current_device()] if _device().type == "cuda" else None
-    # broadcast_buffers off: the only buffers are rotary tables, equal on every rank.
-    return nn.parallel.DistributedDataParallel(engine, device_ids=ids, broadcast_buffers=False)
+    # No buffer sync before each forward: the only buffers are rotary tables, equal on every rank.
+    # (torch >= 2.13 names the switch forward_sync_buffers; broadcast_buffers before.)
+    import inspect
+
+    params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False}
+    return nn.parallel.DistributedDataParallel(engine, device_ids=ids, **no_sync)
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -315,3 +315,34 @@ def test_dynamic_sampling_keeps_the_ranks_in_step(tmp_path):
     rows = _steps(run)
     assert sorted(rows) == [1, 2]
     assert all(1 <= r["sampling_rounds"] <= 3 for r in rows.values())
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_saves_on_every_rank_and_prints_a_torchrun_resume_command(tmp_path):
+    import signal
+    import time
+
+    run = tmp_path / "stopped"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    args = [*ARGS, "train.steps=500"]  # far more than it will run
+    proc = subprocess.Popen(
+        [*launcher, "-m", "grpo_cli", "train", *args, f"hydra.run.dir={run}"],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not (run / "metrics.jsonl").exists() or len(read_metrics(run)) < 3:  # steps 0, 1, 2
+            assert time.monotonic() < deadline and proc.poll() is None, "the run did not start"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    said = out + err  # Hydra's log handler prints to stdout
+    last = max(r["step"] for r in read_metrics(run))
+    assert (run / f"checkpoint-{last}" / "trainer_state.pt").is_file(), said[-3000:]
+    assert f"stopped by SIGTERM after step {last}" in said
+    assert "torchrun --nnodes=1 --nproc_per_node=2 -m grpo_cli train" in said
