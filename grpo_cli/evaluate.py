@@ -64,19 +64,17 @@ from typing import Any
 
 import torch
 
+from grpo_cli import distributed
 from grpo_cli.config import ConfigError, validate_eval
 from grpo_cli.data import build_prompt, load_rows
 from grpo_cli.metrics import Summary, paired_delta, summarize
 from grpo_cli.models import Policy, checkpoint_base, load_policy, resolve_path
 from grpo_cli.rollout import generate, score
+from grpo_cli.sampling import HELD_OUT_STREAM, draw_seed
 
 log = logging.getLogger("grpo_cli")
 
 AnswerFn = Callable[[str], tuple[str | None, str | None]]  # completion -> (answer shown, vote key)
-
-
-def _accuracy(rollout) -> tuple[float, float]:
-    return rollout.accuracy, float(torch.nanmean(rollout.rewards))
 
 
 def held_out_metrics(
@@ -88,28 +86,53 @@ def held_out_metrics(
     temperature: float | None = None,
     greedy: bool = True,
 ) -> dict[str, float]:
-    """Sampled and greedy accuracy and mean reward on ``rows`` (for ``grpo train``); restores the global RNG.
+    """Sampled and greedy accuracy and mean reward on ``rows`` (for ``grpo train``).
 
     Returns ``eval/accuracy``, ``eval/reward`` and, with ``greedy``, ``eval/accuracy_greedy``.
+    Problem i samples from its own stream (``draw_seed(seed, i, HELD_OUT_STREAM)``), so the numbers
+    touch no global RNG (the training streams go on as without evaluation) and do not depend on the
+    number of processes: with W ranks each evaluates an equal share (the last ones padded with repeats
+    that are not counted; under FSDP every rank must run the same passes) and the counts are summed.
     """
+    if not rows:
+        return {}
     n = samples or getattr(getattr(cfg, "train", None), "eval_samples", 4)
-    prompts = [build_prompt(r, cfg.data.template) for r in rows]
     rollout_cfg = replace(cfg.rollout, temperature=temperature or cfg.rollout.temperature)
-    # Evaluation must not shift the training RNG stream: a run with evaluation every k steps samples
-    # the same training completions as one without.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed + 1)
-        acc, reward = _accuracy(
-            score(generate(policy, rows, prompts, n, rollout_cfg, cfg.model.chat_template), rewarder)
+    world = distributed.world()
+    per_rank = -(-len(rows) // world.size)
+    mine = list(range(world.rank * per_rank, min((world.rank + 1) * per_rank, len(rows))))
+    counted = len(mine)
+    mine += [mine[-1] if mine else 0] * (per_rank - counted)
+    picked = [rows[i] for i in mine]
+    prompts = [build_prompt(r, cfg.data.template) for r in picked]
+    seeds = [draw_seed(cfg.seed, i, HELD_OUT_STREAM) for i in mine]
+    sampled = score(
+        generate(policy, picked, prompts, n, rollout_cfg, cfg.model.chat_template, seeds=seeds), rewarder
+    )
+    sums = _counts(sampled, counted * n)
+    if greedy:
+        ro = score(
+            generate(policy, picked, prompts, 1, rollout_cfg, cfg.model.chat_template, greedy=True), rewarder
         )
-        out = {"eval/accuracy": acc, "eval/reward": reward}
-        if greedy:
-            ro = score(
-                generate(policy, rows, prompts, 1, rollout_cfg, cfg.model.chat_template, greedy=True),
-                rewarder,
-            )
-            out["eval/accuracy_greedy"] = _accuracy(ro)[0]
+        sums += _counts(ro, counted)
+    total = distributed.all_sum(torch.tensor(sums, dtype=torch.float64)).tolist()
+    out = {"eval/accuracy": total[0] / total[1], "eval/reward": _ratio(total[2], total[3])}
+    if greedy:
+        out["eval/accuracy_greedy"] = total[4] / total[5]
     return out
+
+
+def _counts(rollout: Any, k: int) -> list[float]:
+    """Over the first k completions: [right (first rule == 1), k, sum of judged rewards, judged]."""
+    first = next(iter(rollout.per_rule.values()), [])[:k]
+    rewards = rollout.rewards[:k]
+    judged = ~torch.isnan(rewards)
+    right = sum(s == 1.0 for s in first)
+    return [float(right), float(k), float(rewards[judged].sum()), float(judged.sum())]
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den else float("nan")
 
 
 # ------------------------------------------------------------------------------------------------

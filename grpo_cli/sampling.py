@@ -87,14 +87,18 @@ class Sampled:
     rounds: int
 
 
-def draw_seed(seed: int, draw: int) -> int:
-    """The seed of the sampling stream of the ``draw``-th prompt drawn in a run seeded ``seed``.
+# Seed streams: the training prompts and the held-out problems never share a sampling stream.
+TRAIN_STREAM, HELD_OUT_STREAM = 0, 1
 
-    A function of the run's seed and the prompt's place in the prompt stream only: the completions of
-    a prompt do not depend on the batch, the rank or the world size it is sampled in, and a resumed
+
+def draw_seed(seed: int, draw: int, stream: int = TRAIN_STREAM) -> int:
+    """The seed of the sampling stream of the ``draw``-th prompt of ``stream`` in a run seeded ``seed``.
+
+    A function of the run's seed and the prompt's place in its stream only: the completions of a
+    prompt do not depend on the batch, the rank or the world size it is sampled in, and a resumed
     run draws what the uninterrupted one drew.
     """
-    return int(np.random.SeedSequence([seed, draw]).generate_state(1, np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([seed, stream, draw]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def _sample_round(

@@ -102,6 +102,17 @@ def _assert_same_run(one: Path, two: Path, initial: dict[str, torch.Tensor]) -> 
         )
         assert abs(a[step]["loss"] - b[step]["loss"]) <= LOSS_ATOL, step
         assert b[step]["grad_norm"] == pytest.approx(a[step]["grad_norm"], rel=GRAD_NORM_RTOL), step
+    # The held-out evaluations (step 0 and the last step): shared over the ranks, the same numbers.
+    evals = [
+        {k: v for k, v in r.items() if k.startswith("eval/")}
+        for r in read_metrics(one)
+        if "eval/accuracy" in r
+    ]
+    assert evals and evals == [
+        {k: v for k, v in r.items() if k.startswith("eval/")}
+        for r in read_metrics(two)
+        if "eval/accuracy" in r
+    ]
     wa, wb = _weights(one / "checkpoint-3"), _weights(two / "checkpoint-3")
     assert set(wa) <= set(wb)
     moved = max(float((wa[k] - initial[k]).abs().max()) for k in wa if k in initial)

@@ -303,3 +303,38 @@ def test_trained_checkpoint_beats_base_with_an_interval_excluding_zero(tmp_path,
         f"pass@1 {base['metrics']['pass@1']:.3f} -> {trained['metrics']['pass@1']:.3f}, "
         f"delta {delta:+.3f} [{lo:+.3f}, {hi:+.3f}]"
     )
+
+
+def test_held_out_shares_over_ranks_add_up_to_the_one_process_numbers(monkeypatch, tiny_model_path):
+    """Each of 3 ranks evaluates its share of 7 problems (the last padded, not counted); the summed counts
+    give the 1-process metrics, because every problem samples from its own stream."""
+    import torch
+
+    from grpo_cli import distributed
+    from grpo_cli.data import load_rows
+    from grpo_cli.models import load_policy
+    from grpo_cli.rewards import build_rewarder
+
+    cfg, _ = compose_config("train", ["model.device=cpu", "train.eval_samples=3"])
+    policy = load_policy(cfg.model, cfg.lora, beta=0.0)
+    rewarder = build_rewarder(cfg.reward)
+    rows = load_rows(cfg.data, cfg.data.test_split)[:7]
+    whole = evaluate.held_out_metrics(policy, rows, cfg, rewarder)
+    sent = []
+
+    def all_sum(x):
+        sent.append(torch.as_tensor(x, dtype=torch.float64))
+        return sent[-1]
+
+    monkeypatch.setattr(distributed, "all_sum", all_sum)
+    for rank in range(3):
+        monkeypatch.setattr(distributed, "world", lambda rank=rank: distributed.World(rank, 3))
+        evaluate.held_out_metrics(policy, rows, cfg, rewarder)
+    right, count, reward_sum, judged, greedy_right, greedy_count, _, _ = torch.stack(sent).sum(0).tolist()
+    assert (count, greedy_count) == (7 * 3, 7)  # 3 + 3 + 1 problems counted, 2 padding repeats not
+    assert right / count == whole["eval/accuracy"]
+    assert reward_sum / judged == pytest.approx(whole["eval/reward"], abs=1e-12)
+    assert greedy_right / greedy_count == whole["eval/accuracy_greedy"]
+    # Something to compare: the sampled accuracy is neither 0 nor 1 on these problems.
+    assert 0 < whole["eval/accuracy"] < 1
+    rewarder.close()
