@@ -92,6 +92,16 @@ def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _resume_copy(run: Path, into: Path, step: int) -> None:
+    """``into`` as ``run`` was after ``step``: its checkpoint and metric rows up to there."""
+    import shutil
+
+    into.mkdir()
+    shutil.copytree(run / f"checkpoint-{step}", into / f"checkpoint-{step}")
+    rows = [r for r in read_metrics(run) if r["step"] <= step]
+    (into / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def _assert_same_run(one: Path, two: Path, initial: dict[str, torch.Tensor]) -> None:
     a, b = _steps(one), _steps(two)
     assert sorted(a) == sorted(b) == [1, 2, 3]
@@ -248,13 +258,8 @@ def test_ddp_two_processes_match_one(ddp_runs):
 def test_two_process_run_resumes_with_two_and_evaluates_in_one(ddp_runs, tmp_path):
     _, two = ddp_runs
     run = tmp_path / "resumed"
-    run.mkdir()
     # Stop after step 1 (as if killed), then continue with 2 processes from checkpoint-1.
-    import shutil
-
-    shutil.copytree(two / "checkpoint-1", run / "checkpoint-1")
-    rows = [r for r in read_metrics(two) if r["step"] <= 1]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _resume_copy(two, run, 1)
     _ok(_grpo([*ARGS, "train.resume=auto"], run, nproc=2))
     a, b = _steps(two), _steps(run)
     for step in (2, 3):
@@ -290,8 +295,15 @@ def test_fsdp_two_processes_match_one(tmp_path, tiny_initial):
     # scale_rewards=batch: the std is taken over every rank's rewards, as over the 1-process batch.
     args = [*ARGS, "lora=none", "algo.scale_rewards=batch"]
     _ok(_grpo(args, tmp_path / "one"))
-    _ok(_grpo([*args, "train.strategy=fsdp"], tmp_path / "two", nproc=2))
+    fsdp = [*args, "train.strategy=fsdp", "train.save_every=1", "train.keep_checkpoints=0"]
+    _ok(_grpo(fsdp, tmp_path / "two", nproc=2))
     _assert_same_run(tmp_path / "one", tmp_path / "two", tiny_initial)
+    # Resume from the gathered checkpoint-2 (full weights + full optimizer state, resharded on load).
+    _resume_copy(tmp_path / "two", tmp_path / "resumed", 2)
+    _ok(_grpo([*fsdp, "train.resume=auto"], tmp_path / "resumed", nproc=2))
+    assert _steps(tmp_path / "resumed")[3]["loss"] == _steps(tmp_path / "two")[3]["loss"]
+    wa, wb = _weights(tmp_path / "two" / "checkpoint-3"), _weights(tmp_path / "resumed" / "checkpoint-3")
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= WEIGHT_ATOL
     # The gathered full weights load as a plain model, in one process.
     from transformers import AutoModelForCausalLM
 
