@@ -112,15 +112,23 @@ def _load_causal_lm(path: str, model_cfg: Any, dtype: torch.dtype, device: torch
 
 
 def load_policy(
-    model_cfg: Any, lora_cfg: Any, beta: float, checkpoint: str | None = None, trainable: bool = True
+    model_cfg: Any,
+    lora_cfg: Any,
+    beta: float,
+    checkpoint: str | None = None,
+    trainable: bool = True,
+    stage_on_cpu: bool = False,
 ) -> Policy:
     """Policy (+ reference) for training, sampling or evaluation.
 
     ``checkpoint``: an adapter directory (its base must be the configured model) or a full model
-    directory saved by ``grpo train``; None starts from ``model.name_or_path``.
+    directory saved by ``grpo train``; None starts from ``model.name_or_path``. ``stage_on_cpu``: keep
+    the weights in CPU memory although the run's device is a GPU (FSDP moves each layer's shard there
+    as it wraps it, so a model larger than one GPU never lands on one whole).
     """
     device = resolve_device(model_cfg.device)
     dtype = resolve_dtype(model_cfg.dtype, device)
+    load_device = torch.device("cpu") if stage_on_cpu else device
     base_path = ref_path = resolve_path(model_cfg.name_or_path)
     adapter_base = checkpoint_base(checkpoint) if checkpoint else None
     if checkpoint and adapter_base is None:
@@ -136,13 +144,15 @@ def load_policy(
     tokenizer = load_tokenizer(
         checkpoint if checkpoint and (Path(checkpoint) / "tokenizer_config.json").exists() else base_path
     )
-    model = _load_causal_lm(base_path, model_cfg, dtype, device)
+    model = _load_causal_lm(base_path, model_cfg, dtype, load_device)
     policy = Policy(model=model, tokenizer=tokenizer, device=device)
     if adapter_base is not None or (lora_cfg.enabled and trainable):
         policy.model = _wrap_lora(model, lora_cfg, checkpoint if adapter_base else None, trainable)
         policy.is_lora = True
     elif trainable and beta > 0:
-        policy.ref_model = _load_causal_lm(ref_path, model_cfg, dtype, device).eval().requires_grad_(False)
+        policy.ref_model = (
+            _load_causal_lm(ref_path, model_cfg, dtype, load_device).eval().requires_grad_(False)
+        )
     if model_cfg.gradient_checkpointing and trainable:
         policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         policy.model.config.use_cache = False

@@ -410,7 +410,14 @@ def _build(cfg: Any, run_path: Path) -> tuple[Trainer, dict[str, Any] | None]:
         )
     if resume_from is None and tr.resume == "auto":
         log.info("no checkpoint in %s yet: starting from step 0", run_path)
-    policy = load_policy(cfg.model, cfg.lora, algo.beta, checkpoint=str(resume_from) if resume_from else None)
+    sharded = world.enabled and tr.strategy == "fsdp"
+    policy = load_policy(
+        cfg.model,
+        cfg.lora,
+        algo.beta,
+        checkpoint=str(resume_from) if resume_from else None,
+        stage_on_cpu=sharded,
+    )
     if world.enabled:
         policy.engine = distributed.wrap(policy.model, tr.strategy)
         if policy.ref_model is not None and tr.strategy == "fsdp":

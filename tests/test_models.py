@@ -176,3 +176,12 @@ def test_grouped_logprobs_fall_back_under_gradient_checkpointing(random_model_di
     torch.testing.assert_close(got[m], want[m], atol=1e-5, rtol=1e-5)
     got[m].sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_fsdp_staging_keeps_the_weights_in_cpu_memory_for_a_gpu_run(random_model_dir):
+    """Under FSDP the weights stay on the CPU until each layer's shard is moved; nothing touches the GPU here."""
+    mc = ModelConfig(name_or_path=str(random_model_dir), dtype="float32", device="cuda")
+    policy = load_policy(mc, LoraConfig(enabled=False), beta=0.04, stage_on_cpu=True)
+    assert policy.device == torch.device("cuda")  # where the inputs go once the model is sharded
+    for model in (policy.model, policy.ref_model):
+        assert {p.device.type for p in model.parameters()} == {"cpu"}
