@@ -201,14 +201,15 @@ def _sample(
         if return_logprobs:
             logprobs.append(torch.log_softmax(logits / temperature, -1).gather(1, tok[:, None]).squeeze(1))
         done = done | (tok == eos_id)
-        finished = bool(done.all())
+        n_done = int(done.sum())  # the one host sync of a decode step
+        finished = n_done == n
         if synced:
             from grpo_cli.distributed import all_ranks
 
             finished = all_ranks(finished)
         if step == max_new_tokens - 1 or finished:
             break
-        live, mask, next_pos = _compact(cache, live, done, mask, next_pos)
+        live, mask, next_pos = _compact(cache, live, done, n_done, mask, next_pos)
         mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
         out = model(
             input_ids=tok[live, None],
@@ -259,18 +260,24 @@ def prompt_generators(seeds: Sequence[int], device: torch.device) -> list[torch.
 
 
 def _compact(
-    cache: Any, live: torch.Tensor, done: torch.Tensor, mask: torch.Tensor, next_pos: torch.Tensor
+    cache: Any,
+    live: torch.Tensor,
+    done: torch.Tensor,
+    n_done: int,
+    mask: torch.Tensor,
+    next_pos: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Drop finished rows from the decoding batch when enough have finished since the last drop.
 
-    live: [n_live] row numbers (of N) in the batch; done: [N]; mask [n_live, S], next_pos [n_live, 1].
+    live: [n_live] row numbers (of N) in the batch; done: [N], n_done its count; mask [n_live, S],
+    next_pos [n_live, 1].
     """
-    finished = done[live]
-    n_finished = int(finished.sum())
+    # Rows already dropped are all done, so the live ones that finished number n_done - dropped.
+    n_finished = n_done - (done.numel() - len(live))
     # All finished happens only while decoding in step with other ranks: keep the batch non-empty.
     if n_finished == 0 or n_finished < COMPACT_FRACTION * len(live) or n_finished == len(live):
         return live, mask, next_pos
-    keep = (~finished).nonzero().squeeze(1)  # positions within the current batch
+    keep = (~done[live]).nonzero().squeeze(1)  # positions within the current batch
     cache.batch_select_indices(keep)
     return live[keep], mask[keep], next_pos[keep]
 

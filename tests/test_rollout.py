@@ -142,3 +142,29 @@ def test_seeded_sampling_is_reproducible_and_matches_its_logprobs(model_and_tok)
         recomputed = completion_logprobs(model, full, full_mask, ids.size(1), temperature=0.8)
     m = c_mask.bool()
     torch.testing.assert_close(recomputed[m], sampled_lp[m], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_dropping_finished_rows_changes_no_token(model_and_tok, monkeypatch, seeded):
+    """Finished rows leaving the decoding batch (after every finish, or never) give the same tokens."""
+    from grpo_cli import rollout
+    from grpo_cli.rollout import prompt_generators
+
+    model, tok = model_and_tok
+    ids, mask = encode_prompts(tok, PROMPTS, False, torch.device("cpu"))
+    probe, _ = sample_group(model, ids, mask, 1, 12, eos_id=-1, pad_id=0, greedy=True)
+    eos = int(probe[0, 2])  # prompt 0's third greedy token: at a low temperature its rows end early
+    runs = {}
+    for name, fraction in (("never", 2.0), ("always", 1e-9)):
+        monkeypatch.setattr(rollout, "COMPACT_FRACTION", fraction)
+        torch.manual_seed(1)
+        gens = prompt_generators([1, 2, 3], ids.device) if seeded else None
+        runs[name] = sample_group(
+            model, ids, mask, 4, 12, eos, 0, temperature=0.05, return_logprobs=True, generators=gens
+        )
+    (a_ids, a_mask, a_lp), (b_ids, b_mask, b_lp) = runs["never"], runs["always"]
+    assert torch.equal(a_ids, b_ids) and torch.equal(a_mask, b_mask)
+    m = a_mask.bool()
+    torch.testing.assert_close(a_lp[m], b_lp[m], atol=1e-5, rtol=1e-5)
+    lengths = a_mask.sum(1)
+    assert lengths.min() < lengths.max()  # ragged: rows were dropped while others decoded on
