@@ -291,6 +291,23 @@ def test_two_process_run_resumes_with_two_and_evaluates_in_one(ddp_runs, tmp_pat
 
 
 @pytest.mark.slow
+def test_a_two_process_checkpoint_resumes_in_one_process(ddp_runs, tmp_path):
+    """Another world size: sampling streams are per prompt, so the run goes on as it would have."""
+    _, two = ddp_runs
+    run = tmp_path / "one-after-two"
+    _resume_copy(two, run, 1)
+    proc = _grpo([*ARGS, "train.resume=auto"], run)
+    _ok(proc)
+    assert "the checkpoint was written by 2 ranks, this run has 1" in proc.stdout + proc.stderr
+    a, b = _steps(two), _steps(run)
+    for step in (2, 3):
+        assert a[step]["reward"] == b[step]["reward"]
+        assert abs(a[step]["loss"] - b[step]["loss"]) <= LOSS_ATOL
+    wa, wb = _weights(two / "checkpoint-3"), _weights(run / "checkpoint-3")
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= WEIGHT_ATOL
+
+
+@pytest.mark.slow
 def test_fsdp_two_processes_match_one(tmp_path, tiny_initial):
     # scale_rewards=batch: the std is taken over every rank's rewards, as over the 1-process batch.
     args = [*ARGS, "lora=none", "algo.scale_rewards=batch"]
