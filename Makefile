@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # disk; elsewhere pip downloads it. Override e.g. TORCH_SPEC="torch --index-url .../cu124".
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: help install demo test test-fast lint format bench-env clean
+.PHONY: help install demo demo-ddp test test-fast lint format bench-env clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -19,6 +19,9 @@ install: ## create .venv and install grpo-cli with its dev tools (editable)
 
 demo: ## grpo train on the embedded tiny model (builds it on first use), offline, CPU
 	HF_HUB_OFFLINE=1 $(BIN)/grpo train
+
+demo-ddp: ## the demo on 2 CPU processes under torchrun (DDP over gloo; `make demo` up to float rounding)
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node 2 -m grpo_cli train
 
 test: ## all tests, slow end-to-end ones included (CPU, offline)
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q

@@ -35,8 +35,10 @@ _NO_PRECHECK = {
     "--shell-completion",
 }
 
-USAGE = "usage: grpo {train,sample,eval} [key=value ...] [hydra flags]\n\n" + "\n".join(
-    f"  {name:<8}{desc}" for name, (_, desc) in SUBCOMMANDS.items()
+USAGE = (
+    "usage: grpo {train,sample,eval} [key=value ...] [hydra flags]\n"
+    "       torchrun --nproc_per_node N -m grpo_cli train [key=value ...]   (data-parallel)\n\n"
+    + "\n".join(f"  {name:<8}{desc}" for name, (_, desc) in SUBCOMMANDS.items())
 )
 
 
