@@ -127,19 +127,21 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_sum(x: float | torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (a float64 copy on the reduction's device; the value itself with one rank)."""
+def _reduce(x: float | torch.Tensor, op: Any) -> torch.Tensor:
     t = torch.as_tensor(x, dtype=torch.float64).detach().to(_device()).clone()
     if dist.is_initialized():
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=op)
     return t
+
+
+def all_sum(x: float | torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a float64 copy on the reduction's device; the value itself with one rank)."""
+    return _reduce(x, dist.ReduceOp.SUM)
 
 
 def all_max(x: float | torch.Tensor) -> torch.Tensor:
-    t = torch.as_tensor(x, dtype=torch.float64).detach().to(_device()).clone()
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
+    """Maximum over ranks, like ``all_sum``."""
+    return _reduce(x, dist.ReduceOp.MAX)
 
 
 def any_rank(flag: bool) -> bool:

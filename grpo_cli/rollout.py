@@ -130,109 +130,81 @@ def sample_group(
 
     ``generators``: one per prompt; its G completions draw from it alone (inverse CDF on uniforms it
     gives up front), so what a prompt gets depends on its generator's seed, not on which other
-    prompts share the batch (or the rank).
-    None draws from the global torch RNG, as ``generate`` does. ``synced`` (FSDP, where each forward
-    is a collective): keep decoding until every rank's sequences have ended.
+    prompts share the batch (or the rank); None draws from the global torch RNG, as ``generate``
+    does. ``synced`` (FSDP, where each forward is a collective): keep decoding until every rank's
+    sequences have ended.
     """
     # FSDP reuses its gather buffers outside this call, which inference tensors forbid.
     with torch.no_grad() if synced else torch.inference_mode():
-        return _sample(
-            model,
-            prompt_ids,
-            prompt_mask,
-            group_size,
-            max_new_tokens,
-            eos_id,
-            pad_id,
-            temperature,
-            top_k,
-            top_p,
-            greedy,
-            return_logprobs,
-            generators,
-            synced,
-        )
-
-
-def _sample(
-    model: Any,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    group_size: int,
-    max_new_tokens: int,
-    eos_id: int,
-    pad_id: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    greedy: bool,
-    return_logprobs: bool,
-    generators: Sequence[torch.Generator] | None,
-    synced: bool,
-):
-    pos = positions(prompt_mask)
-    uniforms = None
-    if generators is not None and not greedy:
-        uniforms = _group_uniforms(generators, group_size, max_new_tokens, prompt_ids.device)
-    out = model(
-        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True, logits_to_keep=1
-    )
-    cache = out.past_key_values
-    _expand_cache(cache, group_size)
-    logits = out.logits[:, -1].float().repeat_interleave(group_size, 0)  # [N, V]
-    mask = prompt_mask.repeat_interleave(group_size, 0)  # [n_live, L + t]
-    next_pos = pos[:, -1:].repeat_interleave(group_size, 0) + 1  # [n_live, 1]
-    n = logits.size(0)
-    live = torch.arange(n, device=logits.device)  # rows of the N still in the model's batch
-    done = torch.zeros(n, dtype=torch.bool, device=logits.device)
-    tokens, logprobs = [], []
-    for step in range(max_new_tokens):
-        if greedy:
-            tok = logits.argmax(-1)
-        else:
-            probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
-            tok = (
-                torch.multinomial(probs, 1).squeeze(1)
-                if uniforms is None
-                else _inverse_cdf(probs, uniforms[step])
-            )
-        tok = tok.masked_fill(done, pad_id)
-        tokens.append(tok)
-        if return_logprobs:
-            logprobs.append(torch.log_softmax(logits / temperature, -1).gather(1, tok[:, None]).squeeze(1))
-        done = done | (tok == eos_id)
-        n_done = int(done.sum())  # the one host sync of a decode step
-        finished = n_done == n
-        if synced:
-            from grpo_cli.distributed import all_ranks
-
-            finished = all_ranks(finished)
-        if step == max_new_tokens - 1 or finished:
-            break
-        live, mask, next_pos = _compact(cache, live, done, n_done, mask, next_pos)
-        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+        pos = positions(prompt_mask)
+        uniforms = None
+        if generators is not None and not greedy:
+            uniforms = _group_uniforms(generators, group_size, max_new_tokens, prompt_ids.device)
         out = model(
-            input_ids=tok[live, None],
-            attention_mask=mask,
-            position_ids=next_pos,
-            past_key_values=cache,
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=pos,
             use_cache=True,
+            logits_to_keep=1,
         )
-        if len(live) == n:
-            logits = out.logits[:, -1].float()
-        else:  # finished rows keep stale logits: only their random draws matter, and those are masked
-            logits.index_copy_(0, live, out.logits[:, -1].float())
-        next_pos = next_pos + 1
-    ids = torch.stack(tokens, dim=1)  # [N, T]
-    # A token is part of the completion up to and including the first EOS.
-    is_eos = ids == eos_id
-    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
-    # Columns past every row's end exist only when decoding kept step with other ranks: drop them.
-    width = int((~after_eos).any(0).nonzero().max()) + 1
-    ids, mask = ids[:, :width], (~after_eos[:, :width]).long()
-    if return_logprobs:
-        return ids, mask, torch.stack(logprobs, dim=1)[:, :width]
-    return ids, mask
+        cache = out.past_key_values
+        _expand_cache(cache, group_size)
+        logits = out.logits[:, -1].float().repeat_interleave(group_size, 0)  # [N, V]
+        mask = prompt_mask.repeat_interleave(group_size, 0)  # [n_live, L + t]
+        next_pos = pos[:, -1:].repeat_interleave(group_size, 0) + 1  # [n_live, 1]
+        n = logits.size(0)
+        live = torch.arange(n, device=logits.device)  # rows of the N still in the model's batch
+        done = torch.zeros(n, dtype=torch.bool, device=logits.device)
+        tokens, logprobs = [], []
+        for step in range(max_new_tokens):
+            if greedy:
+                tok = logits.argmax(-1)
+            else:
+                probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+                tok = (
+                    torch.multinomial(probs, 1).squeeze(1)
+                    if uniforms is None
+                    else _inverse_cdf(probs, uniforms[step])
+                )
+            tok = tok.masked_fill(done, pad_id)
+            tokens.append(tok)
+            if return_logprobs:
+                logprobs.append(
+                    torch.log_softmax(logits / temperature, -1).gather(1, tok[:, None]).squeeze(1)
+                )
+            done = done | (tok == eos_id)
+            n_done = int(done.sum())  # the one host sync of a decode step
+            finished = n_done == n
+            if synced:
+                from grpo_cli.distributed import all_ranks
+
+                finished = all_ranks(finished)
+            if step == max_new_tokens - 1 or finished:
+                break
+            live, mask, next_pos = _compact(cache, live, done, n_done, mask, next_pos)
+            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+            out = model(
+                input_ids=tok[live, None],
+                attention_mask=mask,
+                position_ids=next_pos,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            if len(live) == n:
+                logits = out.logits[:, -1].float()
+            else:  # finished rows keep stale logits: only their random draws matter, and those are masked
+                logits.index_copy_(0, live, out.logits[:, -1].float())
+            next_pos = next_pos + 1
+        ids = torch.stack(tokens, dim=1)  # [N, T]
+        # A token is part of the completion up to and including the first EOS.
+        is_eos = ids == eos_id
+        after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+        # Columns past every row's end exist only when decoding kept step with other ranks: drop them.
+        width = int((~after_eos).any(0).nonzero().max()) + 1
+        ids, mask = ids[:, :width], (~after_eos[:, :width]).long()
+        if return_logprobs:
+            return ids, mask, torch.stack(logprobs, dim=1)[:, :width]
+        return ids, mask
 
 
 def _group_uniforms(

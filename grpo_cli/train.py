@@ -340,10 +340,15 @@ class Trainer:
     config_yaml: str
     evals: dict[int, dict[str, float]] = field(default_factory=dict)
 
+    @property
+    def _optimizer_format(self) -> str:
+        """How the optimizer state is saved: gathered from the FSDP shards, or torch's own state dict."""
+        return "fsdp_full" if self.policy.lockstep else "torch"
+
     def trainer_state(self, optimizer_state: dict | None = None) -> dict[str, Any]:
         return {
             "optimizer": optimizer_state if optimizer_state is not None else self.optimizer.state_dict(),
-            "optimizer_format": "fsdp_full" if self.policy.lockstep else "torch",
+            "optimizer_format": self._optimizer_format,
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
             "guard": self.guard.state_dict(),
@@ -354,8 +359,7 @@ class Trainer:
 
     def restore(self, state: dict[str, Any]) -> None:
         saved = state.get("optimizer_format", "torch")
-        mine = "fsdp_full" if self.policy.lockstep else "torch"
-        if saved != mine:
+        if saved != self._optimizer_format:
             raise ConfigError(
                 f"the checkpoint's optimizer state was saved with train.strategy="
                 f"{'fsdp' if saved == 'fsdp_full' else 'ddp (or 1 process)'}: resume it the same way"

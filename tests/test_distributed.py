@@ -102,6 +102,17 @@ def _resume_copy(run: Path, into: Path, step: int) -> None:
     (into / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def _assert_continues(run: Path, resumed: Path, steps: tuple[int, ...]) -> None:
+    """``resumed`` took ``steps`` as the uninterrupted ``run`` did: rewards, losses, final weights."""
+    a, b = _steps(run), _steps(resumed)
+    for step in steps:
+        assert a[step]["reward"] == b[step]["reward"]
+        assert abs(a[step]["loss"] - b[step]["loss"]) <= LOSS_ATOL
+    last = f"checkpoint-{steps[-1]}"
+    wa, wb = _weights(run / last), _weights(resumed / last)
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= WEIGHT_ATOL
+
+
 def _assert_same_run(one: Path, two: Path, initial: dict[str, torch.Tensor]) -> None:
     a, b = _steps(one), _steps(two)
     assert sorted(a) == sorted(b) == [1, 2, 3]
@@ -261,12 +272,7 @@ def test_two_process_run_resumes_with_two_and_evaluates_in_one(ddp_runs, tmp_pat
     # Stop after step 1 (as if killed), then continue with 2 processes from checkpoint-1.
     _resume_copy(two, run, 1)
     _ok(_grpo([*ARGS, "train.resume=auto"], run, nproc=2))
-    a, b = _steps(two), _steps(run)
-    for step in (2, 3):
-        assert a[step]["reward"] == b[step]["reward"]
-        assert abs(a[step]["loss"] - b[step]["loss"]) <= LOSS_ATOL
-    wa, wb = _weights(two / "checkpoint-3"), _weights(run / "checkpoint-3")
-    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= WEIGHT_ATOL
+    _assert_continues(two, run, steps=(2, 3))
     # The 2-process checkpoint in a 1-process eval.
     proc = subprocess.run(
         [
@@ -299,12 +305,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process(ddp_runs, tmp_path):
     proc = _grpo([*ARGS, "train.resume=auto"], run)
     _ok(proc)
     assert "the checkpoint was written by 2 ranks, this run has 1" in proc.stdout + proc.stderr
-    a, b = _steps(two), _steps(run)
-    for step in (2, 3):
-        assert a[step]["reward"] == b[step]["reward"]
-        assert abs(a[step]["loss"] - b[step]["loss"]) <= LOSS_ATOL
-    wa, wb = _weights(two / "checkpoint-3"), _weights(run / "checkpoint-3")
-    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= WEIGHT_ATOL
+    _assert_continues(two, run, steps=(2, 3))
 
 
 @pytest.mark.slow

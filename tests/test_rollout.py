@@ -77,6 +77,16 @@ def test_sampling_matches_generate_for_the_same_seed(model_and_tok):
     assert torch.equal((ours * our_mask)[:, :width], (theirs[:, :width] * our_mask[:, :width]))
 
 
+def _assert_matches_a_plain_forward(model, ids, mask, G, c_ids, c_mask, sampled_lp, temperature):
+    """The sampled tokens' log-probs [N, T] equal a plain forward's over prompt + completion."""
+    full = torch.cat([ids.repeat_interleave(G, 0), c_ids], 1)
+    full_mask = torch.cat([mask.repeat_interleave(G, 0), c_mask], 1)
+    with torch.no_grad():
+        recomputed = completion_logprobs(model, full, full_mask, ids.size(1), temperature=temperature)
+    m = c_mask.bool()
+    torch.testing.assert_close(recomputed[m], sampled_lp[m], atol=2e-5, rtol=1e-5)
+
+
 def test_rollout_logprobs_match_a_plain_forward(model_and_tok):
     model, tok = model_and_tok
     ids, mask = encode_prompts(tok, PROMPTS, False, torch.device("cpu"))
@@ -84,12 +94,8 @@ def test_rollout_logprobs_match_a_plain_forward(model_and_tok):
     c_ids, c_mask, sampled_lp = sample_group(
         model, ids, mask, 3, 10, 0, 0, temperature=0.8, return_logprobs=True
     )
-    full = torch.cat([ids.repeat_interleave(3, 0), c_ids], 1)
-    full_mask = torch.cat([mask.repeat_interleave(3, 0), c_mask], 1)
-    with torch.no_grad():
-        recomputed = completion_logprobs(model, full, full_mask, ids.size(1), temperature=0.8)
+    _assert_matches_a_plain_forward(model, ids, mask, 3, c_ids, c_mask, sampled_lp, temperature=0.8)
     m = c_mask.bool()
-    torch.testing.assert_close(recomputed[m], sampled_lp[m], atol=2e-5, rtol=1e-5)
     # Ragged prompts: every sequence ends at its first EOS, nothing counted after it.
     ends = (c_ids == 0) & m
     assert (ends.sum(1) <= 1).all()
@@ -136,12 +142,7 @@ def test_seeded_sampling_is_reproducible_and_matches_its_logprobs(model_and_tok)
     ]
     assert torch.equal(runs[0][0], runs[1][0])
     c_ids, c_mask, sampled_lp = runs[0]
-    full = torch.cat([ids.repeat_interleave(4, 0), c_ids], 1)
-    full_mask = torch.cat([mask.repeat_interleave(4, 0), c_mask], 1)
-    with torch.no_grad():
-        recomputed = completion_logprobs(model, full, full_mask, ids.size(1), temperature=0.8)
-    m = c_mask.bool()
-    torch.testing.assert_close(recomputed[m], sampled_lp[m], atol=2e-5, rtol=1e-5)
+    _assert_matches_a_plain_forward(model, ids, mask, 4, c_ids, c_mask, sampled_lp, temperature=0.8)
 
 
 @pytest.mark.parametrize("seeded", [False, True])
