@@ -29,9 +29,10 @@ test: ## all tests, slow end-to-end ones included (CPU, offline)
 test-fast: ## tests without the slow end-to-end ones
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -m "not slow"
 
-lint: ## ruff check + format check
+lint: ## ruff check + format check + module/function size limits (scripts/check_sizes.py)
 	$(BIN)/ruff check grpo_cli tests scripts
 	$(BIN)/ruff format --check grpo_cli tests scripts
+	$(BIN)/python scripts/check_sizes.py
 
 format: ## apply ruff formatting and fixes
 	$(BIN)/ruff format grpo_cli tests scripts

@@ -26,7 +26,6 @@ import shutil
 import signal
 import tempfile
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,11 +36,15 @@ import torch
 STATE_FILE = "trainer_state.pt"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _TMP_PREFIX = ".tmp-checkpoint-"
-# Test hook: seconds to sleep between writing the files and renaming the directory into place,
-# so a test can kill the process mid-save.
-_SAVE_DELAY_ENV = "GRPO_TEST_SAVE_DELAY"
 # Exit status of a run stopped by a signal: 128 + the signal number, as a shell reports it.
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def rng_state() -> dict[str, Any]:
@@ -106,19 +109,21 @@ def save(
         tokenizer.save_pretrained(tmp)
         torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
         (tmp / "config.yaml").write_text(config_yaml)
-        delay = float(os.environ.get(_SAVE_DELAY_ENV, "0") or 0)
-        if delay:
-            time.sleep(delay)
-        if final.exists():  # re-saving a step (a resumed run that went back): move the old one aside first
-            old = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}old-{step}-", dir=run))
-            os.replace(final, old / final.name)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
+        publish(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for old_ckpt in list_checkpoints(run)[:-keep] if keep > 0 else []:
         shutil.rmtree(old_ckpt, ignore_errors=True)
     return final
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Rename the written directory ``tmp`` into place as ``final`` (replacing an older one of that step)."""
+    if final.exists():  # re-saving a step (a resumed run that went back): move the old one aside first
+        old = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}old-{final.name}-", dir=final.parent))
+        os.replace(final, old / final.name)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, final)
 
 
 def load_state(checkpoint: str | Path) -> dict[str, Any]:

@@ -81,7 +81,8 @@ def describe_error(exc: BaseException) -> str:
 
 def precheck(command: str, args: Sequence[str]) -> str | None:
     """Compose and validate the overrides; return an error line, or None when they are good."""
-    from grpo_cli.config import ConfigError, validate
+    from grpo_cli.config import ConfigError
+    from grpo_cli.validation import validate
 
     if any(a.split("=")[0] in _NO_PRECHECK for a in args):
         return None
@@ -122,7 +123,8 @@ def _hydra_entry(command: str, run: Callable[[Any, str], Any]) -> Callable[[], N
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from grpo_cli.config import ConfigError, conf_dir, validate
+    from grpo_cli.config import ConfigError, conf_dir
+    from grpo_cli.validation import validate
 
     @hydra.main(version_base=None, config_path=str(conf_dir()), config_name=command)
     def _main(dcfg) -> None:
@@ -146,9 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in SUBCOMMANDS:
         print(f"grpo: unknown subcommand {command!r}\n{USAGE}", file=sys.stderr)
         return 2
-    from grpo_cli.config import register
+    from grpo_cli.config import apply_renames, register
 
     register()
+    rest = apply_renames(rest)
     error = precheck(command, rest)
     if error:
         print(f"grpo {command}: error: {error}", file=sys.stderr)

@@ -180,7 +180,8 @@ class RunLogger:
     """Writes the run's metric rows, completions, TensorBoard events and curves; drives the console.
 
     ``start_step``: the checkpoint step a resumed run continues from (rows after it are dropped);
-    a fresh run (``resumed=False``) starts both JSONL files empty.
+    a fresh run (``resumed=False``) starts both JSONL files empty. ``logger``: ``train.logger``
+    (tensorboard adds event files).
     """
 
     def __init__(
@@ -189,7 +190,7 @@ class RunLogger:
         total_steps: int,
         start_step: int = 0,
         console: str = "rich",
-        sink: str = "jsonl",
+        logger: str = "jsonl",
         resumed: bool = False,
     ):
         self.run_dir = Path(run_dir)
@@ -207,7 +208,7 @@ class RunLogger:
             self.panel = LivePanel(self.console, total_steps, start_step)
         self.tb = (
             _tensorboard_writer(self.run_dir / "tb", start_step if resumed else 0)
-            if sink == "tensorboard"
+            if logger == "tensorboard"
             else None
         )
 

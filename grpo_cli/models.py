@@ -23,6 +23,7 @@ import torch
 
 from grpo_cli.config import ConfigError
 from grpo_cli.core.logprobs import token_logprobs
+from grpo_cli.validation import ADAPTER_CONFIG, checkpoint_kind
 
 log = logging.getLogger("grpo_cli")
 
@@ -52,6 +53,10 @@ class Policy:
         return fn(self.model, *args, **kwargs)
 
 
+# model.dtype: these, or "auto".
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -61,7 +66,7 @@ def resolve_device(name: str) -> torch.device:
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return DTYPES[name]
 
 
 def resolve_path(name_or_path: str) -> str:
@@ -85,15 +90,22 @@ def load_tokenizer(path: str) -> Any:
 
 def checkpoint_base(checkpoint: str) -> str | None:
     """The base model an adapter checkpoint was trained from, or None for a full-model checkpoint."""
-    path = Path(checkpoint)
-    if not path.exists():
-        raise ConfigError(f"checkpoint={checkpoint}: no such directory")
-    adapter = path / "adapter_config.json"
-    if adapter.is_file():
-        return json.loads(adapter.read_text())["base_model_name_or_path"]
-    if (path / "config.json").is_file():
+    if checkpoint_kind(checkpoint) == "model":
         return None
-    raise ConfigError(f"checkpoint={checkpoint}: holds neither adapter_config.json nor config.json")
+    return json.loads((Path(checkpoint).expanduser() / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+
+
+def check_adapter_base(checkpoint: str, name_or_path: str) -> str | None:
+    """``checkpoint_base``, checked to be the configured ``model.name_or_path`` (ConfigError if not)."""
+    adapter_base = checkpoint_base(checkpoint)
+    if adapter_base is None:
+        return None  # a full model directory replaces the base weights
+    base = resolve_path(name_or_path)
+    if adapter_base != base and Path(adapter_base).resolve() != Path(base).resolve():
+        raise ConfigError(
+            f"checkpoint={checkpoint}: adapter was trained on {adapter_base}, not model.name_or_path={base}"
+        )
+    return adapter_base
 
 
 def _load_causal_lm(path: str, model_cfg: Any, dtype: torch.dtype, device: torch.device) -> Any:
@@ -130,17 +142,9 @@ def load_policy(
     dtype = resolve_dtype(model_cfg.dtype, device)
     load_device = torch.device("cpu") if stage_on_cpu else device
     base_path = ref_path = resolve_path(model_cfg.name_or_path)
-    adapter_base = checkpoint_base(checkpoint) if checkpoint else None
+    adapter_base = check_adapter_base(checkpoint, model_cfg.name_or_path) if checkpoint else None
     if checkpoint and adapter_base is None:
         base_path = checkpoint  # a full-model checkpoint replaces the base weights
-    elif (
-        adapter_base is not None
-        and Path(adapter_base).resolve() != Path(base_path).resolve()
-        and adapter_base != base_path
-    ):
-        raise ConfigError(
-            f"checkpoint={checkpoint}: adapter was trained on {adapter_base}, not model.name_or_path={base_path}"
-        )
     tokenizer = load_tokenizer(
         checkpoint if checkpoint and (Path(checkpoint) / "tokenizer_config.json").exists() else base_path
     )
@@ -230,12 +234,11 @@ def completion_logprobs(
     attention_mask: torch.Tensor,
     prompt_len: int,
     temperature: float = 1.0,
-    return_entropy: bool = False,
-):
+) -> torch.Tensor:
     """log pi(o_t | q, o_<t) for every completion token, without [B, T, V] logits.
 
     input_ids, attention_mask: [B, S], the left-padded prompt (``prompt_len`` columns) followed by
-    the completion. Returns logps [B, S - prompt_len] float32 (and entropy of the same shape).
+    the completion. Returns logps [B, S - prompt_len] float32.
     """
     decoder = model.get_decoder()
     hidden = decoder(
@@ -247,9 +250,7 @@ def completion_logprobs(
     # The hidden state at position t predicts token t + 1.
     hidden = hidden[:, prompt_len - 1 : -1]
     weight = model.get_output_embeddings().weight  # [V, H]
-    return token_logprobs(
-        hidden, weight, input_ids[:, prompt_len:], temperature=temperature, return_entropy=return_entropy
-    )
+    return token_logprobs(hidden, weight, input_ids[:, prompt_len:], temperature=temperature)
 
 
 def _shareable_cache(cache: Any, prompt_len: int) -> bool:
@@ -263,6 +264,22 @@ def _shareable_cache(cache: Any, prompt_len: int) -> bool:
     )
 
 
+def _prompt_index(
+    prompt_ids: torch.Tensor, completion_ids: torch.Tensor, group_size: int | None, index: torch.Tensor | None
+) -> torch.Tensor:
+    """The prompt row [N] of every completion: ``index``, or completion i -> i // group_size."""
+    if index is None:
+        if group_size is None:
+            raise ValueError("grouped_completion_logprobs: give group_size or prompt_index")
+        index = torch.arange(prompt_ids.size(0), device=prompt_ids.device).repeat_interleave(group_size)
+    index = index.to(prompt_ids.device)
+    if index.numel() != completion_ids.size(0):
+        raise ValueError(
+            f"prompt_index covers {index.numel()} completions, completion_ids has {completion_ids.size(0)}"
+        )
+    return index
+
+
 def grouped_completion_logprobs(
     model: Any,
     prompt_ids: torch.Tensor,
@@ -271,9 +288,8 @@ def grouped_completion_logprobs(
     completion_mask: torch.Tensor,
     group_size: int | None = None,
     temperature: float = 1.0,
-    return_entropy: bool = False,
     prompt_index: torch.Tensor | None = None,
-):
+) -> torch.Tensor:
     """``completion_logprobs`` with each distinct prompt run through the decoder once, not once per completion.
 
     prompt_ids, prompt_mask: [P, L] left-padded, one row per group; completion_ids, completion_mask:
@@ -286,24 +302,14 @@ def grouped_completion_logprobs(
     Falls back to the full-sequence path when the cache cannot be shared: gradient checkpointing in
     training mode (transformers drops the cache there), or a cache other than a plain DynamicCache.
     """
-    if prompt_index is None:
-        if group_size is None:
-            raise ValueError("grouped_completion_logprobs: give group_size or prompt_index")
-        prompt_index = torch.arange(prompt_ids.size(0), device=prompt_ids.device).repeat_interleave(
-            group_size
-        )
-    prompt_index = prompt_index.to(prompt_ids.device)
-    if prompt_index.numel() != completion_ids.size(0):
-        raise ValueError(
-            f"prompt_index covers {prompt_index.numel()} completions, completion_ids has {completion_ids.size(0)}"
-        )
+    prompt_index = _prompt_index(prompt_ids, completion_ids, group_size, prompt_index)
     L = prompt_ids.size(1)
     decoder = model.get_decoder()
 
     def full_path():
         ids = torch.cat([prompt_ids[prompt_index], completion_ids], 1)
         mask = torch.cat([prompt_mask[prompt_index], completion_mask], 1)
-        return completion_logprobs(model, ids, mask, L, temperature, return_entropy)
+        return completion_logprobs(model, ids, mask, L, temperature)
 
     if getattr(decoder, "gradient_checkpointing", False) and decoder.training:
         return full_path()
@@ -327,6 +333,4 @@ def grouped_completion_logprobs(
     # The prompt's last hidden state predicts the first completion token; completion t predicts t + 1.
     hidden = torch.cat([out.last_hidden_state[prompt_index, -1:], hidden[:, :-1]], 1)
     weight = model.get_output_embeddings().weight  # [V, H]
-    return token_logprobs(
-        hidden, weight, completion_ids, temperature=temperature, return_entropy=return_entropy
-    )
+    return token_logprobs(hidden, weight, completion_ids, temperature=temperature)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from grpo_cli.models import Policy, positions
+from grpo_cli.rewards import correct
 
 
 @dataclass
@@ -40,6 +41,9 @@ class Rollout:
     rewards: torch.Tensor | None = None  # [N] float32; NaN where no rule could judge the completion
     per_rule: dict[str, list[float | None]] = field(default_factory=dict)
     reward_metrics: dict[str, float] = field(default_factory=dict)
+    reward_counts: set[str] = field(
+        default_factory=set
+    )  # counters among reward_metrics (summed, not averaged)
 
     @property
     def num_groups(self) -> int:
@@ -51,9 +55,9 @@ class Rollout:
 
     @property
     def accuracy(self) -> float:
-        """Fraction of completions the first reward rule scores 1 (for ``reward=math``: a right answer)."""
-        first = next(iter(self.per_rule.values()), [])
-        return sum(s == 1.0 for s in first) / max(len(first), 1)
+        """Fraction of completions that are correct (``rewards.correct``)."""
+        right = correct(self.per_rule)
+        return sum(right) / max(len(right), 1)
 
     def select(self, index: torch.Tensor | Sequence[int]) -> Rollout:
         """The completions at ``index`` (whole groups, to keep advantages meaningful)."""
@@ -70,6 +74,7 @@ class Rollout:
             rewards=None if self.rewards is None else self.rewards[idx.to(self.rewards.device)],
             per_rule={k: [v[i] for i in pick] for k, v in self.per_rule.items()},
             reward_metrics=dict(self.reward_metrics),
+            reward_counts=set(self.reward_counts),
         )
 
 
@@ -113,15 +118,13 @@ def sample_group(
     top_k: int = 0,
     top_p: float = 1.0,
     greedy: bool = False,
-    return_logprobs: bool = False,
     generators: Sequence[torch.Generator] | None = None,
     synced: bool = False,
 ):
     """Sample G completions for each of P left-padded prompts.
 
     prompt_ids, prompt_mask: [P, L]. Returns completion ids [P*G, T] (pad after EOS) and mask [P*G, T]
-    (1 on sampled tokens including EOS), T <= max_new_tokens; with ``return_logprobs`` also the
-    log-prob [P*G, T] of each sampled token under the temperature-scaled (unfiltered) distribution.
+    (1 on sampled tokens including EOS), T <= max_new_tokens.
 
     Rows that have produced EOS leave the model's batch (their KV cache rows are dropped), but the
     sampler still draws for all N rows from an [N, V] tensor, finished rows holding their last logits:
@@ -136,42 +139,18 @@ def sample_group(
     """
     # FSDP reuses its gather buffers outside this call, which inference tensors forbid.
     with torch.no_grad() if synced else torch.inference_mode():
-        pos = positions(prompt_mask)
         uniforms = None
         if generators is not None and not greedy:
             uniforms = _group_uniforms(generators, group_size, max_new_tokens, prompt_ids.device)
-        out = model(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            position_ids=pos,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        cache = out.past_key_values
-        _expand_cache(cache, group_size)
-        logits = out.logits[:, -1].float().repeat_interleave(group_size, 0)  # [N, V]
-        mask = prompt_mask.repeat_interleave(group_size, 0)  # [n_live, L + t]
-        next_pos = pos[:, -1:].repeat_interleave(group_size, 0) + 1  # [n_live, 1]
+        cache, logits, mask, next_pos = _prefill(model, prompt_ids, prompt_mask, group_size)
         n = logits.size(0)
         live = torch.arange(n, device=logits.device)  # rows of the N still in the model's batch
         done = torch.zeros(n, dtype=torch.bool, device=logits.device)
-        tokens, logprobs = [], []
+        tokens = []
         for step in range(max_new_tokens):
-            if greedy:
-                tok = logits.argmax(-1)
-            else:
-                probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
-                tok = (
-                    torch.multinomial(probs, 1).squeeze(1)
-                    if uniforms is None
-                    else _inverse_cdf(probs, uniforms[step])
-                )
-            tok = tok.masked_fill(done, pad_id)
+            u = None if uniforms is None else uniforms[step]
+            tok = _draw(logits, u, greedy, temperature, top_k, top_p).masked_fill(done, pad_id)
             tokens.append(tok)
-            if return_logprobs:
-                logprobs.append(
-                    torch.log_softmax(logits / temperature, -1).gather(1, tok[:, None]).squeeze(1)
-                )
             done = done | (tok == eos_id)
             n_done = int(done.sum())  # the one host sync of a decode step
             finished = n_done == n
@@ -183,28 +162,72 @@ def sample_group(
                 break
             live, mask, next_pos = _compact(cache, live, done, n_done, mask, next_pos)
             mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
-            out = model(
-                input_ids=tok[live, None],
-                attention_mask=mask,
-                position_ids=next_pos,
-                past_key_values=cache,
-                use_cache=True,
-            )
-            if len(live) == n:
-                logits = out.logits[:, -1].float()
-            else:  # finished rows keep stale logits: only their random draws matter, and those are masked
-                logits.index_copy_(0, live, out.logits[:, -1].float())
+            logits = _forward_live(model, tok, live, mask, next_pos, cache, logits)
             next_pos = next_pos + 1
-        ids = torch.stack(tokens, dim=1)  # [N, T]
-        # A token is part of the completion up to and including the first EOS.
-        is_eos = ids == eos_id
-        after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
-        # Columns past every row's end exist only when decoding kept step with other ranks: drop them.
-        width = int((~after_eos).any(0).nonzero().max()) + 1
-        ids, mask = ids[:, :width], (~after_eos[:, :width]).long()
-        if return_logprobs:
-            return ids, mask, torch.stack(logprobs, dim=1)[:, :width]
-        return ids, mask
+        return _cut_after_eos(torch.stack(tokens, dim=1), eos_id)
+
+
+def _prefill(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int):
+    """One forward over the P prompts, its KV cache repeated G times.
+
+    Returns the cache, the next-token logits [N, V] float32, the attention mask [N, L] and the next
+    positions [N, 1] of the N = P * G rows.
+    """
+    pos = positions(prompt_mask)
+    out = model(
+        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True, logits_to_keep=1
+    )
+    cache = out.past_key_values
+    _expand_cache(cache, group_size)
+    logits = out.logits[:, -1].float().repeat_interleave(group_size, 0)
+    mask = prompt_mask.repeat_interleave(group_size, 0)
+    next_pos = pos[:, -1:].repeat_interleave(group_size, 0) + 1
+    return cache, logits, mask, next_pos
+
+
+def _draw(
+    logits: torch.Tensor, u: torch.Tensor | None, greedy: bool, temperature: float, top_k: int, top_p: float
+) -> torch.Tensor:
+    """The next token [N] of every row from logits [N, V]: argmax, or a draw by uniforms u [N] or the global RNG."""
+    if greedy:
+        return logits.argmax(-1)
+    probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1).squeeze(1) if u is None else _inverse_cdf(probs, u)
+
+
+def _forward_live(
+    model: Any,
+    tok: torch.Tensor,
+    live: torch.Tensor,
+    mask: torch.Tensor,
+    next_pos: torch.Tensor,
+    cache: Any,
+    logits: torch.Tensor,
+) -> torch.Tensor:
+    """Feed the live rows their last token; returns logits [N, V] with the live rows' next ones.
+
+    Finished rows keep stale logits: only their random draws matter, and those are masked.
+    """
+    out = model(
+        input_ids=tok[live, None],
+        attention_mask=mask,
+        position_ids=next_pos,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    if len(live) == logits.size(0):
+        return out.logits[:, -1].float()
+    logits.index_copy_(0, live, out.logits[:, -1].float())
+    return logits
+
+
+def _cut_after_eos(ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids [N, T] and mask [N, T]: a token is part of the completion up to and including the first EOS."""
+    is_eos = ids == eos_id
+    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+    # Columns past every row's end exist only when decoding kept step with other ranks: drop them.
+    width = int((~after_eos).any(0).nonzero().max()) + 1
+    return ids[:, :width], (~after_eos[:, :width]).long()
 
 
 def _group_uniforms(
@@ -267,7 +290,8 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], chat_template: bool, 
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
-def _pad_cat(chunks: list[torch.Tensor], value: int, left: bool = False) -> torch.Tensor:
+def pad_cat(chunks: Sequence[torch.Tensor], value: int, left: bool = False) -> torch.Tensor:
+    """[n_i, T_i] tensors as one [sum n_i, max T_i], padded with ``value`` on the right (or the left)."""
     width = max(c.size(1) for c in chunks)
     padded = []
     for c in chunks:
@@ -291,53 +315,64 @@ def generate(
     ``seeds``: one per prompt, the seed of its group's sampling stream (``sample_group``'s
     generators); None samples from the global torch RNG.
     """
-    tok = policy.tokenizer
-    model = policy.model
+    tok, model = policy.tokenizer, policy.model
     was_training = model.training
     model.eval()  # dropout off while sampling
     per_chunk = max(1, rollout_cfg.batch_size // group_size)
-    parts: dict[str, list[torch.Tensor]] = {"p": [], "pm": [], "c": [], "cm": []}
+    chunks = []  # per chunk: prompt ids and mask [n, L] (each prompt G times), completion ids and mask [n, T]
     try:
         for start in range(0, len(prompts), per_chunk):
-            p_ids, p_mask = encode_prompts(
-                tok, prompts[start : start + per_chunk], chat_template, policy.device
+            part = slice(start, start + per_chunk)
+            chunk_seeds = None if seeds is None else seeds[part]
+            chunks.append(
+                _generate_chunk(
+                    policy, prompts[part], group_size, rollout_cfg, chat_template, greedy, chunk_seeds
+                )
             )
-            gens = (
-                None if seeds is None else prompt_generators(seeds[start : start + per_chunk], policy.device)
-            )
-            c_ids, c_mask = policy.run(
-                sample_group,
-                p_ids,
-                p_mask,
-                group_size,
-                rollout_cfg.max_new_tokens,
-                tok.eos_token_id,
-                tok.pad_token_id,
-                rollout_cfg.temperature,
-                rollout_cfg.top_k,
-                rollout_cfg.top_p,
-                greedy=greedy,
-                generators=gens,
-                synced=policy.lockstep,
-            )
-            parts["p"].append(p_ids.repeat_interleave(group_size, 0))
-            parts["pm"].append(p_mask.repeat_interleave(group_size, 0))
-            parts["c"].append(c_ids)
-            parts["cm"].append(c_mask)
     finally:
         model.train(was_training)
-    c_ids = _pad_cat(parts["c"], tok.pad_token_id)
-    c_mask = _pad_cat(parts["cm"], 0)
+    p_ids, p_mask, c_ids, c_mask = zip(*chunks)
+    c_ids, c_mask = pad_cat(c_ids, tok.pad_token_id), pad_cat(c_mask, 0)
     texts = tok.batch_decode(c_ids.masked_fill(c_mask == 0, tok.pad_token_id), skip_special_tokens=True)
     return Rollout(
-        prompt_ids=_pad_cat(parts["p"], tok.pad_token_id, left=True),
-        prompt_mask=_pad_cat(parts["pm"], 0, left=True),
+        prompt_ids=pad_cat(p_ids, tok.pad_token_id, left=True),
+        prompt_mask=pad_cat(p_mask, 0, left=True),
         completion_ids=c_ids,
         completion_mask=c_mask,
         texts=texts,
         rows=[row for row in rows for _ in range(group_size)],
         group_size=group_size,
     )
+
+
+def _generate_chunk(
+    policy: Policy,
+    prompts: Sequence[str],
+    group_size: int,
+    rollout_cfg: Any,
+    chat_template: bool,
+    greedy: bool,
+    seeds: Sequence[int] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt ids and mask [n, L] (each prompt repeated G times) and completion ids and mask [n, T]."""
+    tok = policy.tokenizer
+    p_ids, p_mask = encode_prompts(tok, prompts, chat_template, policy.device)
+    c_ids, c_mask = policy.run(
+        sample_group,
+        p_ids,
+        p_mask,
+        group_size,
+        rollout_cfg.max_new_tokens,
+        tok.eos_token_id,
+        tok.pad_token_id,
+        rollout_cfg.temperature,
+        rollout_cfg.top_k,
+        rollout_cfg.top_p,
+        greedy=greedy,
+        generators=None if seeds is None else prompt_generators(seeds, policy.device),
+        synced=policy.lockstep,
+    )
+    return p_ids.repeat_interleave(group_size, 0), p_mask.repeat_interleave(group_size, 0), c_ids, c_mask
 
 
 def score(rollout: Rollout, rewarder: Any) -> Rollout:
@@ -348,32 +383,5 @@ def score(rollout: Rollout, rewarder: Any) -> Rollout:
     )
     rollout.per_rule = result.per_rule
     rollout.reward_metrics = result.metrics
+    rollout.reward_counts = result.counts
     return rollout
-
-
-def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
-    """Several scored rollouts as one: prompts re-padded on the left, completions on the right.
-
-    Reward counters (``reward/<rule>/<count>``, ``reward/unjudged``) are summed over the parts, the
-    other reward metrics averaged (every part holds the same number of completions).
-    """
-    if len(parts) == 1:
-        return parts[0]
-
-    metrics: dict[str, float] = {}
-    for key in {k for p in parts for k in p.reward_metrics}:
-        values = [p.reward_metrics[key] for p in parts if key in p.reward_metrics]
-        is_count = key.count("/") >= 2 or key == "reward/unjudged"
-        metrics[key] = sum(values) if is_count else sum(values) / len(values)
-    return Rollout(
-        prompt_ids=_pad_cat([p.prompt_ids for p in parts], pad_id, left=True),
-        prompt_mask=_pad_cat([p.prompt_mask for p in parts], 0, left=True),
-        completion_ids=_pad_cat([p.completion_ids for p in parts], pad_id),
-        completion_mask=_pad_cat([p.completion_mask for p in parts], 0),
-        texts=[t for p in parts for t in p.texts],
-        rows=[r for p in parts for r in p.rows],
-        group_size=parts[0].group_size,
-        rewards=torch.cat([p.rewards for p in parts]),
-        per_rule={k: [s for p in parts for s in p.per_rule[k]] for k in parts[0].per_rule},
-        reward_metrics=metrics,
-    )

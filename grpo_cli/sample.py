@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
+from grpo_cli.checkpoint import seed_everything
 from grpo_cli.data import build_prompt, load_rows
 from grpo_cli.models import load_policy
 from grpo_cli.rewards import build_rewarder
 from grpo_cli.rollout import Rollout, generate, score
-from grpo_cli.train import advantages_for, seed_everything
+from grpo_cli.update import advantages_for
 
 
 def _table(rollout: Rollout, advantages: torch.Tensor, g: int, prompt: str):

@@ -18,7 +18,7 @@ import torch
 from grpo_cli import distributed
 from grpo_cli.data import build_prompt
 from grpo_cli.models import Policy
-from grpo_cli.rollout import Rollout, concat_rollouts, generate, score
+from grpo_cli.rollout import Rollout, generate, pad_cat, score
 
 
 class PromptSampler:
@@ -80,11 +80,24 @@ def informative_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 @dataclass
 class Sampled:
-    """One step's sampling: ``batch`` (prompts_per_step groups) is trained on; ``seen`` is every group sampled."""
+    """One step's sampling: ``trained`` (prompts_per_step groups) is trained on; ``seen`` is every group sampled."""
 
-    batch: Rollout
+    trained: Rollout
     seen: Rollout
     rounds: int
+
+
+def rollout_metrics(rollout: Rollout) -> dict[str, float]:
+    """Metrics of everything sampled in a step: reward, accuracy, zero-variance groups, length."""
+    r = rollout.rewards
+    return {
+        "reward": float(torch.nanmean(r)),
+        "reward_std": float(r[~torch.isnan(r)].std()) if (~torch.isnan(r)).sum() > 1 else 0.0,
+        "accuracy": rollout.accuracy,
+        "zero_std_frac": 1.0 - float(informative_groups(r, rollout.group_size).float().mean()),
+        "completion_len": float(rollout.lengths.float().mean()),
+        **rollout.reward_metrics,
+    }
 
 
 # Seed streams: the training prompts and the held-out problems never share a sampling stream.
@@ -157,3 +170,32 @@ def choose_groups(informative: list[bool], count: int) -> list[int]:
     chosen = [g for g, ok in enumerate(informative) if ok][:count]
     chosen += [g for g, ok in enumerate(informative) if not ok][: count - len(chosen)]
     return sorted(chosen)
+
+
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Several scored rollouts as one: prompts re-padded on the left, completions on the right.
+
+    Reward counters (``reward_counts``) are summed over the parts, the other reward metrics averaged
+    (every part holds the same number of completions).
+    """
+    if len(parts) == 1:
+        return parts[0]
+
+    counts = set().union(*(p.reward_counts for p in parts))
+    metrics: dict[str, float] = {}
+    for key in {k for p in parts for k in p.reward_metrics}:
+        values = [p.reward_metrics[key] for p in parts if key in p.reward_metrics]
+        metrics[key] = sum(values) if key in counts else sum(values) / len(values)
+    return Rollout(
+        prompt_ids=pad_cat([p.prompt_ids for p in parts], pad_id, left=True),
+        prompt_mask=pad_cat([p.prompt_mask for p in parts], 0, left=True),
+        completion_ids=pad_cat([p.completion_ids for p in parts], pad_id),
+        completion_mask=pad_cat([p.completion_mask for p in parts], 0),
+        texts=[t for p in parts for t in p.texts],
+        rows=[r for p in parts for r in p.rows],
+        group_size=parts[0].group_size,
+        rewards=torch.cat([p.rewards for p in parts]),
+        per_rule={k: [s for p in parts for s in p.per_rule[k]] for k in parts[0].per_rule},
+        reward_metrics=metrics,
+        reward_counts=counts,
+    )

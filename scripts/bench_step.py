@@ -8,7 +8,7 @@ Builds a trainer exactly as ``grpo train`` does (the same config composition, ``
 settings of ``scripts/bench_vs_trl.py`` (tiny model, 8 prompts x G = 8, 8 new tokens, beta 0.04, mu = 1;
 any extra Hydra override on the command line is applied on top), then runs ``--steps`` steps after
 ``--warmup``, timing each phase with the same functions the train loop calls: ``rollout.generate``,
-``rollout.score``, ``train.prepare`` (reference log-probs), then per micro-batch the loop's own ``train._micro_logps``
+``rollout.score``, ``update.prepare`` (reference log-probs), then per micro-batch the loop's own ``update.micro_logps``
 + ``policy_loss`` (forward), ``backward``, and gradient clipping + ``optimizer.step`` (optimizer).
 Prints the median seconds of each phase and its share of their sum; ``--profile N`` first runs the
 steps once more under ``torch.profiler`` (not timed) and prints the N ops with the most self CPU time.
@@ -73,7 +73,7 @@ def timed_step(t: Any, clock: Clock) -> None:
     from grpo_cli.data import build_prompt
     from grpo_cli.rollout import generate, score
     from grpo_cli.sampling import draw_seed
-    from grpo_cli.train import _micro_batches, _micro_logps, prepare
+    from grpo_cli.update import micro_batches, micro_logps, prepare
 
     cfg, policy = t.cfg, t.policy
     first = t.sampler.drawn
@@ -84,15 +84,15 @@ def timed_step(t: Any, clock: Clock) -> None:
         "generate", generate, policy, picked, prompts, cfg.algo.group_size, cfg.rollout, seeds=seeds
     )
     ro = clock.run("reward", score, ro, t.rewarder)
-    batch = clock.run("reference", prepare, policy, ro, cfg)
-    denom = max(float(aggregation_units(batch.loss_mask, cfg.algo.aggregation)), 1.0)
+    inputs = clock.run("reference", prepare, policy, ro, cfg)
+    denom = max(float(aggregation_units(inputs.loss_mask, cfg.algo.aggregation)), 1.0)
     # The training loop's own micro-batching and prefix-shared log-prob pass, phase by phase.
-    for s in _micro_batches(len(ro.texts), cfg.train.micro_batch_size):
+    for s in micro_batches(len(ro.texts), cfg.train.micro_batch_size):
 
         def forward(s: slice = s) -> torch.Tensor:
-            logps = _micro_logps(policy.run, ro, s, cfg.rollout.temperature)
-            ref = None if batch.ref_logps is None else batch.ref_logps[s]
-            args = (batch.advantages[s], batch.loss_mask[s], cfg.algo)
+            logps = micro_logps(policy.run, ro, s, cfg.rollout.temperature)
+            ref = None if inputs.ref_logps is None else inputs.ref_logps[s]
+            args = (inputs.advantages[s], inputs.loss_mask[s], cfg.algo)
             return policy_loss(logps, None, ref, *args, denominator=denom)[0]
 
         clock.run("backward", clock.run("forward", forward).backward)

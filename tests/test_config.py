@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from grpo_cli.cli import compose_config
-from grpo_cli.config import AlgoConfig, ConfigError, conf_dir, validate
+from grpo_cli.config import AlgoConfig, ConfigError, conf_dir
+from grpo_cli.validation import validate
 
 GROUPS = ["model", "lora", "algo", "data", "reward"]
 

@@ -19,11 +19,12 @@ import torch
 
 from grpo_cli import distributed, train
 from grpo_cli.cli import compose_config
-from grpo_cli.config import ConfigError, validate
+from grpo_cli.config import ConfigError
 from grpo_cli.logging import read_metrics
 from grpo_cli.models import load_policy
 from grpo_cli.rollout import prompt_generators, sample_group
 from grpo_cli.sampling import PromptSampler, draw_seed
+from grpo_cli.validation import validate
 
 # 2 x 8 completions per rank, in micro-batches of 4 (so gradients accumulate before they are
 # synchronised), token_mean (whose denominator is the global token count), a learning rate that
@@ -47,6 +48,9 @@ TIMEOUT = 300
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+INJECT = Path(__file__).resolve().parent / "inject"
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -338,7 +342,7 @@ def test_a_failing_rank_ends_the_job(tmp_path):
         [*ARGS, "train.save_every=1", "train.steps=4"],
         run,
         nproc=2,
-        env=_env(**{train.FAIL_RANK_ENV: "1:2"}),
+        env=_env(GRPO_TEST_FAIL_RANK="1:2", PYTHONPATH=str(INJECT)),  # tests/inject/sitecustomize.py
         timeout=120,  # a hang fails the test here instead of stalling CI
     )
     assert proc.returncode != 0

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 
 from grpo_cli.cli import compose_config
-from grpo_cli.config import validate
 from grpo_cli.logging import read_metrics
 from grpo_cli.train import run
+from grpo_cli.validation import validate
 
 # Sampled held-out accuracy is measured on the same 200 problems x 4 samples before and after, with
 # the evaluation RNG fixed, so the before/after difference has a paired standard error of about 2

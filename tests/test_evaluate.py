@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from grpo_cli import evaluate
+from grpo_cli import evaluate, heldout
 from grpo_cli.cli import compose_config
 from grpo_cli.config import DataConfig
 from grpo_cli.data import arithmetic
@@ -319,7 +319,7 @@ def test_held_out_shares_over_ranks_add_up_to_the_one_process_numbers(monkeypatc
     policy = load_policy(cfg.model, cfg.lora, beta=0.0)
     rewarder = build_rewarder(cfg.reward)
     rows = load_rows(cfg.data, cfg.data.test_split)[:7]
-    whole = evaluate.held_out_metrics(policy, rows, cfg, rewarder)
+    whole = heldout.held_out_metrics(policy, rows, cfg, rewarder)
     sent = []
 
     def all_sum(x):
@@ -329,7 +329,7 @@ def test_held_out_shares_over_ranks_add_up_to_the_one_process_numbers(monkeypatc
     monkeypatch.setattr(distributed, "all_sum", all_sum)
     for rank in range(3):
         monkeypatch.setattr(distributed, "world", lambda rank=rank: distributed.World(rank, 3))
-        evaluate.held_out_metrics(policy, rows, cfg, rewarder)
+        heldout.held_out_metrics(policy, rows, cfg, rewarder)
     right, count, reward_sum, judged, greedy_right, greedy_count, _, _ = torch.stack(sent).sum(0).tolist()
     assert (count, greedy_count) == (7 * 3, 7)  # 3 + 3 + 1 problems counted, 2 padding repeats not
     assert right / count == whole["eval/accuracy"]

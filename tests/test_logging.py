@@ -55,7 +55,7 @@ def test_rows_completions_and_the_plain_console(tmp_path, capsys):
 def test_tensorboard_missing_is_said_once_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
     with caplog.at_level(logging.WARNING, logger="grpo_cli"):
-        logger = RunLogger(tmp_path, total_steps=2, console="plain", sink="tensorboard")
+        logger = RunLogger(tmp_path, total_steps=2, console="plain", logger="tensorboard")
         logger.log(1, {"reward": 1.0})
         logger.close()
     assert caplog.text.count("tensorboard is not installed") == 1
@@ -64,7 +64,7 @@ def test_tensorboard_missing_is_said_once_and_the_run_goes_on(tmp_path, monkeypa
 
 def test_tensorboard_events_are_written_when_installed(tmp_path):
     pytest.importorskip("tensorboard", reason="tensorboard is an optional extra (grpo-cli[tensorboard])")
-    logger = RunLogger(tmp_path, total_steps=2, console="plain", sink="tensorboard")
+    logger = RunLogger(tmp_path, total_steps=2, console="plain", logger="tensorboard")
     logger.log(1, {"reward": 1.0, "loss": math.nan})
     logger.close()
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))

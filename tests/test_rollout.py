@@ -77,6 +77,27 @@ def test_sampling_matches_generate_for_the_same_seed(model_and_tok):
     assert torch.equal((ours * our_mask)[:, :width], (theirs[:, :width] * our_mask[:, :width]))
 
 
+def _sample_with_logprobs(*args, **kwargs):
+    """``sample_group``'s ids and mask, and the log-prob [N, T] of each sampled token under the
+    temperature-scaled (unfiltered) distribution the sampler drew from, recorded at its
+    ``filter_logits`` call (finished rows hold their last logits there, as in the sampler)."""
+    from grpo_cli import rollout
+
+    real, seen = rollout.filter_logits, []
+
+    def recording(logits, temperature, top_k, top_p):
+        seen.append(torch.log_softmax(logits / temperature, -1))
+        return real(logits, temperature, top_k, top_p)
+
+    rollout.filter_logits = recording
+    try:
+        ids, mask = sample_group(*args, **kwargs)
+    finally:
+        rollout.filter_logits = real
+    logps = [step.gather(1, ids[:, t, None]).squeeze(1) for t, step in enumerate(seen[: ids.size(1)])]
+    return ids, mask, torch.stack(logps, dim=1)
+
+
 def _assert_matches_a_plain_forward(model, ids, mask, G, c_ids, c_mask, sampled_lp, temperature):
     """The sampled tokens' log-probs [N, T] equal a plain forward's over prompt + completion."""
     full = torch.cat([ids.repeat_interleave(G, 0), c_ids], 1)
@@ -91,9 +112,7 @@ def test_rollout_logprobs_match_a_plain_forward(model_and_tok):
     model, tok = model_and_tok
     ids, mask = encode_prompts(tok, PROMPTS, False, torch.device("cpu"))
     torch.manual_seed(0)
-    c_ids, c_mask, sampled_lp = sample_group(
-        model, ids, mask, 3, 10, 0, 0, temperature=0.8, return_logprobs=True
-    )
+    c_ids, c_mask, sampled_lp = _sample_with_logprobs(model, ids, mask, 3, 10, 0, 0, temperature=0.8)
     _assert_matches_a_plain_forward(model, ids, mask, 3, c_ids, c_mask, sampled_lp, temperature=0.8)
     m = c_mask.bool()
     # Ragged prompts: every sequence ends at its first EOS, nothing counted after it.
@@ -126,17 +145,8 @@ def test_seeded_sampling_is_reproducible_and_matches_its_logprobs(model_and_tok)
     ids, mask = encode_prompts(tok, PROMPTS, False, torch.device("cpu"))
     seeds = [5, 6, 7]
     runs = [
-        sample_group(
-            model,
-            ids,
-            mask,
-            4,
-            10,
-            0,
-            0,
-            temperature=0.8,
-            return_logprobs=True,
-            generators=prompt_generators(seeds, ids.device),
+        _sample_with_logprobs(
+            model, ids, mask, 4, 10, 0, 0, temperature=0.8, generators=prompt_generators(seeds, ids.device)
         )
         for _ in range(2)
     ]
@@ -160,9 +170,7 @@ def test_dropping_finished_rows_changes_no_token(model_and_tok, monkeypatch, see
         monkeypatch.setattr(rollout, "COMPACT_FRACTION", fraction)
         torch.manual_seed(1)
         gens = prompt_generators([1, 2, 3], ids.device) if seeded else None
-        runs[name] = sample_group(
-            model, ids, mask, 4, 12, eos, 0, temperature=0.05, return_logprobs=True, generators=gens
-        )
+        runs[name] = _sample_with_logprobs(model, ids, mask, 4, 12, eos, 0, temperature=0.05, generators=gens)
     (a_ids, a_mask, a_lp), (b_ids, b_mask, b_lp) = runs["never"], runs["always"]
     assert torch.equal(a_ids, b_ids) and torch.equal(a_mask, b_mask)
     m = a_mask.bool()

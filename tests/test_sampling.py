@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from grpo_cli import sampling
-from grpo_cli.rollout import Rollout, concat_rollouts
-from grpo_cli.train import rollout_metrics
+from grpo_cli.rollout import Rollout
+from grpo_cli.sampling import concat_rollouts, rollout_metrics
 
 
 def test_dynamic_sampling_fills_up_with_what_it_has_when_the_cap_is_hit():
@@ -28,6 +28,7 @@ def _rollout(groups: list[list[float]], prompt_len: int = 3, completion_len: int
         texts=[f"t{i}" for i in range(n)], rows=[{"id": str(i)} for i in range(n)], group_size=len(groups[0]),
         rewards=torch.tensor([r for g in groups for r in g]), per_rule={"r": [r for g in groups for r in g]},
         reward_metrics={"reward/r": 0.5, "reward/r/errors": 1.0, "reward/unjudged": 0.0},
+        reward_counts={"reward/r/errors", "reward/unjudged"},
     )  # fmt: skip
 
 

@@ -21,12 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo_cli import checkpoint, train
+from grpo_cli import checkpoint, guards, train
 from grpo_cli.cli import compose_config
-from grpo_cli.config import ConfigError, validate
+from grpo_cli.config import ConfigError
 from grpo_cli.logging import read_metrics
+from grpo_cli.validation import validate
 
 REPO = Path(__file__).resolve().parent.parent
+INJECT = Path(__file__).resolve().parent / "inject"  # sitecustomize: GRPO_TEST_SAVE_DELAY for subprocesses
 TIMING = {"step_time", "gen_time", "tokens_per_s"}
 
 REWARDS_MODULE = '''
@@ -143,7 +145,7 @@ def test_resume_with_a_lora_adapter_reproduces_the_uninterrupted_run(base, tmp_p
 
 
 def _cli(args: list[str], rewards_dir: Path, **env: str) -> subprocess.Popen:
-    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(rewards_dir), os.environ.get("PYTHONPATH", "")]),
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(rewards_dir), str(INJECT), os.environ.get("PYTHONPATH", "")]),
                "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env}  # fmt: skip
     return subprocess.Popen([sys.executable, "-m", "grpo_cli", "train", *args], cwd=REPO, env=environ,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
@@ -221,8 +223,35 @@ def test_sigint_saves_prints_the_resume_command_and_resume_finishes_the_run(
     _assert_same_weights(straight / "checkpoint-6", run_dir / "checkpoint-6")
 
 
-def test_a_nan_loss_is_skipped_and_counted(base, tmp_path, monkeypatch):
-    monkeypatch.setenv(train.NAN_STEPS_ENV, "2")
+@pytest.fixture
+def nan_steps(monkeypatch):
+    """``nan_steps({3, 4})`` multiplies the loss of those steps by NaN (the guard's input); ``set()`` stops it."""
+    from grpo_cli import update
+
+    steps: set[int] = set()
+    current = {"step": 0}
+    real_step, real_loss = train.train_step, update.policy_loss
+
+    def step_and_note(t, step):
+        current["step"] = step
+        return real_step(t, step)
+
+    def poisoned_loss(*args, **kwargs):
+        loss, stats = real_loss(*args, **kwargs)
+        return (loss * float("nan") if current["step"] in steps else loss), stats
+
+    monkeypatch.setattr(train, "train_step", step_and_note)
+    monkeypatch.setattr(update, "policy_loss", poisoned_loss)
+
+    def set_steps(chosen: set[int]) -> None:
+        steps.clear()
+        steps.update(chosen)
+
+    return set_steps
+
+
+def test_a_nan_loss_is_skipped_and_counted(base, tmp_path, nan_steps):
+    nan_steps({2})
     _run([*base, "train.steps=3", "train.save_every=1", "train.keep_checkpoints=0"], tmp_path)
     rows = _rows(tmp_path)
     assert [rows[s]["skipped"] for s in (1, 2, 3)] == [0.0, 1.0, 0.0]
@@ -235,8 +264,8 @@ def test_a_nan_loss_is_skipped_and_counted(base, tmp_path, monkeypatch):
     assert all(torch.isfinite(w).all() for w in _weights(tmp_path / "checkpoint-3").values())
 
 
-def test_repeated_nans_stop_the_run_and_keep_the_last_good_checkpoint(base, tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv(train.NAN_STEPS_ENV, "3,4,5,6")
+def test_repeated_nans_stop_the_run_and_keep_the_last_good_checkpoint(base, tmp_path, nan_steps, caplog):
+    nan_steps({3, 4, 5, 6})
     with pytest.raises(SystemExit) as stopped, caplog.at_level("WARNING", logger="grpo_cli"):
         _run([*base, "train.steps=8", "train.save_every=1", "train.max_bad_steps=3"], tmp_path)
     assert stopped.value.code == 1
@@ -247,7 +276,7 @@ def test_repeated_nans_stop_the_run_and_keep_the_last_good_checkpoint(base, tmp_
     assert checkpoint.load_state(tmp_path / "checkpoint-2")["step"] == 2
     assert all(torch.isfinite(w).all() for w in _weights(tmp_path / "checkpoint-2").values())
     # Once the cause is fixed, the run continues from that checkpoint (train.resume=PATH).
-    monkeypatch.delenv(train.NAN_STEPS_ENV)
+    nan_steps(set())
     _run([*base, "train.steps=3", f"train.resume={tmp_path / 'checkpoint-2'}"], tmp_path)
     rows = _rows(tmp_path)
     assert sorted(rows) == [0, 1, 2, 3] and rows[3]["skipped"] == 0.0 and rows[3]["bad_steps"] == 0.0
@@ -282,10 +311,10 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups(base, tmp_path
 
 
 def test_zero_variance_warning_waits_then_repeats_rarely():
-    guard = train.StepGuard(max_bad_steps=5, zero_std_warn=0.9)
+    guard = guards.StepGuard(max_bad_steps=5, zero_std_warn=0.9)
     warned = [s for s in range(1, 120) if guard.record(s, {"skipped": 0.0, "zero_std_frac": 1.0})]
-    first = train.ZERO_STD_PATIENCE
-    assert warned == [first, first + train.ZERO_STD_REPEAT, first + 2 * train.ZERO_STD_REPEAT]
+    first = guards.ZERO_STD_PATIENCE
+    assert warned == [first, first + guards.ZERO_STD_REPEAT, first + 2 * guards.ZERO_STD_REPEAT]
     assert not guard.record(200, {"skipped": 0.0, "zero_std_frac": 0.5})  # a good step resets the streak
 
 

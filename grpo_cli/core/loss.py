@@ -42,6 +42,7 @@ __all__ = [
     "AGGREGATIONS",
     "IMPORTANCE_LEVELS",
     "KL_ESTIMATORS",
+    "REWARD_SCALES",
     "LossConfig",
     "LossStats",
     "aggregation_units",
@@ -105,15 +106,15 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
     Returns:
         [N] advantages, floating dtype of `rewards` (float32 for integer rewards).
     """
-    if scale not in _REWARD_SCALES:
-        raise ValueError(f"scale={scale!r}: expected one of {sorted(_REWARD_SCALES)}")
+    if scale not in REWARD_SCALES:
+        raise ValueError(f"scale={scale!r}: expected one of {sorted(REWARD_SCALES)}")
     if group_size < 1 or rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     if not rewards.is_floating_point():
         rewards = rewards.float()
     grouped = rewards.reshape(-1, group_size)  # [num_groups, G]
     centred = grouped - grouped.mean(dim=1, keepdim=True)
-    return (centred / _REWARD_SCALES[scale](grouped, eps)).reshape(-1)
+    return (centred / REWARD_SCALES[scale](grouped, eps)).reshape(-1)
 
 
 def _unbiased_std(x: Tensor, dim: int | None = None) -> Tensor:
@@ -122,7 +123,7 @@ def _unbiased_std(x: Tensor, dim: int | None = None) -> Tensor:
     return x.std(dim=dim, keepdim=dim is not None) if n > 1 else x.new_zeros(())
 
 
-_REWARD_SCALES: dict[str, Callable[[Tensor, float], Tensor | float]] = {
+REWARD_SCALES: dict[str, Callable[[Tensor, float], Tensor | float]] = {
     "group": lambda grouped, eps: _unbiased_std(grouped, dim=1) + eps,
     "batch": lambda grouped, eps: _unbiased_std(grouped) + eps,
     "none": lambda grouped, eps: 1.0,

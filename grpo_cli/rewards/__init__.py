@@ -41,7 +41,15 @@ from typing import Any
 from grpo_cli.config import ConfigError
 from grpo_cli.rewards.math import extract_answer
 
-__all__ = ["RewardResult", "Rewarder", "Rule", "build_rewarder", "extract_answer", "resolve_target"]
+__all__ = [
+    "RewardResult",
+    "Rewarder",
+    "Rule",
+    "build_rewarder",
+    "correct",
+    "extract_answer",
+    "resolve_target",
+]
 
 log = logging.getLogger("grpo_cli")
 
@@ -65,11 +73,22 @@ class RewardResult:
     per_rule: rule name -> [N] scores (0.0 where the rule raised).
     metrics: ``reward/<name>`` (mean over judged), ``reward/<name>/<count>``, ``reward/total``,
         ``reward/unjudged`` (completions whose total is None).
+    counts: the keys of ``metrics`` that are counters: over several batches (ranks, sampling rounds)
+        they add up; every other metric is a mean and is averaged.
     """
 
     total: list[float | None]
     per_rule: dict[str, list[float | None]] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    counts: set[str] = field(default_factory=set)
+
+
+def correct(per_rule: dict[str, list[float | None]]) -> list[bool]:
+    """Which completions are *correct*: the first reward rule scores them 1.0 (for ``reward=math``, a
+    right answer). The one definition behind training's ``accuracy``, held-out ``eval/accuracy`` and
+    ``grpo eval``'s pass@k."""
+    first = next(iter(per_rule.values()), [])
+    return [s == 1.0 for s in first]
 
 
 class Rewarder:
@@ -85,6 +104,7 @@ class Rewarder:
             raise ValueError(f"{len(completions)} completions but {len(rows)} rows")
         per_rule: dict[str, list[float | None]] = {}
         metrics: dict[str, float] = {}
+        counts = {"reward/unjudged"}
         for rule in self.rules:
             scores, extra = self._score(rule, completions, rows)
             per_rule[rule.name] = scores
@@ -92,12 +112,13 @@ class Rewarder:
             if judged:
                 metrics[f"reward/{rule.name}"] = sum(judged) / len(judged)
             metrics.update({f"reward/{rule.name}/{k}": float(v) for k, v in extra.items()})
+            counts.update(f"reward/{rule.name}/{k}" for k in extra)
         total = self._total(per_rule, len(completions))
         judged_total = [t for t in total if t is not None]
         if judged_total:
             metrics["reward/total"] = sum(judged_total) / len(judged_total)
         metrics["reward/unjudged"] = float(len(total) - len(judged_total))
-        return RewardResult(total, per_rule, metrics)
+        return RewardResult(total, per_rule, metrics, counts)
 
     def _score(self, rule: Rule, completions: list[str], rows: list[dict]) -> tuple[list, dict[str, float]]:
         """One rule's scores and counters; a rule that raises or misbehaves scores 0 and is counted."""

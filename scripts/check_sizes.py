@@ -1,0 +1,48 @@
+"""Module and function sizes in grpo_cli/ (ast-measured): prints the five largest of each, exits 1
+when a module has more than 400 lines or a function more than 60 (STYLE.md's limits).
+
+    python scripts/check_sizes.py            # run by `make lint`
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "grpo_cli"
+MAX_MODULE, MAX_FUNCTION = 400, 60
+
+
+def sizes(package: Path = PACKAGE) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+    """(lines, module) and (lines, module:function) for every module and function under ``package``."""
+    modules, functions = [], []
+    for path in sorted(package.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        name = str(path.relative_to(package.parent))
+        modules.append((len(text.splitlines()), name))
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                # From the first decorator to the last line of the body, docstring included.
+                first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                functions.append((node.end_lineno - first + 1, f"{name}:{node.lineno} {node.name}"))
+    return sorted(modules, reverse=True), sorted(functions, reverse=True)
+
+
+def main() -> int:
+    modules, functions = sizes()
+    print(f"largest modules (limit {MAX_MODULE} lines):")
+    for n, name in modules[:5]:
+        print(f"  {n:4d}  {name}")
+    print(f"largest functions (limit {MAX_FUNCTION} lines):")
+    for n, name in functions[:5]:
+        print(f"  {n:4d}  {name}")
+    over = [f"{name}: {n} lines" for n, name in modules if n > MAX_MODULE]
+    over += [f"{name}: {n} lines" for n, name in functions if n > MAX_FUNCTION]
+    for line in over:
+        print(f"over the limit: {line}", file=sys.stderr)
+    return 1 if over else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
