@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # disk; elsewhere pip downloads it. Override e.g. TORCH_SPEC="torch --index-url .../cu124".
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: help install demo demo-ddp test test-fast lint format bench-env clean
+.PHONY: help install install-trackers demo demo-ddp test test-fast lint format bench-env clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -16,6 +16,9 @@ install: ## create .venv and install grpo-cli with its dev tools (editable)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
+
+install-trackers: ## add the run trackers train.logger can select: wandb, mlflow, tensorboard (~30 s)
+	$(BIN)/pip install -q -e ".[wandb,mlflow,tensorboard]"
 
 demo: ## grpo train on the embedded tiny model (builds it on first use), offline, CPU
 	HF_HUB_OFFLINE=1 $(BIN)/grpo train

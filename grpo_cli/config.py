@@ -155,8 +155,9 @@ class TrainConfig:
     max_bad_steps: int = 5
     # Warn when the fraction of zero-variance groups stays above this.
     zero_std_warn: float = 0.9
-    # Metric sinks besides metrics.jsonl: jsonl (none) or tensorboard (event files in <run_dir>/tb).
-    logger: str = "jsonl"
+    # Run trackers, a list (or one name): jsonl (metrics.jsonl, always written), tensorboard, wandb,
+    # mlflow; each but jsonl is an optional extra (grpo_cli/trackers.py, README "Run trackers").
+    logger: Any = field(default_factory=lambda: ["jsonl"])
     # Under torchrun with several ranks: ddp (each rank holds the model) or fsdp (full fine-tuning,
     # parameters, gradients and optimizer state sharded). A single process ignores it.
     strategy: str = "ddp"

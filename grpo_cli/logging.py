@@ -4,7 +4,8 @@ Files in the run directory:
 - ``metrics.jsonl``: one row per step, ``step`` plus one key per metric (NaN written as null);
 - ``completions.jsonl``: every ``train.log_completions_every`` steps, one row per completion of the
   step's batch: step, prompt, completion, length (tokens), reward, per-rule rewards, advantage;
-- ``tb/``: TensorBoard event files when ``train.logger=tensorboard`` and tensorboard is installed;
+- ``tb/``, ``wandb/``, ``mlflow.db`` + ``mlartifacts/``, ``trackers.json``: the run trackers that
+  ``train.logger`` selects besides JSONL (``grpo_cli.trackers``);
 - ``curves.png``: reward, accuracy, KL, clip fraction, completion length and step time against step
   (``grpo_cli.plots``; needs matplotlib).
 
@@ -23,12 +24,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
+
+from grpo_cli.trackers import open_trackers
 
 log = logging.getLogger("grpo_cli")
 
@@ -177,11 +181,12 @@ class LivePanel:
 
 
 class RunLogger:
-    """Writes the run's metric rows, completions, TensorBoard events and curves; drives the console.
+    """Writes the run's metric rows, completions and curves, feeds the run trackers; drives the console.
 
     ``start_step``: the checkpoint step a resumed run continues from (rows after it are dropped);
-    a fresh run (``resumed=False``) starts both JSONL files empty. ``logger``: ``train.logger``
-    (tensorboard adds event files).
+    a fresh run (``resumed=False``) starts both JSONL files empty. ``logger``: ``train.logger`` (a name
+    or a list of names, ``grpo_cli.trackers``); ``config_yaml``: the resolved config the trackers record.
+    A tracker that fails mid-run is said once and dropped; the JSONL files go on.
     """
 
     def __init__(
@@ -190,8 +195,9 @@ class RunLogger:
         total_steps: int,
         start_step: int = 0,
         console: str = "rich",
-        logger: str = "jsonl",
+        logger: str | list[str] = "jsonl",
         resumed: bool = False,
+        config_yaml: str = "",
     ):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -206,10 +212,12 @@ class RunLogger:
         self.panel = None
         if console == "rich" and self.console.is_terminal:
             self.panel = LivePanel(self.console, total_steps, start_step)
-        self.tb = (
-            _tensorboard_writer(self.run_dir / "tb", start_step if resumed else 0)
-            if logger == "tensorboard"
-            else None
+        self.trackers = open_trackers(
+            logger,
+            self.run_dir,
+            yaml.safe_load(config_yaml) or {},
+            start_step if resumed else None,
+            self.title,
         )
 
     def log(self, step: int, metrics: dict[str, float], example: dict[str, Any] | None = None) -> None:
@@ -217,10 +225,7 @@ class RunLogger:
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in metrics.items():
-                if _is_number(v) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, step)
+        self._each_tracker("log", step, metrics)
         if self.panel is not None:
             self.panel.update(step, metrics, example)
         else:
@@ -229,10 +234,21 @@ class RunLogger:
             )
 
     def log_completions(self, records: list[dict[str, Any]]) -> None:
-        """Append one row per completion to ``completions.jsonl``."""
+        """Append one row per completion to ``completions.jsonl`` (and give them to the trackers)."""
         with self.completions_path.open("a") as f:
             for rec in records:
                 f.write(json.dumps({k: _clean(v) for k, v in rec.items()}) + "\n")
+        if records:
+            self._each_tracker("log_completions", records[0]["step"], records)
+
+    def _each_tracker(self, method: str, *args: Any) -> None:
+        for tracker in list(self.trackers):
+            try:
+                getattr(tracker, method)(*args)
+            except Exception as exc:  # noqa: BLE001 - a tracker never stops training
+                self.trackers.remove(tracker)
+                log.error("%s failed (%s: %s); it logs no more in this run", type(tracker).__name__,
+                          type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
 
     def write_curves(self) -> Path | None:
         """Redraw ``curves.png`` from ``metrics.jsonl``; without matplotlib say so once and return None."""
@@ -260,25 +276,16 @@ class RunLogger:
         if self.panel is not None:
             self.panel.stop()
             self.panel = None
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
-
-
-def _tensorboard_writer(log_dir: Path, resume_step: int) -> Any:
-    """A SummaryWriter, or None (said once) when tensorboard is not installed.
-
-    ``purge_step`` makes TensorBoard discard the events a resumed run writes again.
-    """
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log.warning(
-            "train.logger=tensorboard, but tensorboard is not installed: no event files are written "
-            "(pip install 'grpo-cli[tensorboard]'); metrics.jsonl is written as always"
-        )
-        return None
-    return SummaryWriter(log_dir=str(log_dir), purge_step=resume_step + 1 if resume_step else None)
+        # Called from train's ``finally``: an exception on its way out says how the run ended.
+        exc = sys.exc_info()[1]
+        if exc is None:
+            status = "finished"
+        elif isinstance(exc, KeyboardInterrupt) or getattr(exc, "code", None) in (130, 143):
+            status = "killed"  # Ctrl-C / SIGTERM (checkpoint.EXIT_CODES)
+        else:
+            status = "failed"
+        self._each_tracker("finish", status)
+        self.trackers = []
 
 
 class SilentLogger:

@@ -254,7 +254,9 @@ def run(cfg: Any, run_dir: str, overrides: list[str] | None = None) -> dict[str,
     start = state["step"] if state else 0
     resume_cmd = checkpoint.resume_command(run_path, overrides, launcher=distributed.launcher())
     logger = (
-        RunLogger(run_path, cfg.train.steps, start, cfg.console, cfg.train.logger, resumed=state is not None)
+        RunLogger(
+            run_path, cfg.train.steps, start, cfg.console, cfg.train.logger, state is not None, t.config_yaml
+        )
         if world.is_main
         else SilentLogger()
     )

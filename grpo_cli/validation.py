@@ -84,8 +84,9 @@ def validate(cfg: Any) -> None:
 def _validate_robustness(cfg: Any) -> None:
     """Checkpointing, guards, dynamic sampling and logging fields of a train config."""
     tr, algo = cfg.train, cfg.algo
-    if tr.logger not in ("jsonl", "tensorboard"):
-        raise ConfigError(f"train.logger={tr.logger!r} is not allowed; choose one of: jsonl, tensorboard")
+    from grpo_cli.trackers import check
+
+    check(tr.logger)  # a known name whose extra is installed
     for key in ("save_every", "eval_every", "log_completions_every"):
         if getattr(tr, key) < 0:
             raise ConfigError(f"train.{key}={getattr(tr, key)}: must be >= 0 (0 turns it off)")

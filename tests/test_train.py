@@ -320,7 +320,7 @@ def test_zero_variance_warning_waits_then_repeats_rarely():
 
 @pytest.mark.parametrize(
     "override,key",
-    [("train.logger=wandb", "train.logger"), ("algo.overlong_buffer=99", "algo.overlong_buffer"),
+    [("train.logger=[jsonl,neptune]", "train.logger"), ("algo.overlong_buffer=99", "algo.overlong_buffer"),
      ("algo.max_sampling_rounds=0", "algo.max_sampling_rounds"), ("train.max_bad_steps=0", "train.max_bad_steps"),
      ("train.zero_std_warn=1.5", "train.zero_std_warn")],
 )  # fmt: skip
