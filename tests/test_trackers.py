@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from grpo_cli import logging as logging_mod
 from grpo_cli import trackers
 from grpo_cli.cli import compose_config, main
 from grpo_cli.config import ConfigError, validate
-from grpo_cli.logging import read_metrics
+from grpo_cli.logging import RunLogger, read_metrics
+from grpo_cli.train import RunStopped
 
 TINY = [
     "train.prompts_per_step=2", "algo.group_size=4", "rollout.max_new_tokens=8", "train.eval_problems=4",
@@ -110,6 +112,46 @@ def test_mlflow_params_are_cut_to_its_limit_and_a_resumed_run_keeps_the_first_va
     assert [(m.step, m.value) for m in again.client.get_metric_history(first.run_id, "eval/pass_at_1")] == [
         (4, 0.25)
     ]
+
+
+class _Recorder:
+    def __init__(self, fail_on_step: int | None = None):
+        self.calls, self.fail_on_step = [], fail_on_step
+
+    def log(self, step, metrics):
+        if step == self.fail_on_step:
+            raise RuntimeError("server went away")
+        self.calls.append(("log", step))
+
+    def log_completions(self, step, records):
+        self.calls.append(("completions", step, len(records)))
+
+    def finish(self, status="finished"):
+        self.calls.append(("finish", status))
+
+
+@pytest.mark.parametrize("raised,status", [(None, "finished"), (RunStopped(143), "killed"), (RuntimeError("x"), "failed")])  # fmt: skip
+def test_trackers_hear_every_step_and_how_the_run_ended_and_a_failing_one_is_dropped(
+    raised, status, tmp_path, monkeypatch, caplog
+):
+    good, bad = _Recorder(), _Recorder(fail_on_step=2)
+    monkeypatch.setattr(logging_mod, "open_trackers", lambda *a: [good, bad])
+    logger = RunLogger(tmp_path, total_steps=3, console="plain", sink=["jsonl", "wandb"])
+    with caplog.at_level("ERROR", logger="grpo_cli"):
+        for step in (1, 2, 3):
+            logger.log(step, {"reward": 0.5})
+        logger.log_completions([{"step": 3, "prompt": "p", "completion": "c"}])
+    try:
+        try:
+            if raised is not None:
+                raise raised
+        finally:
+            logger.close()  # as train's ``finally`` calls it, while ``raised`` is on its way out
+    except (RunStopped, RuntimeError):
+        pass
+    assert good.calls == [("log", 1), ("log", 2), ("log", 3), ("completions", 3, 1), ("finish", status)]
+    assert bad.calls == [("log", 1)] and caplog.text.count("server went away") == 1
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
 
 
 # ---------------------------------------------------------------------------- a resumed tiny run
