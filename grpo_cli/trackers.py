@@ -50,11 +50,11 @@ from grpo_cli.config import ConfigError
 
 log = logging.getLogger("grpo_cli")
 
-# train.logger option -> (the module that must import, the extra that installs it).
+# train.logger option -> (the modules it needs, the extra that installs them).
 EXTRAS = {
-    "tensorboard": ("tensorboard", "tensorboard"),
-    "wandb": ("wandb", "wandb"),
-    "mlflow": ("mlflow", "mlflow"),
+    "tensorboard": (("tensorboard",), "tensorboard"),
+    "wandb": (("wandb",), "wandb"),
+    "mlflow": (("mlflow", "sqlalchemy", "alembic"), "mlflow"),  # the last two: the local SQLite store
 }
 NAMES = ("jsonl", *EXTRAS)
 IDS_FILE = "trackers.json"
@@ -74,10 +74,11 @@ def check(value: Any) -> list[str]:
         if name not in NAMES:
             raise ConfigError(f"train.logger: {name!r} is not a logger; choose from: {', '.join(NAMES)}")
     for name in names[1:]:
-        module, extra = EXTRAS[name]
-        if not _installed(module):
+        modules, extra = EXTRAS[name]
+        missing = [m for m in modules if not _installed(m)]
+        if missing:
             raise ConfigError(
-                f"train.logger={name}: {module} is not installed; pip install 'grpo-cli[{extra}]' "
+                f"train.logger={name}: {missing[0]} is not installed; pip install 'grpo-cli[{extra}]' "
                 "(or make install-trackers)"
             )
     return names
@@ -108,15 +109,20 @@ def open_trackers(
     ids = json.loads(ids_path.read_text()) if resume_step is not None and ids_path.is_file() else {}
     out: list[Tracker] = []
     for name in selected(names)[1:]:
-        if name == "tensorboard":
-            out.append(TensorBoardTracker(run_dir / "tb", resume_step or 0))
-        elif name == "wandb":
-            out.append(WandbTracker(run_dir, config, ids.get("wandb"), title))
-            ids["wandb"] = out[-1].run_id
-        elif name == "mlflow":
-            out.append(MlflowTracker(run_dir, config, ids.get("mlflow"), title, resume_step or 0))
-            ids["mlflow"] = out[-1].ids
-    if len(out) and ids:
+        try:
+            if name == "tensorboard":
+                out.append(TensorBoardTracker(run_dir / "tb", resume_step or 0))
+            elif name == "wandb":
+                out.append(WandbTracker(run_dir, config, ids.get("wandb"), title))
+                ids["wandb"] = out[-1].run_id
+            elif name == "mlflow":
+                out.append(MlflowTracker(run_dir, config, ids.get("mlflow"), title, resume_step or 0))
+                ids["mlflow"] = out[-1].ids
+        except Exception as exc:  # noqa: BLE001 - the model is loaded by now: train without it, loudly
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            log.error("train.logger=%s could not start (%s: %s); this run goes on without it",
+                      name, type(exc).__name__, first)  # fmt: skip
+    if ids:
         ids_path.write_text(json.dumps(ids, indent=1) + "\n")
     return out
 

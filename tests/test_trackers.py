@@ -154,6 +154,20 @@ def test_trackers_hear_every_step_and_how_the_run_ended_and_a_failing_one_is_dro
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
 
 
+def test_a_tracker_that_cannot_start_is_said_and_the_others_start(tmp_path, monkeypatch, caplog):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra (make install-trackers)")
+
+    def refuse(*args):
+        raise ConnectionError("no route to host\nmore detail")
+
+    monkeypatch.setattr(trackers, "WandbTracker", refuse)
+    with caplog.at_level("ERROR", logger="grpo_cli"):
+        started = trackers.open_trackers(["wandb", "tensorboard"], tmp_path, {}, None, "t")
+    assert [type(t).__name__ for t in started] == ["TensorBoardTracker"]
+    assert "train.logger=wandb could not start (ConnectionError: no route to host)" in caplog.text
+    started[0].finish()
+
+
 # ---------------------------------------------------------------------------- a resumed tiny run
 
 
