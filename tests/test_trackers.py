@@ -19,9 +19,10 @@ import pytest
 from grpo_cli import logging as logging_mod
 from grpo_cli import trackers
 from grpo_cli.cli import compose_config, main
-from grpo_cli.config import ConfigError, validate
+from grpo_cli.config import ConfigError
+from grpo_cli.guards import RunStopped
 from grpo_cli.logging import RunLogger, read_metrics
-from grpo_cli.train import RunStopped
+from grpo_cli.validation import validate
 
 TINY = [
     "train.prompts_per_step=2", "algo.group_size=4", "rollout.max_new_tokens=8", "train.eval_problems=4",
@@ -136,7 +137,7 @@ def test_trackers_hear_every_step_and_how_the_run_ended_and_a_failing_one_is_dro
 ):
     good, bad = _Recorder(), _Recorder(fail_on_step=2)
     monkeypatch.setattr(logging_mod, "open_trackers", lambda *a: [good, bad])
-    logger = RunLogger(tmp_path, total_steps=3, console="plain", sink=["jsonl", "wandb"])
+    logger = RunLogger(tmp_path, total_steps=3, console="plain", logger=["jsonl", "wandb"])
     with caplog.at_level("ERROR", logger="grpo_cli"):
         for step in (1, 2, 3):
             logger.log(step, {"reward": 0.5})
