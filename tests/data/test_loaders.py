@@ -204,6 +204,21 @@ def test_data_groups_compose(group):
     assert cfg.data.name == group and "{question}" in cfg.data.template
 
 
+DATA_REWARD = {"arithmetic": "math", "gsm8k": "math", "math500": "math", "jsonl": "math", "humaneval": "code"}
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "eval"])
+@pytest.mark.parametrize("group", sorted(DATA_REWARD))
+def test_each_data_group_brings_its_reward_and_an_explicit_reward_wins(command, group):
+    rules = lambda cfg: [r["name"] for r in cfg.reward.rules]  # noqa: E731
+    cfg, dcfg = compose_config(command, [f"data={group}"])
+    assert rules(cfg) == [DATA_REWARD[group]]
+    other = "math" if DATA_REWARD[group] == "code" else "code"
+    for overrides in ([f"data={group}", f"reward={other}"], [f"reward={other}", f"data={group}"]):
+        assert rules(compose_config(command, overrides)[0]) == [other]
+    assert rules(compose_config(command, [f"data={group}", "reward=math_format"])[0]) == ["math", "format"]
+
+
 def test_data_group_loads_from_the_command_line():
     directory = shared_data("gsm8k")
     cfg, _ = compose_config("sample", ["data=gsm8k", f"data.path={directory}"])
