@@ -186,8 +186,8 @@ class EvalConfig:
     temperature: float = 1.0
     # Also decode one greedy completion per problem (metrics greedy/pass@1, greedy/mean_reward, ...).
     greedy: bool = True
-    # K of pass@K and maj@K; each must be <= samples.
-    k: list[int] = field(default_factory=lambda: [1, 4])
+    # K of pass@K and maj@K; each must be <= samples. null: [1, 4], less the K above the samples per problem.
+    k: list[int] | None = None
     # Bootstrap resamples (over problems, seeded by seed) for the 95% intervals.
     bootstrap: int = 1000
     # JSONL of {"id": problem id, "completion": text} to score without loading a model.

@@ -57,6 +57,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,7 @@ import torch
 from grpo_cli.config import ConfigError
 from grpo_cli.data import build_prompt, load_rows
 from grpo_cli.heldout import answer_fn, score_records
-from grpo_cli.metrics import Summary, paired_delta, summarize
+from grpo_cli.metrics import Summary, default_ks, paired_delta, summarize
 from grpo_cli.models import Policy, check_adapter_base, load_policy
 from grpo_cli.rollout import generate
 from grpo_cli.validation import validate_eval
@@ -279,7 +280,7 @@ def _score_file(cfg: Any, rows: list[dict], rewarder: Any) -> tuple[list[dict], 
         samples.append(counts.get(row["id"], 0))
         counts[row["id"]] = samples[-1] + 1
     fewest = min(counts, key=counts.__getitem__)
-    if max(ev.k) > counts[fewest]:
+    if ev.k is not None and max(ev.k) > counts[fewest]:
         raise ConfigError(
             f"eval.k={list(ev.k)}: K={max(ev.k)} exceeds the {counts[fewest]} completions of id {fewest!r} "
             f"in {ev.completions}"
@@ -304,6 +305,7 @@ def run(cfg: Any, run_dir: str) -> dict[str, Any]:
     rows = load_rows(cfg.data, ev.split)  # never empty (ConfigError)
     rewarder = build_rewarder(cfg.reward)
     results, summaries, all_records = [], [], []
+    ks = list(ev.k) if ev.k is not None else None  # None: the default, trimmed to n below (issue 14)
     try:
         with Progress(console=Console(stderr=True), transient=True) as progress:
             for name in names:
@@ -311,7 +313,9 @@ def run(cfg: Any, run_dir: str) -> dict[str, Any]:
                     sampled, greedy = _score_file(cfg, rows, rewarder)
                 else:
                     sampled, greedy = evaluate_checkpoint(name, cfg, rows[: ev.limit], rewarder, progress)
-                entry, summary = result_entry(name, sampled, greedy, list(ev.k), cfg.seed, ev.bootstrap)
+                if ks is None:
+                    ks = default_ks(min(Counter(str(r["id"]) for r in sampled).values()))
+                entry, summary = result_entry(name, sampled, greedy, ks, cfg.seed, ev.bootstrap)
                 results.append(entry)
                 summaries.append(summary)
                 all_records += [{"checkpoint": name, **r} for r in sampled + greedy]

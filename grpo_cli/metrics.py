@@ -17,11 +17,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger("grpo_cli")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -136,6 +139,23 @@ def group_by_problem(records: Sequence[dict[str, Any]]) -> dict[str, list[dict[s
 def _mean(values: Sequence[float | None]) -> float | None:
     judged = [float(v) for v in values if v is not None]
     return sum(judged) / len(judged) if judged else None
+
+
+DEFAULT_K = (1, 4)
+
+
+def default_ks(n: int) -> list[int]:
+    """The K of pass@K / maj@K when ``eval.k`` is not set: ``DEFAULT_K`` less those above ``n``,
+    the completions per problem (one info line when some are dropped)."""
+    ks = [k for k in DEFAULT_K if k <= n]
+    if len(ks) < len(DEFAULT_K):
+        log.info(
+            "eval.k: the default %s trimmed to %s (n=%d completions per problem); set eval.k= to choose",
+            list(DEFAULT_K),
+            ks,
+            n,
+        )
+    return ks
 
 
 def summarize(

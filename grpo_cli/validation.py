@@ -131,7 +131,7 @@ def validate_eval(cfg: Any) -> None:
         raise ConfigError(f"eval.limit={ev.limit}: must be >= 1 (null evaluates the whole split)")
     if ev.bootstrap < 1:
         raise ConfigError(f"eval.bootstrap={ev.bootstrap}: must be >= 1")
-    if not ev.k or any(k < 1 for k in ev.k):
+    if ev.k is not None and (not ev.k or any(k < 1 for k in ev.k)):
         raise ConfigError(f"eval.k={list(ev.k)}: needs one or more K >= 1")
     single = cfg.checkpoint or ev.checkpoint
     if single and ev.checkpoints:
@@ -146,7 +146,7 @@ def validate_eval(cfg: Any) -> None:
         if not Path(ev.completions).is_file():
             raise ConfigError(f"eval.completions={ev.completions}: no such file")
         return  # k is checked against the completions per problem once the file is read
-    if max(ev.k) > ev.samples:
+    if ev.k is not None and max(ev.k) > ev.samples:  # a K the user chose; the default is trimmed
         raise ConfigError(
             f"eval.k={list(ev.k)}: K={max(ev.k)} exceeds eval.samples={ev.samples} (need K <= n)"
         )
