@@ -101,6 +101,11 @@ class DataConfig:
     name: str = "arithmetic"
     # Local file (jsonl / parquet); for gsm8k and math500, null falls back to the hub dataset.
     path: str | None = None
+    # path is one file (jsonl, gsm8k, math500): rows held out for the test split, a count (>= 1) or a
+    # fraction (< 1), drawn with a fixed seed; 0 uses every row for every split. See data/split.py.
+    test_size: float = 0.1
+    # A held-out file for the test split (then path is read whole for training).
+    test_path: str | None = None
     # Hub dataset id used when path is null.
     hub_id: str | None = None
     hub_config: str | None = None

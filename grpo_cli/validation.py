@@ -76,6 +76,13 @@ def validate(cfg: Any) -> None:
         if tr.micro_batch_size < 1:
             raise ConfigError(f"train.micro_batch_size={tr.micro_batch_size}: must be >= 1")
         _validate_robustness(cfg)
+    test_size = cfg.data.test_size
+    if test_size < 0 or (test_size >= 1 and test_size != int(test_size)):
+        raise ConfigError(
+            f"data.test_size={test_size:g}: a count of rows (1, 2, ...) or a fraction in [0, 1) of data.path"
+        )
+    if cfg.data.test_path and not Path(cfg.data.test_path).expanduser().is_file():
+        raise ConfigError(f"data.test_path={cfg.data.test_path}: no such file")
     if cfg.lora.enabled and cfg.lora.r < 1:
         raise ConfigError(f"lora.r={cfg.lora.r}: must be >= 1")
     check_model_path(cfg.model.name_or_path)

@@ -47,7 +47,8 @@ def test_gsm8k_from_directory_and_file():
     assert first["id"] == "0" and first["answer"] == "18" and first["solution"].endswith("#### 18")
     assert first["question"].startswith("Janet")
     assert all("," not in r["answer"] and r["answer"] for r in rows)
-    assert len(load_rows(DataConfig(name="gsm8k", path=str(directory / "train.jsonl")), "train")) == 7473
+    whole = DataConfig(name="gsm8k", path=str(directory / "train.jsonl"), test_size=0)  # one file, no hold-out
+    assert len(load_rows(whole, "train")) == 7473
 
 
 def test_math500():
@@ -102,7 +103,7 @@ def test_json_list_json_lines_and_gzip(tmp_path):
     with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:
         f.write("\n".join(json.dumps(r) for r in records))
     for name in ("a.json", "b.json", "c.jsonl.gz"):
-        rows = load_rows(DataConfig(name="jsonl", path=str(tmp_path / name)), "test")
+        rows = load_rows(DataConfig(name="jsonl", path=str(tmp_path / name), test_size=0), "test")
         assert [(r["id"], r["answer"]) for r in rows] == [("0", "0"), ("1", "1"), ("2", "2")], name
 
 
@@ -138,7 +139,7 @@ def test_malformed_rows_are_skipped_counted_and_named(tmp_path, caplog):
         ],
     )
     with caplog.at_level(logging.WARNING, logger="grpo_cli"):
-        rows = load_rows(DataConfig(name="gsm8k", path=str(path)), "test")
+        rows = load_rows(DataConfig(name="gsm8k", path=str(path), test_size=0), "test")
     assert [r["id"] for r in rows] == ["0", "5"]  # ids stay file positions across skipped lines
     for fragment in (
         "line 2: bad JSON",
