@@ -237,14 +237,6 @@ def register() -> None:
     cs.store(name="train_schema", node=TrainRoot)
     cs.store(name="sample_schema", node=SampleRoot)
     cs.store(name="eval_schema", node=EvalRoot)
-    for group, node in (
-        ("model", ModelConfig),
-        ("lora", LoraConfig),
-        ("algo", AlgoConfig),
-        ("data", DataConfig),
-        ("reward", RewardConfig),
-    ):
-        cs.store(group=f"schema/{group}", name="base", node=node)
 
 
 def conf_dir() -> Path:
