@@ -47,7 +47,8 @@ def test_gsm8k_from_directory_and_file():
     assert first["id"] == "0" and first["answer"] == "18" and first["solution"].endswith("#### 18")
     assert first["question"].startswith("Janet")
     assert all("," not in r["answer"] and r["answer"] for r in rows)
-    whole = DataConfig(name="gsm8k", path=str(directory / "train.jsonl"), test_size=0)  # one file, no hold-out
+    # One file read whole (data.test_size=0; tests/data/test_split.py holds rows out).
+    whole = DataConfig(name="gsm8k", path=str(directory / "train.jsonl"), test_size=0)
     assert len(load_rows(whole, "train")) == 7473
 
 
