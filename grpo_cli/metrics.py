@@ -169,8 +169,8 @@ def summarize(
 
     Metrics: ``pass@1`` (mean correctness, averaged per problem), ``pass@K`` for K in ``ks``,
     ``maj@K`` for K > 1 in ``ks``, ``mean_reward`` and ``reward/<rule>`` (means over judged
-    completions), ``extracted`` (fraction with an answer), ``completion_len`` (mean tokens; only when
-    every record has it).
+    completions), ``extracted`` (fraction with an answer), ``unjudged`` (fraction whose reward is None;
+    only when some are), ``completion_len`` (mean tokens; only when every record has it).
     ci95 holds an interval for every pass@K and maj@K.
     """
     groups = group_by_problem(records)
@@ -206,6 +206,9 @@ def _reward_metrics(records: Sequence[dict[str, Any]]) -> dict[str, float]:
         if value is not None:
             out[f"reward/{rule}"] = value
     out["extracted"] = sum(r["answer"] is not None for r in records) / len(records)
+    unjudged = sum(r["reward"] is None for r in records)
+    if unjudged:  # the rule could not judge them (no gold answer, no tests): never counted as a silent 0
+        out["unjudged"] = unjudged / len(records)
     tokens = [r.get("tokens") for r in records]
     if all(t is not None for t in tokens):
         out["completion_len"] = sum(tokens) / len(tokens)

@@ -92,3 +92,22 @@ def test_adapter_of_a_different_base_is_refused_naming_both(tmp_path, tiny_model
     copy = copy_model(random_model_dir, tmp_path / "copy-of-random")
     cfg, _ = compose_config("eval", [f"checkpoint={tmp_path / 'adapter'}", f"model.name_or_path={copy}"])
     evaluate.check_checkpoints(cfg, evaluate.checkpoint_names(cfg))
+
+
+def test_a_hub_id_is_its_local_snapshot(tmp_path, tiny_model_path, monkeypatch):
+    """An adapter recorded against a hub id fits a local copy of the same weights, and the reverse."""
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hub" / "models--someorg--tiny"
+    copy_model(tiny_model_path, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert identity.local_dir("someorg/tiny") == repo / "snapshots" / "abc123"
+    assert identity.fingerprint("someorg/tiny") == identity.fingerprint(str(tiny_model_path))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()  # no base_model.json: the fingerprint comes from the recorded hub id's snapshot
+    identity.check_adapter_base(str(adapter), "someorg/tiny", str(tiny_model_path))
+    identity.check_adapter_base(str(adapter), str(tiny_model_path), "someorg/tiny")
+    with pytest.raises(ConfigError, match="someorg/other .*unknown: not found here"):
+        identity.check_adapter_base(str(adapter), "someorg/other", str(tiny_model_path))
