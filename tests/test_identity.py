@@ -11,8 +11,9 @@ import pytest
 
 from grpo_cli import evaluate, identity, train
 from grpo_cli.cli import compose_config
-from grpo_cli.config import ConfigError, validate
+from grpo_cli.config import ConfigError
 from grpo_cli.tiny import TinySpec, make_model, make_tokenizer
+from grpo_cli.validation import validate
 
 
 def copy_model(src: Path, dst: Path) -> Path:
@@ -107,7 +108,7 @@ def test_a_hub_id_is_its_local_snapshot(tmp_path, tiny_model_path, monkeypatch):
     assert identity.fingerprint("someorg/tiny") == identity.fingerprint(str(tiny_model_path))
     adapter = tmp_path / "adapter"
     adapter.mkdir()  # no base_model.json: the fingerprint comes from the recorded hub id's snapshot
-    identity.check_adapter_base(str(adapter), "someorg/tiny", str(tiny_model_path))
-    identity.check_adapter_base(str(adapter), str(tiny_model_path), "someorg/tiny")
+    identity.require_same_base(str(adapter), "someorg/tiny", str(tiny_model_path))
+    identity.require_same_base(str(adapter), str(tiny_model_path), "someorg/tiny")
     with pytest.raises(ConfigError, match="someorg/other .*unknown: not found here"):
-        identity.check_adapter_base(str(adapter), "someorg/other", str(tiny_model_path))
+        identity.require_same_base(str(adapter), "someorg/other", str(tiny_model_path))

@@ -77,8 +77,8 @@ def test_first_run_on_a_machine_equals_every_later_one(tmp_path, monkeypatch):
 
     from grpo_cli import train
     from grpo_cli.cli import compose_config
-    from grpo_cli.config import validate
     from grpo_cli.logging import read_metrics
+    from grpo_cli.validation import validate
 
     (tmp_path / "grpo_first_run_rewards.py").write_text(REWARD)
     monkeypatch.syspath_prepend(str(tmp_path))
