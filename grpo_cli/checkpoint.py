@@ -5,7 +5,9 @@
   so ``from_pretrained`` loads a checkpoint without this package;
 - ``trainer_state.pt``: step, optimizer and scheduler state, RNG states (python, numpy, torch CPU and
   every CUDA device), the prompt sampler's position, the bad-step counters and the held-out metrics so far;
-- ``config.yaml``: the resolved run config.
+- ``config.yaml``: the resolved run config;
+- for an adapter, ``base_model.json``: its base's path and fingerprint (``grpo_cli.identity``), so it
+  loads on the same base under another path.
 
 A checkpoint is written into a hidden temporary directory and renamed into place, so a process killed
 mid-save leaves the previous checkpoints intact and never a half-written ``checkpoint-<step>``
@@ -32,6 +34,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from grpo_cli import identity
 
 STATE_FILE = "trainer_state.pt"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -106,6 +110,7 @@ def save(
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step}-", dir=run))
     try:
         model.save_pretrained(tmp, **({} if model_state is None else {"state_dict": model_state}))
+        identity.record_base(tmp, model)  # an adapter's base by config and weights, not only its path
         tokenizer.save_pretrained(tmp)
         torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
         (tmp / "config.yaml").write_text(config_yaml)

@@ -39,6 +39,7 @@ USAGE = (
     "usage: grpo {train,sample,eval} [key=value ...] [hydra flags]\n"
     "       torchrun --nproc_per_node N -m grpo_cli train [key=value ...]   (data-parallel)\n\n"
     + "\n".join(f"  {name:<8}{desc}" for name, (_, desc) in SUBCOMMANDS.items())
+    + "\n\ngrpo <command> --help lists its config groups; grpo <command> --cfg job prints its config."
 )
 
 

@@ -101,6 +101,11 @@ class DataConfig:
     name: str = "arithmetic"
     # Local file (jsonl / parquet); for gsm8k and math500, null falls back to the hub dataset.
     path: str | None = None
+    # path is one file (jsonl, gsm8k, math500): rows held out for the test split, a count (>= 1) or a
+    # fraction (< 1), drawn with a fixed seed; 0 uses every row for every split. See data/split.py.
+    test_size: float = 0.1
+    # A held-out file for the test split (then path is read whole for training).
+    test_path: str | None = None
     # Hub dataset id used when path is null.
     hub_id: str | None = None
     hub_config: str | None = None
@@ -187,8 +192,8 @@ class EvalConfig:
     temperature: float = 1.0
     # Also decode one greedy completion per problem (metrics greedy/pass@1, greedy/mean_reward, ...).
     greedy: bool = True
-    # K of pass@K and maj@K; each must be <= samples.
-    k: list[int] = field(default_factory=lambda: [1, 4])
+    # K of pass@K and maj@K; each must be <= samples. null: [1, 4], less the K above the samples per problem.
+    k: list[int] | None = None
     # Bootstrap resamples (over problems, seeded by seed) for the 95% intervals.
     bootstrap: int = 1000
     # JSONL of {"id": problem id, "completion": text} to score without loading a model.
@@ -233,14 +238,6 @@ def register() -> None:
     cs.store(name="train_schema", node=TrainRoot)
     cs.store(name="sample_schema", node=SampleRoot)
     cs.store(name="eval_schema", node=EvalRoot)
-    for group, node in (
-        ("model", ModelConfig),
-        ("lora", LoraConfig),
-        ("algo", AlgoConfig),
-        ("data", DataConfig),
-        ("reward", RewardConfig),
-    ):
-        cs.store(group=f"schema/{group}", name="base", node=node)
 
 
 def conf_dir() -> Path:

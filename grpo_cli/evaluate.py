@@ -57,6 +57,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,9 @@ import torch
 
 from grpo_cli.config import ConfigError
 from grpo_cli.data import build_prompt, load_rows
+from grpo_cli.eval_table import legend, results_tables
 from grpo_cli.heldout import answer_fn, score_records
-from grpo_cli.metrics import Summary, paired_delta, summarize
+from grpo_cli.metrics import Summary, default_ks, paired_delta, summarize
 from grpo_cli.models import Policy, check_adapter_base, load_policy
 from grpo_cli.rollout import generate
 from grpo_cli.validation import validate_eval
@@ -196,63 +198,6 @@ def add_deltas(results: list[dict[str, Any]], summaries: list[Summary], seed: in
 # Output
 
 
-def _cell(name: str, value: float, first: float | None, ci: list[float] | None) -> str:
-    """One table cell: the value (pass@1 with its interval) and its difference from the first row, coloured.
-
-    ``delta_pass@1`` is green when its interval lies above 0, red below, yellow when it holds 0.
-    """
-    if name == "delta_pass@1":
-        color = "green" if ci and ci[0] > 0 else "red" if ci and ci[1] < 0 else "yellow"
-        interval = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
-        return f"[{color}]{value:+.3f}{interval}[/{color}]"
-    is_length = name.endswith("completion_len")
-    text = f"{value:.1f}" if is_length else f"{value:.3f}"
-    if ci and name.endswith("pass@1"):
-        text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
-    if first is not None and value != first:
-        # Longer or shorter completions are neither better nor worse: no colour for lengths.
-        color = "white" if is_length else "green" if value > first else "red"
-        text += f" [{color}]({value - first:+.3f})[/{color}]"
-    return text
-
-
-def table_columns(results: list[dict[str, Any]]) -> list[str]:
-    """The headline metrics (eval.json holds them all): of the greedy ones only greedy/pass@1, and a
-    ``reward/<rule>`` column only where it differs from ``mean_reward`` (one rule of weight 1 repeats it)."""
-    names = list(dict.fromkeys(k for r in results for k in r["metrics"]))
-
-    def redundant(name: str) -> bool:
-        if name.startswith("greedy/"):
-            return name != "greedy/pass@1"
-        if name.startswith("reward/"):
-            return all(r["metrics"].get(name) == r["metrics"].get("mean_reward") for r in results)
-        return False
-
-    return [n for n in names if not redundant(n)]
-
-
-def results_table(results: list[dict[str, Any]], title: str) -> Any:
-    """A rich Table: one row per checkpoint, one column per headline metric."""
-    from rich.table import Table
-
-    names = table_columns(results)
-    table = Table(title=title)
-    table.add_column("checkpoint", overflow="fold")
-    table.add_column("n", justify="right")
-    for name in names:
-        table.add_column(name, justify="right")
-    first = results[0]["metrics"]
-    for i, r in enumerate(results):
-        cells = [
-            _cell(m, r["metrics"][m], first.get(m) if i else None, r["ci95"].get(m))
-            if m in r["metrics"]
-            else "-"
-            for m in names
-        ]
-        table.add_row(r["checkpoint"], str(r["n"]), *cells)
-    return table
-
-
 def write_outputs(results: list[dict[str, Any]], records: list[dict[str, Any]], out: Path) -> Path:
     """eval.json at ``out`` and the per-completion JSONL beside it; returns the JSONL path."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -279,7 +224,7 @@ def _score_file(cfg: Any, rows: list[dict], rewarder: Any) -> tuple[list[dict], 
         samples.append(counts.get(row["id"], 0))
         counts[row["id"]] = samples[-1] + 1
     fewest = min(counts, key=counts.__getitem__)
-    if max(ev.k) > counts[fewest]:
+    if ev.k is not None and max(ev.k) > counts[fewest]:
         raise ConfigError(
             f"eval.k={list(ev.k)}: K={max(ev.k)} exceeds the {counts[fewest]} completions of id {fewest!r} "
             f"in {ev.completions}"
@@ -304,6 +249,7 @@ def run(cfg: Any, run_dir: str) -> dict[str, Any]:
     rows = load_rows(cfg.data, ev.split)  # never empty (ConfigError)
     rewarder = build_rewarder(cfg.reward)
     results, summaries, all_records = [], [], []
+    ks = list(ev.k) if ev.k is not None else None  # None: the default, trimmed to n below (issue 14)
     try:
         with Progress(console=Console(stderr=True), transient=True) as progress:
             for name in names:
@@ -311,7 +257,9 @@ def run(cfg: Any, run_dir: str) -> dict[str, Any]:
                     sampled, greedy = _score_file(cfg, rows, rewarder)
                 else:
                     sampled, greedy = evaluate_checkpoint(name, cfg, rows[: ev.limit], rewarder, progress)
-                entry, summary = result_entry(name, sampled, greedy, list(ev.k), cfg.seed, ev.bootstrap)
+                if ks is None:
+                    ks = default_ks(min(Counter(str(r["id"]) for r in sampled).values()))
+                entry, summary = result_entry(name, sampled, greedy, ks, cfg.seed, ev.bootstrap)
                 results.append(entry)
                 summaries.append(summary)
                 all_records += [{"checkpoint": name, **r} for r in sampled + greedy]
@@ -319,7 +267,13 @@ def run(cfg: Any, run_dir: str) -> dict[str, Any]:
         rewarder.close()
     add_deltas(results, summaries, cfg.seed, ev.bootstrap)
     problems = len({r["id"] for r in all_records})
-    Console().print(results_table(results, f"grpo eval: {problems} problems x {results[0]['n']} samples"))
+    console = Console()
+    for table in results_tables(
+        results, f"grpo eval: {problems} problems x {results[0]['n']} samples", console
+    ):
+        console.print(table)
+    for line in legend(results):  # the table's short labels; eval.json keeps the whole paths
+        console.print(line, highlight=False, soft_wrap=True)
     out = Path(ev.out) if ev.out else Path(run_dir) / "eval.json"
     jsonl = write_outputs(results, all_records, out)
     log.info("results: %s; completions: %s", out, jsonl)

@@ -17,11 +17,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger("grpo_cli")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -138,6 +141,23 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return sum(judged) / len(judged) if judged else None
 
 
+DEFAULT_K = (1, 4)
+
+
+def default_ks(n: int) -> list[int]:
+    """The K of pass@K / maj@K when ``eval.k`` is not set: ``DEFAULT_K`` less those above ``n``,
+    the completions per problem (one info line when some are dropped)."""
+    ks = [k for k in DEFAULT_K if k <= n]
+    if len(ks) < len(DEFAULT_K):
+        log.info(
+            "eval.k: the default %s trimmed to %s (n=%d completions per problem); set eval.k= to choose",
+            list(DEFAULT_K),
+            ks,
+            n,
+        )
+    return ks
+
+
 def summarize(
     records: Sequence[dict[str, Any]], ks: Sequence[int], seed: int = 0, n_boot: int = 1000
 ) -> Summary:
@@ -149,8 +169,8 @@ def summarize(
 
     Metrics: ``pass@1`` (mean correctness, averaged per problem), ``pass@K`` for K in ``ks``,
     ``maj@K`` for K > 1 in ``ks``, ``mean_reward`` and ``reward/<rule>`` (means over judged
-    completions), ``extracted`` (fraction with an answer), ``completion_len`` (mean tokens; only when
-    every record has it).
+    completions), ``extracted`` (fraction with an answer), ``unjudged`` (fraction whose reward is None;
+    only when some are), ``completion_len`` (mean tokens; only when every record has it).
     ci95 holds an interval for every pass@K and maj@K.
     """
     groups = group_by_problem(records)
@@ -186,6 +206,9 @@ def _reward_metrics(records: Sequence[dict[str, Any]]) -> dict[str, float]:
         if value is not None:
             out[f"reward/{rule}"] = value
     out["extracted"] = sum(r["answer"] is not None for r in records) / len(records)
+    unjudged = sum(r["reward"] is None for r in records)
+    if unjudged:  # the rule could not judge them (no gold answer, no tests): never counted as a silent 0
+        out["unjudged"] = unjudged / len(records)
     tokens = [r.get("tokens") for r in records]
     if all(t is not None for t in tokens):
         out["completion_len"] = sum(tokens) / len(tokens)

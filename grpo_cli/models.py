@@ -23,6 +23,7 @@ import torch
 
 from grpo_cli.config import ConfigError
 from grpo_cli.core.logprobs import token_logprobs
+from grpo_cli.identity import require_same_base
 from grpo_cli.validation import ADAPTER_CONFIG, checkpoint_kind
 
 log = logging.getLogger("grpo_cli")
@@ -100,11 +101,8 @@ def check_adapter_base(checkpoint: str, name_or_path: str) -> str | None:
     adapter_base = checkpoint_base(checkpoint)
     if adapter_base is None:
         return None  # a full model directory replaces the base weights
-    base = resolve_path(name_or_path)
-    if adapter_base != base and Path(adapter_base).resolve() != Path(base).resolve():
-        raise ConfigError(
-            f"checkpoint={checkpoint}: adapter was trained on {adapter_base}, not model.name_or_path={base}"
-        )
+    # The same config and weights, whatever the path (another $GRPO_HOME, a copy, a hub snapshot).
+    require_same_base(checkpoint, adapter_base, resolve_path(name_or_path))
     return adapter_base
 
 

@@ -20,6 +20,7 @@ few hundred steps.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -27,9 +28,11 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from grpo_cli.config import DataConfig, grpo_home
@@ -64,13 +67,24 @@ class TinySpec:
         return f"tiny-v{self.version}-s{self.seed}-{digest}"
 
 
+# Test hook: a JSON object of TinySpec fields (e.g. '{"steps": 3, "hidden_size": 32}') to build a small
+# model in seconds; the spec's hash names the cache directory, so it never shadows the real one.
+SPEC_ENV = "GRPO_TEST_TINY_SPEC"
+
+
+def default_spec() -> TinySpec:
+    """The embedded model's spec (with the ``GRPO_TEST_TINY_SPEC`` overrides, when set)."""
+    overrides = os.environ.get(SPEC_ENV)
+    return replace(TinySpec(), **json.loads(overrides)) if overrides else TinySpec()
+
+
 def tiny_path(spec: TinySpec | None = None) -> Path:
-    return grpo_home() / (spec or TinySpec()).key()
+    return grpo_home() / (spec or default_spec()).key()
 
 
 def ensure_tiny(spec: TinySpec | None = None, quiet: bool = False) -> Path:
     """Path of the built tiny model, building it first if it is not cached yet."""
-    spec = spec or TinySpec()
+    spec = spec or default_spec()
     path = tiny_path(spec)
     if (path / "config.json").is_file():
         return path
@@ -164,8 +178,29 @@ def _encoder(tokenizer):
     return functools.lru_cache(maxsize=None)(lambda text: tuple(tokenizer(text)["input_ids"]))
 
 
+@contextlib.contextmanager
+def forked_rng() -> Iterator[None]:
+    """The global RNGs (python, numpy, torch CPU and CUDA) as they were before the block, after it."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng():
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
 def build(spec: TinySpec, out: Path, quiet: bool = False) -> None:
-    """Warm up the tiny model and save it atomically to ``out`` (model + tokenizer + spec)."""
+    """Warm up the tiny model and save it atomically to ``out`` (model + tokenizer + spec).
+
+    The global RNGs are left as found: the first run on a machine builds the model inside ``grpo
+    train``, after the run's seed is set, and must then draw the same LoRA weights as every later run.
+    """
+    with forked_rng():
+        _build(spec, out, quiet)
+
+
+def _build(spec: TinySpec, out: Path, quiet: bool) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     tokenizer = make_tokenizer()

@@ -76,6 +76,13 @@ def validate(cfg: Any) -> None:
         if tr.micro_batch_size < 1:
             raise ConfigError(f"train.micro_batch_size={tr.micro_batch_size}: must be >= 1")
         _validate_robustness(cfg)
+    test_size = cfg.data.test_size
+    if test_size < 0 or (test_size >= 1 and test_size != int(test_size)):
+        raise ConfigError(
+            f"data.test_size={test_size:g}: a count of rows (1, 2, ...) or a fraction in [0, 1) of data.path"
+        )
+    if cfg.data.test_path and not Path(cfg.data.test_path).expanduser().is_file():
+        raise ConfigError(f"data.test_path={cfg.data.test_path}: no such file")
     if cfg.lora.enabled and cfg.lora.r < 1:
         raise ConfigError(f"lora.r={cfg.lora.r}: must be >= 1")
     check_model_path(cfg.model.name_or_path)
@@ -132,7 +139,7 @@ def validate_eval(cfg: Any) -> None:
         raise ConfigError(f"eval.limit={ev.limit}: must be >= 1 (null evaluates the whole split)")
     if ev.bootstrap < 1:
         raise ConfigError(f"eval.bootstrap={ev.bootstrap}: must be >= 1")
-    if not ev.k or any(k < 1 for k in ev.k):
+    if ev.k is not None and (not ev.k or any(k < 1 for k in ev.k)):
         raise ConfigError(f"eval.k={list(ev.k)}: needs one or more K >= 1")
     single = cfg.checkpoint or ev.checkpoint
     if single and ev.checkpoints:
@@ -147,7 +154,7 @@ def validate_eval(cfg: Any) -> None:
         if not Path(ev.completions).is_file():
             raise ConfigError(f"eval.completions={ev.completions}: no such file")
         return  # k is checked against the completions per problem once the file is read
-    if max(ev.k) > ev.samples:
+    if ev.k is not None and max(ev.k) > ev.samples:  # a K the user chose; the default is trimmed
         raise ConfigError(
             f"eval.k={list(ev.k)}: K={max(ev.k)} exceeds eval.samples={ev.samples} (need K <= n)"
         )

@@ -42,6 +42,20 @@ def test_cfg_job_prints_the_paper_defaults():
     assert "group_size: 8" in out.stdout and "epsilon: 0.2" in out.stdout and "beta: 0.04" in out.stdout
 
 
+@pytest.mark.parametrize("command", ["train", "sample", "eval"])
+def test_command_help_names_the_command_its_groups_and_where_to_read_more(command):
+    out = grpo(command, "data=humaneval", "--help")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert text.startswith(f"grpo {command}: ") and f"usage: grpo {command} " in text
+    for group in ("algo", "data", "lora", "model", "reward"):
+        options = sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+        assert f"\n{group}: {', '.join(options)}\n" in text
+    assert "schema" not in text and "hydra/" not in text and "powered by Hydra" not in text
+    assert "data=humaneval reward=code" in text  # the choices of this command line
+    assert f"grpo {command} --cfg job" in text and "README" in text
+
+
 @pytest.mark.parametrize(
     "override,needle",
     [

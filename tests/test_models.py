@@ -86,8 +86,14 @@ def test_adapter_of_another_base_is_refused(tmp_path, random_model_dir):
     mc = ModelConfig(name_or_path=str(random_model_dir), dtype="float32", device="cpu")
     policy = load_policy(mc, LoraConfig(r=4, alpha=8), beta=0.0)
     policy.model.save_pretrained(tmp_path / "ckpt")
+    # Another base: the same architecture with other weights (a copy of the same weights is the same
+    # base, tests/test_identity.py).
     other = tmp_path / "other-base"
-    AutoModelForCausalLM.from_pretrained(random_model_dir).save_pretrained(other)
+    model = AutoModelForCausalLM.from_pretrained(random_model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    model.save_pretrained(other)
     with pytest.raises(ConfigError, match="adapter was trained on"):
         load_policy(
             ModelConfig(name_or_path=str(other), dtype="float32", device="cpu"),

@@ -7,6 +7,7 @@ from dataclasses import replace
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from grpo_cli import tiny
 from grpo_cli.tiny import TEMPLATE, TinySpec, build, make_tokenizer, noisy_answer
 
 
@@ -43,3 +44,59 @@ def test_build_is_deterministic(tmp_path):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "a" / "tiny_spec.json").is_file()
+
+
+SMALL = {"steps": 3, "batch_size": 8, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
+
+
+def test_build_leaves_the_global_rngs_as_it_found_them(tmp_path):
+    import random
+
+    import numpy as np
+
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    build(replace(TinySpec(), **SMALL), tmp_path / "m", quiet=True)
+    assert random.random() == random.Random(7).random()
+    assert np.random.rand() == np.random.RandomState(7).rand()
+    assert torch.equal(torch.rand(3), torch.rand(3, generator=torch.Generator().manual_seed(7)))
+
+
+REWARD = '''
+import zlib
+
+def noisy(completions, rows):
+    """0, 1/3, 2/3 or 1 by a checksum of the text: rewards vary within a group, so every step updates."""
+    return [(zlib.crc32(c.encode()) % 4) / 3 for c in completions]
+'''
+
+
+def test_first_run_on_a_machine_equals_every_later_one(tmp_path, monkeypatch):
+    """`grpo train` against an empty $GRPO_HOME (it builds the tiny model in-process, after seeding) and
+    against the filled one: the same metrics.jsonl, timings aside."""
+    import json
+
+    from grpo_cli import train
+    from grpo_cli.cli import compose_config
+    from grpo_cli.logging import read_metrics
+    from grpo_cli.validation import validate
+
+    (tmp_path / "grpo_first_run_rewards.py").write_text(REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("GRPO_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(tiny.SPEC_ENV, json.dumps(SMALL))
+    overrides = [
+        "reward.rules=[{name:noisy,_target_:grpo_first_run_rewards.noisy,weight:1.0}]",
+        "train.steps=3", "train.prompts_per_step=2", "algo.group_size=4", "rollout.max_new_tokens=4",
+        "train.eval_every=0", "train.eval_problems=4", "train.eval_samples=2", "train.lr=1e-2",
+        "console=plain",
+    ]  # fmt: skip
+    runs = []
+    for name in ("first", "second"):
+        cfg, _ = compose_config("train", overrides)
+        validate(cfg)
+        train.run(cfg, str(tmp_path / name))
+        timing = {"step_time", "gen_time", "tokens_per_s"}
+        runs.append([{k: v for k, v in r.items() if k not in timing} for r in read_metrics(tmp_path / name)])
+    assert tiny.tiny_path().parent == tmp_path / "home" and (tiny.tiny_path() / "config.json").is_file()
+    assert len(runs[0]) == 4 and runs[0] == runs[1]  # step 0 (held-out) and 3 steps
+    assert len({r["loss"] for r in runs[0][1:]}) > 1  # the steps did update: the runs could have differed

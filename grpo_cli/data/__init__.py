@@ -18,6 +18,7 @@ from typing import Any
 
 from grpo_cli.config import ConfigError
 from grpo_cli.data import arithmetic, gsm8k, humaneval, jsonl, math500
+from grpo_cli.data.split import load_split
 
 Row = dict[str, Any]
 
@@ -38,7 +39,7 @@ def load_rows(cfg: Any, split: str) -> list[Row]:
         raise ConfigError(
             f"data.name={cfg.name!r} is not a known source; choose one of: {', '.join(sorted(SOURCES))}"
         )
-    rows = loader(cfg, split)
+    rows = load_split(cfg, split, loader)  # one file: a disjoint held-out slice (data/split.py)
     if not rows:
         raise ConfigError(f"data={cfg.name} split={split!r} holds no usable rows")
     return rows

@@ -159,7 +159,7 @@ def load_hub(source: str, hub_id: str, config: str | None, split: str, to_row: R
     except ImportError:
         raise ConfigError(
             f"data={source}: data.path is not set and the `datasets` library is not installed; pass "
-            f"data.path=/path/to/{source} (a .jsonl file or a directory with {split}.jsonl) or pip install datasets"
+            f"data.path=/path/to/{source} (a .jsonl file or a directory with {split}.jsonl) or pip install 'grpo-cli[datasets]'"
         ) from None
     try:
         table = datasets.load_dataset(hub_id, config, split=split)

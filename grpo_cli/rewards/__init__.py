@@ -22,6 +22,8 @@ nothing else: ``_target_: mypkg.rewards.my_rule`` with ``mypkg`` importable. A r
   (MathReward: ``timeouts``, ``errors``; CodeReward: ``timeouts``, ``output_limits``, ``errors``);
 - ``close()``: called by ``Rewarder.close()`` (worker processes, thread pools).
 
+A rule's None scores are counted in ``reward/<name>/unjudged`` and warned about once per rule.
+
 The total is ``sum_i weight_i * score_i``; it is None when a rule with a non-zero weight said None.
 A rule that raises does not stop training: the error is logged (once per rule), its scores are 0
 for that batch, and ``reward/<name>/errors`` counts the completions it failed on.
@@ -97,6 +99,7 @@ class Rewarder:
     def __init__(self, rules: list[Rule]):
         self.rules = rules
         self._failed: set[str] = set()
+        self._warned_unjudged: set[str] = set()
 
     def __call__(self, completions: list[str], rows: list[dict]) -> RewardResult:
         """Rewards of ``completions`` [N] against their dataset ``rows`` [N]."""
@@ -113,6 +116,10 @@ class Rewarder:
                 metrics[f"reward/{rule.name}"] = sum(judged) / len(judged)
             metrics.update({f"reward/{rule.name}/{k}": float(v) for k, v in extra.items()})
             counts.update(f"reward/{rule.name}/{k}" for k in extra)
+            metrics[f"reward/{rule.name}/unjudged"] = float(len(scores) - len(judged))
+            counts.add(f"reward/{rule.name}/unjudged")
+            if len(judged) < len(scores):
+                self._warn_unjudged(rule.name, len(scores) - len(judged), len(scores))
         total = self._total(per_rule, len(completions))
         judged_total = [t for t in total if t is not None]
         if judged_total:
@@ -145,6 +152,22 @@ class Rewarder:
         if callable(metrics_fn):
             extra.update(metrics_fn())
         return scores, extra
+
+    def _warn_unjudged(self, name: str, count: int, total: int) -> None:
+        # None is "cannot be judged" (a row without a gold answer, or without tests): never a silent 0,
+        # but one line per rule is enough; the counts go on in reward/<name>/unjudged.
+        if name in self._warned_unjudged:
+            return
+        self._warned_unjudged.add(name)
+        log.warning(
+            "reward rule %r could not judge %d of %d completions (rows without what it checks against, "
+            "e.g. no gold answer for math, no tests for code); they get no reward and are counted in "
+            "reward/%s/unjudged (warned once). Is reward= the right rule for this data?",
+            name,
+            count,
+            total,
+            name,
+        )
 
     def _total(self, per_rule: dict[str, list[float | None]], n: int) -> list[float | None]:
         total: list[float | None] = []

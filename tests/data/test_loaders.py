@@ -47,7 +47,9 @@ def test_gsm8k_from_directory_and_file():
     assert first["id"] == "0" and first["answer"] == "18" and first["solution"].endswith("#### 18")
     assert first["question"].startswith("Janet")
     assert all("," not in r["answer"] and r["answer"] for r in rows)
-    assert len(load_rows(DataConfig(name="gsm8k", path=str(directory / "train.jsonl")), "train")) == 7473
+    # One file read whole (data.test_size=0; tests/data/test_split.py holds rows out).
+    whole = DataConfig(name="gsm8k", path=str(directory / "train.jsonl"), test_size=0)
+    assert len(load_rows(whole, "train")) == 7473
 
 
 def test_math500():
@@ -102,7 +104,7 @@ def test_json_list_json_lines_and_gzip(tmp_path):
     with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:
         f.write("\n".join(json.dumps(r) for r in records))
     for name in ("a.json", "b.json", "c.jsonl.gz"):
-        rows = load_rows(DataConfig(name="jsonl", path=str(tmp_path / name)), "test")
+        rows = load_rows(DataConfig(name="jsonl", path=str(tmp_path / name), test_size=0), "test")
         assert [(r["id"], r["answer"]) for r in rows] == [("0", "0"), ("1", "1"), ("2", "2")], name
 
 
@@ -138,7 +140,7 @@ def test_malformed_rows_are_skipped_counted_and_named(tmp_path, caplog):
         ],
     )
     with caplog.at_level(logging.WARNING, logger="grpo_cli"):
-        rows = load_rows(DataConfig(name="gsm8k", path=str(path)), "test")
+        rows = load_rows(DataConfig(name="gsm8k", path=str(path), test_size=0), "test")
     assert [r["id"] for r in rows] == ["0", "5"]  # ids stay file positions across skipped lines
     for fragment in (
         "line 2: bad JSON",
@@ -202,6 +204,21 @@ def test_hub_fallback(monkeypatch):
 def test_data_groups_compose(group):
     cfg, _ = compose_config("train", [f"data={group}"])
     assert cfg.data.name == group and "{question}" in cfg.data.template
+
+
+DATA_REWARD = {"arithmetic": "math", "gsm8k": "math", "math500": "math", "jsonl": "math", "humaneval": "code"}
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "eval"])
+@pytest.mark.parametrize("group", sorted(DATA_REWARD))
+def test_each_data_group_brings_its_reward_and_an_explicit_reward_wins(command, group):
+    rules = lambda cfg: [r["name"] for r in cfg.reward.rules]  # noqa: E731
+    cfg, dcfg = compose_config(command, [f"data={group}"])
+    assert rules(cfg) == [DATA_REWARD[group]]
+    other = "math" if DATA_REWARD[group] == "code" else "code"
+    for overrides in ([f"data={group}", f"reward={other}"], [f"reward={other}", f"data={group}"]):
+        assert rules(compose_config(command, overrides)[0]) == [other]
+    assert rules(compose_config(command, [f"data={group}", "reward=math_format"])[0]) == ["math", "format"]
 
 
 def test_data_group_loads_from_the_command_line():

@@ -101,6 +101,18 @@ def test_none_means_unjudged_unless_weight_is_zero(custom_module):
     assert logged_only(["what?"], [{"bonus": 1}]).total == [1.0]
 
 
+def test_unjudged_completions_are_counted_per_rule_and_warned_once(custom_module, caplog):
+    rewarder = build_rewarder([rule("ok", "my_rewards.echo_rule"), rule("unsure", "my_rewards.unsure")])
+    with caplog.at_level(logging.WARNING, logger="grpo_cli"):
+        first = rewarder(["a?", "b", "c?"], [{}, {}, {}])
+        second = rewarder(["d?"], [{}])
+    assert first.per_rule["unsure"] == [None, 1.0, None]  # None, never a silent 0
+    assert first.metrics["reward/unsure/unjudged"] == 2 and first.metrics["reward/ok/unjudged"] == 0
+    assert second.metrics["reward/unsure/unjudged"] == 1
+    warnings = [r.getMessage() for r in caplog.records if "could not judge" in r.getMessage()]
+    assert len(warnings) == 1 and "'unsure' could not judge 2 of 3" in warnings[0]
+
+
 def test_a_rule_that_raises_is_contained_and_logged_once(custom_module, caplog):
     rewarder = build_rewarder(
         [
