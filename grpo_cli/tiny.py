@@ -29,7 +29,7 @@ import random
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -67,15 +67,9 @@ class TinySpec:
         return f"tiny-v{self.version}-s{self.seed}-{digest}"
 
 
-# Test hook: a JSON object of TinySpec fields (e.g. '{"steps": 3, "hidden_size": 32}') to build a small
-# model in seconds; the spec's hash names the cache directory, so it never shadows the real one.
-SPEC_ENV = "GRPO_TEST_TINY_SPEC"
-
-
 def default_spec() -> TinySpec:
-    """The embedded model's spec (with the ``GRPO_TEST_TINY_SPEC`` overrides, when set)."""
-    overrides = os.environ.get(SPEC_ENV)
-    return replace(TinySpec(), **json.loads(overrides)) if overrides else TinySpec()
+    """The embedded model's spec (one place, so a test can swap in a small one with monkeypatch)."""
+    return TinySpec()
 
 
 def tiny_path(spec: TinySpec | None = None) -> Path:

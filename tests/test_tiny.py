@@ -73,7 +73,6 @@ def noisy(completions, rows):
 def test_first_run_on_a_machine_equals_every_later_one(tmp_path, monkeypatch):
     """`grpo train` against an empty $GRPO_HOME (it builds the tiny model in-process, after seeding) and
     against the filled one: the same metrics.jsonl, timings aside."""
-    import json
 
     from grpo_cli import train
     from grpo_cli.cli import compose_config
@@ -83,7 +82,7 @@ def test_first_run_on_a_machine_equals_every_later_one(tmp_path, monkeypatch):
     (tmp_path / "grpo_first_run_rewards.py").write_text(REWARD)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("GRPO_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv(tiny.SPEC_ENV, json.dumps(SMALL))
+    monkeypatch.setattr(tiny, "default_spec", lambda: replace(TinySpec(), **SMALL))
     overrides = [
         "reward.rules=[{name:noisy,_target_:grpo_first_run_rewards.noisy,weight:1.0}]",
         "train.steps=3", "train.prompts_per_step=2", "algo.group_size=4", "rollout.max_new_tokens=4",
