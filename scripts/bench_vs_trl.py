@@ -342,7 +342,12 @@ def main(argv: list[str] | None = None) -> None:
             for i in range(args.repeats):
                 for side, fn in (("ours", run_ours), ("trl", run_trl)):
                     runs[side].append(fn(mode, args, work))
-                    print(f"{mode} round {i + 1}: {side} done", file=sys.stderr, flush=True)
+                    # Each run's numbers as it ends: a long benchmark stopped early keeps what it measured.
+                    print(
+                        f"{mode} round {i + 1}: {side} {json.dumps(runs[side][-1])}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             results[mode] = {side: summarise(r) for side, r in runs.items()}
     print(
         f"{args.shape} ({args.path}), {args.prompts} prompts x G={args.group_size}, {args.new_tokens} new tokens, "
