@@ -143,8 +143,7 @@ def sample_group(
     does. ``synced`` (FSDP, where each forward is a collective): keep decoding until every rank's
     sequences have ended.
     """
-    # FSDP reuses its gather buffers outside this call, which inference tensors forbid. On CPU the
-    # float32 linear layers run on oneDNN (grpo_cli.onednn: 2-3x MKL's speed on a decode step's rows).
+    # FSDP reuses its gather buffers, which inference tensors forbid; CPU float32 linears: grpo_cli.onednn.
     grad_context = torch.no_grad() if synced else torch.inference_mode()
     with grad_context, contextlib.nullcontext() if synced else fast_linears(model):
         uniforms = None

@@ -69,11 +69,10 @@ def test_sample_group_gives_the_same_tokens(model_and_tok, counted, monkeypatch,
         torch.manual_seed(3)
         gens = prompt_generators([1, 2], ids.device) if seeded else None
         greedy = sample_group(model, ids, mask, 1, 10, eos_id=-1, pad_id=0, greedy=True)[0]
-        sampled = sample_group(model, ids, mask, 3, 10, -1, 0, return_logprobs=True, generators=gens)
+        sampled = sample_group(model, ids, mask, 3, 10, -1, 0, temperature=0.8, generators=gens)
         runs[route] = (greedy, *sampled)
     n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert len(counted) == 2 * 10 * n_linear  # every linear of every pass of both calls went to oneDNN
-    (g1, s1, m1, lp1), (g2, s2, m2, lp2) = runs["onednn"], runs["default"]
+    (g1, s1, m1), (g2, s2, m2) = runs["onednn"], runs["default"]
     assert torch.equal(g1, g2) and torch.equal(s1, s2) and torch.equal(m1, m2)
-    torch.testing.assert_close(lp1, lp2, rtol=1e-5, atol=1e-5)
     assert F.linear is torch.nn.functional.linear  # nothing patched behind the mode's back
