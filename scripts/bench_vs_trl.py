@@ -3,14 +3,21 @@
     make bench-env                                                        # once: .venv-bench with torch + trl
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_vs_trl.py            # ~10 min on 1 busy CPU core
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_vs_trl.py --modes lora --steps 5 --repeats 1   # ~1 min
+    .venv/bin/python scripts/bench_vs_trl.py --shape qwen2.5-0.5b --model-dir /tmp/qwen-standin-4 \
+        --steps 2 --warmup 1 --repeats 1                                  # real shapes, ~1 h on 2 busy cores
 
 This script installs nothing: TRL lives in the separate environment ``make bench-env`` makes
 (``.venv-bench``: torch, this package, trl), so the project's own environment never depends on it.
 
-Equal work on both sides: the embedded tiny model (``grpo_cli.tiny.ensure_tiny()``), float32, CPU,
+Equal work on both sides. ``--shape tiny`` (the default): the embedded tiny model
+(``grpo_cli.tiny.ensure_tiny()``), 8 prompts x G = 8 per step, 8 new tokens. ``--shape qwen2.5-0.5b``:
+a random-weight stand-in with Qwen2.5-0.5B's dimensions and 4 layers (``--model-dir``, made by
+``scripts/make_standin.py --layers 4 --dtype float32``; 151,936-token vocabulary), 2 prompts x G = 8,
+128 new tokens (random weights draw ``<|im_end|>`` about once in 150,000 tokens, so every completion
+runs the full length on both sides; the table shows the mean lengths). Both: float32, CPU,
 no gradient checkpointing; arithmetic train prompts with the ``math`` reward (math-verify, the same
-rule object on both sides); G = 8 completions of 8 prompts per step (TRL's
-``per_device_train_batch_size`` counts completions: 64), 8 new tokens at temperature 1, beta 0.04
+rule object on both sides), no chat template; TRL's ``per_device_train_batch_size`` counts
+completions (prompts x G); temperature 1, beta 0.04
 (k3 KL to the reference), TRL ``loss_type="grpo"``, one update per rollout (mu = 1), the same
 constant learning rate; full fine-tuning (``lora=none``; both keep a frozen reference copy) and LoRA
 (r = 16, alpha = 32, all linear layers; the reference is the adapter switched off on both sides).
@@ -42,7 +49,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without install
 
-PROMPTS_PER_STEP, GROUP_SIZE, MAX_NEW_TOKENS, BETA = 8, 8, 8, 0.04
+BETA = 0.04
+# shape -> prompts per step, G, new tokens
+SHAPES = {"tiny": (8, 8, 8), "qwen2.5-0.5b": (2, 8, 128)}
 LORA = {"r": 16, "alpha": 32}
 MATH_RULE = {"name": "math", "_target_": "grpo_cli.rewards.math.MathReward", "weight": 1.0}
 
@@ -51,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
+    p.add_argument("--shape", choices=sorted(SHAPES), default="tiny", help="model and workload (see above)")
+    p.add_argument("--model-dir", help="--shape qwen2.5-0.5b: the stand-in model directory")
     p.add_argument("--modes", nargs="+", choices=["full", "lora"], default=["full", "lora"])
     p.add_argument("--steps", type=int, default=20, help="timed steps per run (after the warm-up)")
     p.add_argument("--warmup", type=int, default=3, help="steps dropped at the start of each run")
@@ -61,7 +72,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--child", choices=["trl"], help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=["full", "lora"], default="lora", help=argparse.SUPPRESS)
     p.add_argument("--json-out", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.prompts, args.group_size, args.new_tokens = SHAPES[args.shape]
+    return args
+
+
+def model_path(args: argparse.Namespace) -> str:
+    """The model both sides load: the tiny model, or the stand-in directory given."""
+    if args.shape == "tiny":
+        from grpo_cli.tiny import ensure_tiny
+
+        return str(ensure_tiny(quiet=True))
+    if not args.model_dir or not (Path(args.model_dir) / "config.json").is_file():
+        sys.exit(
+            f"--shape {args.shape}: --model-dir must name a stand-in model directory (got {args.model_dir}); "
+            "make one with scripts/make_standin.py --out DIR --layers 4 --dtype float32"
+        )
+    return str(Path(args.model_dir).resolve())
 
 
 def run_child(cmd: list[str], log_path: Path) -> int:
@@ -86,23 +113,24 @@ def ours_overrides(mode: str, args: argparse.Namespace, run_dir: Path) -> list[s
     return [
         "lora=none" if mode == "full" else "lora=default",
         *([] if mode == "full" else [f"lora.r={LORA['r']}", f"lora.alpha={LORA['alpha']}"]),
-        "model=tiny",
+        *(["model=tiny"] if args.shape == "tiny" else ["model=qwen", f"model.name_or_path={args.path}"]),
+        "model.chat_template=false",
         "model.dtype=float32",
         "model.device=cpu",
         "model.gradient_checkpointing=false",
         "data=arithmetic",
         "reward=math",
-        f"algo.group_size={GROUP_SIZE}",
+        f"algo.group_size={args.group_size}",
         f"algo.beta={BETA}",
         "algo.num_iterations=1",
-        f"train.prompts_per_step={PROMPTS_PER_STEP}",
-        f"rollout.max_new_tokens={MAX_NEW_TOKENS}",
+        f"train.prompts_per_step={args.prompts}",
+        f"rollout.max_new_tokens={args.new_tokens}",
         "rollout.temperature=1.0",
         f"train.steps={args.warmup + args.steps}",
         f"train.lr={args.lr}",
         "train.warmup_steps=0",
         "train.eval_every=0",
-        "train.eval_problems=8",
+        f"train.eval_problems={8 if args.shape == 'tiny' else 0}",  # no held-out pass at real shapes: minutes, outside step_time
         "train.log_completions_every=0",
         "console=plain",
         f"hydra.run.dir={run_dir}",
@@ -115,9 +143,11 @@ def run_ours(mode: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     rss = run_child(cmd, work / f"{run_dir.name}.log")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     kept = [r for r in rows if r.get("step_time") is not None and r["step"] > args.warmup]
-    tokens = [r["completion_len"] * PROMPTS_PER_STEP * GROUP_SIZE for r in kept]
+    tokens = [r["completion_len"] * args.prompts * args.group_size for r in kept]
     return {
         "step_times": [r["step_time"] for r in kept],
+        "gen_times": [r["gen_time"] for r in kept],
+        "completion_len": [r["completion_len"] for r in kept],
         "gen_tok_s": [t / r["gen_time"] for t, r in zip(tokens, kept)],
         "rss_mib": rss,
     }
@@ -127,6 +157,7 @@ def run_trl(mode: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     out = work / f"trl-{mode}-{time.monotonic_ns()}.json"
     cmd = [args.trl_python, __file__, "--child", "trl", "--mode", mode, "--json-out", str(out)]
     cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--lr", str(args.lr)]
+    cmd += ["--shape", args.shape, *(["--model-dir", args.model_dir] if args.model_dir else [])]
     rss = run_child(cmd, out.with_suffix(".log"))
     return {**json.loads(out.read_text()), "rss_mib": rss}
 
@@ -166,10 +197,10 @@ def trl_config(mode: str, args: argparse.Namespace, out_dir: str) -> Any:
 
     return GRPOConfig(
         output_dir=out_dir,
-        per_device_train_batch_size=PROMPTS_PER_STEP * GROUP_SIZE,  # completions, not prompts
+        per_device_train_batch_size=args.prompts * args.group_size,  # completions, not prompts
         gradient_accumulation_steps=1,
-        num_generations=GROUP_SIZE,
-        max_completion_length=MAX_NEW_TOKENS,
+        num_generations=args.group_size,
+        max_completion_length=args.new_tokens,
         temperature=1.0,
         top_k=0,
         top_p=1.0,
@@ -215,9 +246,8 @@ def trl_child(args: argparse.Namespace) -> None:
     from trl import GRPOTrainer
 
     from grpo_cli.models import load_tokenizer
-    from grpo_cli.tiny import ensure_tiny
 
-    path = str(ensure_tiny(quiet=True))
+    path = model_path(args)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     peft = None
     if args.mode == "lora":
@@ -238,7 +268,7 @@ def trl_child(args: argparse.Namespace) -> None:
         def on_step_end(self, *a: Any, **kw: Any) -> None:
             step_times.append(time.perf_counter() - self.t0)
 
-    n_rows = PROMPTS_PER_STEP * (args.warmup + args.steps + 1)
+    n_rows = args.prompts * (args.warmup + args.steps + 1)
     with tempfile.TemporaryDirectory() as out_dir:
         trainer = GRPOTrainer(
             model=model,
@@ -255,7 +285,9 @@ def trl_child(args: argparse.Namespace) -> None:
     total_tokens_per_call = counter["tokens"] / max(len(gen_times), 1)
     result = {
         "step_times": step_times[args.warmup :],
+        "gen_times": gen_times[args.warmup :],
         "gen_tok_s": [total_tokens_per_call / t for t in gen_times[args.warmup :]],
+        "completion_len": [total_tokens_per_call / (args.prompts * args.group_size)],
     }
     Path(args.json_out).write_text(json.dumps(result))
 
@@ -266,8 +298,12 @@ def trl_child(args: argparse.Namespace) -> None:
 def summarise(runs: list[dict[str, Any]]) -> dict[str, float]:
     steps = [t for r in runs for t in r["step_times"]]
     gen = [t for r in runs for t in r["gen_tok_s"]]
+    gen_s = [t for r in runs for t in r.get("gen_times", [])]
+    lengths = [n for r in runs for n in r.get("completion_len", [])]
     return {
         "step_s": statistics.median(steps),
+        "gen_s": statistics.median(gen_s) if gen_s else float("nan"),
+        "len": statistics.mean(lengths) if lengths else float("nan"),
         "rss_mib": max(r["rss_mib"] for r in runs),
         "gen_tok_s": statistics.median(gen) if gen else float("nan"),
         "n": len(steps),
@@ -275,14 +311,19 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def print_table(results: dict[str, dict[str, dict[str, float]]]) -> None:
-    head = f"{'mode':<5} {'ours s/step':>11} {'TRL s/step':>10} {'ratio':>6} {'ours RSS MiB':>12} {'TRL RSS MiB':>11}"
-    print(head + f" {'ratio':>6} {'ours gen tok/s':>14} {'TRL gen tok/s':>13} {'steps':>6}")
+    head = (
+        f"{'mode':<5} {'ours s/step':>11} {'TRL s/step':>10} {'ratio':>6} {'ours gen s':>10} {'TRL gen s':>9}"
+    )
+    head += f" {'ratio':>6} {'ours RSS MiB':>12} {'TRL RSS MiB':>11} {'ratio':>6}"
+    print(head + f" {'ours gen tok/s':>14} {'TRL gen tok/s':>13} {'mean len':>11} {'steps':>6}")
     for mode, r in results.items():
         o, t = r["ours"], r["trl"]
         print(
             f"{mode:<5} {o['step_s']:>11.3f} {t['step_s']:>10.3f} {o['step_s'] / t['step_s']:>6.2f} "
+            f"{o['gen_s']:>10.3f} {t['gen_s']:>9.3f} {o['gen_s'] / t['gen_s']:>6.2f} "
             f"{o['rss_mib']:>12.0f} {t['rss_mib']:>11.0f} {o['rss_mib'] / t['rss_mib']:>6.2f} "
-            f"{o['gen_tok_s']:>14.0f} {t['gen_tok_s']:>13.0f} {o['n']:>3}/{t['n']:<3}"
+            f"{o['gen_tok_s']:>14.0f} {t['gen_tok_s']:>13.0f} {o['len']:>5.1f}/{t['len']:<5.1f} "
+            f"{o['n']:>3}/{t['n']:<3}"
         )
 
 
@@ -292,6 +333,7 @@ def main(argv: list[str] | None = None) -> None:
         return trl_child(args)
     if not Path(args.trl_python).exists():
         sys.exit(f"{args.trl_python} not found: make the TRL environment first with `make bench-env`")
+    args.path = model_path(args)
     results: dict[str, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-vs-trl-") as tmp:
         work = Path(tmp)
@@ -300,10 +342,16 @@ def main(argv: list[str] | None = None) -> None:
             for i in range(args.repeats):
                 for side, fn in (("ours", run_ours), ("trl", run_trl)):
                     runs[side].append(fn(mode, args, work))
-                    print(f"{mode} round {i + 1}: {side} done", file=sys.stderr, flush=True)
+                    # Each run's numbers as it ends: a long benchmark stopped early keeps what it measured.
+                    print(
+                        f"{mode} round {i + 1}: {side} {json.dumps(runs[side][-1])}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             results[mode] = {side: summarise(r) for side, r in runs.items()}
     print(
-        f"tiny model, {PROMPTS_PER_STEP} prompts x G={GROUP_SIZE}, {MAX_NEW_TOKENS} new tokens, beta {BETA}, "
+        f"{args.shape} ({args.path}), {args.prompts} prompts x G={args.group_size}, {args.new_tokens} new tokens, "
+        f"beta {BETA}, "
         f"float32 CPU, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; median of "
         f"{args.steps} steps x {args.repeats} runs after {args.warmup} warm-up steps"
     )

@@ -64,3 +64,17 @@ def test_our_side_of_the_trl_benchmark_composes_to_the_equal_work_settings(bench
     assert cfg.lora.enabled == (mode == "lora")
     if mode == "lora":
         assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules) == (16, 32, "all-linear")
+
+
+def test_the_real_shape_composes_to_the_issue_settings(bench_vs_trl, tmp_path):
+    from grpo_cli.cli import compose_config
+
+    args = bench_vs_trl.parse_args(["--shape", "qwen2.5-0.5b", "--model-dir", str(tmp_path)])
+    args.path = str(tmp_path)
+    overrides = [o for o in bench_vs_trl.ours_overrides("lora", args, tmp_path) if not o.startswith("hydra.")]
+    cfg, _ = compose_config("train", overrides)
+    assert (cfg.algo.group_size, cfg.train.prompts_per_step, cfg.rollout.max_new_tokens) == (8, 2, 128)
+    assert cfg.model.name_or_path == str(tmp_path) and not cfg.model.chat_template
+    assert cfg.model.dtype == "float32" and cfg.train.eval_problems == 0
+    with pytest.raises(SystemExit, match="make_standin"):  # no config.json there: a one-line pointer
+        bench_vs_trl.model_path(args)

@@ -6,7 +6,9 @@ The naive path (``hidden @ W.T -> log_softmax -> gather``) holds several float32
 tensors at once: at Qwen2.5 vocabularies (V = 151,936) 4,096 tokens are 2.5 GB each. Here the
 rows are processed in chunks by a custom autograd Function: forward keeps the log-sum-exp per
 row, backward recomputes each chunk's logits, so the extra memory is O(chunk_size x V): one
-[chunk_size, V] buffer, reused for every chunk.
+[chunk_size, V] buffer, reused for every chunk. The chunk's rows follow from the vocabulary
+(``CHUNK_BYTES`` per buffer: 55 rows at V = 151,936, the whole batch at a few hundred tokens of
+vocabulary), so the saving does not wait for the token count to outgrow a fixed chunk.
 
 When the output embedding is frozen (LoRA, the default), the gradient w.r.t. the hidden states is
 formed in forward from the logits already at hand and kept ([B*T, H], the size of `hidden`), so
@@ -21,7 +23,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["token_logprobs"]
+__all__ = ["CHUNK_BYTES", "default_chunk_size", "token_logprobs"]
+
+# The [rows, V] buffer one chunk holds. Smaller saves little next to the [N, H] tensors around it;
+# larger only raises the peak: a chunk of 32 MiB still multiplies tens of rows per read of the
+# weight, enough to keep the matmuls compute-bound (scripts/bench_logprobs.py).
+CHUNK_BYTES = 32 * 2**20
+
+
+def default_chunk_size(vocab_size: int, dtype: torch.dtype = torch.float32) -> int:
+    """Rows per chunk so one [rows, vocab_size] buffer in the compute dtype takes ``CHUNK_BYTES``."""
+    itemsize = torch.empty((), dtype=_compute_dtype(dtype)).element_size()
+    return max(1, CHUNK_BYTES // (vocab_size * itemsize))
 
 
 def token_logprobs(
@@ -29,7 +42,7 @@ def token_logprobs(
     weight: Tensor,
     targets: Tensor,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     return_entropy: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """log softmax(hidden @ weight.T / temperature) at `targets`, chunked over rows.
@@ -39,9 +52,10 @@ def token_logprobs(
         weight: [V, H] output embedding (lm_head), same dtype as `hidden`.
         targets: [B, T] long, the next-token ids, each in [0, V) (replace padding by any valid id).
         temperature: the sampling temperature, so the log-probs are those of the sampler.
-        chunk_size: rows of the flattened [B*T, H] per chunk. The extra memory is one float32
-            [chunk_size, V] buffer (1024 rows at V = 151,936: 0.6 GB), a second one transiently
-            for bf16 inputs or return_entropy, plus the weight gradient when it is trained.
+        chunk_size: rows of the flattened [B*T, H] per chunk; None: ``default_chunk_size(V)``
+            (``CHUNK_BYTES`` per chunk). The extra memory is one float32 [chunk_size, V] buffer,
+            a second one transiently for bf16 inputs or return_entropy, plus the weight gradient
+            when it is trained.
         return_entropy: also return the entropy of each row's distribution (detached).
 
     Returns:
@@ -52,6 +66,8 @@ def token_logprobs(
         raise ValueError(
             f"shapes: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, targets {tuple(targets.shape)}"
         )
+    if chunk_size is None:
+        chunk_size = default_chunk_size(weight.shape[0], hidden.dtype)
     if chunk_size < 1 or temperature <= 0:
         raise ValueError(f"chunk_size={chunk_size} and temperature={temperature} must be positive")
     logps, entropy = _ChunkedLogprobs.apply(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grpo_cli.core.logprobs import token_logprobs
+from grpo_cli.core import logprobs
+from grpo_cli.core.logprobs import default_chunk_size, token_logprobs
 
 
 def _naive(hidden, weight, targets, temperature=1.0):
@@ -39,6 +40,38 @@ def test_values_and_gradients_match_naive_float64(chunk_size, temperature, train
     upstream = torch.randn_like(expected)  # a non-uniform upstream gradient, as from the loss
     (logps * upstream).sum().backward()
     (expected * upstream).sum().backward()
+    torch.testing.assert_close(ours_h.grad, naive_h.grad, rtol=0, atol=1e-12)
+    if train_weight:
+        torch.testing.assert_close(ours_w.grad, naive_w.grad, rtol=0, atol=1e-12)
+
+
+def test_default_chunk_size_follows_the_vocabulary():
+    # Qwen2.5's vocabulary: 55 float32 rows per 32 MiB chunk, bf16 inputs too (softmax in float32);
+    # the tiny model's 273 tokens: every row of a step in one chunk.
+    assert default_chunk_size(151_936) == default_chunk_size(151_936, torch.bfloat16) == 55
+    assert default_chunk_size(273) > 30_000
+    assert default_chunk_size(151_936, torch.float64) == 27
+    assert default_chunk_size(10**9) == 1
+
+
+@pytest.mark.parametrize("train_weight", [True, False])
+def test_default_chunks_match_naive_float64(monkeypatch, train_weight):
+    # A budget of 5 float64 rows of V = 50: the 21 rows run as 5 chunks, the last one short.
+    monkeypatch.setattr(logprobs, "CHUNK_BYTES", 5 * 50 * 8)
+    hidden, weight, targets = _inputs()
+    assert default_chunk_size(50, torch.float64) == 5
+    ours_h, ours_w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(train_weight)
+    naive_h, naive_w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(train_weight)
+    upstream = torch.randn(targets.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    calls = []
+    inner = logprobs._logits_
+    monkeypatch.setattr(logprobs, "_logits_", lambda buf, h, *a: calls.append(len(h)) or inner(buf, h, *a))
+    logps = token_logprobs(ours_h, ours_w, targets)
+    assert calls == [5, 5, 5, 5, 1]  # one [chunk, V] buffer per chunk of rows in forward
+    (logps * upstream).sum().backward()
+    expected = _naive(naive_h, naive_w, targets)[0]
+    (expected * upstream).sum().backward()
+    torch.testing.assert_close(token_logprobs(hidden, weight, targets), expected.detach(), rtol=0, atol=1e-12)
     torch.testing.assert_close(ours_h.grad, naive_h.grad, rtol=0, atol=1e-12)
     if train_weight:
         torch.testing.assert_close(ours_w.grad, naive_w.grad, rtol=0, atol=1e-12)

@@ -1,0 +1,181 @@
+"""Decode speed at real shapes against the memory floor: ``sample_group`` on Qwen2.5-0.5B's dimensions.
+
+    .venv/bin/python scripts/bench_decode.py                          # fp32 and bf16, ~3 min on 2 busy cores
+    .venv/bin/python scripts/bench_decode.py --dtypes float32 --repeats 1   # a quick look
+
+A randomly initialised Qwen2 with Qwen2.5-0.5B's dimensions (hidden 896, 14 heads, 2 KV heads,
+intermediate 4864, vocabulary 151,936, tied embeddings) and ``--layers`` layers (4 by default: 196 M
+parameters) samples G completions of ``--prompts`` random prompts, ``--new-tokens`` tokens each, EOS
+never drawn, temperature 1, seeded per-prompt streams (what ``grpo train`` runs; ``--unseeded`` for
+the global-RNG path of ``grpo sample`` / ``grpo eval``).
+
+The floor: each of the ``--new-tokens`` forward passes (the prefill and every decode step) reads
+every weight once, so no run can take less than new_tokens x weight bytes / bandwidth, where the
+bandwidth is this machine's, measured here as a 256 MB ``torch.sum`` with the default threads.
+Our time includes the prefill and the sampling. Paths alternate over ``--repeats`` rounds after a
+warm-up: ours as shipped, and ours with the linear layers on the default (MKL) kernel instead of
+oneDNN (``grpo_cli.onednn``). The machine is shared: read the medians, and the ratio, not the
+seconds. Also prints, on paper, the weights read per step and the floor for the full 24 layers.
+Target (issue 13): ours within 1.5x of the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
+
+NEVER = -1  # an EOS id no sampled token can equal: every row decodes all its tokens
+QWEN25_05B = {
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151_936,
+    "num_hidden_layers": 24,
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument("--layers", type=int, default=4, help="decoder layers (Qwen2.5-0.5B has 24)")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    p.add_argument("--prompts", type=int, default=2, help="distinct prompts per call")
+    p.add_argument("--group-size", type=int, default=4, help="completions per prompt (G)")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported)")
+    p.add_argument("--unseeded", action="store_true", help="sample from the global RNG, as grpo sample does")
+    return p.parse_args(argv)
+
+
+def build_model(layers: int, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        **{**QWEN25_05B, "num_hidden_layers": layers},
+        max_position_embeddings=32768,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(config).to(dtype).eval()
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes one forward pass reads: every parameter once (a tied head and embedding count once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def paper_bytes(layers: int, itemsize: int) -> int:
+    """Weight bytes of Qwen2.5-0.5B with ``layers`` layers, from its dimensions alone."""
+    h, i, v = QWEN25_05B["hidden_size"], QWEN25_05B["intermediate_size"], QWEN25_05B["vocab_size"]
+    kv = h // QWEN25_05B["num_attention_heads"] * QWEN25_05B["num_key_value_heads"]
+    attn = h * h + h + 2 * (h * kv + kv) + h * h  # q (bias), k and v (bias), o
+    layer = attn + 3 * h * i + 2 * h  # gate, up, down; two RMSNorms
+    return (v * h + layers * layer + h) * itemsize  # tied embedding / head, final norm
+
+
+def bandwidth_gbs(repeats: int = 7) -> float:
+    """This machine's read bandwidth now: a 256 MB float32 ``torch.sum``, median of ``repeats``."""
+    big = torch.ones(64 * 2**20)
+    big.sum()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        big.sum()
+        times.append(time.perf_counter() - t0)
+    return big.numel() * 4 / statistics.median(times) / 1e9
+
+
+def run_ours(model, ids, mask, args, default_kernels: bool) -> float:
+    from grpo_cli import onednn
+    from grpo_cli.rollout import prompt_generators, sample_group
+
+    gens = None if args.unseeded else prompt_generators(range(ids.size(0)), ids.device)
+    saved = onednn.MIN_HEAD_ELEMENTS
+    onednn.MIN_HEAD_ELEMENTS = 2**62 if default_kernels else saved
+    try:
+        t0 = time.perf_counter()
+        out, _ = sample_group(
+            model, ids, mask, args.group_size, args.new_tokens, eos_id=NEVER, pad_id=0, generators=gens
+        )
+        seconds = time.perf_counter() - t0
+    finally:
+        onednn.MIN_HEAD_ELEMENTS = saved
+    assert out.shape == (ids.size(0) * args.group_size, args.new_tokens), out.shape
+    return seconds
+
+
+def bench_dtype(name: str, args: argparse.Namespace) -> dict[str, float]:
+    dtype = getattr(torch, name)
+    model = build_model(args.layers, dtype)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, QWEN25_05B["vocab_size"], (args.prompts, args.prompt_len), generator=gen)
+    mask = torch.ones_like(ids)
+    # bfloat16 linears already run on oneDNN in torch: only float32 has a second kernel to compare.
+    paths = {"ours": False, "ours, MKL linears": True} if dtype == torch.float32 else {"ours": False}
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    gbs = []
+    for default in paths.values():  # warm-up
+        run_ours(model, ids, mask, argparse.Namespace(**{**vars(args), "new_tokens": 4}), default)
+    for _ in range(args.repeats):
+        gbs.append(bandwidth_gbs())
+        for label, default in paths.items():
+            times[label].append(run_ours(model, ids, mask, args, default))
+    gb = statistics.median(gbs)
+    nbytes = weight_bytes(model)
+    return {
+        "bytes": nbytes,
+        "gbs": gb,
+        "floor": args.new_tokens * nbytes / (gb * 1e9),
+        **{label: statistics.median(v) for label, v in times.items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    n = args.prompts * args.group_size
+    print(
+        f"sample_group, Qwen2.5-0.5B dims with {args.layers} layers, random weights; {args.prompts} prompts "
+        f"x G={args.group_size} (batch {n}), prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
+        f"{'global RNG' if args.unseeded else 'seeded streams'}; torch threads {torch.get_num_threads()}; "
+        f"median of {args.repeats} (a shared machine: timings are noisy)"
+    )
+    print(
+        "| dtype | weights read / step MB | bandwidth GB/s | floor s | ours s | ours / floor "
+        "| ours, MKL linears s | MKL / floor |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    gbs = None
+    for name in args.dtypes:
+        r = bench_dtype(name, args)
+        gbs = gbs or r["gbs"]
+        mkl = r.get("ours, MKL linears")
+        mkl_cells = "- | -" if mkl is None else f"{mkl:.2f} | {mkl / r['floor']:.2f}x"
+        print(
+            f"| {name} | {r['bytes'] / 1e6:.0f} | {r['gbs']:.1f} | {r['floor']:.2f} | {r['ours']:.2f} "
+            f"| {r['ours'] / r['floor']:.2f}x | {mkl_cells} |",
+            flush=True,
+        )
+    for layers in (args.layers, 24):
+        for name, size in (("float32", 4), ("bfloat16", 2)):
+            nbytes = paper_bytes(layers, size)
+            print(
+                f"on paper, {layers} layers {name}: {nbytes / 1e6:.0f} MB read per step, floor "
+                f"{args.new_tokens} steps x {nbytes / 1e9:.3f} GB / {gbs:.1f} GB/s = "
+                f"{args.new_tokens * nbytes / (gbs * 1e9):.2f} s"
+            )
+
+
+if __name__ == "__main__":
+    main()
