@@ -17,13 +17,13 @@ same distribution, a different stream, and no per-group work per token.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from grpo_cli.models import Policy, positions
+from grpo_cli.models import Policy, cache_arg, output_cache, positions
 from grpo_cli.rewards import correct
 
 
@@ -112,7 +112,7 @@ def sample_group(
     prompt_mask: torch.Tensor,
     group_size: int,
     max_new_tokens: int,
-    eos_id: int,
+    eos_id: int | Sequence[int],
     pad_id: int,
     temperature: float = 1.0,
     top_k: int = 0,
@@ -131,6 +131,7 @@ def sample_group(
     ``torch.multinomial`` draws one exponential per entry whatever the values, so the random stream,
     and with it every live row's token, is the one ``generate`` (which decodes every row) would give.
 
+    ``eos_id``: one id or the EOS set (a completion ends at the first token of the set).
     ``generators``: one per prompt; its G completions draw from it alone (inverse CDF on uniforms it
     gives up front), so what a prompt gets depends on its generator's seed, not on which other
     prompts share the batch (or the rank); None draws from the global torch RNG, as ``generate``
@@ -146,12 +147,13 @@ def sample_group(
         n = logits.size(0)
         live = torch.arange(n, device=logits.device)  # rows of the N still in the model's batch
         done = torch.zeros(n, dtype=torch.bool, device=logits.device)
+        eos = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=logits.device)
         tokens = []
         for step in range(max_new_tokens):
             u = None if uniforms is None else uniforms[step]
             tok = _draw(logits, u, greedy, temperature, top_k, top_p).masked_fill(done, pad_id)
             tokens.append(tok)
-            done = done | (tok == eos_id)
+            done = done | torch.isin(tok, eos)
             n_done = int(done.sum())  # the one host sync of a decode step
             finished = n_done == n
             if synced:
@@ -164,7 +166,7 @@ def sample_group(
             mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
             logits = _forward_live(model, tok, live, mask, next_pos, cache, logits)
             next_pos = next_pos + 1
-        return _cut_after_eos(torch.stack(tokens, dim=1), eos_id)
+        return _cut_after_eos(torch.stack(tokens, dim=1), eos)
 
 
 def _prefill(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int):
@@ -177,7 +179,7 @@ def _prefill(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gr
     out = model(
         input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True, logits_to_keep=1
     )
-    cache = out.past_key_values
+    cache = output_cache(out)
     _expand_cache(cache, group_size)
     logits = out.logits[:, -1].float().repeat_interleave(group_size, 0)
     mask = prompt_mask.repeat_interleave(group_size, 0)
@@ -212,8 +214,8 @@ def _forward_live(
         input_ids=tok[live, None],
         attention_mask=mask,
         position_ids=next_pos,
-        past_key_values=cache,
         use_cache=True,
+        **{cache_arg(): cache},
     )
     if len(live) == logits.size(0):
         return out.logits[:, -1].float()
@@ -221,9 +223,10 @@ def _forward_live(
     return logits
 
 
-def _cut_after_eos(ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids [N, T] and mask [N, T]: a token is part of the completion up to and including the first EOS."""
-    is_eos = ids == eos_id
+def _cut_after_eos(ids: torch.Tensor, eos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids [N, T] and mask [N, T]: a token is part of the completion up to and including the first EOS
+    (any id of ``eos`` [K])."""
+    is_eos = torch.isin(ids, eos)
     after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
     # Columns past every row's end exist only when decoding kept step with other ranks: drop them.
     width = int((~after_eos).any(0).nonzero().max()) + 1
@@ -277,12 +280,25 @@ def _compact(
     return live[keep], mask[keep], next_pos[keep]
 
 
-def encode_prompts(tokenizer: Any, prompts: Sequence[str], chat_template: bool, device: torch.device):
-    """Left-padded prompt ids and mask [P, L]; the chat template wraps each prompt when asked."""
+def encode_prompts(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    chat_template: bool,
+    device: torch.device,
+    system_prompt: str | None = None,
+):
+    """Left-padded prompt ids and mask [P, L]; the chat template wraps each prompt when asked.
+
+    With the template each prompt is one user turn, after a system turn holding ``system_prompt``
+    (None: no system message, so the template's own default applies, e.g. Qwen2.5's), and ends with
+    the assistant's opening. The templated text carries its special tokens as text; encoding it with
+    ``add_special_tokens=False`` turns them into their ids without adding a BOS of the tokenizer's.
+    """
     if chat_template:
+        system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
         prompts = [
             tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                [*system, {"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
             )
             for p in prompts
         ]
@@ -309,11 +325,16 @@ def generate(
     chat_template: bool = False,
     greedy: bool = False,
     seeds: Sequence[int] | None = None,
+    system_prompt: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Rollout:
     """G completions for each prompt (rows[i] is the dataset row of prompts[i]), decoded, not yet scored.
 
     ``seeds``: one per prompt, the seed of its group's sampling stream (``sample_group``'s
-    generators); None samples from the global torch RNG.
+    generators); None samples from the global torch RNG. ``system_prompt``: see ``encode_prompts``.
+    ``progress(completions, tokens)`` is called after each chunk with what it produced. Generation
+    stops at any of ``policy.eos_ids``. Texts are decoded per completion from all its ids at once, so
+    a character whose bytes span several byte-level BPE tokens comes out whole.
     """
     tok, model = policy.tokenizer, policy.model
     was_training = model.training
@@ -326,9 +347,18 @@ def generate(
             chunk_seeds = None if seeds is None else seeds[part]
             chunks.append(
                 _generate_chunk(
-                    policy, prompts[part], group_size, rollout_cfg, chat_template, greedy, chunk_seeds
+                    policy,
+                    prompts[part],
+                    group_size,
+                    rollout_cfg,
+                    chat_template,
+                    greedy,
+                    chunk_seeds,
+                    system_prompt,
                 )
             )
+            if progress is not None:
+                progress(chunks[-1][2].size(0), int(chunks[-1][3].sum()))
     finally:
         model.train(was_training)
     p_ids, p_mask, c_ids, c_mask = zip(*chunks)
@@ -353,17 +383,18 @@ def _generate_chunk(
     chat_template: bool,
     greedy: bool,
     seeds: Sequence[int] | None,
+    system_prompt: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prompt ids and mask [n, L] (each prompt repeated G times) and completion ids and mask [n, T]."""
     tok = policy.tokenizer
-    p_ids, p_mask = encode_prompts(tok, prompts, chat_template, policy.device)
+    p_ids, p_mask = encode_prompts(tok, prompts, chat_template, policy.device, system_prompt)
     c_ids, c_mask = policy.run(
         sample_group,
         p_ids,
         p_mask,
         group_size,
         rollout_cfg.max_new_tokens,
-        tok.eos_token_id,
+        policy.eos_ids or tok.eos_token_id,
         tok.pad_token_id,
         rollout_cfg.temperature,
         rollout_cfg.top_k,
