@@ -3,9 +3,9 @@ the EOS set, byte-level decoding, ``grpo train model=qwen data=gsm8k``, its chec
 peft, ``grpo eval`` / ``grpo sample`` on it, no held-out generation with ``train.eval_every=0``, no
 deprecation warnings from our calls into transformers, bf16 weights with fp32 log-probs on CPU.
 
-One training run (module fixture, 2 steps of 2 prompts x 2 completions of 4 tokens) serves most
-tests: at 151,936 vocabulary entries every decode step is dominated by the output layer, so runs are
-few and short. Rewards come from a test-local rule that varies within a group (random weights never
+The end-to-end tests (marked slow, kept in CI) share one training run (a module fixture: 2 steps of
+2 prompts x 2 completions of 4 tokens): at 151,936 vocabulary entries every decode step is dominated
+by the output layer, so runs are few and short. Rewards come from a test-local rule that varies within a group (random weights never
 answer right), so the updates are not zero.
 """
 
@@ -100,6 +100,7 @@ def trained(standin_dir, gsm8k_dir, tmp_path_factory):
     return {"dir": run_dir, "cfg": cfg, "warnings": caught, "held_out_calls": calls}
 
 
+@pytest.mark.slow
 def test_train_model_qwen_on_the_standin_runs_two_steps(trained):
     rows = read_metrics(trained["dir"])
     assert [r["step"] for r in rows] == [1, 2]  # no step-0 row: eval_every=0 evaluates nothing
@@ -109,6 +110,7 @@ def test_train_model_qwen_on_the_standin_runs_two_steps(trained):
     assert f"max_new_tokens: {MAX_NEW}" in saved and "chat_template: true" in saved
 
 
+@pytest.mark.slow
 def test_eval_every_zero_generates_no_held_out_completion(trained):
     assert trained["held_out_calls"] == []
     assert not any(k.startswith("eval/") for r in read_metrics(trained["dir"]) for k in r)
@@ -127,6 +129,7 @@ def test_held_out_schedule(standin_dir, gsm8k_dir):
     assert [s for s in range(11) if evaluate.held_out_due(s, tr)] == []
 
 
+@pytest.mark.slow
 def test_no_deprecation_warnings_from_our_calls_into_transformers(trained):
     # Every FutureWarning / DeprecationWarning of the run (a train step, rollout with the KV cache,
     # grouped log-probs, a checkpoint save). The run installs a filter for one peft-internal warning.
@@ -138,6 +141,7 @@ def test_no_deprecation_warnings_from_our_calls_into_transformers(trained):
     assert noisy == []
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # peft's call, not ours
 def test_checkpoint_reloads_with_plain_peft_to_the_same_logprobs(trained, standin_dir):
     from peft import PeftModel
@@ -165,6 +169,7 @@ def test_checkpoint_reloads_with_plain_peft_to_the_same_logprobs(trained, standi
     assert (ref - untrained).abs().max() > 1e-3  # the adapter was trained: the comparison has teeth
 
 
+@pytest.mark.slow
 def test_eval_on_the_checkpoint_takes_its_length_and_template(trained, standin_dir, gsm8k_dir, tmp_path):
     ckpt = trained["dir"] / f"checkpoint-{STEPS}"
     # No model=qwen, no rollout.max_new_tokens: both come from the checkpoint's run (gsm8k's default
@@ -219,6 +224,7 @@ def test_command_line_settings_win_over_the_checkpoints(tmp_path, caplog):
     assert other.rollout.max_new_tokens == 300 and other.data.template != "Q: {question}"
 
 
+@pytest.mark.slow
 def test_sample_on_the_standin(standin_dir, gsm8k_dir, tmp_path, caplog):
     from grpo_cli import sample
 
@@ -357,6 +363,7 @@ def test_rows_after_eos_are_masked_in_a_longer_batch(policy):
 # ---------------------------------------------------------------------------- bf16 and progress
 
 
+@pytest.mark.slow
 def test_bf16_weights_train_a_step_on_cpu_with_fp32_logprobs(standin_dir, gsm8k_dir, tmp_path):
     from grpo_cli.config import LoraConfig, ModelConfig
     from grpo_cli.models import completion_logprobs
