@@ -4,9 +4,11 @@ byte-level BPE with the family's special tokens at their real ids, and a ChatML 
     python scripts/make_standin.py --out /tmp/qwen-standin          # Qwen2.5-0.5B-Instruct, 24 layers
     grpo train model=qwen model.name_or_path=/tmp/qwen-standin data=gsm8k data.path=../shared/data/gsm8k
 
-About a minute on 2 CPU cores for the 24-layer default (~1 GB of bfloat16 weights, ~3 GB of RAM
-while building); `--layers 2` takes ~20 s. Deterministic for a given --seed. Random weights: the
-stand-in proves the path, memory and speed, never learning. See grpo_cli/standin.py for the layout.
+Time: `--layers 2` took 35-55 s on a shared, heavily loaded 2-core machine (~13 s of it learning the
+merges on GSM8K); the 24-layer default writes ~1 GB of bfloat16 weights and peaks at ~3 GB of RAM
+(the float32 init plus its bf16 copy), a few minutes on 2 cores. Deterministic for a given --seed.
+Random weights: the stand-in proves the path, memory and speed, never learning. See
+grpo_cli/standin.py for the layout.
 """
 
 from __future__ import annotations
