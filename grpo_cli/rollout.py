@@ -112,7 +112,7 @@ def sample_group(
     prompt_mask: torch.Tensor,
     group_size: int,
     max_new_tokens: int,
-    eos_id: int | Sequence[int],
+    eos_id: int | Sequence[int],  # one id or the EOS set: a completion ends at the first of them
     pad_id: int,
     temperature: float = 1.0,
     top_k: int = 0,
@@ -131,7 +131,6 @@ def sample_group(
     ``torch.multinomial`` draws one exponential per entry whatever the values, so the random stream,
     and with it every live row's token, is the one ``generate`` (which decodes every row) would give.
 
-    ``eos_id``: one id or the EOS set (a completion ends at the first token of the set).
     ``generators``: one per prompt; its G completions draw from it alone (inverse CDF on uniforms it
     gives up front), so what a prompt gets depends on its generator's seed, not on which other
     prompts share the batch (or the rank); None draws from the global torch RNG, as ``generate``
@@ -147,7 +146,7 @@ def sample_group(
         n = logits.size(0)
         live = torch.arange(n, device=logits.device)  # rows of the N still in the model's batch
         done = torch.zeros(n, dtype=torch.bool, device=logits.device)
-        eos = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=logits.device)
+        eos = torch.as_tensor(eos_id, device=logits.device).view(-1)
         tokens = []
         for step in range(max_new_tokens):
             u = None if uniforms is None else uniforms[step]
@@ -224,8 +223,7 @@ def _forward_live(
 
 
 def _cut_after_eos(ids: torch.Tensor, eos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids [N, T] and mask [N, T]: a token is part of the completion up to and including the first EOS
-    (any id of ``eos`` [K])."""
+    """Ids [N, T] and mask [N, T]: a completion runs up to and including its first id of ``eos`` [K]."""
     is_eos = torch.isin(ids, eos)
     after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
     # Columns past every row's end exist only when decoding kept step with other ranks: drop them.
@@ -281,24 +279,15 @@ def _compact(
 
 
 def encode_prompts(
-    tokenizer: Any,
-    prompts: Sequence[str],
-    chat_template: bool,
-    device: torch.device,
-    system_prompt: str | None = None,
+    tokenizer: Any, prompts: Sequence[str], chat_template: bool, device: Any, system_prompt=None
 ):
-    """Left-padded prompt ids and mask [P, L]; the chat template wraps each prompt when asked.
-
-    With the template each prompt is one user turn, after a system turn holding ``system_prompt``
-    (None: no system message, so the template's own default applies, e.g. Qwen2.5's), and ends with
-    the assistant's opening. The templated text carries its special tokens as text; encoding it with
-    ``add_special_tokens=False`` turns them into their ids without adding a BOS of the tokenizer's.
-    """
+    """Left-padded prompt ids and mask [P, L]; the chat template wraps each prompt when asked: a user
+    turn after a system turn of ``system_prompt`` (None: the template's default), then the reply's opening."""
     if chat_template:
-        system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+        turn = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
         prompts = [
             tokenizer.apply_chat_template(
-                [*system, {"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                [*turn, {"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
             )
             for p in prompts
         ]
@@ -331,10 +320,8 @@ def generate(
     """G completions for each prompt (rows[i] is the dataset row of prompts[i]), decoded, not yet scored.
 
     ``seeds``: one per prompt, the seed of its group's sampling stream (``sample_group``'s
-    generators); None samples from the global torch RNG. ``system_prompt``: see ``encode_prompts``.
-    ``progress(completions, tokens)`` is called after each chunk with what it produced. Generation
-    stops at any of ``policy.eos_ids``. Texts are decoded per completion from all its ids at once, so
-    a character whose bytes span several byte-level BPE tokens comes out whole.
+    generators); None samples from the global torch RNG. ``progress(completions, tokens)`` is called
+    after each chunk. Whole-sequence decoding keeps characters split over byte-level tokens whole.
     """
     tok, model = policy.tokenizer, policy.model
     was_training = model.training
@@ -344,19 +331,9 @@ def generate(
     try:
         for start in range(0, len(prompts), per_chunk):
             part = slice(start, start + per_chunk)
-            chunk_seeds = None if seeds is None else seeds[part]
-            chunks.append(
-                _generate_chunk(
-                    policy,
-                    prompts[part],
-                    group_size,
-                    rollout_cfg,
-                    chat_template,
-                    greedy,
-                    chunk_seeds,
-                    system_prompt,
-                )
-            )
+            s = None if seeds is None else seeds[part]
+            fmt = (chat_template, system_prompt)
+            chunks.append(_generate_chunk(policy, prompts[part], group_size, rollout_cfg, fmt, greedy, s))
             if progress is not None:
                 progress(chunks[-1][2].size(0), int(chunks[-1][3].sum()))
     finally:
@@ -380,14 +357,16 @@ def _generate_chunk(
     prompts: Sequence[str],
     group_size: int,
     rollout_cfg: Any,
-    chat_template: bool,
+    fmt: tuple[bool, str | None],
     greedy: bool,
     seeds: Sequence[int] | None,
-    system_prompt: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Prompt ids and mask [n, L] (each prompt repeated G times) and completion ids and mask [n, T]."""
+    """Prompt ids and mask [n, L] (each prompt repeated G times) and completion ids and mask [n, T].
+
+    ``fmt``: (chat_template, system_prompt), as ``encode_prompts`` takes them.
+    """
     tok = policy.tokenizer
-    p_ids, p_mask = encode_prompts(tok, prompts, chat_template, policy.device, system_prompt)
+    p_ids, p_mask = encode_prompts(tok, prompts, fmt[0], policy.device, fmt[1])
     c_ids, c_mask = policy.run(
         sample_group,
         p_ids,

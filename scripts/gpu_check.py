@@ -100,8 +100,8 @@ def _train(
 ) -> Row:
     from grpo_cli import train
     from grpo_cli.cli import compose_config
-    from grpo_cli.config import validate
     from grpo_cli.logging import read_metrics
+    from grpo_cli.validation import validate
 
     args = [
         "model=qwen",
@@ -131,7 +131,7 @@ def _train(
 def _eval(standin: Path, data: Path, checkpoint: Path, out: Path, problems: int = 32) -> Row:
     from grpo_cli import evaluate
     from grpo_cli.cli import compose_config
-    from grpo_cli.config import validate
+    from grpo_cli.validation import validate
 
     args = [
         f"checkpoint={checkpoint}",

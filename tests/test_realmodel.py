@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo_cli import evaluate, train
+from grpo_cli import evaluate, heldout, train
 from grpo_cli.cli import compose_config
-from grpo_cli.config import validate
 from grpo_cli.logging import read_metrics
 from grpo_cli.models import load_policy
 from grpo_cli.rollout import encode_prompts, generate
+from grpo_cli.validation import validate
 
 IM_START, IM_END, ENDOFTEXT = 151644, 151645, 151643
 STEPS, MAX_NEW = 2, 4
@@ -84,19 +84,19 @@ def trained(standin_dir, gsm8k_dir, tmp_path_factory):
     cfg, _ = compose_config("train", _train_args(standin_dir, gsm8k_dir))
     validate(cfg)
     calls = []
-    real_generate = evaluate.generate
+    real_generate = heldout.generate
 
     def counting(*args, **kwargs):
         calls.append(kwargs)
         return real_generate(*args, **kwargs)
 
-    evaluate.generate = counting
+    heldout.generate = counting
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             train.run(cfg, str(run_dir), overrides=[])
     finally:
-        evaluate.generate = real_generate
+        heldout.generate = real_generate
     return {"dir": run_dir, "cfg": cfg, "warnings": caught, "held_out_calls": calls}
 
 
@@ -120,13 +120,13 @@ def test_held_out_schedule(standin_dir, gsm8k_dir):
     cfg, _ = compose_config("train", _train_args(standin_dir, gsm8k_dir))
     tr = cfg.train
     tr.steps = 10
-    assert [s for s in range(11) if evaluate.held_out_due(s, tr)] == []
+    assert [s for s in range(11) if heldout.held_out_due(s, tr)] == []
     tr.eval_at_ends = True
-    assert [s for s in range(11) if evaluate.held_out_due(s, tr)] == [0, 10]
+    assert [s for s in range(11) if heldout.held_out_due(s, tr)] == [0, 10]
     tr.eval_at_ends, tr.eval_every = False, 4
-    assert [s for s in range(11) if evaluate.held_out_due(s, tr)] == [0, 4, 8, 10]
+    assert [s for s in range(11) if heldout.held_out_due(s, tr)] == [0, 4, 8, 10]
     tr.eval_problems = 0
-    assert [s for s in range(11) if evaluate.held_out_due(s, tr)] == []
+    assert [s for s in range(11) if heldout.held_out_due(s, tr)] == []
 
 
 @pytest.mark.slow
