@@ -3,7 +3,7 @@ a byte-level BPE trained here with the family's special tokens at their real ids
 
     python scripts/make_standin.py --out /tmp/qwen-standin              # Qwen2.5-0.5B-Instruct, 24 layers
     python scripts/make_standin.py --out /tmp/qwen-standin-2l --layers 2
-    grpo train model=qwen model.name_or_path=/tmp/qwen-standin data=gsm8k data.path=../shared/data/gsm8k
+    grpo train model=qwen model.name_or_path=/tmp/qwen-standin data=gsm8k data.path=/path/to/gsm8k
 
 It exercises what a run on the real weights exercises (shapes, a 151,936-token vocabulary, the chat
 template, byte-level BPE decoding, the EOS set, memory and speed) but it cannot learn anything: the

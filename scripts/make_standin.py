@@ -2,7 +2,7 @@
 byte-level BPE with the family's special tokens at their real ids, and a ChatML chat template.
 
     python scripts/make_standin.py --out /tmp/qwen-standin          # Qwen2.5-0.5B-Instruct, 24 layers
-    grpo train model=qwen model.name_or_path=/tmp/qwen-standin data=gsm8k data.path=../shared/data/gsm8k
+    grpo train model=qwen model.name_or_path=/tmp/qwen-standin data=gsm8k data.path=/path/to/gsm8k
 
 Time: `--layers 2` took 35-55 s on a shared, heavily loaded 2-core machine (~13 s of it learning the
 merges on GSM8K); the 24-layer default writes ~1 GB of bfloat16 weights and peaks at ~3 GB of RAM
