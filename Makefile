@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # disk; elsewhere pip downloads it. Override e.g. TORCH_SPEC="torch --index-url .../cu124".
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: help install install-trackers demo demo-ddp test test-fast lint format bench-env clean
+.PHONY: help install install-trackers demo demo-ddp test test-fast gpu-check lint format bench-env clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -31,6 +31,9 @@ test: ## all tests, slow end-to-end ones included (CPU, offline)
 
 test-fast: ## tests without the slow end-to-end ones
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -m "not slow"
+
+gpu-check: ## on a GPU: cuda tests, bf16 train + eval on a 24-layer Qwen2.5 stand-in, vLLM smoke test, one table (<= 10 min); on CPU says so
+	@HF_HUB_OFFLINE=1 $(BIN)/python scripts/gpu_check.py
 
 lint: ## ruff check + format check + module/function size limits (scripts/check_sizes.py)
 	$(BIN)/ruff check grpo_cli tests scripts

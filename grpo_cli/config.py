@@ -33,6 +33,8 @@ class ModelConfig:
     attn_implementation: str | None = "sdpa"
     # Wrap prompts in the tokenizer's chat template (instruct models).
     chat_template: bool = False
+    # With chat_template: the system turn's text; null leaves the template's own default (Qwen2.5's).
+    system_prompt: str | None = None
     # Trade compute for memory in the training forward pass.
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
@@ -85,6 +87,8 @@ class AlgoConfig:
 
 @dataclass
 class RolloutConfig:
+    # Completion length cap; conf/{train,sample,eval}.yaml set it to ${data.max_new_tokens}, the data
+    # group's default (arithmetic 16, gsm8k 512, ...), which rollout.max_new_tokens=N overrides.
     max_new_tokens: int = 16
     temperature: float = 1.0
     # 1.0 disables nucleus sampling.
@@ -117,6 +121,8 @@ class DataConfig:
     id_field: str | None = None
     # Prompt text; {question} is replaced by the row's question.
     template: str = "{question}"
+    # The default of rollout.max_new_tokens for this data: room for a typical solution.
+    max_new_tokens: int = 256
     # Synthetic arithmetic only: problem counts and the number of operators.
     num_train: int = 20000
     num_test: int = 500
@@ -147,8 +153,11 @@ class TrainConfig:
     # Completions per forward/backward pass; gradients accumulate over the step's batch.
     micro_batch_size: int = 64
     save_every: int = 0
+    # Held-out evaluation at step 0, every eval_every steps and at the last step; 0: none at all.
     eval_every: int = 100
-    # Held-out problems and samples per problem for the in-training evaluation.
+    # With eval_every=0: still evaluate at step 0 and the last step (before/after numbers only).
+    eval_at_ends: bool = False
+    # Held-out problems and samples per problem for the in-training evaluation (0 problems: none).
     eval_problems: int = 200
     eval_samples: int = 4
     # Newest checkpoints kept in the run dir (0 keeps all).

@@ -70,6 +70,7 @@ from grpo_cli.eval_table import legend, results_tables
 from grpo_cli.heldout import answer_fn, score_records
 from grpo_cli.metrics import Summary, default_ks, paired_delta, summarize
 from grpo_cli.models import Policy, check_adapter_base, load_policy
+from grpo_cli.progress import GenerationProgress
 from grpo_cli.rollout import generate
 from grpo_cli.validation import validate_eval
 
@@ -84,16 +85,25 @@ def generate_records(
     prompts = [build_prompt(r, cfg.data.template) for r in rows]
     answer_of = answer_fn(rewarder)
     per_chunk = max(1, rollout_cfg.batch_size // n)
-    task = progress.add_task(label, total=len(rows))
     records: list[dict[str, Any]] = []
-    for start in range(0, len(rows), per_chunk):
-        chunk = slice(start, start + per_chunk)
-        ro = generate(
-            policy, rows[chunk], prompts[chunk], n, rollout_cfg, cfg.model.chat_template, greedy=greedy
-        )
-        samples = [i % n for i in range(len(ro.texts))]
-        records += score_records(ro.texts, ro.rows, rewarder, answer_of, ro.lengths.tolist(), samples, greedy)
-        progress.advance(task, len(ro.texts) // n)
+    with progress.task(label, len(rows) * n) as advance:
+        for start in range(0, len(rows), per_chunk):
+            chunk = slice(start, start + per_chunk)
+            ro = generate(
+                policy,
+                rows[chunk],
+                prompts[chunk],
+                n,
+                rollout_cfg,
+                cfg.model.chat_template,
+                greedy=greedy,
+                system_prompt=cfg.model.system_prompt,
+                progress=advance,
+            )
+            samples = [i % n for i in range(len(ro.texts))]
+            records += score_records(
+                ro.texts, ro.rows, rewarder, answer_of, ro.lengths.tolist(), samples, greedy
+            )
     return records
 
 
@@ -213,6 +223,13 @@ def write_outputs(results: list[dict[str, Any]], records: list[dict[str, Any]], 
 # Driver
 
 
+def _command_line() -> list[str]:
+    """The overrides Hydra parsed for this run ([] outside a Hydra run, e.g. in tests)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 def _score_file(cfg: Any, rows: list[dict], rewarder: Any) -> tuple[list[dict], list[dict]]:
     """Records from ``eval.completions``; checks every K against the completions per problem."""
     ev = cfg.eval
@@ -232,10 +249,13 @@ def _score_file(cfg: Any, rows: list[dict], rewarder: Any) -> tuple[list[dict], 
     return score_records(texts, picked, rewarder, answer_fn(rewarder), samples=samples), []
 
 
-def run(cfg: Any, run_dir: str) -> dict[str, Any]:
-    """Evaluate every checkpoint (or score ``eval.completions``); print the table, write JSON and JSONL."""
+def run(cfg: Any, run_dir: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Evaluate every checkpoint (or score ``eval.completions``); print the table, write JSON and JSONL.
+
+    ``overrides``: the command line's (default: Hydra's); settings it leaves alone are taken from
+    the checkpoint's saved run config (``saved_settings``).
+    """
     from rich.console import Console
-    from rich.progress import Progress
 
     from grpo_cli.logging import setup_logging
     from grpo_cli.rewards import build_rewarder
@@ -245,13 +265,16 @@ def run(cfg: Any, run_dir: str) -> dict[str, Any]:
     ev = cfg.eval
     names = [ev.completions] if ev.completions else checkpoint_names(cfg)
     if not ev.completions:
+        from grpo_cli.saved_settings import inherit  # issue 13: evaluate as the checkpoint was trained
+
+        inherit(cfg, names, _command_line() if overrides is None else overrides)
         check_checkpoints(cfg, names)
     rows = load_rows(cfg.data, ev.split)  # never empty (ConfigError)
     rewarder = build_rewarder(cfg.reward)
     results, summaries, all_records = [], [], []
     ks = list(ev.k) if ev.k is not None else None  # None: the default, trimmed to n below (issue 14)
     try:
-        with Progress(console=Console(stderr=True), transient=True) as progress:
+        with GenerationProgress(Console(stderr=True), live=cfg.console == "rich") as progress:
             for name in names:
                 if ev.completions:  # eval.limit applies to the file's ids, not to the split's rows
                     sampled, greedy = _score_file(cfg, rows, rewarder)

@@ -15,6 +15,7 @@ import torch
 from grpo_cli import distributed
 from grpo_cli.data import build_prompt
 from grpo_cli.models import Policy
+from grpo_cli.progress import GenerationProgress
 from grpo_cli.rewards import correct
 from grpo_cli.rollout import Rollout, generate, score
 from grpo_cli.sampling import HELD_OUT_STREAM, draw_seed
@@ -30,6 +31,7 @@ def held_out_metrics(
     samples: int | None = None,
     temperature: float | None = None,
     greedy: bool = True,
+    progress: GenerationProgress | None = None,
 ) -> dict[str, float]:
     """Sampled and greedy accuracy and mean reward on ``rows`` (for ``grpo train``).
 
@@ -38,6 +40,7 @@ def held_out_metrics(
     touch no global RNG (the training streams go on as without evaluation) and do not depend on the
     number of processes: with W ranks each evaluates an equal share (the last ones padded with repeats
     that are not counted; under FSDP every rank must run the same passes) and the counts are summed.
+    ``progress``: where the bar and the pace line go (None: log lines only).
     """
     if not rows:
         return {}
@@ -51,20 +54,44 @@ def held_out_metrics(
     picked = [rows[i] for i in mine]
     prompts = [build_prompt(r, cfg.data.template) for r in picked]
     seeds = [draw_seed(cfg.seed, i, HELD_OUT_STREAM) for i in mine]
-    sampled = score(
-        generate(policy, picked, prompts, n, rollout_cfg, cfg.model.chat_template, seeds=seeds), rewarder
-    )
-    sums = _counts(sampled, counted * n)
+    progress = progress or GenerationProgress()
+
+    def sampled(per_problem: int, label: str, **kw: Any) -> Rollout:
+        with progress.task(label, len(picked) * per_problem) as advance:
+            ro = generate(
+                policy,
+                picked,
+                prompts,
+                per_problem,
+                rollout_cfg,
+                cfg.model.chat_template,
+                system_prompt=cfg.model.system_prompt,
+                progress=advance,
+                **kw,
+            )
+        return score(ro, rewarder)
+
+    sums = _counts(sampled(n, "held-out: sampling", seeds=seeds), counted * n)
     if greedy:
-        ro = score(
-            generate(policy, picked, prompts, 1, rollout_cfg, cfg.model.chat_template, greedy=True), rewarder
-        )
-        sums += _counts(ro, counted)
+        sums += _counts(sampled(1, "held-out: greedy", greedy=True), counted)
     total = distributed.all_sum(torch.tensor(sums, dtype=torch.float64)).tolist()
     out = {"eval/accuracy": total[0] / total[1], "eval/reward": _ratio(total[2], total[3])}
     if greedy:
         out["eval/accuracy_greedy"] = total[4] / total[5]
     return out
+
+
+def held_out_due(step: int, tr: Any) -> bool:
+    """Whether ``grpo train`` runs the held-out evaluation after ``step`` (0: before the first step).
+
+    ``train.eval_every=0`` means none at all unless ``train.eval_at_ends`` asks for the first and last;
+    ``train.eval_problems=0`` means none.
+    """
+    if tr.eval_problems == 0:
+        return False
+    if step in (0, tr.steps):
+        return tr.eval_every > 0 or tr.eval_at_ends
+    return tr.eval_every > 0 and step % tr.eval_every == 0
 
 
 def _counts(rollout: Rollout, k: int) -> list[float]:

@@ -12,6 +12,7 @@ The reference policy pi_ref:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -35,6 +36,9 @@ class Policy:
     tokenizer: Any
     device: torch.device
     ref_model: Any | None = None  # frozen copy (full fine-tuning with beta > 0)
+    # Token ids that end a completion: the tokenizer's EOS plus the model's generation_config ones
+    # (Qwen2.5-Instruct: <|im_end|> and <|endoftext|>). Empty: the tokenizer's eos_token_id alone.
+    eos_ids: tuple[int, ...] = ()
     is_lora: bool = False
     # With several ranks: the DDP / FSDP wrappers (``distributed.wrap``) every pass goes through.
     engine: Any | None = None
@@ -77,6 +81,32 @@ def resolve_path(name_or_path: str) -> str:
 
         return str(ensure_tiny())
     return name_or_path
+
+
+def stop_ids(tokenizer: Any, model: Any) -> tuple[int, ...]:
+    """The EOS set: the tokenizer's eos_token_id first, then generation_config.eos_token_id (int or list)."""
+    ids = [tokenizer.eos_token_id]
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    ids += extra if isinstance(extra, (list, tuple)) else [extra]
+    return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+@functools.cache
+def cache_arg() -> str:
+    """The name of the key/value cache argument and output field of transformers' models.
+
+    transformers 5 renamed ``past_key_values`` to ``cache`` (the old name still works, with a
+    FutureWarning on every call); earlier releases know only ``past_key_values``.
+    """
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The key/value cache a forward with ``use_cache=True`` returned."""
+    return getattr(out, cache_arg())
 
 
 def load_tokenizer(path: str) -> Any:
@@ -147,7 +177,7 @@ def load_policy(
         checkpoint if checkpoint and (Path(checkpoint) / "tokenizer_config.json").exists() else base_path
     )
     model = _load_causal_lm(base_path, model_cfg, dtype, load_device)
-    policy = Policy(model=model, tokenizer=tokenizer, device=device)
+    policy = Policy(model=model, tokenizer=tokenizer, device=device, eos_ids=stop_ids(tokenizer, model))
     if adapter_base is not None or (lora_cfg.enabled and trainable):
         policy.model = _wrap_lora(model, lora_cfg, checkpoint if adapter_base else None, trainable)
         policy.is_lora = True
@@ -313,7 +343,7 @@ def grouped_completion_logprobs(
         return full_path()
     prompt_pos = positions(prompt_mask)
     out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     if not _shareable_cache(cache, L):
         return full_path()
     cache.batch_select_indices(prompt_index)  # [P, ...] -> [N, ...]; indexing, so differentiable
@@ -323,8 +353,8 @@ def grouped_completion_logprobs(
         input_ids=completion_ids,
         attention_mask=torch.cat([prompt_mask[prompt_index], completion_mask], 1),
         position_ids=prompt_pos[prompt_index, -1:] + steps,
-        past_key_values=cache,
         use_cache=True,
+        **{cache_arg(): cache},
     ).last_hidden_state  # [N, T, H]
     if cache.get_seq_length() != L + T:  # the completion pass did not attend to the prompt
         return full_path()

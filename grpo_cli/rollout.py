@@ -14,21 +14,21 @@ out as from ``generate``. With seeds (training) each group's uniforms come from 
 drawn once per rollout, and every step's tokens are one inverse-CDF lookup for the whole batch: the
 same distribution, a different stream, and no per-group work per token.
 
-On CPU the float32 linear layers run on oneDNN while sampling (``grpo_cli.onednn``: a decode step
-streams every weight, and oneDNN streams them 2-3x faster than the MKL kernel behind ``F.linear``
-for a step's few rows); the logits then equal ``generate``'s up to float rounding.
+On CPU, float32 linears run on oneDNN while sampling (``grpo_cli.onednn``: 2-3x faster than MKL at
+a decode step's few rows); the logits then equal ``generate``'s up to float rounding.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from grpo_cli.models import Policy, positions
+from grpo_cli.distributed import all_ranks
+from grpo_cli.models import Policy, cache_arg, output_cache, positions
 from grpo_cli.onednn import fast_linears
 from grpo_cli.rewards import correct
 
@@ -47,9 +47,8 @@ class Rollout:
     rewards: torch.Tensor | None = None  # [N] float32; NaN where no rule could judge the completion
     per_rule: dict[str, list[float | None]] = field(default_factory=dict)
     reward_metrics: dict[str, float] = field(default_factory=dict)
-    reward_counts: set[str] = field(
-        default_factory=set
-    )  # counters among reward_metrics (summed, not averaged)
+    # The counters among reward_metrics (summed over parts, not averaged).
+    reward_counts: set[str] = field(default_factory=set)
 
     @property
     def num_groups(self) -> int:
@@ -118,7 +117,7 @@ def sample_group(
     prompt_mask: torch.Tensor,
     group_size: int,
     max_new_tokens: int,
-    eos_id: int,
+    eos_id: int | Sequence[int],  # one id or the EOS set: a completion ends at the first of them
     pad_id: int,
     temperature: float = 1.0,
     top_k: int = 0,
@@ -153,17 +152,16 @@ def sample_group(
         n = logits.size(0)
         live = torch.arange(n, device=logits.device)  # rows of the N still in the model's batch
         done = torch.zeros(n, dtype=torch.bool, device=logits.device)
+        eos = torch.as_tensor(eos_id, device=logits.device).view(-1)
         tokens = []
         for step in range(max_new_tokens):
             u = None if uniforms is None else uniforms[step]
             tok = _draw(logits, u, greedy, temperature, top_k, top_p).masked_fill(done, pad_id)
             tokens.append(tok)
-            done = done | (tok == eos_id)
+            done = done | torch.isin(tok, eos)
             n_done = int(done.sum())  # the one host sync of a decode step
             finished = n_done == n
             if synced:
-                from grpo_cli.distributed import all_ranks
-
                 finished = all_ranks(finished)
             if step == max_new_tokens - 1 or finished:
                 break
@@ -171,7 +169,7 @@ def sample_group(
             mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
             logits = _forward_live(model, tok, live, mask, next_pos, cache, logits)
             next_pos = next_pos + 1
-        return _cut_after_eos(torch.stack(tokens, dim=1), eos_id)
+        return _cut_after_eos(torch.stack(tokens, dim=1), eos)
 
 
 def _prefill(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int):
@@ -184,7 +182,7 @@ def _prefill(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gr
     out = model(
         input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True, logits_to_keep=1
     )
-    cache = out.past_key_values
+    cache = output_cache(out)
     _expand_cache(cache, group_size)
     logits = out.logits[:, -1].float().repeat_interleave(group_size, 0)
     mask = prompt_mask.repeat_interleave(group_size, 0)
@@ -219,8 +217,8 @@ def _forward_live(
         input_ids=tok[live, None],
         attention_mask=mask,
         position_ids=next_pos,
-        past_key_values=cache,
         use_cache=True,
+        **{cache_arg(): cache},
     )
     if len(live) == logits.size(0):
         return out.logits[:, -1].float()
@@ -228,9 +226,9 @@ def _forward_live(
     return logits
 
 
-def _cut_after_eos(ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids [N, T] and mask [N, T]: a token is part of the completion up to and including the first EOS."""
-    is_eos = ids == eos_id
+def _cut_after_eos(ids: torch.Tensor, eos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids [N, T] and mask [N, T]: a completion runs up to and including its first id of ``eos`` [K]."""
+    is_eos = torch.isin(ids, eos)
     after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
     # Columns past every row's end exist only when decoding kept step with other ranks: drop them.
     width = int((~after_eos).any(0).nonzero().max()) + 1
@@ -284,12 +282,16 @@ def _compact(
     return live[keep], mask[keep], next_pos[keep]
 
 
-def encode_prompts(tokenizer: Any, prompts: Sequence[str], chat_template: bool, device: torch.device):
-    """Left-padded prompt ids and mask [P, L]; the chat template wraps each prompt when asked."""
+def encode_prompts(
+    tokenizer: Any, prompts: Sequence[str], chat_template: bool, device: Any, system_prompt=None
+):
+    """Left-padded prompt ids and mask [P, L]; the chat template wraps each prompt when asked: a user
+    turn after a system turn of ``system_prompt`` (None: the template's default), then the reply's opening."""
     if chat_template:
+        turn = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
         prompts = [
             tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                [*turn, {"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
             )
             for p in prompts
         ]
@@ -300,11 +302,8 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], chat_template: bool, 
 def pad_cat(chunks: Sequence[torch.Tensor], value: int, left: bool = False) -> torch.Tensor:
     """[n_i, T_i] tensors as one [sum n_i, max T_i], padded with ``value`` on the right (or the left)."""
     width = max(c.size(1) for c in chunks)
-    padded = []
-    for c in chunks:
-        pad = torch.full((c.size(0), width - c.size(1)), value, dtype=c.dtype, device=c.device)
-        padded.append(torch.cat([pad, c] if left else [c, pad], dim=1))
-    return torch.cat(padded, dim=0)
+    pads = [torch.full((c.size(0), width - c.size(1)), value, dtype=c.dtype, device=c.device) for c in chunks]
+    return torch.cat([torch.cat([p, c] if left else [c, p], dim=1) for p, c in zip(pads, chunks)], dim=0)
 
 
 def generate(
@@ -316,11 +315,14 @@ def generate(
     chat_template: bool = False,
     greedy: bool = False,
     seeds: Sequence[int] | None = None,
+    system_prompt: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Rollout:
     """G completions for each prompt (rows[i] is the dataset row of prompts[i]), decoded, not yet scored.
 
     ``seeds``: one per prompt, the seed of its group's sampling stream (``sample_group``'s
-    generators); None samples from the global torch RNG.
+    generators); None samples from the global torch RNG. ``progress(completions, tokens)`` is called
+    after each chunk. Whole-sequence decoding keeps characters split over byte-level tokens whole.
     """
     tok, model = policy.tokenizer, policy.model
     was_training = model.training
@@ -330,12 +332,11 @@ def generate(
     try:
         for start in range(0, len(prompts), per_chunk):
             part = slice(start, start + per_chunk)
-            chunk_seeds = None if seeds is None else seeds[part]
-            chunks.append(
-                _generate_chunk(
-                    policy, prompts[part], group_size, rollout_cfg, chat_template, greedy, chunk_seeds
-                )
-            )
+            s = None if seeds is None else seeds[part]
+            fmt = (chat_template, system_prompt)
+            chunks.append(_generate_chunk(policy, prompts[part], group_size, rollout_cfg, fmt, greedy, s))
+            if progress is not None:
+                progress(chunks[-1][2].size(0), int(chunks[-1][3].sum()))
     finally:
         model.train(was_training)
     p_ids, p_mask, c_ids, c_mask = zip(*chunks)
@@ -357,20 +358,23 @@ def _generate_chunk(
     prompts: Sequence[str],
     group_size: int,
     rollout_cfg: Any,
-    chat_template: bool,
+    fmt: tuple[bool, str | None],
     greedy: bool,
     seeds: Sequence[int] | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Prompt ids and mask [n, L] (each prompt repeated G times) and completion ids and mask [n, T]."""
+    """Prompt ids and mask [n, L] (each prompt repeated G times) and completion ids and mask [n, T].
+
+    ``fmt``: (chat_template, system_prompt), as ``encode_prompts`` takes them.
+    """
     tok = policy.tokenizer
-    p_ids, p_mask = encode_prompts(tok, prompts, chat_template, policy.device)
+    p_ids, p_mask = encode_prompts(tok, prompts, fmt[0], policy.device, fmt[1])
     c_ids, c_mask = policy.run(
         sample_group,
         p_ids,
         p_mask,
         group_size,
         rollout_cfg.max_new_tokens,
-        tok.eos_token_id,
+        policy.eos_ids or tok.eos_token_id,
         tok.pad_token_id,
         rollout_cfg.temperature,
         rollout_cfg.top_k,

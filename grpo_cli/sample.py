@@ -19,6 +19,7 @@ import torch
 from grpo_cli.checkpoint import seed_everything
 from grpo_cli.data import build_prompt, load_rows
 from grpo_cli.models import load_policy
+from grpo_cli.progress import GenerationProgress
 from grpo_cli.rewards import build_rewarder
 from grpo_cli.rollout import Rollout, generate, score
 from grpo_cli.update import advantages_for
@@ -65,14 +66,24 @@ def run(cfg: Any, run_dir: str) -> list[dict[str, Any]]:
     prompts = [build_prompt(r, cfg.data.template) for r in rows]
     policy = load_policy(cfg.model, cfg.lora, beta=0.0, trainable=False)
     rewarder = build_rewarder(cfg.reward)
+    G = cfg.algo.group_size
     try:
-        rollout = score(
-            generate(policy, rows, prompts, cfg.algo.group_size, cfg.rollout, cfg.model.chat_template),
-            rewarder,
-        )
+        progress = GenerationProgress(Console(stderr=True), live=cfg.console == "rich")
+        with progress.task("sampling", len(rows) * G) as advance:
+            ro = generate(
+                policy,
+                rows,
+                prompts,
+                G,
+                cfg.rollout,
+                cfg.model.chat_template,
+                system_prompt=cfg.model.system_prompt,
+                progress=advance,
+            )
+        rollout = score(ro, rewarder)
     finally:
         rewarder.close()
-    advantages, _ = advantages_for(rollout, cfg.algo.group_size, cfg.algo.scale_rewards)
+    advantages, _ = advantages_for(rollout, G, cfg.algo.scale_rewards)
     console = Console()
     for g, prompt in enumerate(prompts):
         console.print(_table(rollout, advantages, g, prompt))

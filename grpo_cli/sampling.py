@@ -126,7 +126,14 @@ def _sample_round(
     seeds = [draw_seed(cfg.seed, d) for d, _ in mine]
     ro = score(
         generate(
-            policy, picked, prompts, cfg.algo.group_size, cfg.rollout, cfg.model.chat_template, seeds=seeds
+            policy,
+            picked,
+            prompts,
+            cfg.algo.group_size,
+            cfg.rollout,
+            cfg.model.chat_template,
+            seeds=seeds,
+            system_prompt=cfg.model.system_prompt,
         ),
         rewarder,
     )

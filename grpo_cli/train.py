@@ -33,9 +33,10 @@ from grpo_cli import checkpoint, distributed, resume
 from grpo_cli.config import ConfigError
 from grpo_cli.data import build_prompt, load_rows
 from grpo_cli.guards import RunStopped, StepGuard, stop_message, stop_reason
-from grpo_cli.heldout import held_out_metrics
+from grpo_cli.heldout import held_out_due, held_out_metrics
 from grpo_cli.logging import RunLogger, SilentLogger, setup_logging
 from grpo_cli.models import Policy, load_policy
+from grpo_cli.progress import GenerationProgress
 from grpo_cli.rewards import build_rewarder
 from grpo_cli.rollout import Rollout
 from grpo_cli.sampling import PromptSampler, concat_rollouts, rollout_metrics, sample_step
@@ -60,6 +61,8 @@ class Trainer:
     test_rows: list[dict]
     config_yaml: str
     evals: dict[int, dict[str, float]] = field(default_factory=dict)
+    # Where held-out generation shows its progress (the console's live panel on rank 0).
+    progress: GenerationProgress = field(default_factory=GenerationProgress)
 
     def save(self, step: int) -> Path | None:
         """A checkpoint of this step, unless the weights are not finite. Every rank calls it; rank 0 writes."""
@@ -172,9 +175,8 @@ def train_step(t: Trainer, step: int) -> tuple[dict[str, float], Rollout, torch.
         metrics["sampling_rounds"] = float(sampled.rounds)
         metrics["batch_zero_std_frac"] = rollout_metrics(everyone)["zero_std_frac"]
     advantages = torch.cat(distributed.gather_objects(inputs.advantages.cpu()))
-    tr = t.cfg.train
-    if step == tr.steps or (tr.eval_every and step % tr.eval_every == 0):
-        t.evals[step] = held_out_metrics(t.policy, t.test_rows, t.cfg, t.rewarder)
+    if held_out_due(step, t.cfg.train):
+        t.evals[step] = held_out_metrics(t.policy, t.test_rows, t.cfg, t.rewarder, progress=t.progress)
         metrics.update(t.evals[step])
     return metrics, everyone, advantages
 
@@ -260,11 +262,16 @@ def run(cfg: Any, run_dir: str, overrides: list[str] | None = None) -> dict[str,
         if world.is_main
         else SilentLogger()
     )
+    # --- held-out evaluation: its cost said up front, its progress shown (issue 13)
+    if world.is_main:
+        t.progress = GenerationProgress(logger.console, live=logger.panel is not None)
+        _announce_held_out(cfg, len(t.test_rows), start)
     try:
         with checkpoint.GracefulStop() as stop:
             if state is None:
-                t.evals[0] = held_out_metrics(t.policy, t.test_rows, cfg, t.rewarder)
-                logger.log(0, t.evals[0])
+                if held_out_due(0, cfg.train):
+                    t.evals[0] = held_out_metrics(t.policy, t.test_rows, cfg, t.rewarder, progress=t.progress)
+                    logger.log(0, t.evals[0])
             else:
                 # Exactly where the checkpoint took it: the next draw is the one step start+1 made.
                 checkpoint.set_rng_state(resume.rank_rng(state, world))
@@ -279,6 +286,21 @@ def run(cfg: Any, run_dir: str, overrides: list[str] | None = None) -> dict[str,
     logger.print(_summary(t.evals))
     distributed.barrier()  # no rank leaves while another may still be saving
     return {"evals": t.evals, "run_dir": str(run_path)}
+
+
+def _announce_held_out(cfg: Any, problems: int, start: int) -> None:
+    """One line with the cost of the held-out evaluations this run will make, when they are long."""
+    from grpo_cli.progress import LONG_GENERATION_TOKENS, cost_line
+
+    tr = cfg.train
+    times = sum(held_out_due(s, tr) for s in range(start + (start > 0), tr.steps + 1))
+    if not times or not problems:
+        return
+    line = cost_line(
+        "held-out evaluation", problems, tr.eval_samples, True, cfg.rollout.max_new_tokens, times
+    )
+    if problems * (tr.eval_samples + 1) * cfg.rollout.max_new_tokens >= LONG_GENERATION_TOKENS:
+        log.info("%s; train.eval_problems, train.eval_samples or train.eval_every=0 trim it", line)
 
 
 def _summary(evals: dict[int, dict[str, float]]) -> str:

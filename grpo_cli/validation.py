@@ -57,6 +57,8 @@ def validate(cfg: Any) -> None:
     if algo.num_iterations < 1:
         raise ConfigError(f"algo.num_iterations={algo.num_iterations}: must be >= 1")
     ro = cfg.rollout
+    if cfg.data.max_new_tokens < 1:
+        raise ConfigError(f"data.max_new_tokens={cfg.data.max_new_tokens}: must be >= 1")
     if ro.max_new_tokens < 1:
         raise ConfigError(f"rollout.max_new_tokens={ro.max_new_tokens}: must be >= 1")
     if ro.temperature <= 0:
@@ -94,7 +96,7 @@ def _validate_robustness(cfg: Any) -> None:
     from grpo_cli.trackers import check
 
     check(tr.logger)  # a known name whose extra is installed
-    for key in ("save_every", "eval_every", "log_completions_every"):
+    for key in ("save_every", "eval_every", "eval_problems", "log_completions_every"):
         if getattr(tr, key) < 0:
             raise ConfigError(f"train.{key}={getattr(tr, key)}: must be >= 0 (0 turns it off)")
     if tr.keep_checkpoints < 0:

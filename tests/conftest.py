@@ -66,3 +66,15 @@ def random_model_dir(tmp_path_factory) -> Path:
     make_model(spec, len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def standin_dir(tmp_path_factory) -> Path:
+    """A 2-layer Qwen2.5-0.5B-Instruct stand-in (real widths, 151,936-token vocabulary, ChatML,
+    byte-level BPE with the real special-token ids), built once per session by scripts/make_standin.py's
+    builder: ~330 MB of bfloat16 weights under tmp, 35-55 s on a loaded 2-core machine. Merges are
+    learned on a slice of GSM8K (generated text where ../shared/data is absent) to keep it short."""
+    from grpo_cli.standin import build_standin
+
+    out = tmp_path_factory.mktemp("standin") / "qwen2.5-0.5b-2l"
+    return build_standin(out, layers=2, data_dir=shared_data_dir(), bpe_vocab=4000, corpus_limit=2000)

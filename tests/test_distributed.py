@@ -35,6 +35,7 @@ ARGS = [
     "train.micro_batch_size=4",
     "train.eval_problems=8",
     "train.eval_every=0",
+    "train.eval_at_ends=true",
     "train.lr=1e-3",
     "algo.aggregation=token_mean",
     "console=plain",

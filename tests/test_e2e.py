@@ -23,7 +23,9 @@ MARGIN = 0.06
 
 @pytest.mark.slow
 def test_grpo_raises_held_out_accuracy(tmp_path, tiny_model_path):
-    cfg, _ = compose_config("train", [f"train.steps={STEPS}", "train.eval_every=0", "console=plain"])
+    cfg, _ = compose_config(
+        "train", [f"train.steps={STEPS}", "train.eval_every=0", "train.eval_at_ends=true", "console=plain"]
+    )
     validate(cfg)
     run(cfg, str(tmp_path))
     rows = read_metrics(tmp_path)
