@@ -50,6 +50,8 @@ class Rollout:
     reward_counts: set[str] = field(
         default_factory=set
     )  # counters among reward_metrics (summed, not averaged)
+    # [N, T] the sampling engine's log-prob of each token, where the engine is not the trainer (vllm)
+    engine_logps: torch.Tensor | None = None
 
     @property
     def num_groups(self) -> int:
@@ -81,6 +83,7 @@ class Rollout:
             per_rule={k: [v[i] for i in pick] for k, v in self.per_rule.items()},
             reward_metrics=dict(self.reward_metrics),
             reward_counts=set(self.reward_counts),
+            engine_logps=None if self.engine_logps is None else self.engine_logps[idx],
         )
 
 
@@ -320,8 +323,12 @@ def generate(
     """G completions for each prompt (rows[i] is the dataset row of prompts[i]), decoded, not yet scored.
 
     ``seeds``: one per prompt, the seed of its group's sampling stream (``sample_group``'s
-    generators); None samples from the global torch RNG.
+    generators); None samples from the global torch RNG. A policy with another generation engine
+    (``rollout.engine=vllm``, ``grpo_cli.engines``) samples there.
     """
+    other = policy.rollout_engine
+    if other is not None and other.name != "hf":
+        return other.rollout(rows, prompts, group_size, rollout_cfg, chat_template, greedy, seeds)
     tok, model = policy.tokenizer, policy.model
     was_training = model.training
     model.eval()  # dropout off while sampling
