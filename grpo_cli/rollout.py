@@ -50,8 +50,7 @@ class Rollout:
     reward_counts: set[str] = field(
         default_factory=set
     )  # counters among reward_metrics (summed, not averaged)
-    # [N, T] the sampling engine's log-prob of each token, where the engine is not the trainer (vllm)
-    engine_logps: torch.Tensor | None = None
+    engine_logps: torch.Tensor | None = None  # [N, T] the engine's token log-probs (vllm; None: hf)
 
     @property
     def num_groups(self) -> int:
