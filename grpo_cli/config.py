@@ -83,6 +83,9 @@ class AlgoConfig:
     overlong_buffer: int = 0
     # Penalty at rollout.max_new_tokens (DAPO: 1.0), reached linearly across the buffer.
     overlong_penalty: float = 1.0
+    # Truncated importance sampling for the engine/trainer mismatch (rollout.engine=vllm): each token's
+    # surrogate is weighted by min(pi_old / pi_engine, cap) (TRL, verl use 2.0); null: off.
+    engine_is_cap: float | None = None
 
 
 @dataclass
@@ -97,6 +100,15 @@ class RolloutConfig:
     top_k: int = 0
     # Completions decoded together at most (a multiple of group_size keeps groups whole).
     batch_size: int = 256
+    # Who samples: hf (the trainer's model, our prefix-shared loop) or vllm (colocated vLLM, weights
+    # pushed after every update; `make install-vllm`).
+    engine: str = "hf"
+    # vllm: longest prompt + completion; null: the run's longest prompt + max_new_tokens.
+    max_model_len: int | None = None
+    # vllm: KV cache bytes; null: what batch_size sequences of max_model_len tokens need.
+    kv_cache_bytes: int | None = None
+    # vllm on CUDA: free the engine's weights and KV cache between rollouts (enable_sleep_mode).
+    sleep: bool = True
 
 
 @dataclass

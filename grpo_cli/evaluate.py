@@ -66,6 +66,7 @@ import torch
 
 from grpo_cli.config import ConfigError
 from grpo_cli.data import build_prompt, load_rows
+from grpo_cli.engines import build_engine
 from grpo_cli.eval_table import legend, results_tables
 from grpo_cli.heldout import answer_fn, score_records
 from grpo_cli.metrics import Summary, default_ks, paired_delta, summarize
@@ -167,6 +168,7 @@ def evaluate_checkpoint(
     policy = load_policy(
         cfg.model, cfg.lora, beta=0.0, checkpoint=None if name == "base" else name, trainable=False
     )
+    engine = build_engine(cfg, policy, rows)  # vllm: one engine for every checkpoint, weights pushed
     try:
         torch.manual_seed(cfg.seed)  # every checkpoint sees the same random stream
         sampled = generate_records(
@@ -178,7 +180,8 @@ def evaluate_checkpoint(
             else []
         )
     finally:
-        del policy
+        engine.close()
+        del policy, engine
         gc.collect()
     return sampled, greedy
 

@@ -43,6 +43,8 @@ class Policy:
     # With several ranks: the DDP / FSDP wrappers (``distributed.wrap``) every pass goes through.
     engine: Any | None = None
     ref_engine: Any | None = None
+    # The generation engine that samples rollouts (``engines.build_engine``); None: the hf loop.
+    rollout_engine: Any | None = None
 
     @property
     def lockstep(self) -> bool:

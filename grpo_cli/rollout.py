@@ -49,6 +49,7 @@ class Rollout:
     reward_metrics: dict[str, float] = field(default_factory=dict)
     # The counters among reward_metrics (summed over parts, not averaged).
     reward_counts: set[str] = field(default_factory=set)
+    engine_logps: torch.Tensor | None = None  # [N, T] the engine's token log-probs (vllm; None: hf)
 
     @property
     def num_groups(self) -> int:
@@ -80,6 +81,7 @@ class Rollout:
             per_rule={k: [v[i] for i in pick] for k, v in self.per_rule.items()},
             reward_metrics=dict(self.reward_metrics),
             reward_counts=set(self.reward_counts),
+            engine_logps=None if self.engine_logps is None else self.engine_logps[idx],
         )
 
 
@@ -200,16 +202,9 @@ def _draw(
     return torch.multinomial(probs, 1).squeeze(1) if u is None else _inverse_cdf(probs, u)
 
 
-def _forward_live(
-    model: Any,
-    tok: torch.Tensor,
-    live: torch.Tensor,
-    mask: torch.Tensor,
-    next_pos: torch.Tensor,
-    cache: Any,
-    logits: torch.Tensor,
-) -> torch.Tensor:
-    """Feed the live rows their last token; returns logits [N, V] with the live rows' next ones.
+def _forward_live(model: Any, tok, live, mask, next_pos, cache: Any, logits: torch.Tensor) -> torch.Tensor:
+    """Feed the live rows (indices ``live`` [n] of tokens ``tok`` [N]) their last token, with attention
+    mask [n, S] and positions [n]; returns logits [N, V] with the live rows' next ones.
 
     Finished rows keep stale logits: only their random draws matter, and those are masked.
     """
@@ -323,7 +318,12 @@ def generate(
     ``seeds``: one per prompt, the seed of its group's sampling stream (``sample_group``'s
     generators); None samples from the global torch RNG. ``progress(completions, tokens)`` is called
     after each chunk. Whole-sequence decoding keeps characters split over byte-level tokens whole.
+    A policy with another generation engine (``rollout.engine=vllm``, ``grpo_cli.engines``) samples there.
     """
+    other = policy.rollout_engine
+    if other is not None and other.name != "hf":
+        fmt = (chat_template, system_prompt)
+        return other.rollout(rows, prompts, group_size, rollout_cfg, fmt, greedy, seeds, progress)
     tok, model = policy.tokenizer, policy.model
     was_training = model.training
     model.eval()  # dropout off while sampling

@@ -18,6 +18,7 @@ import torch
 
 from grpo_cli.checkpoint import seed_everything
 from grpo_cli.data import build_prompt, load_rows
+from grpo_cli.engines import build_engine
 from grpo_cli.models import load_policy
 from grpo_cli.progress import GenerationProgress
 from grpo_cli.rewards import build_rewarder
@@ -65,6 +66,7 @@ def run(cfg: Any, run_dir: str) -> list[dict[str, Any]]:
     rows = load_rows(cfg.data, cfg.sample.split)[: cfg.sample.prompts]
     prompts = [build_prompt(r, cfg.data.template) for r in rows]
     policy = load_policy(cfg.model, cfg.lora, beta=0.0, trainable=False)
+    build_engine(cfg, policy, rows)
     rewarder = build_rewarder(cfg.reward)
     G = cfg.algo.group_size
     try:

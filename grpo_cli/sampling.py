@@ -205,4 +205,7 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         per_rule={k: [s for p in parts for s in p.per_rule[k]] for k in parts[0].per_rule},
         reward_metrics=metrics,
         reward_counts=counts,
+        engine_logps=None
+        if any(p.engine_logps is None for p in parts)
+        else pad_cat([p.engine_logps for p in parts], 0),
     )

@@ -32,6 +32,7 @@ import torch
 from grpo_cli import checkpoint, distributed, resume
 from grpo_cli.config import ConfigError
 from grpo_cli.data import build_prompt, load_rows
+from grpo_cli.engines import build_engine
 from grpo_cli.guards import RunStopped, StepGuard, stop_message, stop_reason
 from grpo_cli.heldout import held_out_due, held_out_metrics
 from grpo_cli.logging import RunLogger, SilentLogger, setup_logging
@@ -129,6 +130,8 @@ def _build(cfg: Any, run_path: Path) -> tuple[Trainer, dict[str, Any] | None]:
         cfg, run_path, policy, optimizer, scheduler, sampler, guard, build_rewarder(cfg.reward),
         train_rows, test_rows, config_yaml,
     )  # fmt: skip
+    # After the weights are final (a resume's included): the engine starts with them (vllm: pushed).
+    build_engine(cfg, policy, train_rows + test_rows)
     if resume_from is None:
         return trainer, None
     state = checkpoint.load_state(resume_from)
@@ -157,9 +160,11 @@ def train_step(t: Trainer, step: int) -> tuple[dict[str, float], Rollout, torch.
     """
     t0 = time.perf_counter()
     sampled = sample_step(t.policy, t.sampler, t.train_rows, t.rewarder, t.cfg)
+    t.policy.rollout_engine.pause()  # vllm with rollout.sleep on CUDA: its memory back for the update
     t_gen = time.perf_counter() - t0
     inputs = prepare(t.policy, sampled.trained, t.cfg)
     stats = update(t.policy, t.optimizer, t.scheduler, inputs, t.cfg)
+    t.policy.rollout_engine.sync()  # the held-out eval and the next rollout sample the updated weights
     dt = time.perf_counter() - t0
     pad = t.policy.tokenizer.pad_token_id
     seen = gather_rollout(sampled.seen, pad)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from grpo_cli import distributed
-from grpo_cli.core.loss import aggregation_units, group_advantages, policy_loss
+from grpo_cli.core.loss import aggregation_units, engine_is_weights, group_advantages, policy_loss
 from grpo_cli.models import Policy, grouped_completion_logprobs, reference
 from grpo_cli.rollout import Rollout
 
@@ -131,8 +131,9 @@ def update(
     params = trained_params(optimizer)
     stats: dict[str, float] = {}
     skipped = False
-    for _ in range(algo.num_iterations):
-        totals = _accumulate_gradients(policy, inputs, cfg, denom)
+    engine_diff = torch.zeros(2, dtype=torch.float64)  # sum |engine - trainer| over tokens, tokens
+    for it in range(algo.num_iterations):
+        totals = _accumulate_gradients(policy, inputs, cfg, denom, engine_diff if it == 0 else None)
         if distributed.world().enabled:
             totals = _reduce_over_ranks(totals)
         grad_norm = distributed.clip_grad_norm(params, tr.max_grad_norm)
@@ -143,13 +144,21 @@ def update(
         optimizer.zero_grad(set_to_none=True)
         stats = {**totals, "grad_norm": grad_norm}
     scheduler.step()
+    if inputs.rollout.engine_logps is not None:
+        total, tokens = distributed.all_sum(engine_diff).tolist()
+        stats["rollout/logprob_diff"] = total / max(tokens, 1.0)
     stats["skipped"] = float(skipped)
     stats["lr"] = scheduler.get_last_lr()[0]
     return stats
 
 
-def _accumulate_gradients(policy: Policy, inputs: LossInput, cfg: Any, denom: float) -> dict[str, float]:
-    """Forward and backward over the micro-batches of ``train.micro_batch_size``; this rank's statistics."""
+def _accumulate_gradients(
+    policy: Policy, inputs: LossInput, cfg: Any, denom: float, engine_diff: torch.Tensor | None = None
+) -> dict[str, float]:
+    """Forward and backward over the micro-batches of ``train.micro_batch_size``; this rank's statistics.
+
+    ``engine_diff``: where to add |log pi_engine - log pi_old| summed over tokens, and the token count.
+    """
     world = distributed.world()
     n = inputs.rollout.completion_ids.size(0)
     parts = micro_batches(n, cfg.train.micro_batch_size)
@@ -160,14 +169,41 @@ def _accumulate_gradients(policy: Policy, inputs: LossInput, cfg: Any, denom: fl
             logps = micro_logps(policy.run, inputs.rollout, s, cfg.rollout.temperature)
             old = None if inputs.old_logps is None else inputs.old_logps[s]
             ref = None if inputs.ref_logps is None else inputs.ref_logps[s]
+            weights = _engine_weights(inputs, s, logps if old is None else old, cfg.algo, engine_diff)
             loss, st = policy_loss(
-                logps, old, ref, inputs.advantages[s], inputs.loss_mask[s], cfg.algo, denominator=denom
+                logps,
+                old,
+                ref,
+                inputs.advantages[s],
+                inputs.loss_mask[s],
+                cfg.algo,
+                denominator=denom,
+                is_weights=weights,
             )
             (loss * world.size).backward()
         for k, v in st.to_dict().items():
             totals[k] = totals.get(k, 0.0) + v / len(parts)
         totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
     return totals
+
+
+def _engine_weights(
+    inputs: LossInput, s: slice, old: torch.Tensor, algo: Any, diff: torch.Tensor | None
+) -> torch.Tensor | None:
+    """Micro-batch ``s``'s engine importance weights (``algo.engine_is_cap``; None when off or when the
+    trainer sampled), and |log pi_engine - log pi_old| summed into ``diff`` (when given).
+
+    ``old``: [n, T] log pi_old of the micro-batch (the trainer's; with mu = 1 the current log-probs).
+    """
+    eng = inputs.rollout.engine_logps
+    if eng is None:
+        return None
+    eng, old, mask = eng[s].to(old.device), old.detach(), inputs.rollout.completion_mask[s].bool()
+    if diff is not None:
+        diff += torch.stack([torch.where(mask, (old - eng).abs(), 0.0).sum(), mask.sum()]).double().cpu()
+    if algo.engine_is_cap is None:
+        return None
+    return engine_is_weights(old, eng, mask, algo.engine_is_cap)
 
 
 def _reduce_over_ranks(totals: dict[str, float]) -> dict[str, float]:

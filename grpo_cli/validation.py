@@ -18,6 +18,7 @@ from grpo_cli.config import ConfigError
 def option_choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of each option key, read from the tables that implement the options."""
     from grpo_cli.core.loss import AGGREGATIONS, IMPORTANCE_LEVELS, KL_ESTIMATORS, REWARD_SCALES
+    from grpo_cli.engines import ENGINES
     from grpo_cli.models import DTYPES
 
     return {
@@ -26,6 +27,7 @@ def option_choices() -> dict[str, tuple[str, ...]]:
         "algo.importance_level": tuple(IMPORTANCE_LEVELS),
         "algo.scale_rewards": tuple(REWARD_SCALES),
         "model.dtype": ("auto", *DTYPES),
+        "rollout.engine": ENGINES,
         "console": ("rich", "plain"),
     }
 
@@ -67,6 +69,7 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"rollout.top_p={ro.top_p}: must be in (0, 1]")
     if ro.top_k < 0:
         raise ConfigError(f"rollout.top_k={ro.top_k}: must be >= 0 (0 disables)")
+    _validate_engine(cfg)
     if hasattr(cfg, "train"):
         tr = cfg.train
         if tr.prompts_per_step < 1:
@@ -88,6 +91,23 @@ def validate(cfg: Any) -> None:
     if cfg.lora.enabled and cfg.lora.r < 1:
         raise ConfigError(f"lora.r={cfg.lora.r}: must be >= 1")
     check_model_path(cfg.model.name_or_path)
+
+
+def _validate_engine(cfg: Any) -> None:
+    """The generation engine's keys; rollout.engine=vllm without vLLM names the make target."""
+    from grpo_cli.engines import check_engine
+
+    ro = cfg.rollout
+    check_engine(cfg)
+    if ro.max_model_len is not None and ro.max_model_len <= ro.max_new_tokens:
+        raise ConfigError(
+            f"rollout.max_model_len={ro.max_model_len}: must exceed rollout.max_new_tokens={ro.max_new_tokens}"
+        )
+    if ro.kv_cache_bytes is not None and ro.kv_cache_bytes < 1:
+        raise ConfigError(f"rollout.kv_cache_bytes={ro.kv_cache_bytes}: must be >= 1 (or null to size it)")
+    cap = cfg.algo.engine_is_cap
+    if cap is not None and not cap > 0:
+        raise ConfigError(f"algo.engine_is_cap={cap}: must be > 0 (or null for off)")
 
 
 def _validate_robustness(cfg: Any) -> None:

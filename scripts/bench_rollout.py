@@ -12,6 +12,22 @@ Three paths alternate over ``--repeats`` rounds after one warm-up each: ours wit
 ``generate``; the table shows median tokens/s (generated tokens over wall time, prefill included)
 and the ratios to ``generate``.
 Target (issue 8): ratio >= 1.5 at prompt length 512 with G = 8.
+
+``--engines`` compares the generation engines instead (issue 12, needs `make install-vllm`):
+
+    .venv/bin/python scripts/bench_rollout.py --engines                       # ~10 min on 2 busy cores
+    .venv/bin/python scripts/bench_rollout.py --engines --shape-layers 2 4 --steps 4
+
+1. the embedded tiny model on the default recipe (16 prompts x G=8, 16 new tokens, LoRA): median
+   ``gen_time`` and ``step_time`` over ``--steps`` GRPO steps (after one warm-up step) with
+   ``rollout.engine=hf`` and ``rollout.engine=vllm`` (the vLLM step includes its weight push);
+2. LoRA on vLLM: merged weights pushed vs the adapter saved and loaded natively each update;
+3. random-weight Qwen2 models with Qwen2.5-0.5B's shapes (hidden 896, 14 heads / 2 KV heads, MLP 4864,
+   vocab 151,936, tied embeddings) and ``--shape-layers`` layers: ``--prompts`` prompts x G=8 x
+   ``--shape-new-tokens`` (256) tokens at temperature 1, sampled by each engine (tokens/s over wall
+   time, median of ``--repeats``), the vLLM weight push (full model), and the trainer's update
+   (log-probs + backward of that batch, the same for both) to give a step time.
+Both engines run in this one process, alternating, with the machine's default threads.
 """
 
 from __future__ import annotations
@@ -43,6 +59,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engines", action="store_true", help="compare rollout.engine=hf and vllm (issue 12)")
+    p.add_argument("--steps", type=int, default=5, help="--engines: timed GRPO steps per engine (tiny model)")
+    p.add_argument("--shape-layers", type=int, nargs="*", default=[2, 4], help="--engines: Qwen2.5 shapes")
+    p.add_argument("--shape-new-tokens", type=int, default=256, help="--engines: tokens per completion")
+    p.add_argument(
+        "--parts", nargs="*", default=["tiny", "lora", "shape"], help="--engines: which comparisons"
+    )
     return p.parse_args(argv)
 
 
@@ -130,6 +153,9 @@ def bench_length(model: torch.nn.Module, length: int, args: argparse.Namespace) 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.engines:
+        compare_engines(args)
+        return
     model = build_model(args)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(
@@ -147,6 +173,227 @@ def main(argv: list[str] | None = None) -> None:
             f"{length:>10} {r['ours']:>11.1f} {r['seeded']:>13.1f} {r['generate']:>15.1f} "
             f"{r['ours'] / r['generate']:>6.2f} {r['seeded'] / r['generate']:>13.2f}"
         )
+
+
+# ---------------------------------------------------------------------------- --engines (issue 12)
+
+
+def _median_steps(engine: str, steps: int) -> dict[str, float]:
+    """Median gen_time / step_time of ``steps`` GRPO steps of the default recipe (after one warm-up)."""
+    import tempfile
+
+    from grpo_cli import train
+    from grpo_cli.cli import compose_config
+    from grpo_cli.validation import validate
+
+    cfg, _ = compose_config("train", [f"rollout.engine={engine}", "console=plain", "train.eval_problems=0"])
+    validate(cfg)
+    t, _ = train._build(cfg, Path(tempfile.mkdtemp(prefix=f"bench-{engine}-")))
+    rows = [train.train_step(t, step)[0] for step in range(1, steps + 2)][1:]
+    t.policy.rollout_engine.close()
+    out = {k: statistics.median(r[k] for r in rows) for k in ("gen_time", "step_time", "completion_len")}
+    out["tokens_per_s"] = statistics.median(
+        r["completion_len"] * cfg.train.prompts_per_step * cfg.algo.group_size / r["gen_time"] for r in rows
+    )
+    return out
+
+
+def qwen_shape_dir(layers: int, root: Path) -> Path:
+    """A random-weight Qwen2 with Qwen2.5-0.5B's widths and ``layers`` layers, with the project's tokenizer."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from grpo_cli.tiny import make_tokenizer
+
+    path = root / f"qwen2.5-shape-{layers}l"
+    config = Qwen2Config(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=layers,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def _shape_row(path: Path, args: argparse.Namespace) -> dict[str, float]:
+    """tokens/s of each engine on one model, the vLLM push, and the trainer's update of the batch."""
+    from grpo_cli import engines
+    from grpo_cli.cli import compose_config
+    from grpo_cli.engines import Request, Sampling
+    from grpo_cli.models import grouped_completion_logprobs, load_policy
+
+    cfg, _ = compose_config(
+        "train",
+        [
+            f"model.name_or_path={path}",
+            "lora=none",
+            "rollout.engine=vllm",
+            "rollout.max_model_len=320",
+            f"rollout.batch_size={args.prompts * args.group_size}",
+        ],  # fmt: skip
+    )
+    policy = load_policy(cfg.model, cfg.lora, beta=0.0)
+    gen = torch.Generator().manual_seed(args.seed)
+    prompts = torch.randint(3, 200, (args.prompts, 32), generator=gen)  # ids the tokenizer knows
+    requests = [
+        Request(p.tolist(), args.group_size, args.shape_new_tokens, (policy.tokenizer.eos_token_id,), seed=i)
+        for i, p in enumerate(prompts)
+    ]
+    built = {}
+    for name in ("hf", "vllm"):
+        cfg.rollout.engine = name
+        built[name] = engines.build_engine(cfg, policy)
+    speeds: dict[str, list[float]] = {"hf": [], "vllm": []}
+    for round_ in range(args.repeats + 1):  # the first round warms both up
+        for name, engine in built.items():
+            t0 = time.perf_counter()
+            out = engine.generate(requests, Sampling())
+            tokens = sum(len(c.token_ids) for group in out for c in group)
+            if round_:
+                speeds[name].append(tokens / (time.perf_counter() - t0))
+    t0 = time.perf_counter()
+    built["vllm"].sync()
+    push = time.perf_counter() - t0
+    ids = torch.tensor(
+        [c.token_ids for group in out for c in group if len(c.token_ids) == args.shape_new_tokens]
+    )
+    t0 = time.perf_counter()
+    logps = (
+        grouped_completion_logprobs(
+            policy.model,
+            prompts,
+            torch.ones_like(prompts),
+            ids,
+            torch.ones_like(ids),
+            group_size=args.group_size,
+        )
+        if len(ids) == len(prompts) * args.group_size
+        else None
+    )
+    if logps is not None:
+        logps.mean().backward()
+    update = time.perf_counter() - t0 if logps is not None else float("nan")
+    built["vllm"].close()
+    n = args.prompts * args.group_size * args.shape_new_tokens
+    hf, vl = statistics.median(speeds["hf"]), statistics.median(speeds["vllm"])
+    return {"hf": hf, "vllm": vl, "push": push, "update": update, "hf_step": n / hf + update,
+            "vllm_step": n / vl + push + update}  # fmt: skip
+
+
+def _lora_rows(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """LoRA on vLLM, merged weights pushed vs the adapter loaded natively (saved, new id each update).
+
+    The tiny model's default LoRA (r=16, all linear layers, B perturbed so the adapter does something),
+    16 arithmetic prompts x G=8 x 16 tokens per round; median seconds of the push and of the sampling.
+    """
+    import tempfile
+
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+
+    from grpo_cli.cli import compose_config
+    from grpo_cli.data import build_prompt, load_rows
+    from grpo_cli.engines.process import kept_process_state
+    from grpo_cli.engines.vllm import VLLMEngine, _start, shutdown_all
+    from grpo_cli.models import load_policy
+
+    cfg, _ = compose_config("train", ["rollout.engine=vllm", "rollout.max_model_len=64"])
+    torch.manual_seed(args.seed)
+    policy = load_policy(cfg.model, cfg.lora, beta=0.0)
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    tok = policy.tokenizer
+    prompts = [
+        TokensPrompt(prompt_token_ids=tok(build_prompt(r, cfg.data.template))["input_ids"])
+        for r in load_rows(cfg.data, "test")[:16]
+    ]
+    params = [
+        SamplingParams(
+            n=8, max_tokens=16, seed=i, logprobs=0, detokenize=False, stop_token_ids=[tok.eos_token_id]
+        )
+        for i in range(len(prompts))
+    ]
+    shutdown_all()
+    results: dict[str, dict[str, list[float]]] = {}
+    merged = VLLMEngine.for_policy(policy, cfg)
+    settings = dict(merged.settings)
+    results["merged"] = {"push": [], "sample": []}
+    for _ in range(args.repeats + 1):
+        t0 = time.perf_counter()
+        merged.sync()
+        t1 = time.perf_counter()
+        with kept_process_state():
+            merged.llm.generate(prompts, params, use_tqdm=False)
+        results["merged"]["push"].append(t1 - t0)
+        results["merged"]["sample"].append(time.perf_counter() - t1)
+    shutdown_all()
+    llm = _start({**settings, "enable_lora": True, "max_lora_rank": cfg.lora.r, "max_loras": 1})
+    results["native"] = {"push": [], "sample": []}
+    root = Path(tempfile.mkdtemp(prefix="lora-bench-"))
+    for i in range(args.repeats + 1):
+        t0 = time.perf_counter()
+        policy.model.save_pretrained(root / f"step-{i}")  # the adapter only
+        request = LoRARequest(f"step-{i}", i + 1, str(root / f"step-{i}"))
+        t1 = time.perf_counter()
+        with kept_process_state():
+            llm.generate(prompts, params, use_tqdm=False, lora_request=request)
+        results["native"]["push"].append(t1 - t0)
+        results["native"]["sample"].append(time.perf_counter() - t1)
+    from grpo_cli.engines.vllm import shutdown
+
+    shutdown(llm)
+    # The first round of each warms up (first call, first adapter load).
+    return {k: {m: statistics.median(v[1:]) for m, v in r.items()} for k, r in results.items()}
+
+
+def compare_engines(args: argparse.Namespace) -> None:
+    print(f"torch threads {torch.get_num_threads()}; the machine is shared: compare within a row")
+    if "tiny" in args.parts:
+        _tiny_part(args)
+    if "lora" in args.parts:
+        _lora_part(args)
+    if "shape" in args.parts:
+        _shape_part(args)
+
+
+def _tiny_part(args: argparse.Namespace) -> None:
+    print("1. tiny model, default recipe (16 prompts x G=8, <=16 new tokens, LoRA), median of", args.steps)
+    print(f"{'engine':>7} {'gen s':>7} {'step s':>7} {'gen tok/s':>10} {'len':>5}")
+    for name in ("hf", "vllm"):
+        r = _median_steps(name, args.steps)
+        print(f"{name:>7} {r['gen_time']:>7.3f} {r['step_time']:>7.3f} {r['tokens_per_s']:>10.0f} "
+              f"{r['completion_len']:>5.1f}")  # fmt: skip
+
+
+def _lora_part(args: argparse.Namespace) -> None:
+    print(f"2. LoRA on vLLM (tiny model, 16 prompts x G=8 x 16 tokens): median of {args.repeats}")
+    print(f"{'how':>7} {'push s':>7} {'sample s':>9}")
+    for how, r in _lora_rows(args).items():
+        print(f"{how:>7} {r['push']:>7.3f} {r['sample']:>9.3f}")
+
+
+def _shape_part(args: argparse.Namespace) -> None:
+    import tempfile
+
+    print(f"3. Qwen2.5-0.5B shapes, random weights: {args.prompts} prompts x G={args.group_size} x "
+          f"{args.shape_new_tokens} new tokens, full-model push; median of {args.repeats}")  # fmt: skip
+    print(f"{'layers':>6} {'hf tok/s':>9} {'vllm tok/s':>11} {'ratio':>6} {'push s':>7} {'update s':>9} "
+          f"{'hf step s':>10} {'vllm step s':>12}")  # fmt: skip
+    root = Path(tempfile.mkdtemp(prefix="qwen-shape-"))
+    for layers in args.shape_layers:
+        r = _shape_row(qwen_shape_dir(layers, root), args)
+        print(f"{layers:>6} {r['hf']:>9.1f} {r['vllm']:>11.1f} {r['vllm'] / r['hf']:>6.2f} {r['push']:>7.2f} "
+              f"{r['update']:>9.2f} {r['hf_step']:>10.1f} {r['vllm_step']:>12.1f}")  # fmt: skip
 
 
 if __name__ == "__main__":

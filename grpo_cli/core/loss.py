@@ -14,6 +14,17 @@ with
     KL_{i,t}  = k3: pi_ref/pi_theta - log(pi_ref/pi_theta) - 1 (k1 and k2 as options)
     AGG       = one of the three aggregations below (how tokens and completions are averaged).
 
+When another engine sampled the completions (vLLM), its probabilities pi_engine can differ a little
+from the trainer's pi_old (other kernels, other precision). ``engine_is_cap`` = C turns on truncated
+importance sampling (TRL's vllm_importance_sampling_correction, verl's tis): the surrogate of each
+token is weighted by the detached
+
+    w_{i,t} = min(pi_old(o_{i,t} | ...) / pi_engine(o_{i,t} | ...), C)                (`engine_is_weights`)
+
+so the term becomes w_{i,t} * min(rho A, clip(rho) A); the KL term is not weighted. pi_old stays the
+trainer's own recomputed log-prob, so the clip keeps its meaning; w only corrects for having sampled
+from pi_engine instead of pi_old.
+
 Which options reproduce which paper:
 
 - GRPO / DeepSeekMath (arXiv 2402.03300): scale="group", aggregation="seq_mean_token_mean",
@@ -46,6 +57,7 @@ __all__ = [
     "LossConfig",
     "LossStats",
     "aggregation_units",
+    "engine_is_weights",
     "group_advantages",
     "policy_loss",
 ]
@@ -213,6 +225,27 @@ def aggregation_units(mask: Tensor, aggregation: str) -> Tensor:
     return torch.tensor(float(mask.shape[0]), device=mask.device)
 
 
+# ---------------------------------------------------------------------------- engine mismatch
+
+
+def engine_is_weights(old_logps: Tensor, engine_logps: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """Truncated importance weights min(exp(old - engine), cap), detached.
+
+    Args:
+        old_logps: [B, T] log pi_old (the trainer's log-probs of the sampled tokens).
+        engine_logps: [B, T] log pi_engine (the sampling engine's log-probs of the same tokens).
+        mask: [B, T] bool or 0/1, true on completion tokens; masked positions get weight 1.
+        cap: C > 0, the truncation (TRL and verl default to 2).
+
+    Returns:
+        [B, T] weights in (0, C], float32 (float64 for float64 inputs), no gradient.
+    """
+    dtype = torch.promote_types(old_logps.dtype, torch.float32)
+    mask = mask.bool()
+    log_w = torch.where(mask, old_logps.detach().to(dtype) - engine_logps.detach().to(dtype), 0.0)
+    return log_w.exp().clamp(max=cap)
+
+
 # ---------------------------------------------------------------------------- the loss
 
 
@@ -224,6 +257,7 @@ def policy_loss(
     mask: Tensor,
     cfg: Any,
     denominator: float | Tensor | None = None,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, LossStats]:
     """The clipped surrogate plus beta * KL, aggregated: the loss -J(theta) to minimise.
 
@@ -241,6 +275,7 @@ def policy_loss(
             micro-batches, all ranks; see `aggregation_units`), so micro-batch losses add up
             exactly to the full-batch loss. A fully masked row adds nothing to the loss but
             counts as a completion in the seq_mean_* modes (as in TRL).
+        is_weights: [B, T] detached weights of each token's surrogate (`engine_is_weights`); None: 1.
 
     Returns:
         (loss, stats): loss a 0-dim tensor in float32 (float64 for float64 inputs).
@@ -261,6 +296,7 @@ def policy_loss(
     )
     adv = advantages.to(dtype)[:, None]  # [B, 1]
     surrogate, clip_low, clip_high = _clipped_surrogate(ratio, adv, cfg, mask)
+    surrogate = surrogate if is_weights is None else surrogate * is_weights.detach().to(dtype)
     kl = torch.zeros_like(logps)  # beta == 0: no reference pass, no KL term
     if beta > 0:
         log_r = torch.where(mask, ref_logps.detach().to(dtype) - logps, 0.0)  # log pi_ref / pi_theta

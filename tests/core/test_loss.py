@@ -14,6 +14,7 @@ from grpo_cli.core.loss import (
     LossConfig,
     LossStats,
     aggregation_units,
+    engine_is_weights,
     group_advantages,
     policy_loss,
 )
@@ -142,8 +143,11 @@ def _kl_and_grad(estimator, x):
     return math.exp(x) - x - 1.0, -(math.exp(x) - 1.0)
 
 
-def _reference(logp, old, ref, adv, mask, cfg):
-    """Loss, d loss / d logp and stats, one completion and one token at a time."""
+def _reference(logp, old, ref, adv, mask, cfg, isw=None):
+    """Loss, d loss / d logp and stats, one completion and one token at a time.
+
+    ``isw``: per-token weights of the surrogate (engine importance sampling), 1 when None.
+    """
     B, T = len(logp), len(logp[0])
     lo, hi = 1 - cfg.epsilon, 1 + (cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high)
     total_tokens = sum(map(sum, mask))
@@ -170,8 +174,9 @@ def _reference(logp, old, ref, adv, mask, cfg):
             unclipped_wins = r * a <= clipped * a
             n_low += r < lo and a < 0
             n_high += r > hi and a > 0
-            loss -= w * min(r * a, clipped * a)
-            d_surr = -a if unclipped_wins else 0.0  # d(-min(...)) / d r
+            iw = 1.0 if isw is None else isw[i][t]
+            loss -= w * iw * min(r * a, clipped * a)
+            d_surr = -a * iw if unclipped_wins else 0.0  # d(-w min(...)) / d r
             if cfg.importance_level == "token":
                 grad[i][t] += w * d_surr * r  # d r / d logp = r
             else:
@@ -372,3 +377,47 @@ def test_bf16_log_probs_are_promoted():
         logps.bfloat16(), old.bfloat16(), ref.bfloat16(), adv.bfloat16(), mask, LossConfig()
     )
     assert loss.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------- engine importance sampling
+
+
+def _engine_weights_loop(old, eng, mask, cap):
+    return [
+        [min(math.exp(o - e), cap) if m else 1.0 for o, e, m in zip(ro, re, rm)]
+        for ro, re, rm in zip(old, eng, mask)
+    ]
+
+
+def test_engine_is_weights_match_loop_and_are_truncated():
+    _, old, _, _, mask = _random_batch()
+    gen = torch.Generator().manual_seed(5)
+    eng = (old + 0.5 * torch.randn(old.shape, generator=gen, dtype=torch.float64)).requires_grad_()
+    w = engine_is_weights(old, eng, mask, cap=2.0)
+    expected = torch.tensor(
+        _engine_weights_loop(old.tolist(), eng.tolist(), mask.tolist(), 2.0), dtype=torch.float64
+    )
+    assert w.dtype == torch.float64 and not w.requires_grad
+    assert torch.allclose(w, expected, rtol=0, atol=1e-12)
+    assert (w[mask] == 2.0).any() and (w[mask] < 1.0).any()  # the cap bites, and weights go below 1
+    assert torch.equal(w[~mask], torch.ones_like(w[~mask]))
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_engine_is_weights_scale_each_tokens_surrogate_like_the_loop(level):
+    """w multiplies the clipped surrogate of its token (not the KL term); loss and gradient vs float64 loops."""
+    cfg = LossConfig(0.2, 0.28, 0.04, "k3", "seq_mean_token_mean", level)
+    logps, old, ref, adv, mask = _random_batch()
+    gen = torch.Generator().manual_seed(6)
+    eng = old + 0.4 * torch.randn(old.shape, generator=gen, dtype=torch.float64)
+    w = engine_is_weights(old, eng, mask, cap=2.0)
+    logps.requires_grad_()
+    loss, _ = policy_loss(logps, old, ref, adv, mask, cfg, is_weights=w)
+    loss.backward()
+    rows = [x.tolist() for x in (logps.detach(), old, ref, adv, mask.long())]
+    isw = _engine_weights_loop(old.tolist(), eng.tolist(), mask.tolist(), 2.0)
+    ref_loss, ref_grad, _ = _reference(*rows, cfg, isw=isw)
+    assert abs(loss.item() - ref_loss) < 1e-10
+    assert torch.allclose(logps.grad, torch.tensor(ref_grad, dtype=torch.float64), rtol=0, atol=1e-10)
+    plain, _ = policy_loss(logps.detach(), old, ref, adv, mask, cfg)
+    assert abs(plain.item() - loss.item()) > 1e-3  # the weights change the loss

