@@ -20,6 +20,7 @@ command" (``resume_command``) and a second one into an immediate stop.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -28,7 +29,7 @@ import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,9 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
+    """The global RNGs: python, numpy, torch CPU, and CUDA once it is in use (reading it would start it)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
@@ -64,6 +66,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def forked_rng() -> Iterator[None]:
+    """The global RNGs as they were before the block, after it (building the tiny model, vLLM's start)."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

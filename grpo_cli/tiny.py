@@ -20,7 +20,6 @@ few hundred steps.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -28,13 +27,12 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from grpo_cli.checkpoint import forked_rng
 from grpo_cli.config import DataConfig, grpo_home
 from grpo_cli.data import arithmetic, build_prompt
 
@@ -170,18 +168,6 @@ def _encoder(tokenizer):
     """Memoised text -> ids: the warm-up sees each of ~9k prompts many times; tokenizing them anew
     was a tenth of the build time."""
     return functools.lru_cache(maxsize=None)(lambda text: tuple(tokenizer(text)["input_ids"]))
-
-
-@contextlib.contextmanager
-def forked_rng() -> Iterator[None]:
-    """The global RNGs (python, numpy, torch CPU and CUDA) as they were before the block, after it."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng():
-            yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
 
 
 def build(spec: TinySpec, out: Path, quiet: bool = False) -> None:

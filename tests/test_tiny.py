@@ -86,7 +86,7 @@ def test_first_run_on_a_machine_equals_every_later_one(tmp_path, monkeypatch):
     overrides = [
         "reward.rules=[{name:noisy,_target_:grpo_first_run_rewards.noisy,weight:1.0}]",
         "train.steps=3", "train.prompts_per_step=2", "algo.group_size=4", "rollout.max_new_tokens=4",
-        "train.eval_every=0", "train.eval_problems=4", "train.eval_samples=2", "train.lr=1e-2",
+        "train.eval_every=0", "train.eval_at_ends=true", "train.eval_problems=4", "train.eval_samples=2", "train.lr=1e-2",
         "console=plain",
     ]  # fmt: skip
     runs = []

@@ -15,31 +15,15 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import platform
-import random
 from collections.abc import Iterator
-from typing import Any
 
-import numpy as np
 import torch
+
+from grpo_cli import checkpoint
 
 # set_mempolicy / get_mempolicy system call numbers (not exposed by Python's os module).
 _MEMPOLICY_SYSCALLS = {"x86_64": (238, 239), "aarch64": (237, 236)}
 _MAX_NODES = 1024
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def memory_policy() -> tuple[int, tuple[int, ...]] | None:
@@ -72,13 +56,13 @@ def set_memory_policy(policy: tuple[int, tuple[int, ...]] | None) -> None:
 def kept_process_state() -> Iterator[None]:
     """Undo, on the way out, what vLLM changes in the process: RNGs, thread control, NUMA policy."""
     set_threads, threads = torch.set_num_threads, torch.get_num_threads()
-    rng, mempolicy = rng_state(), memory_policy()
+    rng, mempolicy = checkpoint.rng_state(), memory_policy()
     try:
         yield
     finally:
         torch.set_num_threads = set_threads
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-        set_rng_state(rng)
+        checkpoint.set_rng_state(rng)
         if memory_policy() != mempolicy:
             set_memory_policy(mempolicy)
