@@ -41,7 +41,14 @@ def _one_thread():
 
 def _train(engine: str, run_dir) -> tuple[float, float]:
     cfg, _ = compose_config(
-        "train", [f"rollout.engine={engine}", f"train.steps={STEPS}", "train.eval_every=0", "console=plain"]
+        "train",
+        [
+            f"rollout.engine={engine}",
+            f"train.steps={STEPS}",
+            "train.eval_every=0",
+            "train.eval_at_ends=true",
+            "console=plain",
+        ],
     )
     validate(cfg)
     train.run(cfg, str(run_dir))

@@ -26,7 +26,7 @@ from grpo_cli.validation import validate
 
 TINY = [
     "train.prompts_per_step=2", "algo.group_size=4", "rollout.max_new_tokens=8", "train.eval_problems=4",
-    "train.eval_samples=2", "train.eval_every=0", "train.log_completions_every=2", "console=plain",
+    "train.eval_samples=2", "train.eval_every=0", "train.eval_at_ends=true", "train.log_completions_every=2", "console=plain",
     "train.logger=[jsonl,wandb,mlflow]",
 ]  # fmt: skip
 
