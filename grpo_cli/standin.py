@@ -33,47 +33,38 @@ from typing import Any
 
 import torch
 
-# Copied from the hub's config.json of each model (values that matter for shapes and numerics).
+# The Qwen2.5 family's shared config.json values (from the hub's files), then each size's own.
+_QWEN25 = {
+    "vocab_size": 151936,
+    "max_position_embeddings": 32768,
+    "max_window_layers": 21,
+    "sliding_window": 32768,
+    "use_sliding_window": False,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+    "initializer_range": 0.02,
+    "attention_dropout": 0.0,
+    "tie_word_embeddings": True,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+}
 ARCHS: dict[str, dict[str, Any]] = {
     "qwen2.5-0.5b-instruct": {
+        **_QWEN25,
         "hidden_size": 896,
         "intermediate_size": 4864,
         "num_hidden_layers": 24,
         "num_attention_heads": 14,
         "num_key_value_heads": 2,
-        "vocab_size": 151936,
-        "max_position_embeddings": 32768,
-        "max_window_layers": 21,
-        "sliding_window": 32768,
-        "use_sliding_window": False,
-        "rope_theta": 1000000.0,
-        "rms_norm_eps": 1e-6,
-        "hidden_act": "silu",
-        "initializer_range": 0.02,
-        "attention_dropout": 0.0,
-        "tie_word_embeddings": True,
-        "bos_token_id": 151643,
-        "eos_token_id": 151645,
     },
     "qwen2.5-1.5b-instruct": {
+        **_QWEN25,
         "hidden_size": 1536,
         "intermediate_size": 8960,
         "num_hidden_layers": 28,
         "num_attention_heads": 12,
         "num_key_value_heads": 2,
-        "vocab_size": 151936,
-        "max_position_embeddings": 32768,
-        "max_window_layers": 21,
-        "sliding_window": 32768,
-        "use_sliding_window": False,
-        "rope_theta": 1000000.0,
-        "rms_norm_eps": 1e-6,
-        "hidden_act": "silu",
-        "initializer_range": 0.02,
-        "attention_dropout": 0.0,
-        "tie_word_embeddings": True,
-        "bos_token_id": 151643,
-        "eos_token_id": 151645,
     },
 }
 DEFAULT_ARCH = "qwen2.5-0.5b-instruct"
