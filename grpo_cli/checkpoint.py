@@ -166,13 +166,7 @@ def config_changes(old_yaml: str, new_yaml: str, ignore: Sequence[str] = ()) -> 
     """``key: old -> new`` for every leaf that differs between two resolved configs (keys in ``ignore`` skipped)."""
     from omegaconf import OmegaConf
 
-    def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
-        if isinstance(node, dict):
-            out: dict[str, Any] = {}
-            for k, v in node.items():
-                out.update(leaves(v, f"{prefix}{k}."))
-            return out
-        return {prefix[:-1]: node}
+    from grpo_cli.config import leaves
 
     old = leaves(OmegaConf.to_container(OmegaConf.create(old_yaml)))
     new = leaves(OmegaConf.to_container(OmegaConf.create(new_yaml)))

@@ -296,3 +296,14 @@ def apply_renames(overrides: list[str]) -> list[str]:
         if new:
             out.append(f"{prefix}{new}{sep}{value}")
     return out
+
+
+def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config container as dotted keys -> leaf values (``{"algo": {"beta": 0.04}}`` ->
+    ``{"algo.beta": 0.04}``); lists are leaves."""
+    if not isinstance(node, dict):
+        return {prefix[:-1]: node}
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        out.update(leaves(v, f"{prefix}{k}."))
+    return out

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from grpo_cli.config import ConfigError
+from grpo_cli.config import ConfigError, leaves
 
 log = logging.getLogger("grpo_cli")
 
@@ -258,14 +258,9 @@ def mlflow_name(name: str) -> str:
     return _MLFLOW_BAD.sub("_", name.replace("@", "_at_"))
 
 
-def flatten(node: Any, prefix: str = "") -> dict[str, str]:
+def flatten(node: Any) -> dict[str, str]:
     """Dotted keys -> string values (lists and their dicts as JSON), for MLflow params."""
-    if isinstance(node, dict):
-        out: dict[str, str] = {}
-        for k, v in node.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: node if isinstance(node, str) else json.dumps(node)}
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in leaves(node).items()}
 
 
 class MlflowTracker:
