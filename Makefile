@@ -51,10 +51,11 @@ test-fast: ## tests without the slow end-to-end ones
 gpu-check: ## on a GPU: cuda tests, bf16 train + eval on a 24-layer Qwen2.5 stand-in, vLLM smoke test, one table (<= 10 min); on CPU says so
 	@HF_HUB_OFFLINE=1 $(BIN)/python scripts/gpu_check.py
 
-lint: ## ruff check + format check + module/function size limits (scripts/check_sizes.py)
+lint: ## ruff check + format check + size limits (scripts/check_sizes.py) + import graph: no cycle, layers (scripts/check_imports.py)
 	$(BIN)/ruff check grpo_cli tests scripts
 	$(BIN)/ruff format --check grpo_cli tests scripts
 	$(BIN)/python scripts/check_sizes.py
+	$(BIN)/python scripts/check_imports.py
 
 format: ## apply ruff formatting and fixes
 	$(BIN)/ruff format grpo_cli tests scripts

@@ -7,6 +7,7 @@
 
 Before Hydra starts a run, the overrides are composed once here so that a bad value, an unknown
 group option or a missing model path is one error line (exit code 2) instead of a traceback.
+Project modules are imported inside the functions here, so that ``grpo --help`` starts fast.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("grpo_cli.train", "train the policy with GRPO"),
-    "sample": ("grpo_cli.sample", "show G completions per prompt with rewards and advantages"),
-    "eval": ("grpo_cli.evaluate", "pass@k, maj@k and mean reward of checkpoints"),
+    "train": ("grpo_cli.commands.train", "train the policy with GRPO"),
+    "sample": ("grpo_cli.commands.sample", "show G completions per prompt with rewards and advantages"),
+    "eval": ("grpo_cli.commands.eval", "pass@k, maj@k and mean reward of checkpoints"),
 }
 # Flags after which Hydra does not run a single job, so there is nothing to pre-validate.
 _NO_PRECHECK = {
@@ -82,8 +83,8 @@ def describe_error(exc: BaseException) -> str:
 
 def precheck(command: str, args: Sequence[str]) -> str | None:
     """Compose and validate the overrides; return an error line, or None when they are good."""
+    from grpo_cli.commands.validate import validate
     from grpo_cli.config import ConfigError
-    from grpo_cli.validation import validate
 
     if any(a.split("=")[0] in _NO_PRECHECK for a in args):
         return None
@@ -106,7 +107,7 @@ def distributed_args(args: list[str]) -> list[str]:
     """
     import time
 
-    from grpo_cli import distributed
+    from grpo_cli.runtime import distributed
 
     world = distributed.init()
     if not world.enabled:
@@ -124,8 +125,8 @@ def _hydra_entry(command: str, run: Callable[[Any, str], Any]) -> Callable[[], N
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
+    from grpo_cli.commands.validate import validate
     from grpo_cli.config import ConfigError, conf_dir
-    from grpo_cli.validation import validate
 
     @hydra.main(version_base=None, config_path=str(conf_dir()), config_name=command)
     def _main(dcfg) -> None:
@@ -149,10 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in SUBCOMMANDS:
         print(f"grpo: unknown subcommand {command!r}\n{USAGE}", file=sys.stderr)
         return 2
-    from grpo_cli.config import apply_renames, register
+    from grpo_cli.config import register
 
     register()
-    rest = apply_renames(rest)
     error = precheck(command, rest)
     if error:
         print(f"grpo {command}: error: {error}", file=sys.stderr)
@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _hydra_entry(command, module.run)()
     # Only after a clean finish (every rank passed the run's last barrier): after an error the peers
     # may be gone, and leaving the group would wait for them.
-    from grpo_cli import distributed
+    from grpo_cli.runtime import distributed
 
     distributed.shutdown()
     return 0

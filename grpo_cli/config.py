@@ -1,9 +1,9 @@
 """Config schema: one dataclass per group, registered with Hydra so a wrong type fails at compose time.
 
 The YAML files under ``conf/`` hold values only; every key they may set is a field here, with one
-line of help. ``grpo_cli.validation`` checks ranges and paths before any model loads and raises
+line of help. ``commands.validate`` checks ranges and paths before any model loads and raises
 ``ConfigError`` with a single line that names the key and what it accepts; the CLI turns that into
-exit code 2. ``RENAMED_KEYS`` keeps old key names working for a release.
+exit code 2.
 """
 
 from __future__ import annotations
@@ -19,6 +19,12 @@ from omegaconf import MISSING
 
 class ConfigError(ValueError):
     """A bad config value; its message is one line naming the key and the allowed values."""
+
+
+# The values of the keys whose options are implemented in one place each (the tables are checked
+# against these names by ``commands.validate``).
+ENGINES = ("hf", "vllm")  # rollout.engine
+STRATEGIES = ("ddp", "fsdp")  # train.strategy
 
 
 @dataclass
@@ -150,8 +156,8 @@ class RewardConfig:
 
 @dataclass
 class TrainConfig:
-    # The defaults are the embedded demo's: 300 steps of 16 x 8 completions raise the tiny model's
-    # held-out sampled accuracy by ~17 points in a few CPU minutes (README).
+    # The defaults are the embedded demo's: 300 steps of 16 x 8 completions visibly raise the tiny
+    # model's held-out accuracy in a few CPU minutes (the README has the numbers).
     steps: int = 300
     # Prompts per step; each yields group_size completions.
     prompts_per_step: int = 16
@@ -182,7 +188,7 @@ class TrainConfig:
     # Warn when the fraction of zero-variance groups stays above this.
     zero_std_warn: float = 0.9
     # Run trackers, a list (or one name): jsonl (metrics.jsonl, always written), tensorboard, wandb,
-    # mlflow; each but jsonl is an optional extra (grpo_cli/trackers.py, README "Run trackers").
+    # mlflow; each but jsonl is an optional extra (grpo_cli/run/trackers.py, docs/trackers.md).
     logger: Any = field(default_factory=lambda: ["jsonl"])
     # Under torchrun with several ranks: ddp (each rank holds the model) or fsdp (full fine-tuning,
     # parameters, gradients and optimizer state sharded). A single process ignores it.
@@ -272,30 +278,6 @@ def conf_dir() -> Path:
 
 def grpo_home() -> Path:
     return Path(os.environ.get("GRPO_HOME", Path.home() / ".cache" / "grpo-cli"))
-
-
-# Keys that changed: old key -> new key, or None for a key no longer read. An old key on the command
-# line keeps working for one release after its change, with a one-line warning; then its entry goes.
-RENAMED_KEYS: dict[str, str | None] = {"algo.name": None}
-
-
-def apply_renames(overrides: list[str]) -> list[str]:
-    """The command-line overrides with renamed keys replaced and dropped ones removed (warned once each)."""
-    import logging
-
-    out = []
-    for item in overrides:
-        prefix = item[: len(item) - len(item.lstrip("+~"))]
-        key, sep, value = item[len(prefix) :].partition("=")
-        if key not in RENAMED_KEYS:
-            out.append(item)
-            continue
-        new = RENAMED_KEYS[key]
-        what = f"renamed {new}; use that" if new else "no longer read; drop it"
-        logging.getLogger("grpo_cli").warning("%s is deprecated (%s)", key, what)
-        if new:
-            out.append(f"{prefix}{new}{sep}{value}")
-    return out
 
 
 def leaves(node: Any, prefix: str = "") -> dict[str, Any]:

@@ -14,7 +14,7 @@ every weight once, so no run can take less than new_tokens x weight bytes / band
 bandwidth is this machine's, measured here as a 256 MB ``torch.sum`` with the default threads.
 Our time includes the prefill and the sampling. Paths alternate over ``--repeats`` rounds after a
 warm-up: ours as shipped, and ours with the linear layers on the default (MKL) kernel instead of
-oneDNN (``grpo_cli.onednn``). The machine is shared: read the medians, and the ratio, not the
+oneDNN (``grpo_cli.engines.hf.onednn``). The machine is shared: read the medians, and the ratio, not the
 seconds. Also prints, on paper, the weights read per step and the floor for the full 24 layers.
 Target (issue 13): ours within 1.5x of the floor.
 """
@@ -98,8 +98,8 @@ def bandwidth_gbs(repeats: int = 7) -> float:
 
 
 def run_ours(model, ids, mask, args, default_kernels: bool) -> float:
-    from grpo_cli import onednn
-    from grpo_cli.rollout import prompt_generators, sample_group
+    from grpo_cli.engines.hf import onednn
+    from grpo_cli.engines.hf.decode import prompt_generators, sample_group
 
     gens = None if args.unseeded else prompt_generators(range(ids.size(0)), ids.device)
     saved = onednn.MIN_HEAD_ELEMENTS

@@ -90,7 +90,7 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
 
 
 def ours(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, args: argparse.Namespace) -> int:
-    from grpo_cli.rollout import sample_group
+    from grpo_cli.engines.hf.decode import sample_group
 
     out, _ = sample_group(model, ids, mask, args.group_size, args.new_tokens, eos_id=NEVER, pad_id=0)
     return out.numel()
@@ -99,7 +99,7 @@ def ours(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, args: ar
 def ours_seeded(
     model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, args: argparse.Namespace
 ) -> int:
-    from grpo_cli.rollout import prompt_generators, sample_group
+    from grpo_cli.engines.hf.decode import prompt_generators, sample_group
 
     gens = prompt_generators(range(ids.size(0)), ids.device)
     out, _ = sample_group(
@@ -182,15 +182,18 @@ def _median_steps(engine: str, steps: int) -> dict[str, float]:
     """Median gen_time / step_time of ``steps`` GRPO steps of the default recipe (after one warm-up)."""
     import tempfile
 
-    from grpo_cli import train
     from grpo_cli.cli import compose_config
-    from grpo_cli.validation import validate
+    from grpo_cli.commands import train
+    from grpo_cli.commands.validate import validate
 
     cfg, _ = compose_config("train", [f"rollout.engine={engine}", "console=plain", "train.eval_problems=0"])
     validate(cfg)
     t, _ = train._build(cfg, Path(tempfile.mkdtemp(prefix=f"bench-{engine}-")))
-    rows = [train.train_step(t, step)[0] for step in range(1, steps + 2)][1:]
-    t.policy.rollout_engine.close()
+    rows = [
+        train.train_step(t.setup, t.order, t.optimizer, t.scheduler, cfg.train)[0] for _ in range(steps + 1)
+    ]
+    rows = rows[1:]
+    t.setup.engine.close()
     out = {k: statistics.median(r[k] for r in rows) for k in ("gen_time", "step_time", "completion_len")}
     out["tokens_per_s"] = statistics.median(
         r["completion_len"] * cfg.train.prompts_per_step * cfg.algo.group_size / r["gen_time"] for r in rows
@@ -202,7 +205,7 @@ def qwen_shape_dir(layers: int, root: Path) -> Path:
     """A random-weight Qwen2 with Qwen2.5-0.5B's widths and ``layers`` layers, with the project's tokenizer."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from grpo_cli.tiny import make_tokenizer
+    from grpo_cli.models.tiny import make_tokenizer
 
     path = root / f"qwen2.5-shape-{layers}l"
     config = Qwen2Config(
@@ -226,8 +229,9 @@ def _shape_row(path: Path, args: argparse.Namespace) -> dict[str, float]:
     """tokens/s of each engine on one model, the vLLM push, and the trainer's update of the batch."""
     from grpo_cli import engines
     from grpo_cli.cli import compose_config
-    from grpo_cli.engines import Request, Sampling
-    from grpo_cli.models import grouped_completion_logprobs, load_policy
+    from grpo_cli.engines import Decoding, Request
+    from grpo_cli.models import load_policy
+    from grpo_cli.models.logprobs import grouped_completion_logprobs
 
     cfg, _ = compose_config(
         "train",
@@ -249,12 +253,12 @@ def _shape_row(path: Path, args: argparse.Namespace) -> dict[str, float]:
     built = {}
     for name in ("hf", "vllm"):
         cfg.rollout.engine = name
-        built[name] = engines.build_engine(cfg, policy)
+        built[name] = engines.build_engine(policy, cfg.rollout, cfg.model, cfg.seed, prompts.size(1))
     speeds: dict[str, list[float]] = {"hf": [], "vllm": []}
     for round_ in range(args.repeats + 1):  # the first round warms both up
         for name, engine in built.items():
             t0 = time.perf_counter()
-            out = engine.generate(requests, Sampling())
+            out = engine.generate(requests, Decoding())
             tokens = sum(len(c.token_ids) for group in out for c in group)
             if round_:
                 speeds[name].append(tokens / (time.perf_counter() - t0))

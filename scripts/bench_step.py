@@ -69,22 +69,20 @@ class Clock:
 
 def timed_step(t: Any, clock: Clock) -> None:
     """One GRPO step (mu = 1, no dynamic sampling), phase by phase."""
+    from grpo_cli.commands.update import micro_batches, micro_logps, prepare
     from grpo_cli.core.loss import aggregation_units, policy_loss
-    from grpo_cli.data import build_prompt
-    from grpo_cli.rollout import generate, score
-    from grpo_cli.sampling import draw_seed
-    from grpo_cli.update import micro_batches, micro_logps, prepare
+    from grpo_cli.rollout.batch import draw_seed
+    from grpo_cli.rollout.generate import generate, score
 
-    cfg, policy = t.cfg, t.policy
-    first = t.sampler.drawn
-    picked = [t.train_rows[i] for i in t.sampler.take(cfg.train.prompts_per_step)]
-    prompts = [build_prompt(r, cfg.data.template) for r in picked]
+    cfg, policy, s = t.cfg, t.policy, t.setup
+    first = t.order.drawn
+    picked = [s.rows[i] for i in t.order.take(cfg.train.prompts_per_step)]
     seeds = [draw_seed(cfg.seed, first + i) for i in range(len(picked))]  # per-prompt streams, as the loop
-    ro = clock.run(
-        "generate", generate, policy, picked, prompts, cfg.algo.group_size, cfg.rollout, seeds=seeds
-    )
-    ro = clock.run("reward", score, ro, t.rewarder)
-    inputs = clock.run("reference", prepare, policy, ro, cfg)
+    G = cfg.algo.group_size
+    ro = clock.run("generate", generate, s.engine, policy, picked, s.fmt, G, cfg.rollout, seeds=seeds)
+    ro = clock.run("reward", score, ro, s.rewarder)
+    micro, temp = cfg.train.micro_batch_size, cfg.rollout.temperature
+    inputs = clock.run("reference", prepare, policy, ro, cfg.algo, micro, temp)
     denom = max(float(aggregation_units(inputs.loss_mask, cfg.algo.aggregation)), 1.0)
     # The training loop's own micro-batching and prefix-shared log-prob pass, phase by phase.
     for s in micro_batches(len(ro.texts), cfg.train.micro_batch_size):
@@ -104,7 +102,7 @@ def timed_step(t: Any, clock: Clock) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     from grpo_cli.cli import compose_config
-    from grpo_cli.train import _build
+    from grpo_cli.commands.train import _build
 
     args = parse_args(argv)
     cfg, _ = compose_config("train", BASE + args.overrides)
@@ -123,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
                 for p in PHASES:
                     per_step[p].append(clock.seconds[p])
         finally:
-            t.rewarder.close()
+            t.setup.rewarder.close()
     if args.profile:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
     med = {p: statistics.median(v) for p, v in per_step.items()}

@@ -10,7 +10,7 @@ This script installs nothing: TRL lives in the separate environment ``make bench
 (``.venv-bench``: torch, this package, trl), so the project's own environment never depends on it.
 
 Equal work on both sides. ``--shape tiny`` (the default): the embedded tiny model
-(``grpo_cli.tiny.ensure_tiny()``), 8 prompts x G = 8 per step, 8 new tokens. ``--shape qwen2.5-0.5b``:
+(``grpo_cli.models.tiny.ensure_tiny()``), 8 prompts x G = 8 per step, 8 new tokens. ``--shape qwen2.5-0.5b``:
 a random-weight stand-in with Qwen2.5-0.5B's dimensions and 4 layers (``--model-dir``, made by
 ``scripts/make_standin.py --layers 4 --dtype float32``; 151,936-token vocabulary), 2 prompts x G = 8,
 128 new tokens (random weights draw ``<|im_end|>`` about once in 150,000 tokens, so every completion
@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def model_path(args: argparse.Namespace) -> str:
     """The model both sides load: the tiny model, or the stand-in directory given."""
     if args.shape == "tiny":
-        from grpo_cli.tiny import ensure_tiny
+        from grpo_cli.models.tiny import ensure_tiny
 
         return str(ensure_tiny(quiet=True))
     if not args.model_dir or not (Path(args.model_dir) / "config.json").is_file():
@@ -171,7 +171,7 @@ def trl_dataset(n: int) -> Any:
 
     from grpo_cli.config import DataConfig
     from grpo_cli.data import build_prompt, load_rows
-    from grpo_cli.tiny import TEMPLATE
+    from grpo_cli.models.tiny import TEMPLATE
 
     rows = load_rows(DataConfig(name="arithmetic", template=TEMPLATE), "train")[:n]
     return Dataset.from_list([{**r, "prompt": build_prompt(r, TEMPLATE)} for r in rows])

@@ -12,7 +12,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from grpo_cli.tiny import TinySpec, build, ensure_tiny
+from grpo_cli.models.tiny import TinySpec, build, ensure_tiny
 
 
 def main() -> None:

@@ -98,10 +98,10 @@ def _peak_gib() -> float | None:
 def _train(
     standin: Path, data: Path, run_dir: Path, prompts: int = 4, group: int = 8, tokens: int = 128
 ) -> Row:
-    from grpo_cli import train
     from grpo_cli.cli import compose_config
-    from grpo_cli.logging import read_metrics
-    from grpo_cli.validation import validate
+    from grpo_cli.commands import train
+    from grpo_cli.commands.validate import validate
+    from grpo_cli.run.runlog import read_metrics
 
     args = [
         "model=qwen",
@@ -129,9 +129,9 @@ def _train(
 
 
 def _eval(standin: Path, data: Path, checkpoint: Path, out: Path, problems: int = 32) -> Row:
-    from grpo_cli import evaluate
     from grpo_cli.cli import compose_config
-    from grpo_cli.validation import validate
+    from grpo_cli.commands import eval as evaluate
+    from grpo_cli.commands.validate import validate
 
     args = [
         f"checkpoint={checkpoint}",
@@ -160,7 +160,7 @@ def _eval(standin: Path, data: Path, checkpoint: Path, out: Path, problems: int 
 
 
 def _standin(out: Path, layers: int) -> Row:
-    from grpo_cli.standin import build_standin
+    from grpo_cli.models.standin import build_standin
 
     t0 = time.perf_counter()
     build_standin(out, layers=layers, data_dir=REPO.parent / "shared" / "data")

@@ -8,7 +8,7 @@ Time: `--layers 2` took 35-55 s on a shared, heavily loaded 2-core machine (~13 
 merges on GSM8K); the 24-layer default writes ~1 GB of bfloat16 weights and peaks at ~3 GB of RAM
 (the float32 init plus its bf16 copy), a few minutes on 2 cores. Deterministic for a given --seed.
 Random weights: the stand-in proves the path, memory and speed, never learning. See
-grpo_cli/standin.py for the layout.
+grpo_cli/models/standin.py for the layout.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from grpo_cli.standin import ARCHS, DEFAULT_ARCH, build_standin
+from grpo_cli.models.standin import ARCHS, DEFAULT_ARCH, build_standin
 
 REPO = Path(__file__).resolve().parent.parent
 

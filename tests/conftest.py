@@ -22,7 +22,7 @@ def shared_data_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_path() -> Path:
     """The embedded tiny model, built on first use (cached under $GRPO_HOME, like for users)."""
-    from grpo_cli.tiny import ensure_tiny
+    from grpo_cli.models.tiny import ensure_tiny
 
     return ensure_tiny(quiet=True)
 
@@ -51,7 +51,7 @@ def random_model_dir(tmp_path_factory) -> Path:
     """A randomly initialised 2-layer Qwen2 with the project's tokenizer: fast, for plumbing tests."""
     from dataclasses import replace
 
-    from grpo_cli.tiny import TinySpec, make_model, make_tokenizer
+    from grpo_cli.models.tiny import TinySpec, make_model, make_tokenizer
 
     path = tmp_path_factory.mktemp("random-qwen2")
     spec = replace(
@@ -74,7 +74,7 @@ def standin_dir(tmp_path_factory) -> Path:
     byte-level BPE with the real special-token ids), built once per session by scripts/make_standin.py's
     builder: ~330 MB of bfloat16 weights under tmp, 35-55 s on a loaded 2-core machine. Merges are
     learned on a slice of GSM8K (generated text where ../shared/data is absent) to keep it short."""
-    from grpo_cli.standin import build_standin
+    from grpo_cli.models.standin import build_standin
 
     out = tmp_path_factory.mktemp("standin") / "qwen2.5-0.5b-2l"
     return build_standin(out, layers=2, data_dir=shared_data_dir(), bpe_vocab=4000, corpus_limit=2000)

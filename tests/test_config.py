@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from grpo_cli.cli import compose_config
+from grpo_cli.commands.validate import validate
 from grpo_cli.config import AlgoConfig, ConfigError, conf_dir
-from grpo_cli.validation import validate
 
 GROUPS = ["model", "lora", "algo", "data", "reward"]
 

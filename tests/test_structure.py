@@ -1,56 +1,78 @@
-"""Package layout rules: drivers import only shared modules; renamed config keys keep working a release."""
+"""Package layout rules, checked by ``scripts/check_imports.py`` (also run by ``make lint``): no import
+cycle, no project import inside a function outside the entry point, layers imported bottom-up only,
+no command importing another; module and function sizes (``scripts/check_sizes.py``)."""
 
 from __future__ import annotations
 
-import ast
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
-from grpo_cli import config
-
-PACKAGE = Path(__file__).resolve().parent.parent / "grpo_cli"
-DRIVERS = {"grpo_cli.train", "grpo_cli.sample", "grpo_cli.evaluate"}
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
-def _imports(path: Path) -> set[str]:
-    """Every module a file imports, at the top or inside a function (``from grpo_cli import x`` as grpo_cli.x)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            found.add(node.module)
-            found.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return found
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
-@pytest.mark.parametrize("driver", sorted(DRIVERS))
-def test_a_driver_imports_no_other_driver(driver):
-    path = PACKAGE / f"{driver.split('.')[-1]}.py"
-    assert _imports(path) & (DRIVERS - {driver}) == set()
+@pytest.fixture(scope="module")
+def check_imports():
+    return _load("check_imports")
 
 
-def test_no_shared_module_imports_a_driver():
-    shared = [p for p in PACKAGE.rglob("*.py") if p.stem not in {"train", "sample", "evaluate", "cli"}]
-    assert shared and all(not _imports(p) & DRIVERS for p in shared)
+def test_the_package_keeps_every_layout_rule(check_imports):
+    assert check_imports.problems() == []
 
 
-def test_renamed_keys_keep_working_with_a_one_line_warning(monkeypatch, caplog):
-    monkeypatch.setattr(config, "RENAMED_KEYS", {"train.old_steps": "train.steps", "algo.name": None})
-    with caplog.at_level("WARNING", logger="grpo_cli"):
-        got = config.apply_renames(["train.old_steps=3", "+algo.name=dapo", "seed=1", "train.steps_x=2"])
-    assert got == ["train.steps=3", "seed=1", "train.steps_x=2"]
-    assert [r.getMessage() for r in caplog.records] == [
-        "train.old_steps is deprecated (renamed train.steps; use that)",
-        "algo.name is deprecated (no longer read; drop it)",
-    ]
+def test_every_package_is_in_a_layer(check_imports):
+    top, _ = check_imports.graph()
+    assert {check_imports.layer(m) for m in top} <= set(check_imports.LAYERS)
 
 
-def test_the_cli_drops_algo_name_with_a_warning(capsys):
-    """algo.name was never read: the key is gone from the schema, but an old command still runs."""
-    from grpo_cli.cli import compose_config
+def _package(root: Path, files: dict[str, str]) -> Path:
+    pkg = root / "grpo_cli"
+    for rel, text in files.items():
+        path = pkg / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    for d in [pkg, *[p for p in pkg.rglob("*") if p.is_dir()]]:
+        (d / "__init__.py").touch()
+    return pkg
 
-    overrides = config.apply_renames(["algo.name=grpo", "train.steps=1"])
-    cfg, _ = compose_config("train", overrides)
-    assert cfg.train.steps == 1 and not hasattr(cfg.algo, "name")
+
+def test_a_cycle_a_nested_import_and_an_upward_import_are_each_named(check_imports, tmp_path):
+    pkg = _package(
+        tmp_path,
+        {
+            "models/a.py": "from grpo_cli.models import b\n",
+            "models/b.py": "from grpo_cli.models.a import x\n",
+            "core/loss.py": "def f():\n    from grpo_cli.core import logprobs\n",
+            "core/logprobs.py": "from grpo_cli.rollout.record import Rollout\n",
+            "rollout/record.py": "",
+            "commands/train.py": "from grpo_cli.commands import eval\n",
+            "commands/eval.py": "",
+        },
+    )
+    found = check_imports.problems(pkg)
+    assert any("cycle" in p and "grpo_cli.models.a" in p and "grpo_cli.models.b" in p for p in found)
+    assert any(
+        p.startswith("grpo_cli.core.loss imports grpo_cli.core.logprobs inside a function") for p in found
+    )
+    assert any(
+        p.startswith("grpo_cli.core.logprobs (layer core) imports grpo_cli.rollout.record") for p in found
+    )
+    assert any(p.startswith("grpo_cli.commands.train imports another command") for p in found)
+    assert len(found) == 4
+
+
+def test_sizes_are_within_the_limits():
+    sizes = _load("check_sizes")
+    modules, functions = sizes.sizes()
+    assert max(n for n, _ in modules) <= sizes.MAX_MODULE
+    assert max(n for n, _ in functions) <= sizes.MAX_FUNCTION

@@ -12,6 +12,8 @@ import random
 from functools import lru_cache
 from typing import Any
 
+from grpo_cli.config import ConfigError
+
 OPS = ("+", "-", "*")
 _SPLIT_SEED = 20240205  # fixed: the held-out set must not move with the run's seed
 
@@ -62,7 +64,5 @@ def load(cfg: Any, split: str) -> list[dict[str, Any]]:
     elif split == cfg.train_split or split == "train":
         exprs = train[: cfg.num_train]
     else:
-        from grpo_cli.config import ConfigError
-
         raise ConfigError(f"data split {split!r} is not one of: train, test")
     return [make_row(i, e) for i, e in enumerate(exprs)]

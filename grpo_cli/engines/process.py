@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import torch
 
-from grpo_cli import checkpoint
+from grpo_cli.runtime import rng
 
 # set_mempolicy / get_mempolicy system call numbers (not exposed by Python's os module).
 _MEMPOLICY_SYSCALLS = {"x86_64": (238, 239), "aarch64": (237, 236)}
@@ -56,13 +56,13 @@ def set_memory_policy(policy: tuple[int, tuple[int, ...]] | None) -> None:
 def kept_process_state() -> Iterator[None]:
     """Undo, on the way out, what vLLM changes in the process: RNGs, thread control, NUMA policy."""
     set_threads, threads = torch.set_num_threads, torch.get_num_threads()
-    rng, mempolicy = checkpoint.rng_state(), memory_policy()
+    state, mempolicy = rng.rng_state(), memory_policy()
     try:
         yield
     finally:
         torch.set_num_threads = set_threads
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-        checkpoint.set_rng_state(rng)
+        rng.set_rng_state(state)
         if memory_policy() != mempolicy:
             set_memory_policy(mempolicy)

@@ -31,14 +31,16 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from grpo_cli.engines import Completion, Request, Sampling, to_rollout
+from grpo_cli.config import ModelConfig, RolloutConfig
 from grpo_cli.engines.process import kept_process_state
+from grpo_cli.engines.protocol import Completion, Decoding, Progress, Request
 from grpo_cli.engines.weights import policy_weights
+from grpo_cli.models import Policy, resolve_path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 # vLLM logs every weight push and cache reset at INFO: one line per training step each.
@@ -52,15 +54,6 @@ SEED_RANGE = 2**62  # vLLM adds the completion index to a request's seed: stay c
 _LIVE: dict[tuple, Any] = {}
 
 
-def longest_prompt(tokenizer: Any, prompts: Sequence[str], chat_template: bool) -> int:
-    from grpo_cli.rollout import encode_prompts
-
-    if not prompts:
-        return 0
-    ids, mask = encode_prompts(tokenizer, list(prompts), chat_template, torch.device("cpu"))
-    return int(mask.sum(1).max())
-
-
 def kv_cache_bytes(model_config: Any, max_model_len: int, sequences: int, dtype: torch.dtype) -> int:
     """Keys and values of ``sequences`` sequences of ``max_model_len`` tokens, in whole blocks."""
     heads = model_config.num_attention_heads
@@ -71,29 +64,26 @@ def kv_cache_bytes(model_config: Any, max_model_len: int, sequences: int, dtype:
     return per_token * blocks * BLOCK
 
 
-def _settings(policy: Any, cfg: Any, prompts: Sequence[str]) -> dict[str, Any]:
-    from grpo_cli.models import resolve_path
-
-    ro = cfg.rollout
+def _settings(
+    policy: Policy, ro: RolloutConfig, model_cfg: ModelConfig, seed: int, longest_prompt: int, group_size: int
+) -> dict[str, Any]:
     model = policy.model.get_base_model() if policy.is_lora else policy.model
     dtype = next(model.parameters()).dtype
-    max_len = ro.max_model_len or (
-        longest_prompt(policy.tokenizer, prompts, cfg.model.chat_template) + ro.max_new_tokens
-    )
+    max_len = ro.max_model_len or longest_prompt + ro.max_new_tokens
     cuda = policy.device.type == "cuda"
-    sequences = max(ro.batch_size, cfg.algo.group_size)
+    sequences = max(ro.batch_size, group_size)
     return {
-        "model": resolve_path(cfg.model.name_or_path),
+        "model": resolve_path(model_cfg.name_or_path),
         "dtype": str(dtype).removeprefix("torch."),
         "max_model_len": int(max_len),
         "max_num_seqs": sequences,
         "kv_cache_memory_bytes": int(
             ro.kv_cache_bytes or kv_cache_bytes(model.config, max_len, sequences, dtype)
         ),
-        "seed": int(cfg.seed),
+        "seed": int(seed),
         "enforce_eager": not cuda,  # no graphs to capture on CPU
         "enable_sleep_mode": bool(ro.sleep and cuda),
-        "trust_remote_code": bool(cfg.model.trust_remote_code),
+        "trust_remote_code": bool(model_cfg.trust_remote_code),
     }
 
 
@@ -105,9 +95,17 @@ class VLLMEngine:
         self.asleep = False
 
     @classmethod
-    def for_policy(cls, policy: Any, cfg: Any, prompts: Sequence[str] = ()) -> VLLMEngine:
+    def for_policy(
+        cls,
+        policy: Policy,
+        rollout: RolloutConfig,
+        model: ModelConfig,
+        seed: int,
+        longest_prompt: int = 0,
+        group_size: int = 1,
+    ) -> VLLMEngine:
         """The process's engine for these settings (started on first use), loaded with ``policy``'s weights."""
-        settings = _settings(policy, cfg, prompts)
+        settings = _settings(policy, rollout, model, seed, longest_prompt, group_size)
         key = tuple(sorted(settings.items()))
         if key not in _LIVE:
             for old in list(_LIVE):  # settings changed: free the old engine first
@@ -140,7 +138,10 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ sampling
 
-    def generate(self, requests: Sequence[Request], sampling: Sampling) -> list[list[Completion]]:
+    def generate(
+        self, requests: Sequence[Request], decoding: Decoding, progress: Progress | None = None
+    ) -> list[list[Completion]]:
+        """requests[i].n completions of each request in one vLLM call; ``progress`` once, at the end."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -159,9 +160,9 @@ class VLLMEngine:
             params.append(
                 SamplingParams(
                     n=req.n,
-                    temperature=0.0 if sampling.greedy else sampling.temperature,
-                    top_k=0 if sampling.greedy else sampling.top_k,
-                    top_p=1.0 if sampling.greedy else sampling.top_p,
+                    temperature=0.0 if decoding.greedy else decoding.temperature,
+                    top_k=0 if decoding.greedy else decoding.top_k,
+                    top_p=1.0 if decoding.greedy else decoding.top_p,
                     max_tokens=req.max_tokens,
                     stop_token_ids=list(req.stop_token_ids),
                     seed=int(seed) % SEED_RANGE,
@@ -172,67 +173,13 @@ class VLLMEngine:
             prompts.append(TokensPrompt(prompt_token_ids=list(req.prompt_ids)))
         with kept_process_state():
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [[_completion(o) for o in sorted(out.outputs, key=lambda o: o.index)] for out in outputs]
-
-    def rollout(
-        self,
-        rows: Sequence[dict],
-        prompts: Sequence[str],
-        group_size: int,
-        rollout_cfg: Any,
-        fmt: tuple[bool, str | None] = (False, None),
-        greedy: bool = False,
-        seeds: Sequence[int] | None = None,
-        progress: Callable[[int, int], None] | None = None,
-    ) -> Any:
-        """``rollout.generate``'s batch on vLLM: ``fmt`` = (chat template, system prompt); stops at the
-        policy's EOS set; ``progress(completions, tokens)`` once, when the batch is done."""
-        from grpo_cli.rollout import encode_prompts
-
-        tok = self.policy.tokenizer
-        p_ids, p_mask = encode_prompts(tok, prompts, fmt[0], self.policy.device, fmt[1])
-        stop = tuple(self.policy.eos_ids) or (tok.eos_token_id,)
-        requests = [
-            Request(
-                prompt_ids=ids[mask.bool()].tolist(),
-                n=group_size,
-                max_tokens=rollout_cfg.max_new_tokens,
-                stop_token_ids=stop,
-                seed=None if seeds is None else int(seeds[i]),
-            )
-            for i, (ids, mask) in enumerate(zip(p_ids, p_mask))
-        ]
-        sampling = Sampling(rollout_cfg.temperature, rollout_cfg.top_k, rollout_cfg.top_p, greedy)
-        completions = self.generate(requests, sampling)
-        ro = to_rollout(tok, rows, p_ids, p_mask, completions, group_size)
+        done = [[_completion(o) for o in sorted(out.outputs, key=lambda o: o.index)] for out in outputs]
         if progress is not None:
-            progress(ro.completion_ids.size(0), int(ro.completion_mask.sum()))
-        return ro
-
-    def sequence_logprobs(
-        self, sequences: Sequence[Sequence[int]], start: Sequence[int]
-    ) -> list[list[float]]:
-        """Log-probs (temperature 1) of tokens ``start[i]:`` of each sequence, each given the tokens before it.
-
-        What the engine would assign to a fixed completion: the check that a weight push arrived.
-        """
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, temperature=1.0)
-        with kept_process_state():
-            self.llm.reset_prefix_cache()
-            outs = self.llm.generate(
-                [TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params, use_tqdm=False
-            )
-        return [
-            [d[t].logprob for t, d in zip(seq[s:], out.prompt_logprobs[s:])]
-            for seq, s, out in zip(sequences, start, outs)
-        ]
+            progress(sum(len(g) for g in done), sum(len(c.token_ids) for g in done for c in g))
+        return done
 
     def close(self) -> None:
-        """Detach from the policy; the process's engine stays up for reuse (``shutdown_all`` frees it)."""
-        self.policy.rollout_engine = None
+        """Nothing to release: the process's engine stays up for reuse (``shutdown_all`` frees it)."""
 
 
 def _completion(out: Any) -> Completion:

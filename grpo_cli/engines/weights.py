@@ -2,9 +2,9 @@
 
 A LoRA policy is pushed as merged weights, W + (alpha / r) B A per adapted layer, computed on the fly
 (the trained model is not touched: merging in place and back would drift the base weights by float
-rounding every step). Measured side by side (``scripts/bench_rollout.py --engines --parts lora``,
-README): merged push + sampling 0.72 + 2.17 s per update on the tiny model, vLLM's native LoRA 0.07 +
-12.81 s (it samples ~6x slower here), and native LoRA wants the adapter written to disk every step.
+rounding every step). Merged weights sample faster than vLLM's native LoRA, which also wants the
+adapter written to disk every step (``scripts/bench_rollout.py --engines --parts lora``; the figures
+are in docs/performance.md).
 """
 
 from __future__ import annotations

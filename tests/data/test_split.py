@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from grpo_cli.cli import compose_config
+from grpo_cli.commands.validate import validate
 from grpo_cli.config import ConfigError
 from grpo_cli.data import load_rows
-from grpo_cli.validation import validate
 
 
 def problems(path: Path, n: int, gsm8k: bool = False) -> Path:

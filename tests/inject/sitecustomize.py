@@ -16,7 +16,7 @@ _FAIL = os.environ.get("GRPO_TEST_FAIL_RANK", "")
 if _DELAY:
     import time
 
-    from grpo_cli import checkpoint
+    from grpo_cli.run import checkpoint
 
     _publish = checkpoint.publish
 
@@ -27,14 +27,18 @@ if _DELAY:
     checkpoint.publish = _slow_publish
 
 if _FAIL:
-    from grpo_cli import distributed, train
+    from grpo_cli.commands import train
+    from grpo_cli.runtime import distributed
 
     _train_step = train.train_step
     _rank, _step = map(int, _FAIL.split(":"))
 
-    def _failing_step(t, step):
-        if (distributed.world().rank, step) == (_rank, _step):
-            raise RuntimeError(f"GRPO_TEST_FAIL_RANK: rank {_rank} fails at step {step}")
-        return _train_step(t, step)
+    _calls = [0]  # a fresh run's steps are numbered from 1
+
+    def _failing_step(*args, **kwargs):
+        _calls[0] += 1
+        if (distributed.world().rank, _calls[0]) == (_rank, _step):
+            raise RuntimeError(f"GRPO_TEST_FAIL_RANK: rank {_rank} fails at step {_calls[0]}")
+        return _train_step(*args, **kwargs)
 
     train.train_step = _failing_step

@@ -1,0 +1,256 @@
+"""The GRPO update on a scored rollout: advantages, the loss input, micro-batched forward/backward,
+the optimizer and its schedule.
+
+    inputs = prepare(policy, rollout, algo, micro_batch_size, temperature)   # A_i, mask, pi_ref / pi_old
+    stats = update(policy, optimizer, scheduler, inputs, algo, train, temperature)   # mu optimizer steps
+
+No I/O and no run state: ``commands.step`` calls these once per step, a test calls them on a rollout
+it built. Log-probs run each group's prompt through the model once per micro-batch and its G
+completions on the shared key/value cache (``models.logprobs.grouped_completion_logprobs``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from grpo_cli.config import AlgoConfig, TrainConfig
+from grpo_cli.core.loss import aggregation_units, engine_is_weights, group_advantages, policy_loss
+from grpo_cli.models import Policy, reference
+from grpo_cli.models.logprobs import grouped_completion_logprobs
+from grpo_cli.rollout.record import Rollout
+from grpo_cli.runtime import distributed
+
+# How a loss statistic combines over ranks: "sum" (each rank's loss has the global denominator, so
+# the ranks' losses add up to the global loss); any statistic not named here is the ranks' mean.
+RANK_REDUCTION = {"loss": "sum"}
+
+
+@dataclass
+class LossInput:
+    """A scored rollout made ready for the loss: advantages and the mask of judged tokens."""
+
+    rollout: Rollout
+    advantages: torch.Tensor  # [N]
+    loss_mask: torch.Tensor  # [N, T]
+    ref_logps: torch.Tensor | None  # [N, T]
+    old_logps: torch.Tensor | None  # [N, T]
+
+
+def advantages_for(
+    rollout: Rollout, group_size: int, scale_rewards: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advantages [N] and the judged flag [N]; unjudged rewards take their group's judged mean.
+
+    ``scale_rewards=batch`` divides by the std of the whole step's rewards, every rank's included.
+    """
+    rewards = rollout.rewards.view(-1, group_size)
+    judged = rollout.judged.view(-1, group_size)
+    count = judged.sum(1, keepdim=True)
+    group_mean = torch.where(judged, rewards, 0.0).sum(1, keepdim=True) / count.clamp(min=1)
+    filled = torch.where(judged, rewards, group_mean).view(-1)
+    if scale_rewards == "batch" and distributed.world().enabled:
+        everyone = distributed.gather_objects(filled)
+        mine = distributed.world().rank
+        start = sum(len(x) for x in everyone[:mine])
+        adv = group_advantages(torch.cat(everyone), group_size, scale=scale_rewards)
+        return adv[start : start + len(filled)], judged.view(-1)
+    return group_advantages(filled, group_size, scale=scale_rewards), judged.view(-1)
+
+
+def micro_batches(n: int, size: int) -> list[slice]:
+    """Consecutive slices of at most ``size`` of ``range(n)``."""
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def micro_logps(runner: Callable[..., Any], rollout: Rollout, s: slice, temperature: float) -> torch.Tensor:
+    """Log-probs [n, T] of the completions in ``s``, each group's prompt run through the model once.
+
+    ``runner``: ``Policy.run`` or a reference runner (``models.reference``). A micro-batch may start
+    or end inside a group: its prompts are those of the groups it touches.
+    """
+    G = rollout.group_size
+    first, last = s.start // G, (s.stop - 1) // G
+    prompt_rows = slice(first * G, last * G + 1, G)  # one row per group touched by s
+    index = torch.arange(s.start, s.stop, device=rollout.prompt_ids.device) // G - first
+    prompt_ids, prompt_mask = rollout.prompt_ids[prompt_rows], rollout.prompt_mask[prompt_rows]
+    if not torch.equal(prompt_ids[index], rollout.prompt_ids[s]):  # not laid out in groups: no sharing
+        prompt_ids, prompt_mask = rollout.prompt_ids[s], rollout.prompt_mask[s]
+        index = torch.arange(s.stop - s.start, device=index.device)
+    return runner(
+        grouped_completion_logprobs,
+        prompt_ids,
+        prompt_mask,
+        rollout.completion_ids[s],
+        rollout.completion_mask[s],
+        temperature=temperature,
+        prompt_index=index,
+    )
+
+
+@torch.no_grad()
+def _logps_no_grad(
+    runner: Callable[..., Any], rollout: Rollout, temperature: float, micro: int
+) -> torch.Tensor:
+    n = rollout.completion_ids.size(0)
+    return torch.cat([micro_logps(runner, rollout, s, temperature) for s in micro_batches(n, micro)])
+
+
+def prepare(policy: Policy, rollout: Rollout, algo: AlgoConfig, micro: int, temp: float) -> LossInput:
+    """Advantages, loss mask, and the no-grad log-probs under pi_ref (beta > 0) and pi_old (mu > 1).
+
+    ``micro``: completions per forward pass; ``temp``: the sampling temperature the log-probs use.
+    """
+    adv, judged = advantages_for(rollout, algo.group_size, algo.scale_rewards)
+    device = policy.device
+    loss_mask = rollout.completion_mask.bool() & judged[:, None]
+    ref = old = None
+    if algo.beta > 0:
+        with reference(policy) as ref_runner:
+            ref = _logps_no_grad(ref_runner, rollout, temp, micro)
+    if algo.num_iterations > 1:
+        old = _logps_no_grad(policy.run, rollout, temp, micro)
+    return LossInput(rollout, adv.to(device), loss_mask.to(device), ref, old)
+
+
+def update(
+    policy: Policy,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    inputs: LossInput,
+    algo: AlgoConfig,
+    tr: TrainConfig,
+    temp: float,
+) -> dict[str, float]:
+    """mu optimizer steps on ``inputs``; returns loss statistics (means over micro-batches, last iteration).
+
+    An iteration whose loss or gradient norm is not finite is not applied (``skipped`` = 1).
+
+    With several ranks ``inputs`` is this rank's share: the denominator counts every rank's units, so
+    the rank losses add up to the global loss, and the wrappers' gradient average is undone by
+    scaling each rank's loss by the world size before ``backward``. ``loss`` is the global loss, the
+    other statistics the mean of the ranks' (``RANK_REDUCTION``).
+    """
+    # The whole step's units (tokens or completions, every rank's), counted as policy_loss counts them.
+    denom = max(float(distributed.all_sum(aggregation_units(inputs.loss_mask, algo.aggregation))), 1.0)
+    params = trained_params(optimizer)
+    stats: dict[str, float] = {}
+    skipped = False
+    engine_diff = torch.zeros(2, dtype=torch.float64)  # sum |engine - trainer| over tokens, tokens
+    for it in range(algo.num_iterations):
+        diff = engine_diff if it == 0 else None
+        totals = _accumulate_gradients(policy, inputs, algo, tr.micro_batch_size, temp, denom, diff)
+        if distributed.world().enabled:
+            totals = _reduce_over_ranks(totals)
+        grad_norm = distributed.clip_grad_norm(params, tr.max_grad_norm)
+        finite = math.isfinite(grad_norm) and math.isfinite(totals["loss"])
+        if finite:
+            optimizer.step()
+        skipped = skipped or not finite
+        optimizer.zero_grad(set_to_none=True)
+        stats = {**totals, "grad_norm": grad_norm}
+    scheduler.step()
+    if inputs.rollout.engine_logps is not None:
+        total, tokens = distributed.all_sum(engine_diff).tolist()
+        stats["rollout/logprob_diff"] = total / max(tokens, 1.0)
+    stats["skipped"] = float(skipped)
+    stats["lr"] = scheduler.get_last_lr()[0]
+    return stats
+
+
+def _accumulate_gradients(
+    policy: Policy,
+    inputs: LossInput,
+    algo: AlgoConfig,
+    micro: int,
+    temp: float,
+    denom: float,
+    engine_diff: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Forward and backward over micro-batches of ``micro`` completions; this rank's statistics.
+
+    ``engine_diff``: where to add |log pi_engine - log pi_old| summed over tokens, and the token count.
+    """
+    world = distributed.world()
+    n = inputs.rollout.completion_ids.size(0)
+    parts = micro_batches(n, micro)
+    totals: dict[str, float] = {}
+    for i, s in enumerate(parts):
+        # Gradients cross ranks once per optimizer step, after the last micro-batch.
+        with distributed.grad_sync(policy.wrapper, enabled=i == len(parts) - 1):
+            logps = micro_logps(policy.run, inputs.rollout, s, temp)
+            old = None if inputs.old_logps is None else inputs.old_logps[s]
+            ref = None if inputs.ref_logps is None else inputs.ref_logps[s]
+            weights = _engine_weights(inputs, s, logps if old is None else old, algo, engine_diff)
+            loss, st = policy_loss(
+                logps,
+                old,
+                ref,
+                inputs.advantages[s],
+                inputs.loss_mask[s],
+                algo,
+                denominator=denom,
+                is_weights=weights,
+            )
+            (loss * world.size).backward()
+        for k, v in st.to_dict().items():
+            totals[k] = totals.get(k, 0.0) + v / len(parts)
+        totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
+    return totals
+
+
+def _engine_weights(
+    inputs: LossInput, s: slice, old: torch.Tensor, algo: Any, diff: torch.Tensor | None
+) -> torch.Tensor | None:
+    """Micro-batch ``s``'s engine importance weights (``algo.engine_is_cap``; None when off or when the
+    trainer sampled), and |log pi_engine - log pi_old| summed into ``diff`` (when given).
+
+    ``old``: [n, T] log pi_old of the micro-batch (the trainer's; with mu = 1 the current log-probs).
+    """
+    eng = inputs.rollout.engine_logps
+    if eng is None:
+        return None
+    eng, old, mask = eng[s].to(old.device), old.detach(), inputs.rollout.completion_mask[s].bool()
+    if diff is not None:
+        diff += torch.stack([torch.where(mask, (old - eng).abs(), 0.0).sum(), mask.sum()]).double().cpu()
+    if algo.engine_is_cap is None:
+        return None
+    return engine_is_weights(old, eng, mask, algo.engine_is_cap)
+
+
+def _reduce_over_ranks(totals: dict[str, float]) -> dict[str, float]:
+    """Every statistic combined over ranks as ``RANK_REDUCTION`` declares (by default the mean)."""
+    keys = sorted(totals)
+    summed = distributed.all_sum(torch.tensor([totals[k] for k in keys], dtype=torch.float64)).tolist()
+    size = distributed.world().size
+    return {k: v if RANK_REDUCTION.get(k) == "sum" else v / size for k, v in zip(keys, summed)}
+
+
+def trained_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters the optimizer updates.
+
+    Not ``model.parameters()``: between a forward and its backward FSDP swaps the registered
+    parameters for unsharded ones, which never receive a gradient.
+    """
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def make_optimizer(policy: Policy, tr: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the trainable parameters and its schedule (``schedule``)."""
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(
+        params, lr=tr.lr, betas=(tr.adam_beta1, tr.adam_beta2), weight_decay=tr.weight_decay
+    )
+    return opt, schedule(opt, tr.warmup_steps)
+
+
+def schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> Any:
+    """Linear warm-up over ``warmup_steps`` optimizer steps, then the constant learning rate."""
+    warm = max(warmup_steps, 0)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / (warm + 1)) if warm else 1.0
+    )

@@ -1,0 +1,218 @@
+"""Checks of a composed config that types alone cannot express, run before any model loads.
+
+``validate`` (every subcommand) and ``validate_eval`` (``grpo eval``) raise ``ConfigError`` with one
+line naming the key and what it accepts; the CLI turns that into exit code 2. The allowed values of
+each option come from the table that implements it (``option_choices``), so adding an option is
+one edit there.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from grpo_cli.config import ENGINES, STRATEGIES, ConfigError
+from grpo_cli.core.loss import AGGREGATIONS, IMPORTANCE_LEVELS, KL_ESTIMATORS, REWARD_SCALES
+from grpo_cli.engines import check_engine
+from grpo_cli.models import DTYPES
+from grpo_cli.models.identity import checkpoint_kind
+from grpo_cli.run.trackers import check as check_trackers
+
+
+def option_choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of each option key, read from the tables that implement the options."""
+    return {
+        "algo.kl_estimator": tuple(KL_ESTIMATORS),
+        "algo.aggregation": tuple(AGGREGATIONS),
+        "algo.importance_level": tuple(IMPORTANCE_LEVELS),
+        "algo.scale_rewards": tuple(REWARD_SCALES),
+        "model.dtype": ("auto", *DTYPES),
+        "rollout.engine": ENGINES,
+        "console": ("rich", "plain"),
+    }
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate(cfg: Any) -> None:
+    """Range and path checks that types alone cannot express. Raises ConfigError (one line)."""
+    for key, allowed in option_choices().items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+    algo = cfg.algo
+    if algo.group_size < 2:
+        raise ConfigError(
+            f"algo.group_size={algo.group_size}: must be >= 2 (advantages compare within a group)"
+        )
+    if not 0 < algo.epsilon < 1:
+        raise ConfigError(f"algo.epsilon={algo.epsilon}: must be in (0, 1)")
+    if algo.epsilon_high is not None and not algo.epsilon_high > 0:
+        raise ConfigError(f"algo.epsilon_high={algo.epsilon_high}: must be > 0 (or null for epsilon)")
+    if algo.beta < 0:
+        raise ConfigError(f"algo.beta={algo.beta}: must be >= 0")
+    if algo.num_iterations < 1:
+        raise ConfigError(f"algo.num_iterations={algo.num_iterations}: must be >= 1")
+    ro = cfg.rollout
+    if cfg.data.max_new_tokens < 1:
+        raise ConfigError(f"data.max_new_tokens={cfg.data.max_new_tokens}: must be >= 1")
+    if ro.max_new_tokens < 1:
+        raise ConfigError(f"rollout.max_new_tokens={ro.max_new_tokens}: must be >= 1")
+    if ro.temperature <= 0:
+        raise ConfigError(f"rollout.temperature={ro.temperature}: must be > 0")
+    if not 0 < ro.top_p <= 1:
+        raise ConfigError(f"rollout.top_p={ro.top_p}: must be in (0, 1]")
+    if ro.top_k < 0:
+        raise ConfigError(f"rollout.top_k={ro.top_k}: must be >= 0 (0 disables)")
+    _validate_engine(cfg)
+    if hasattr(cfg, "train"):
+        tr = cfg.train
+        if tr.prompts_per_step < 1:
+            raise ConfigError(f"train.prompts_per_step={tr.prompts_per_step}: must be >= 1")
+        if tr.steps < 0:
+            raise ConfigError(f"train.steps={tr.steps}: must be >= 0")
+        if tr.lr <= 0:
+            raise ConfigError(f"train.lr={tr.lr}: must be > 0")
+        if tr.micro_batch_size < 1:
+            raise ConfigError(f"train.micro_batch_size={tr.micro_batch_size}: must be >= 1")
+        _validate_robustness(cfg)
+    test_size = cfg.data.test_size
+    if test_size < 0 or (test_size >= 1 and test_size != int(test_size)):
+        raise ConfigError(
+            f"data.test_size={test_size:g}: a count of rows (1, 2, ...) or a fraction in [0, 1) of data.path"
+        )
+    if cfg.data.test_path and not Path(cfg.data.test_path).expanduser().is_file():
+        raise ConfigError(f"data.test_path={cfg.data.test_path}: no such file")
+    if cfg.lora.enabled and cfg.lora.r < 1:
+        raise ConfigError(f"lora.r={cfg.lora.r}: must be >= 1")
+    check_model_path(cfg.model.name_or_path)
+
+
+def _validate_engine(cfg: Any) -> None:
+    """The generation engine's keys; rollout.engine=vllm without vLLM names the make target."""
+    ro = cfg.rollout
+    check_engine(ro.engine)
+    if ro.max_model_len is not None and ro.max_model_len <= ro.max_new_tokens:
+        raise ConfigError(
+            f"rollout.max_model_len={ro.max_model_len}: must exceed rollout.max_new_tokens={ro.max_new_tokens}"
+        )
+    if ro.kv_cache_bytes is not None and ro.kv_cache_bytes < 1:
+        raise ConfigError(f"rollout.kv_cache_bytes={ro.kv_cache_bytes}: must be >= 1 (or null to size it)")
+    cap = cfg.algo.engine_is_cap
+    if cap is not None and not cap > 0:
+        raise ConfigError(f"algo.engine_is_cap={cap}: must be > 0 (or null for off)")
+
+
+def _validate_robustness(cfg: Any) -> None:
+    """Checkpointing, guards, dynamic sampling and logging fields of a train config."""
+    tr, algo = cfg.train, cfg.algo
+    check_trackers(tr.logger)  # a known name whose extra is installed
+    for key in ("save_every", "eval_every", "eval_problems", "log_completions_every"):
+        if getattr(tr, key) < 0:
+            raise ConfigError(f"train.{key}={getattr(tr, key)}: must be >= 0 (0 turns it off)")
+    if tr.keep_checkpoints < 0:
+        raise ConfigError(
+            f"train.keep_checkpoints={tr.keep_checkpoints}: must be >= 0 (0 keeps every checkpoint)"
+        )
+    if tr.strategy not in STRATEGIES:
+        raise ConfigError(
+            f"train.strategy={tr.strategy!r} is not allowed; choose one of: {', '.join(STRATEGIES)}"
+        )
+    if tr.strategy == "fsdp" and cfg.lora.enabled:
+        raise ConfigError(
+            "train.strategy=fsdp shards full fine-tuning; with LoRA use train.strategy=ddp (or lora=none)"
+        )
+    if tr.max_bad_steps < 1:
+        raise ConfigError(f"train.max_bad_steps={tr.max_bad_steps}: must be >= 1")
+    if not 0 <= tr.zero_std_warn <= 1:
+        raise ConfigError(f"train.zero_std_warn={tr.zero_std_warn}: must be in [0, 1]")
+    if algo.max_sampling_rounds < 1:
+        raise ConfigError(f"algo.max_sampling_rounds={algo.max_sampling_rounds}: must be >= 1")
+    if not 0 <= algo.overlong_buffer <= cfg.rollout.max_new_tokens:
+        raise ConfigError(
+            f"algo.overlong_buffer={algo.overlong_buffer}: must be in [0, rollout.max_new_tokens="
+            f"{cfg.rollout.max_new_tokens}] (0 turns overlong shaping off)"
+        )
+    if algo.overlong_penalty < 0:
+        raise ConfigError(f"algo.overlong_penalty={algo.overlong_penalty}: must be >= 0")
+
+
+def validate_eval(cfg: Any) -> None:
+    """Checks of an EvalRoot's eval fields, run by ``grpo eval`` before any model loads (ConfigError)."""
+    ev = cfg.eval
+    if ev.samples < 1:
+        raise ConfigError(f"eval.samples={ev.samples}: must be >= 1")
+    if ev.temperature <= 0:
+        raise ConfigError(
+            f"eval.temperature={ev.temperature}: must be > 0 (eval.greedy=true adds greedy decoding)"
+        )
+    if ev.limit is not None and ev.limit < 1:
+        raise ConfigError(f"eval.limit={ev.limit}: must be >= 1 (null evaluates the whole split)")
+    if ev.bootstrap < 1:
+        raise ConfigError(f"eval.bootstrap={ev.bootstrap}: must be >= 1")
+    if ev.k is not None and (not ev.k or any(k < 1 for k in ev.k)):
+        raise ConfigError(f"eval.k={list(ev.k)}: needs one or more K >= 1")
+    single = cfg.checkpoint or ev.checkpoint
+    if single and ev.checkpoints:
+        raise ConfigError(
+            "checkpoint= and eval.checkpoints= both given; list every checkpoint in eval.checkpoints"
+        )
+    if ev.completions is not None:
+        if single or ev.checkpoints:
+            raise ConfigError(
+                "eval.completions= scores a file without a model; drop checkpoint= / eval.checkpoints="
+            )
+        if not Path(ev.completions).is_file():
+            raise ConfigError(f"eval.completions={ev.completions}: no such file")
+        return  # k is checked against the completions per problem once the file is read
+    if ev.k is not None and max(ev.k) > ev.samples:  # a K the user chose; the default is trimmed
+        raise ConfigError(
+            f"eval.k={list(ev.k)}: K={max(ev.k)} exceeds eval.samples={ev.samples} (need K <= n)"
+        )
+    for name in list(ev.checkpoints) or [single]:
+        if name in (None, "base"):
+            continue
+        checkpoint_kind(name)
+
+
+def check_model_path(name_or_path: str) -> None:
+    """A local path must exist; a hub id must be cached or the hub reachable. One-line error otherwise."""
+    if name_or_path == "tiny":
+        return
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        try:
+            checkpoint_kind(path)
+        except ConfigError:
+            raise ConfigError(f"model.name_or_path={name_or_path}: directory has no config.json") from None
+        return
+    is_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
+    if not is_hub_id:
+        raise ConfigError(f"model.name_or_path={name_or_path}: no such directory")
+    # A hub id: fine if cached; otherwise only if the hub is allowed.
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name_or_path, "config.json")
+    if isinstance(cached, str):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise ConfigError(
+            f"model.name_or_path={name_or_path}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+            "download it first or point model.name_or_path at a local directory"
+        )
+    try:
+        from huggingface_hub import HfApi
+
+        HfApi().model_info(name_or_path, timeout=10)
+    except Exception as exc:  # noqa: BLE001 - any failure means we cannot load it
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise ConfigError(
+            f"model.name_or_path={name_or_path}: not cached and the hub cannot be reached ({reason}); "
+            "download it on a connected machine or set model.name_or_path=/path/to/local/model"
+        ) from None

@@ -1,0 +1,145 @@
+"""Per-token log-probs of completions through the model, and the key/value cache helpers the passes share.
+
+``grouped_completion_logprobs`` runs each distinct prompt through the decoder once and its G
+completions on the shared cache; the head and log-softmax are ``core.logprobs.token_logprobs``
+(chunked, no [B, T, V] logits).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from grpo_cli.core.logprobs import token_logprobs
+
+
+@functools.cache
+def cache_arg() -> str:
+    """The name of the key/value cache argument and output field of transformers' models.
+
+    transformers 5 renamed ``past_key_values`` to ``cache`` (the old name still works, with a
+    FutureWarning on every call); earlier releases know only ``past_key_values``.
+    """
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The key/value cache a forward with ``use_cache=True`` returned."""
+    return getattr(out, cache_arg())
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding: [B, S] -> [B, S] (0 at the first real token)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def completion_logprobs(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_len: int,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """log pi(o_t | q, o_<t) for every completion token, without [B, T, V] logits.
+
+    input_ids, attention_mask: [B, S], the left-padded prompt (``prompt_len`` columns) followed by
+    the completion. Returns logps [B, S - prompt_len] float32.
+    """
+    decoder = model.get_decoder()
+    hidden = decoder(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions(attention_mask),
+        use_cache=False,
+    ).last_hidden_state  # [B, S, H]
+    # The hidden state at position t predicts token t + 1.
+    hidden = hidden[:, prompt_len - 1 : -1]
+    weight = model.get_output_embeddings().weight  # [V, H]
+    return token_logprobs(hidden, weight, input_ids[:, prompt_len:], temperature=temperature)
+
+
+def _shareable_cache(cache: Any, prompt_len: int) -> bool:
+    """Whether the prompt pass left a plain per-layer key/value cache of all ``prompt_len`` columns."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    return (
+        isinstance(cache, DynamicCache)
+        and all(type(layer) is DynamicLayer for layer in cache.layers)
+        and cache.get_seq_length() == prompt_len
+    )
+
+
+def _prompt_index(
+    prompt_ids: torch.Tensor, completion_ids: torch.Tensor, group_size: int | None, index: torch.Tensor | None
+) -> torch.Tensor:
+    """The prompt row [N] of every completion: ``index``, or completion i -> i // group_size."""
+    if index is None:
+        if group_size is None:
+            raise ValueError("grouped_completion_logprobs: give group_size or prompt_index")
+        index = torch.arange(prompt_ids.size(0), device=prompt_ids.device).repeat_interleave(group_size)
+    index = index.to(prompt_ids.device)
+    if index.numel() != completion_ids.size(0):
+        raise ValueError(
+            f"prompt_index covers {index.numel()} completions, completion_ids has {completion_ids.size(0)}"
+        )
+    return index
+
+
+def grouped_completion_logprobs(
+    model: Any,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    group_size: int | None = None,
+    temperature: float = 1.0,
+    prompt_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``completion_logprobs`` with each distinct prompt run through the decoder once, not once per completion.
+
+    prompt_ids, prompt_mask: [P, L] left-padded, one row per group; completion_ids, completion_mask:
+    [N, T] right-padded, where completion i continues prompt ``prompt_index[i]`` (by default
+    ``i // group_size``: N = P * G rows, group p is rows [p*G, (p+1)*G)). The prompt pass keeps its
+    key/value cache, which is expanded to the N completions (differentiably: the gradients of all G
+    completions flow into the one prompt pass) and attended to by the completion pass. Returns what
+    ``completion_logprobs`` on the concatenated sequences returns, up to float rounding.
+
+    Falls back to the full-sequence path when the cache cannot be shared: gradient checkpointing in
+    training mode (transformers drops the cache there), or a cache other than a plain DynamicCache.
+    """
+    prompt_index = _prompt_index(prompt_ids, completion_ids, group_size, prompt_index)
+    L = prompt_ids.size(1)
+    decoder = model.get_decoder()
+
+    def full_path():
+        ids = torch.cat([prompt_ids[prompt_index], completion_ids], 1)
+        mask = torch.cat([prompt_mask[prompt_index], completion_mask], 1)
+        return completion_logprobs(model, ids, mask, L, temperature)
+
+    if getattr(decoder, "gradient_checkpointing", False) and decoder.training:
+        return full_path()
+    prompt_pos = positions(prompt_mask)
+    out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True)
+    cache = output_cache(out)
+    if not _shareable_cache(cache, L):
+        return full_path()
+    cache.batch_select_indices(prompt_index)  # [P, ...] -> [N, ...]; indexing, so differentiable
+    T = completion_ids.size(1)
+    steps = torch.arange(1, T + 1, device=prompt_pos.device)
+    hidden = decoder(
+        input_ids=completion_ids,
+        attention_mask=torch.cat([prompt_mask[prompt_index], completion_mask], 1),
+        position_ids=prompt_pos[prompt_index, -1:] + steps,
+        use_cache=True,
+        **{cache_arg(): cache},
+    ).last_hidden_state  # [N, T, H]
+    if cache.get_seq_length() != L + T:  # the completion pass did not attend to the prompt
+        return full_path()
+    # The prompt's last hidden state predicts the first completion token; completion t predicts t + 1.
+    hidden = torch.cat([out.last_hidden_state[prompt_index, -1:], hidden[:, :-1]], 1)
+    weight = model.get_output_embeddings().weight  # [V, H]
+    return token_logprobs(hidden, weight, completion_ids, temperature=temperature)

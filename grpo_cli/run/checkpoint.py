@@ -1,0 +1,204 @@
+"""Checkpoints: everything needed to continue a run exactly, written atomically; stopping on a signal.
+
+``<run_dir>/checkpoint-<step>/`` holds
+- the weights as plain transformers / peft save them (an adapter, or the full model) and the tokenizer,
+  so ``from_pretrained`` loads a checkpoint without this package;
+- ``trainer_state.pt``: step, optimizer and scheduler state, RNG states (python, numpy, torch CPU and
+  every CUDA device), the prompt sampler's position, the bad-step counters and the held-out metrics so far;
+- ``config.yaml``: the resolved run config;
+- for an adapter, ``base_model.json``: its base's path and fingerprint (``models.identity``), so it
+  loads on the same base under another path.
+
+A checkpoint is written into a hidden temporary directory and renamed into place, so a process killed
+mid-save leaves the previous checkpoints intact and never a half-written ``checkpoint-<step>``
+(``remove_partial`` clears the leftover temporary directory when the run starts again). A rename is
+atomic against a killed process; against a power cut the files would also need an fsync, which we skip.
+
+``GracefulStop`` turns the first Ctrl-C / SIGTERM into "finish this step, save, print the resume
+command" (``resume_command``) and a second one into an immediate stop.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from grpo_cli.config import ConfigError, leaves
+from grpo_cli.models import identity
+from grpo_cli.runtime import rng
+
+STATE_FILE = "trainer_state.pt"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+_TMP_PREFIX = ".tmp-checkpoint-"
+# Exit status of a run stopped by a signal: 128 + the signal number, as a shell reports it.
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in ``run_dir``, oldest first."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p)
+        for p in run.iterdir()
+        if (m := _NAME.match(p.name)) and (p / STATE_FILE).is_file()
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def remove_partial(run_dir: str | Path) -> list[Path]:
+    """Delete temporary directories left by a save that was killed; returns what was removed."""
+    run = Path(run_dir)
+    stale = [p for p in run.glob(f"{_TMP_PREFIX}*") if p.is_dir()] if run.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def save(
+    run_dir: str | Path,
+    step: int,
+    model: Any,
+    tokenizer: Any,
+    trainer_state: dict[str, Any],
+    config_yaml: str,
+    keep: int = 2,
+    model_state: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write ``checkpoint-<step>`` atomically and keep only the newest ``keep`` checkpoints (0: all).
+
+    ``model_state``: the full weights when ``model`` holds only a shard of them (FSDP).
+
+    The RNG states are taken here, so the caller must save at the point of the step sequence where a
+    resumed run will continue (after everything of ``step`` that draws random numbers).
+    """
+    run = Path(run_dir)
+    final = run / f"checkpoint-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step}-", dir=run))
+    try:
+        model.save_pretrained(tmp, **({} if model_state is None else {"state_dict": model_state}))
+        identity.record_base(tmp, model)  # an adapter's base by config and weights, not only its path
+        tokenizer.save_pretrained(tmp)
+        torch.save({**trainer_state, "step": step, "rng": rng.rng_state()}, tmp / STATE_FILE)
+        (tmp / "config.yaml").write_text(config_yaml)
+        publish(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old_ckpt in list_checkpoints(run)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old_ckpt, ignore_errors=True)
+    return final
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Rename the written directory ``tmp`` into place as ``final`` (replacing an older one of that step)."""
+    if final.exists():  # re-saving a step (a resumed run that went back): move the old one aside first
+        old = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}old-{final.name}-", dir=final.parent))
+        os.replace(final, old / final.name)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def load_state(checkpoint: str | Path) -> dict[str, Any]:
+    return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
+    """``train.resume``: None, ``auto`` (newest complete checkpoint in run_dir, if any) or a path."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise ConfigError(f"train.resume={resume}: not a complete checkpoint (no {STATE_FILE})")
+    return path
+
+
+def config_changes(old_yaml: str, new_yaml: str, ignore: Sequence[str] = ()) -> list[str]:
+    """``key: old -> new`` for every leaf that differs between two resolved configs (keys in ``ignore`` skipped)."""
+    from omegaconf import OmegaConf
+
+    old = leaves(OmegaConf.to_container(OmegaConf.create(old_yaml)))
+    new = leaves(OmegaConf.to_container(OmegaConf.create(new_yaml)))
+    keys = sorted((set(old) | set(new)) - set(ignore))
+    return [f"{k}: {old.get(k)} -> {new.get(k)}" for k in keys if old.get(k) != new.get(k)]
+
+
+def resume_command(
+    run_dir: str | Path, overrides: Sequence[str] | None = None, launcher: Sequence[str] = ("grpo",)
+) -> str:
+    """The shell command that continues this run: the same overrides, this run dir, ``train.resume=auto``.
+
+    ``overrides`` defaults to the ones Hydra parsed for this job (empty outside a Hydra run);
+    ``launcher`` is what runs the subcommand (``distributed.launcher()`` under torchrun).
+    """
+    if overrides is None:
+        overrides = _hydra_overrides()
+    drop = ("train.resume", "hydra.run.dir")
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in drop]
+    return shlex.join(
+        [*launcher, "train", *kept, f"hydra.run.dir={Path(run_dir).resolve()}", "train.resume=auto"]
+    )
+
+
+def _hydra_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+class GracefulStop:
+    """Within this block the first SIGINT / SIGTERM only sets ``signum``; a second raises KeyboardInterrupt.
+
+    The training loop checks ``requested`` after each step, saves and exits with ``exit_code``
+    (130 for SIGINT, 143 for SIGTERM). Handlers can only be installed on the main thread; elsewhere
+    the block does nothing and signals keep their usual effect.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES.get(self.signum, 1)
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            for sig in EXIT_CODES:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            self.signum = signum
+            raise KeyboardInterrupt
+        self.signum = signum
+        name = signal.Signals(signum).name
+        # os.write, not print or logging: a handler may run in the middle of either's own write.
+        os.write(
+            2,
+            f"\n{name}: finishing this step, then saving a checkpoint "
+            f"(press Ctrl-C again to stop at once, without saving)\n".encode(),
+        )

@@ -1,0 +1,95 @@
+"""Evaluate a checkpoint the way it was trained: the settings that shape its completions come from the
+run's saved ``config.yaml`` (written into every checkpoint) unless the command line sets them.
+
+    grpo eval checkpoint=outputs/run/checkpoint-200 data=gsm8k data.path=../shared/data/gsm8k
+        # -> rollout.max_new_tokens, model.chat_template, model.system_prompt of the run,
+        #    and its data.template when the run trained on the same data source
+    grpo eval checkpoint=outputs/run/checkpoint-200 rollout.max_new_tokens=1024   # this one overridden
+
+A model trained to answer inside a chat template, in up to N tokens, is judged unfairly without the
+template or with a shorter budget; the defaults of ``grpo eval`` (the data group's) need not match.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("grpo_cli")
+
+# Keys taken from the checkpoint's run; data.template only when the data source is the same.
+INHERITED = ("rollout.max_new_tokens", "model.chat_template", "model.system_prompt", "data.template", "seed")
+
+
+def _get(node: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    return node
+
+
+def _set(node: Any, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = getattr(node, part)
+    setattr(node, leaf, value)
+
+
+def overridden_keys(overrides: Sequence[str]) -> set[str]:
+    """Dotted keys set on the command line (``key=value``, ``+key=value``, ``++key=value``)."""
+    return {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+
+
+def saved_config(checkpoint: str) -> dict[str, Any] | None:
+    """The run config saved in a checkpoint directory, or None when it has none (made elsewhere)."""
+    path = Path(checkpoint) / "config.yaml"
+    if not path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+def inherit(cfg: Any, checkpoints: Sequence[str], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set ``INHERITED`` keys of ``cfg`` (an EvalRoot) from the first checkpoint that saved its config.
+
+    Keys in ``overrides`` keep their command-line value. Returns what was taken, ``{key: value}``; a
+    later checkpoint whose run used other values is named in a warning (all are evaluated alike).
+    """
+    given = overridden_keys(overrides)
+    saved = [(name, saved_config(name)) for name in checkpoints if name != "base"]
+    saved = [(name, conf) for name, conf in saved if conf is not None]
+    if not saved:
+        return {}
+    source, conf = saved[0]
+    taken: dict[str, Any] = {}
+    for key in INHERITED:
+        if key in given:
+            continue
+        if key == "data.template" and _get(conf, "data.name") != cfg.data.name:
+            continue
+        try:
+            value = _get(conf, key)
+        except (KeyError, AttributeError):
+            continue  # a run saved before the key existed
+        if value != _get(cfg, key):
+            _set(cfg, key, value)
+            taken[key] = value
+    if taken:
+        shown = " ".join(f"{k}={v!r}" for k, v in taken.items())
+        log.info("as %s was trained: %s (set them on the command line to change)", source, shown)
+    for name, other in saved[1:]:
+        differ = [k for k in INHERITED if k not in given and _safe_get(other, k) != _safe_get(conf, k)]
+        if differ:
+            log.warning(
+                "%s was trained with other %s than %s; all use %s's", name, ", ".join(differ), source, source
+            )
+    return taken
+
+
+def _safe_get(conf: dict[str, Any], key: str) -> Any:
+    try:
+        return _get(conf, key)
+    except (KeyError, AttributeError):
+        return None

@@ -1,0 +1,1 @@
+"""The process a run lives in: torchrun ranks and collectives, the global RNG state, log setup."""

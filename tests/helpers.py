@@ -1,0 +1,84 @@
+"""Helpers several test files share (importable as ``helpers``: pytest puts tests/ on sys.path for conftest.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from grpo_cli.engines.hf import left_pad
+from grpo_cli.rollout.generate import PromptFormat
+
+
+def encode_prompts(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    chat_template: bool,
+    device: Any,
+    system_prompt: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt texts as the rollout layer encodes them, left-padded: ids and mask [P, L]."""
+    fmt = PromptFormat("{question}", chat_template, system_prompt)
+    ids = fmt.encode(tokenizer, [{"question": p} for p in prompts])
+    return left_pad(ids, tokenizer.pad_token_id, device)
+
+
+def sequence_logprobs(
+    engine: Any, sequences: Sequence[Sequence[int]], start: Sequence[int]
+) -> list[list[float]]:
+    """vLLM's log-probs (temperature 1) of tokens ``start[i]:`` of each sequence, each given the tokens
+    before it: what the engine assigns to a fixed completion (the check that a weight push arrived)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from grpo_cli.engines.process import kept_process_state
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, temperature=1.0)
+    with kept_process_state():
+        engine.llm.reset_prefix_cache()
+        outs = engine.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params, use_tqdm=False
+        )
+    return [
+        [d[t].logprob for t, d in zip(seq[s:], out.prompt_logprobs[s:])]
+        for seq, s, out in zip(sequences, start, outs)
+    ]
+
+
+def roll_out(
+    policy: Any,
+    rows: Sequence[dict],
+    prompts: Sequence[str],
+    group_size: int,
+    rollout_cfg: Any,
+    chat_template: bool = False,
+    greedy: bool = False,
+    seeds: Sequence[int] | None = None,
+    system_prompt: str | None = None,
+    engine: Any = None,
+) -> Any:
+    """``rollout.generate`` on prompt texts (``prompts[i]`` is row i's prompt), on the hf engine unless
+    ``engine`` is given; the Rollout keeps the original rows."""
+    from grpo_cli.engines import Decoding
+    from grpo_cli.engines.hf import HFEngine
+    from grpo_cli.rollout.generate import generate
+
+    engine = engine or HFEngine(policy, rollout_cfg.batch_size)
+    fmt = PromptFormat("{question}", chat_template, system_prompt)
+    texts = [{**r, "question": p} for r, p in zip(rows, prompts)]
+    ro = generate(
+        engine, policy, texts, fmt, group_size, rollout_cfg, Decoding.of(rollout_cfg, greedy), seeds
+    )
+    ro.rows = [r for r in rows for _ in range(group_size)]
+    return ro
+
+
+def held_out(policy: Any, rows: list[dict], cfg: Any, rewarder: Any) -> dict[str, float]:
+    """``grpo train``'s held-out metrics of ``policy`` on ``rows`` under a composed train config."""
+    from grpo_cli.commands.heldout import held_out_metrics
+    from grpo_cli.engines.hf import HFEngine
+
+    engine = HFEngine(policy, cfg.rollout.batch_size)
+    fmt = PromptFormat.of(cfg.data, cfg.model)
+    return held_out_metrics(engine, policy, rows, fmt, cfg.rollout, cfg.train, cfg.seed, rewarder)

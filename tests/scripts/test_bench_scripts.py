@@ -1,0 +1,80 @@
+"""The benchmark scripts measure what they claim: equal work on both sides, the issue's settings."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench_rollout():
+    return _load("bench_rollout")
+
+
+@pytest.fixture(scope="module")
+def bench_vs_trl():
+    return _load("bench_vs_trl")
+
+
+def test_bench_rollout_defaults_are_the_issue_settings(bench_rollout):
+    args = bench_rollout.parse_args([])
+    assert args.lengths == [16, 128, 512] and args.group_size == 8
+    model = bench_rollout.build_model(args)
+    params = sum(p.numel() for p in model.parameters())
+    assert 10e6 <= params <= 50e6  # "a randomly initialised Qwen2 config of ~10-50 M parameters"
+
+
+def test_every_rollout_path_generates_every_token(bench_rollout):
+    """EOS is suppressed on every side, so each produces prompts x G x new-tokens tokens."""
+    args = bench_rollout.parse_args(["--hidden", "64", "--layers", "1", "--vocab", "50", "--new-tokens", "6"])
+    model = bench_rollout.build_model(args)
+    ids = torch.randint(1, args.vocab, (args.prompts, 5))
+    mask = torch.ones_like(ids)
+    expected = args.prompts * args.group_size * args.new_tokens
+    assert bench_rollout.ours(model, ids, mask, args) == expected
+    assert bench_rollout.ours_seeded(model, ids, mask, args) == expected
+    assert bench_rollout.hf_generate(model, ids, mask, args) == expected
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_our_side_of_the_trl_benchmark_composes_to_the_equal_work_settings(bench_vs_trl, mode, tmp_path):
+    from grpo_cli.cli import compose_config
+
+    args = bench_vs_trl.parse_args(["--steps", "4", "--warmup", "2"])
+    overrides = [o for o in bench_vs_trl.ours_overrides(mode, args, tmp_path) if not o.startswith("hydra.")]
+    cfg, _ = compose_config("train", overrides)
+    assert (cfg.algo.group_size, cfg.train.prompts_per_step, cfg.rollout.max_new_tokens) == (8, 8, 8)
+    assert (cfg.algo.beta, cfg.algo.num_iterations, cfg.train.steps) == (0.04, 1, 6)
+    assert cfg.model.dtype == "float32" and not cfg.model.gradient_checkpointing
+    assert cfg.train.eval_every == 0 and cfg.train.lr == args.lr
+    assert cfg.lora.enabled == (mode == "lora")
+    if mode == "lora":
+        assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules) == (16, 32, "all-linear")
+
+
+def test_the_real_shape_composes_to_the_issue_settings(bench_vs_trl, tmp_path):
+    from grpo_cli.cli import compose_config
+
+    args = bench_vs_trl.parse_args(["--shape", "qwen2.5-0.5b", "--model-dir", str(tmp_path)])
+    args.path = str(tmp_path)
+    overrides = [o for o in bench_vs_trl.ours_overrides("lora", args, tmp_path) if not o.startswith("hydra.")]
+    cfg, _ = compose_config("train", overrides)
+    assert (cfg.algo.group_size, cfg.train.prompts_per_step, cfg.rollout.max_new_tokens) == (8, 2, 128)
+    assert cfg.model.name_or_path == str(tmp_path) and not cfg.model.chat_template
+    assert cfg.model.dtype == "float32" and cfg.train.eval_problems == 0
+    with pytest.raises(SystemExit, match="make_standin"):  # no config.json there: a one-line pointer
+        bench_vs_trl.model_path(args)
