@@ -1,0 +1,406 @@
+"""The GRPO update on a hand-built rollout, against a float64 reference written from the formula.
+
+The model is a 2-layer, 16-dim Qwen2 built here in float64 (no tokenizer, no download), so the
+micro-batched, prompt-sharing forward/backward of ``update`` can be held to 1e-10 against one plain
+full-sequence forward, log_softmax and gather, with the loss written out term by term.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from types import MethodType, SimpleNamespace
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from grpo_cli.commands.update import advantages_for, make_optimizer, micro_batches, prepare, schedule, update
+from grpo_cli.config import AlgoConfig, RolloutConfig, TrainConfig
+from grpo_cli.models import Policy
+from grpo_cli.rollout.record import Rollout
+from grpo_cli.runtime import distributed
+
+VOCAB, G = 37, 4
+# Three groups of G = 4; the third completion of group 1 (row 6) is unjudged (NaN).
+REWARDS = [1.0, 0.0, 0.0, 1.0, 0.5, 1.0, math.nan, 0.0, 0.0, 0.25, 1.0, 1.0]
+N = len(REWARDS)
+TEMPERATURE = 0.7
+TOL = 1e-10
+
+
+# ---------------------------------------------------------------------------- builders
+
+
+def _model(seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.3,  # wide weights: log-probs far from uniform, gradients far from 0
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
+    model = Qwen2ForCausalLM(config).double().train()
+    for module in model.modules():
+        if type(module).__name__ == "Qwen2RMSNorm":
+            module.forward = MethodType(_rms_norm_in_float64, module)
+    return model
+
+
+def _rms_norm_in_float64(self, hidden: torch.Tensor) -> torch.Tensor:
+    """Qwen2RMSNorm without its detour through float32 (it casts its input to float32 whatever the
+    dtype): with it, gradients summed in different orders (a prompt shared by G completions, or
+    one per completion) differ by ~1e-7, and no float64 comparison could go below that."""
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def _policy(ref: bool = False) -> Policy:
+    model = _model()
+    ref_model = None
+    if ref:  # pi_ref: the same weights moved a little, frozen (full fine-tuning with beta > 0)
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in ref_model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return Policy(model=model, tokenizer=None, device=torch.device("cpu"), ref_model=ref_model)
+
+
+def _rollout(rewards: list[float] = REWARDS, seed: int = 0) -> Rollout:
+    """N = 3 * G completions; prompts of 3, 5 and 2 tokens left-padded to 5, completions of 1..6 tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    P, L, T = len(rewards) // G, 5, 6
+    prompt_lens = [3, 5, 2][:P]
+    p_ids = torch.randint(2, VOCAB, (P, L), generator=gen)
+    p_mask = torch.zeros(P, L, dtype=torch.long)
+    for i, n in enumerate(prompt_lens):
+        p_mask[i, L - n :] = 1
+    p_ids = torch.where(p_mask.bool(), p_ids, 0)
+    lengths = torch.randint(1, T + 1, (len(rewards),), generator=gen)
+    lengths[0], lengths[1] = T, 1  # the extremes, for sure
+    c_mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
+    c_ids = torch.randint(2, VOCAB, (len(rewards), T), generator=gen)
+    c_ids = torch.where(c_mask.bool(), c_ids, 0)  # pad after the end
+    return Rollout(
+        prompt_ids=p_ids.repeat_interleave(G, 0),
+        prompt_mask=p_mask.repeat_interleave(G, 0),
+        completion_ids=c_ids,
+        completion_mask=c_mask,
+        texts=[""] * len(rewards),
+        rows=[{}] * len(rewards),
+        group_size=G,
+        rewards=torch.tensor(rewards, dtype=torch.float32),
+    )
+
+
+def _cfg(micro: int = N, beta: float = 0.0, mu: int = 1, aggregation: str = "seq_mean_token_mean", **train):
+    return SimpleNamespace(
+        algo=AlgoConfig(group_size=G, beta=beta, num_iterations=mu, aggregation=aggregation),
+        train=TrainConfig(micro_batch_size=micro, max_grad_norm=1e9, warmup_steps=0, **train),
+        rollout=RolloutConfig(temperature=TEMPERATURE),
+    )
+
+
+def _prepare(policy, rollout, cfg):
+    return prepare(policy, rollout, cfg.algo, cfg.train.micro_batch_size, cfg.rollout.temperature)
+
+
+def _update(policy, opt, sched, inputs, cfg):
+    return update(policy, opt, sched, inputs, cfg.algo, cfg.train, cfg.rollout.temperature)
+
+
+class RecordingSGD(torch.optim.SGD):
+    """SGD that keeps a copy of the gradients it was asked to apply (one list per step)."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr)
+        self.seen: list[list[torch.Tensor]] = []
+
+    def step(self, closure=None):
+        self.seen.append([p.grad.clone() for g in self.param_groups for p in g["params"]])
+        return super().step(closure)
+
+
+def _plain_logps(model, rollout: Rollout) -> torch.Tensor:
+    """Reference log-probs [N, T]: one forward over prompt + completion, logits / temperature,
+    log_softmax, gather (position ids skip the left padding)."""
+    ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
+    mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], 1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits  # [N, L + T, V]
+    L = rollout.prompt_ids.size(1)
+    lp = torch.log_softmax(logits[:, L - 1 : -1] / TEMPERATURE, -1)  # position t predicts t + 1
+    return lp.gather(-1, rollout.completion_ids[..., None]).squeeze(-1)
+
+
+def _reference_loss(logps, ref_logps, adv, mask, beta, aggregation):
+    """-J(theta) for mu = 1, written from the formula (no clipping can bite: rho = 1 in value).
+
+    rho_{i,t} = exp(logp_{i,t} - stopgrad(logp_{i,t})) = 1, and d rho = d logp, so
+
+        loss = sum_{i,t in mask} w_{i,t} * ( -rho_{i,t} A_i + beta * k3_{i,t} ),
+        k3_{i,t} = exp(ref - logp) - (ref - logp) - 1,
+        w_{i,t}  = 1 / (N |o_i|)            seq_mean_token_mean (N counts unjudged rows too)
+                 = 1 / sum_i |o_i|          token_mean           (|o_i| = 0 for an unjudged row)
+
+    In value: loss = -sum_i A_i * sum_t w_{i,t} + beta * sum w k3.
+    """
+    m = mask.double()
+    if aggregation == "seq_mean_token_mean":
+        w = m / (mask.size(0) * m.sum(1, keepdim=True).clamp(min=1))
+    else:
+        w = m / m.sum()
+    rho = torch.exp(logps - logps.detach())
+    per_token = -rho * adv.double()[:, None]
+    if beta > 0:
+        log_r = ref_logps - logps
+        per_token = per_token + beta * (torch.exp(log_r) - log_r - 1)
+    return (w * per_token).sum()
+
+
+# ---------------------------------------------------------------------------- advantages_for
+
+
+def test_unjudged_rewards_take_their_groups_judged_mean():
+    rewards = [1.0, math.nan, 0.0, 1.0] + [math.nan] * 4  # group 2 has no judged reward at all
+    adv, judged = advantages_for(_rollout(rewards), G, "group")
+    assert judged.tolist() == [True, False, True, True] + [False] * 4
+    # group 1: filled [1, 2/3, 0, 1], mean 2/3, centred [1/3, 0, -2/3, 1/3];
+    # unbiased std = sqrt((1/9 + 0 + 4/9 + 1/9) / 3) = sqrt(2/9)
+    std = math.sqrt(2 / 9) + 1e-4
+    expected = [1 / 3 / std, 0.0, -2 / 3 / std, 1 / 3 / std]
+    assert adv[:4].tolist() == pytest.approx(expected, abs=1e-6)
+    # group 2: nothing judged, filled with 0 (not NaN): zero advantages
+    assert adv[4:].tolist() == [0.0] * 4
+
+
+def test_batch_scaling_divides_by_the_std_of_every_filled_reward():
+    rewards = [1.0, 0.0, math.nan, 0.0, 1.0, 1.0, 1.0, 0.0]
+    adv, _ = advantages_for(_rollout(rewards), G, "batch")
+    # filled: [1, 0, 1/3, 0 | 1, 1, 1, 0]; group means 1/3 and 3/4
+    filled = [1, 0, 1 / 3, 0, 1, 1, 1, 0]
+    means = [1 / 3] * 4 + [3 / 4] * 4
+    mu = sum(filled) / 8
+    batch_std = math.sqrt(sum((r - mu) ** 2 for r in filled) / 7)  # unbiased, over all 8
+    expected = [(r - m) / (batch_std + 1e-4) for r, m in zip(filled, means)]
+    assert adv.tolist() == pytest.approx(expected, abs=1e-6)
+    # ...which is not what the group scale gives (group 2's std differs from the batch's)
+    assert not torch.allclose(adv, advantages_for(_rollout(rewards), G, "group")[0])
+
+
+def test_batch_scaling_over_ranks_uses_every_ranks_rewards_and_returns_this_ranks_share(monkeypatch):
+    mine = [1.0, 0.0, 0.0, 0.0]
+    other = [1.0, 1.0, 1.0, 0.0]  # rank 0's filled rewards
+    monkeypatch.setattr(distributed, "world", lambda: distributed.World(rank=1, size=2))
+    monkeypatch.setattr(distributed, "gather_objects", lambda x: [torch.tensor(other), x])
+    adv, _ = advantages_for(_rollout(mine), G, "batch")
+    everything = other + mine
+    mu = sum(everything) / 8
+    batch_std = math.sqrt(sum((r - mu) ** 2 for r in everything) / 7)
+    expected = [(r - 1 / 4) / (batch_std + 1e-4) for r in mine]  # this rank's group mean is 1/4
+    assert adv.tolist() == pytest.approx(expected, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------- micro_batches, schedule
+
+
+@pytest.mark.parametrize(
+    "n,size,expected",
+    [(7, 3, [(0, 3), (3, 6), (6, 7)]), (6, 6, [(0, 6)]), (4, 10, [(0, 4)]), (3, 1, [(0, 1), (1, 2), (2, 3)]),
+     (0, 4, [])],
+)  # fmt: skip
+def test_micro_batches_are_consecutive_slices_of_at_most_size(n, size, expected):
+    assert [(s.start, s.stop) for s in micro_batches(n, size)] == expected
+
+
+def test_schedule_warms_up_linearly_then_holds():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched = schedule(opt, warmup_steps=3)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()  # no gradient: moves nothing, keeps torch's step-order check quiet
+        sched.step()
+    # factor min(1, (s + 1) / (3 + 1)) at scheduler step s = 0..5
+    assert lrs == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1], abs=1e-15)
+
+
+def test_no_warmup_is_the_constant_learning_rate():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched = schedule(opt, warmup_steps=0)
+    lrs = []
+    for _ in range(3):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()  # no gradient: moves nothing, keeps torch's step-order check quiet
+        sched.step()
+    assert lrs == [0.1, 0.1, 0.1]
+
+
+def test_make_optimizer_trains_only_the_trainable_parameters_with_the_configured_adamw():
+    policy = _policy()
+    policy.model.model.embed_tokens.weight.requires_grad_(False)
+    tr = TrainConfig(lr=0.02, adam_beta1=0.8, adam_beta2=0.95, weight_decay=0.1, warmup_steps=4)
+    opt, sched = make_optimizer(policy, tr)
+    trained = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert id(policy.model.model.embed_tokens.weight) not in trained
+    assert trained == {id(p) for p in policy.model.parameters() if p.requires_grad}
+    group = opt.param_groups[0]
+    assert isinstance(opt, torch.optim.AdamW) and group["betas"] == (0.8, 0.95)
+    assert group["weight_decay"] == 0.1
+    assert group["lr"] == pytest.approx(0.02 / 5)  # first warm-up step: 1 / (4 + 1) of lr
+
+
+# ---------------------------------------------------------------------------- prepare
+
+
+@pytest.mark.parametrize("beta,mu", [(0.0, 1), (0.04, 1), (0.0, 2), (0.04, 3)])
+def test_prepare_makes_reference_and_old_logprobs_only_when_needed(beta, mu):
+    policy, rollout = _policy(ref=beta > 0), _rollout()
+    inputs = _prepare(policy, rollout, _cfg(micro=3, beta=beta, mu=mu))
+    mask = rollout.completion_mask.bool()
+    # the unjudged row (6) is out of the loss; every other row keeps its completion tokens
+    assert not inputs.loss_mask[6].any()
+    assert torch.equal(inputs.loss_mask[torch.arange(N) != 6], mask[torch.arange(N) != 6])
+    assert (inputs.ref_logps is not None) == (beta > 0)
+    assert (inputs.old_logps is not None) == (mu > 1)
+    with torch.no_grad():
+        if beta > 0:
+            want = _plain_logps(policy.ref_model, rollout)
+            assert torch.allclose(inputs.ref_logps[mask], want[mask], rtol=0, atol=TOL)
+            assert not inputs.ref_logps.requires_grad
+            # pi_ref is not pi_theta: the reference pass did not run the policy
+            assert not torch.allclose(inputs.ref_logps[mask], _plain_logps(policy.model, rollout)[mask])
+        if mu > 1:
+            want = _plain_logps(policy.model, rollout)
+            assert torch.allclose(inputs.old_logps[mask], want[mask], rtol=0, atol=TOL)
+            assert not inputs.old_logps.requires_grad
+
+
+# ---------------------------------------------------------------------------- update
+
+
+def _grads_and_stats(micro, beta, aggregation):
+    policy, rollout = _policy(ref=beta > 0), _rollout()
+    cfg = _cfg(micro=micro, beta=beta, aggregation=aggregation)
+    inputs = _prepare(policy, rollout, cfg)
+    opt = RecordingSGD(policy.model.parameters(), lr=0.0)  # lr 0: record the gradients, move nothing
+    stats = _update(policy, opt, schedule(opt, 0), inputs, cfg)
+    assert len(opt.seen) == 1  # mu = 1: one optimizer step
+    return policy, rollout, inputs, opt.seen[0], stats
+
+
+@pytest.mark.parametrize("aggregation", ["seq_mean_token_mean", "token_mean"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_micro_batched_loss_and_gradients_equal_the_full_batch_reference(beta, aggregation):
+    """Micro-batches of 1, 3 (which split groups of 4) and N give the loss and gradient of one plain
+    full-batch forward with the loss written from the formula, to 1e-10 in float64."""
+    # the reference: the policy's weights, one full forward, the formula, autograd
+    policy, rollout = _policy(ref=beta > 0), _rollout()
+    inputs = _prepare(policy, rollout, _cfg(beta=beta, aggregation=aggregation))
+    logps = _plain_logps(policy.model, rollout)
+    ref_logps = None if beta == 0 else _plain_logps(policy.ref_model, rollout).detach()
+    want_loss = _reference_loss(logps, ref_logps, inputs.advantages, inputs.loss_mask, beta, aggregation)
+    want_loss.backward()
+    want_grads = [p.grad.clone() for p in policy.model.parameters()]
+    assert sum(float(g.abs().sum()) for g in want_grads) > 1e-3  # a gradient worth comparing
+
+    for micro in (1, 3, N):
+        _, _, _, grads, stats = _grads_and_stats(micro, beta, aggregation)
+        assert stats["loss"] == pytest.approx(want_loss.item(), abs=TOL), micro
+        assert len(grads) == len(want_grads)
+        for got, want in zip(grads, want_grads):
+            assert torch.allclose(got, want, rtol=0, atol=TOL), micro
+        assert stats["skipped"] == 0.0
+        assert stats["grad_norm"] == pytest.approx(
+            torch.linalg.vector_norm(torch.stack([g.norm() for g in want_grads])).item(), rel=1e-9
+        )
+
+
+def test_on_policy_loss_value_is_minus_the_mean_advantage_plus_beta_kl():
+    # rho = 1: the seq_mean_token_mean loss is -(1/N) sum_{i judged} A_i + beta * (1/N) sum_i mean_t k3.
+    # Every group's judged advantages sum to 0 (the unjudged row took the group mean, so its A is 0):
+    # with beta = 0 the loss is 0, with beta > 0 it is the KL term alone, and that is > 0.
+    _, _, inputs, _, stats0 = _grads_and_stats(N, 0.0, "seq_mean_token_mean")
+    assert inputs.advantages[6].item() == pytest.approx(0.0, abs=1e-7)
+    assert inputs.advantages.view(-1, G).sum(1).abs().max().item() < 1e-5
+    assert stats0["loss"] == pytest.approx(0.0, abs=1e-6) and stats0["kl"] == 0.0
+    policy, rollout, inputs, _, stats = _grads_and_stats(3, 0.04, "seq_mean_token_mean")
+    with torch.no_grad():
+        lp, ref = _plain_logps(policy.model, rollout), _plain_logps(policy.ref_model, rollout)
+    m = inputs.loss_mask.double()
+    k3 = torch.exp(ref - lp) - (ref - lp) - 1
+    minus_mean_adv = -(inputs.advantages.double() * (m.sum(1) > 0)).sum() / N
+    kl_term = 0.04 * ((k3 * m).sum(1) / m.sum(1).clamp(min=1)).sum() / N
+    assert stats["loss"] == pytest.approx((minus_mean_adv + kl_term).item(), abs=1e-9)
+    assert kl_term.item() > 1e-5
+
+
+def test_sgd_step_moves_the_weights_by_minus_lr_times_the_gradient():
+    policy, rollout = _policy(), _rollout()
+    cfg = _cfg(micro=5)
+    before = [p.detach().clone() for p in policy.model.parameters()]
+    inputs = _prepare(policy, rollout, cfg)
+    opt = RecordingSGD(policy.model.parameters(), lr=0.5)
+    stats = _update(policy, opt, schedule(opt, 0), inputs, cfg)
+    for p, b, g in zip(policy.model.parameters(), before, opt.seen[0]):
+        assert torch.allclose(p.detach(), b - 0.5 * g, rtol=0, atol=1e-14)
+    assert stats["lr"] == 0.5
+    assert all(p.grad is None for p in policy.model.parameters())  # cleared after the step
+
+
+def test_mu_iterations_take_mu_optimizer_steps_and_the_ratio_moves_off_one():
+    policy, rollout = _policy(), _rollout()
+    cfg = _cfg(micro=5, mu=3)
+    inputs = _prepare(policy, rollout, cfg)
+    opt = RecordingSGD(policy.model.parameters(), lr=0.5)
+    stats = _update(policy, opt, schedule(opt, 0), inputs, cfg)
+    assert len(opt.seen) == 3
+    # the statistics are the last iteration's: after two steps pi_theta != pi_old
+    assert stats["ratio/max"] > 1.0 + 1e-6 and stats["ratio/min"] < 1.0 - 1e-6
+
+
+# update steps the schedule even when it skips the optimizer step, which torch warns about
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_a_non_finite_loss_is_not_applied():
+    policy, rollout = _policy(), _rollout()
+    cfg = _cfg(micro=5, lr=0.1)
+    inputs = _prepare(policy, rollout, cfg)
+    inputs.advantages[0] = math.nan  # row 0 is judged and has tokens: the loss is NaN
+    before = [p.detach().clone() for p in policy.model.parameters()]
+    opt, sched = make_optimizer(policy, cfg.train)
+    stats = _update(policy, opt, sched, inputs, cfg)
+    assert stats["skipped"] == 1.0
+    assert not math.isfinite(stats["loss"])
+    assert all(torch.equal(p, b) for p, b in zip(policy.model.parameters(), before))
+    assert not opt.state  # AdamW never stepped: no moments were made from NaN gradients
+    assert all(p.grad is None for p in policy.model.parameters())
+    # the next, finite update is applied as usual
+    inputs.advantages[0] = 0.5
+    stats = _update(policy, opt, sched, inputs, cfg)
+    assert stats["skipped"] == 0.0
+    assert not all(torch.equal(p, b) for p, b in zip(policy.model.parameters(), before))
+
+
+def test_engine_logprob_diff_is_the_mean_gap_over_completion_tokens():
+    policy, rollout = _policy(), _rollout()
+    with torch.no_grad():
+        rollout.engine_logps = _plain_logps(policy.model, rollout) - 0.01  # engine 0.01 below the trainer
+    cfg = _cfg(micro=5)
+    inputs = _prepare(policy, rollout, cfg)
+    opt = RecordingSGD(policy.model.parameters(), lr=0.0)
+    stats = _update(policy, opt, schedule(opt, 0), inputs, cfg)
+    assert stats["rollout/logprob_diff"] == pytest.approx(0.01, abs=1e-10)
+    # without engine log-probs (hf sampled) there is no such statistic
+    rollout.engine_logps = None
+    assert "rollout/logprob_diff" not in _update(
+        policy, opt, schedule(opt, 0), _prepare(policy, rollout, cfg), cfg
+    )
