@@ -149,6 +149,26 @@ class DataConfig:
 
 
 @dataclass
+class EnvConfig:
+    """Episodes: one turn (none), or turns in which the model calls a tool and reads its result."""
+
+    # none (single turn), calc (a calculator for the embedded tiny model), or a user's environment
+    # class given as env._target_=my_pkg.MyEnv (grpo_cli/envs/__init__.py has the protocol).
+    name: str = "none"
+    _target_: str | None = None
+    # Model turns per episode at most (each tool result starts a new one).
+    max_turns: int = 4
+    # Tokens after the prompt, model and tool tokens together; null: rollout.max_new_tokens.
+    max_episode_tokens: int | None = None
+    # A tool result longer than this is cut, ending in a marker.
+    max_tool_tokens: int = 64
+    # Wall-clock seconds one tool call may take.
+    timeout_s: float = 5.0
+    # A failed call (malformed, raised, timed out): observe (the error goes back to the model) or end.
+    on_error: str = "observe"
+
+
+@dataclass
 class RewardConfig:
     # List of rules: {name, _target_, weight, ...kwargs}; see grpo_cli/rewards/__init__.py.
     rules: list[Any] = field(default_factory=list)
@@ -237,6 +257,7 @@ class _Common:
     data: DataConfig = MISSING
     reward: RewardConfig = MISSING
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     seed: int = 0
     # console output: rich (live panel) or plain (one line per step).
     console: str = "rich"

@@ -19,7 +19,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "grpo_cli"
 # Bottom first; a module's layer is its first package below grpo_cli (or its own name at the top).
 LAYERS = [
-    "grpo_cli", "core", "config", "runtime", "data", "rewards", "models", "engines", "rollout", "run", "commands",
+    "grpo_cli", "core", "config", "runtime", "data", "rewards", "models", "engines", "envs", "rollout", "run",
+    "commands",
     "cli", "__main__",
 ]  # fmt: skip
 # Several packages on one layer may not import each other at all.

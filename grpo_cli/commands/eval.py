@@ -80,6 +80,7 @@ from grpo_cli.commands.validate import validate_eval
 from grpo_cli.config import ConfigError, EvalRoot
 from grpo_cli.data import load_rows
 from grpo_cli.engines import Decoding, Engine, build_engine
+from grpo_cli.envs.episode import episode_spec
 from grpo_cli.models import Policy, check_adapter_base, load_policy
 from grpo_cli.rewards import build_rewarder
 from grpo_cli.rollout.generate import PromptFormat, longest_prompt
@@ -103,8 +104,9 @@ def generate_records(
     """The held-out evaluation's completions of ``rows`` (``eval.samples`` each, or one greedy), scored."""
     n = 1 if greedy else cfg.eval.samples
     decoding = Decoding.of(cfg.rollout, greedy=greedy, temperature=cfg.eval.temperature)
-    fmt = PromptFormat.of(cfg.data, cfg.model)
-    ro = held_out_rollout(engine, policy, rows, fmt, cfg.rollout, n, decoding, cfg.seed, progress, label)
+    fmt, episodes = PromptFormat.of(cfg.data, cfg.model), episode_spec(cfg.env, policy, cfg.rollout)
+    args = (engine, policy, rows, fmt, cfg.rollout, n, decoding, cfg.seed, progress, label)
+    ro = held_out_rollout(*args, episodes=episodes)
     samples = [i % n for i in range(len(ro.texts))]
     return score_records(
         ro.texts, ro.rows, rewarder, answer_fn(rewarder), ro.lengths.tolist(), samples, greedy

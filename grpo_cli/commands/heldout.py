@@ -19,6 +19,7 @@ import torch
 
 from grpo_cli.config import RolloutConfig, TrainConfig
 from grpo_cli.engines import Decoding, Engine
+from grpo_cli.envs.episode import EpisodeSpec
 from grpo_cli.models import Policy
 from grpo_cli.rewards import correct
 from grpo_cli.rollout.batch import HELD_OUT_STREAM, draw_seed
@@ -40,13 +41,14 @@ def held_out_rollout(
     progress: GenerationProgress,
     label: str,
     index: Sequence[int] | None = None,
+    episodes: EpisodeSpec | None = None,
 ) -> Rollout:
-    """n completions of each row, unscored; row i samples from the stream of problem ``index[i]``
-    (default i). ``label`` names the progress bar."""
+    """n completions (or episodes) of each row, unscored; row i samples from the stream of problem
+    ``index[i]`` (default i). ``label`` names the progress bar."""
     index = range(len(rows)) if index is None else index
     seeds = None if decoding.greedy else [draw_seed(seed, i, HELD_OUT_STREAM) for i in index]
     with progress.task(label, len(rows) * n) as advance:
-        return generate(engine, policy, rows, fmt, n, rollout, decoding, seeds, advance)
+        return generate(engine, policy, rows, fmt, n, rollout, decoding, seeds, advance, episodes)
 
 
 def held_out_metrics(
@@ -59,6 +61,7 @@ def held_out_metrics(
     seed: int,
     rewarder: Any,
     progress: GenerationProgress | None = None,
+    episodes: EpisodeSpec | None = None,
 ) -> dict[str, float]:
     """``grpo train``'s held-out numbers: ``eval/accuracy`` (``train.eval_samples`` sampled completions
     per problem), ``eval/reward`` and ``eval/accuracy_greedy``.
@@ -77,8 +80,9 @@ def held_out_metrics(
     picked = [rows[i] for i in mine]
     progress = progress or GenerationProgress()
     args = (engine, policy, picked, fmt, rollout)
-    sampled = held_out_rollout(*args, n, Decoding.of(rollout), seed, progress, "held-out: sampling", mine)
-    greedy = held_out_rollout(*args, 1, Decoding.of(rollout, greedy=True), seed, progress, "held-out: greedy")
+    sampling, greedy = Decoding.of(rollout), Decoding.of(rollout, greedy=True)
+    sampled = held_out_rollout(*args, n, sampling, seed, progress, "held-out: sampling", mine, episodes)
+    greedy = held_out_rollout(*args, 1, greedy, seed, progress, "held-out: greedy", None, episodes)
     sums = _counts(score(sampled, rewarder), counted * n) + _counts(score(greedy, rewarder), counted)
     total = distributed.all_sum(torch.tensor(sums, dtype=torch.float64)).tolist()
     return {

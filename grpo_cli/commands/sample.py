@@ -3,6 +3,7 @@
     grpo sample                                  # 2 arithmetic prompts x 8 completions, tiny model
     grpo sample sample.prompts=4 algo.group_size=16 reward=math_format
 
+With ``env=`` an episode's turns are shown whole, the tool's answers in cyan.
 The table per prompt is GRPO's first two steps made visible: the group's rewards, their mean and
 std, and A_i = (r_i - mean) / std as ``core.loss.group_advantages`` computes it for training.
 Also written to ``<run_dir>/samples.jsonl``, one completion per line.
@@ -10,6 +11,7 @@ Also written to ``<run_dir>/samples.jsonl``, one completion per line.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -17,11 +19,13 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from grpo_cli.commands.update import advantages_for
 from grpo_cli.config import SampleRoot
 from grpo_cli.data import build_prompt, load_rows
 from grpo_cli.engines import build_engine
+from grpo_cli.envs.episode import episode_spec
 from grpo_cli.models import load_policy
 from grpo_cli.rewards import build_rewarder
 from grpo_cli.rollout.generate import PromptFormat, generate, longest_prompt, score
@@ -31,7 +35,7 @@ from grpo_cli.runtime.logs import setup_logging
 from grpo_cli.runtime.rng import seed_everything
 
 
-def _table(rollout: Rollout, advantages: torch.Tensor, g: int, prompt: str) -> Table:
+def _table(rollout: Rollout, advantages: torch.Tensor, g: int, prompt: str, tok: Any) -> Table:
     G = rollout.group_size
     rows = slice(g * G, (g + 1) * G)
     judged = rollout.rewards[rows][rollout.judged[rows]]
@@ -49,12 +53,25 @@ def _table(rollout: Rollout, advantages: torch.Tensor, g: int, prompt: str) -> T
         color = "green" if adv > 0 else "red" if adv < 0 else "white"
         table.add_row(
             str(i - rows.start),
-            rollout.texts[i].strip()[:200],
+            _shown(rollout, i, tok),
             f"{float(rollout.rewards[i]):.3f}",
             f"[{color}]{adv:+.3f}[/{color}]",
             str(int(rollout.lengths[i])),
         )
     return table
+
+
+def _shown(rollout: Rollout, i: int, tok: Any) -> str | Text:
+    """Completion i as shown: its text, or for an episode its turns with the tool's answers in cyan."""
+    if rollout.model_mask is None:
+        return rollout.texts[i].strip()[:200]
+    n = int(rollout.completion_mask[i].sum())
+    pairs = zip(rollout.completion_ids[i, :n].tolist(), rollout.model_mask[i, :n].tolist())
+    shown = Text()
+    for is_model, run in itertools.groupby(pairs, key=lambda pair: pair[1]):
+        shown.append(tok.decode([t for t, _ in run]), style=None if is_model else "cyan")
+    shown.truncate(400)
+    return shown
 
 
 def run(cfg: SampleRoot, run_dir: str) -> list[dict[str, Any]]:
@@ -73,7 +90,8 @@ def run(cfg: SampleRoot, run_dir: str) -> list[dict[str, Any]]:
     try:
         progress = GenerationProgress(Console(stderr=True), live=cfg.console == "rich")
         with progress.task("sampling", len(rows) * G) as advance:
-            ro = generate(engine, policy, rows, fmt, G, cfg.rollout, progress=advance)
+            episodes = episode_spec(cfg.env, policy, cfg.rollout)
+            ro = generate(engine, policy, rows, fmt, G, cfg.rollout, progress=advance, episodes=episodes)
         rollout = score(ro, rewarder)
     finally:
         rewarder.close()
@@ -81,7 +99,7 @@ def run(cfg: SampleRoot, run_dir: str) -> list[dict[str, Any]]:
     advantages, _ = advantages_for(rollout, G, cfg.algo.scale_rewards)
     console = Console()
     for g, prompt in enumerate(prompts):
-        console.print(_table(rollout, advantages, g, prompt))
+        console.print(_table(rollout, advantages, g, prompt, policy.tokenizer))
     records = [
         {
             "prompt_index": i // rollout.group_size,
@@ -92,6 +110,7 @@ def run(cfg: SampleRoot, run_dir: str) -> list[dict[str, Any]]:
             "advantage": float(advantages[i]),
             "tokens": int(rollout.lengths[i]),
             **{f"reward/{k}": v[i] for k, v in rollout.per_rule.items()},
+            **{k: v[i] for k, v in rollout.episode_stats.items()},
         }
         for i in range(len(rollout.texts))
     ]

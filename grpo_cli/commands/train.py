@@ -26,6 +26,7 @@ from grpo_cli.commands.update import make_optimizer, trained_params
 from grpo_cli.config import ConfigError, TrainConfig, TrainRoot
 from grpo_cli.data import build_prompt, load_rows
 from grpo_cli.engines import build_engine
+from grpo_cli.envs.episode import episode_spec
 from grpo_cli.models import Policy, load_policy
 from grpo_cli.rewards import build_rewarder
 from grpo_cli.rollout.batch import PromptOrder, RolloutSetup
@@ -65,7 +66,7 @@ class Trainer:
     def held_out(self) -> dict[str, float]:
         s, cfg = self.setup, self.cfg
         args = (s.engine, s.policy, self.test_rows, s.fmt, cfg.rollout, cfg.train, cfg.seed, s.rewarder)
-        return held_out_metrics(*args, progress=self.progress)
+        return held_out_metrics(*args, progress=self.progress, episodes=s.episodes)
 
     def save(self, step: int) -> Path | None:
         """A checkpoint of this step, unless the weights are not finite. Every rank calls it; rank 0 writes."""
@@ -127,8 +128,9 @@ def _build(cfg: TrainRoot, run_path: Path) -> tuple[Trainer, dict[str, Any] | No
     # After the weights are final (a resume's included): the engine starts with them (vllm: pushed).
     longest = longest_prompt(policy.tokenizer, train_rows + test_rows, fmt) if _sized(cfg) else 0
     engine = build_engine(policy, cfg.rollout, cfg.model, cfg.seed, longest, cfg.algo.group_size)
+    episodes = episode_spec(cfg.env, policy, cfg.rollout)
     setup = RolloutSetup(
-        engine, policy, train_rows, fmt, build_rewarder(cfg.reward), cfg.rollout, cfg.algo, cfg.seed
+        engine, policy, train_rows, fmt, build_rewarder(cfg.reward), cfg.rollout, cfg.algo, cfg.seed, episodes
     )
     trainer = Trainer(
         cfg, run_path, setup, PromptOrder(len(train_rows), cfg.seed), optimizer, scheduler,

@@ -107,7 +107,7 @@ def prepare(policy: Policy, rollout: Rollout, algo: AlgoConfig, micro: int, temp
     """
     adv, judged = advantages_for(rollout, algo.group_size, algo.scale_rewards)
     device = policy.device
-    loss_mask = rollout.completion_mask.bool() & judged[:, None]
+    loss_mask = rollout.model_tokens.bool() & judged[:, None]  # tool tokens: no loss, no KL, not counted
     ref = old = None
     if algo.beta > 0:
         with reference(policy) as ref_runner:
@@ -214,7 +214,7 @@ def _engine_weights(
     eng = inputs.rollout.engine_logps
     if eng is None:
         return None
-    eng, old, mask = eng[s].to(old.device), old.detach(), inputs.rollout.completion_mask[s].bool()
+    eng, old, mask = eng[s].to(old.device), old.detach(), inputs.rollout.model_tokens[s].bool()
     if diff is not None:
         diff += torch.stack([torch.where(mask, (old - eng).abs(), 0.0).sum(), mask.sum()]).double().cpu()
     if algo.engine_is_cap is None:

@@ -15,6 +15,7 @@ from typing import Any
 from grpo_cli.config import ENGINES, STRATEGIES, ConfigError
 from grpo_cli.core.loss import AGGREGATIONS, IMPORTANCE_LEVELS, KL_ESTIMATORS, REWARD_SCALES
 from grpo_cli.engines import check_engine
+from grpo_cli.envs import ENVS
 from grpo_cli.models import DTYPES
 from grpo_cli.models.identity import checkpoint_kind
 from grpo_cli.run.trackers import check as check_trackers
@@ -71,6 +72,7 @@ def validate(cfg: Any) -> None:
     if ro.top_k < 0:
         raise ConfigError(f"rollout.top_k={ro.top_k}: must be >= 0 (0 disables)")
     _validate_engine(cfg)
+    _validate_env(cfg.env)
     if hasattr(cfg, "train"):
         tr = cfg.train
         if tr.prompts_per_step < 1:
@@ -107,6 +109,21 @@ def _validate_engine(cfg: Any) -> None:
     cap = cfg.algo.engine_is_cap
     if cap is not None and not cap > 0:
         raise ConfigError(f"algo.engine_is_cap={cap}: must be > 0 (or null for off)")
+
+
+def _validate_env(env: Any) -> None:
+    """The episode keys (``env``): names, budgets and the failed-call policy."""
+    if env._target_ is None and env.name not in ("none", *ENVS):
+        raise ConfigError(f"env.name={env.name!r} is not allowed; choose one of: none, {', '.join(ENVS)}")
+    for key in ("max_turns", "max_tool_tokens"):
+        if getattr(env, key) < 1:
+            raise ConfigError(f"env.{key}={getattr(env, key)}: must be >= 1")
+    if env.max_episode_tokens is not None and env.max_episode_tokens < 1:
+        raise ConfigError(f"env.max_episode_tokens={env.max_episode_tokens}: must be >= 1 (or null)")
+    if env.timeout_s <= 0:
+        raise ConfigError(f"env.timeout_s={env.timeout_s}: must be > 0")
+    if env.on_error not in ("observe", "end"):
+        raise ConfigError(f"env.on_error={env.on_error!r} is not allowed; choose one of: observe, end")
 
 
 def _validate_robustness(cfg: Any) -> None:

@@ -17,6 +17,7 @@ import torch
 
 from grpo_cli.config import AlgoConfig, RolloutConfig
 from grpo_cli.engines import Engine
+from grpo_cli.envs.episode import EpisodeSpec
 from grpo_cli.models import Policy
 from grpo_cli.rollout.generate import PromptFormat, generate, score
 from grpo_cli.rollout.record import Rollout, concat_rollouts
@@ -99,6 +100,7 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
         "zero_std_frac": 1.0 - float(informative_groups(r, rollout.group_size).float().mean()),
         "completion_len": float(rollout.lengths.float().mean()),
         **rollout.reward_metrics,
+        **{f"episode/{k}": sum(v) / len(v) for k, v in rollout.episode_stats.items() if v},
     }
 
 
@@ -129,6 +131,7 @@ class RolloutSetup:
     rollout: RolloutConfig
     algo: AlgoConfig
     seed: int
+    episodes: EpisodeSpec | None = None  # multi-turn episodes with a tool; None: one turn
 
 
 def _roll_out_round(r: RolloutSetup, order: PromptOrder, prompts: int) -> Rollout:
@@ -139,7 +142,9 @@ def _roll_out_round(r: RolloutSetup, order: PromptOrder, prompts: int) -> Rollou
     mine = distributed.shard(index)
     rows = [r.rows[i] for _, i in mine]
     seeds = [draw_seed(r.seed, d) for d, _ in mine]
-    ro = generate(r.engine, r.policy, rows, r.fmt, r.algo.group_size, r.rollout, seeds=seeds)
+    ro = generate(
+        r.engine, r.policy, rows, r.fmt, r.algo.group_size, r.rollout, seeds=seeds, episodes=r.episodes
+    )
     ro = score(ro, r.rewarder)
     if r.algo.overlong_buffer > 0:
         pen = overlong_penalty(

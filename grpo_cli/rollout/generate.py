@@ -19,6 +19,7 @@ import torch
 from grpo_cli.config import DataConfig, ModelConfig, RolloutConfig
 from grpo_cli.data import build_prompt
 from grpo_cli.engines import Completion, Decoding, Engine, Progress, Request
+from grpo_cli.envs.episode import Episode, EpisodeSpec, run_episodes
 from grpo_cli.models import Policy
 from grpo_cli.rollout.record import Rollout, pad_cat
 
@@ -69,46 +70,59 @@ def generate(
     decoding: Decoding | None = None,
     seeds: Sequence[int] | None = None,
     progress: Progress | None = None,
+    episodes: EpisodeSpec | None = None,
 ) -> Rollout:
     """G = ``group_size`` completions of each row's prompt, decoded, not yet scored.
 
     ``decoding``: how tokens are drawn (default: the ``rollout`` keys, sampled). ``seeds``: one per row,
     the seed of its group's sampling stream; None samples from the global torch RNG.
-    ``progress(completions, tokens)`` is called as the engine finishes batches.
+    ``progress(completions, tokens)`` is called as the engine finishes batches. ``episodes``:
+    multi-turn episodes with a tool (``envs.episode``); None: one turn per completion.
     """
     tok = policy.tokenizer
-    stop = policy.eos_ids or (tok.eos_token_id,)
     prompt_ids = fmt.encode(tok, rows)
+    decoding = decoding or Decoding.of(rollout)
+    if episodes is not None:
+        eps = run_episodes(engine, episodes, prompt_ids, rows, group_size, decoding, seeds)
+        if progress is not None:
+            progress(len(eps), sum(len(e.ids) for e in eps))
+        return episode_rollout(tok, rows, prompt_ids, eps, group_size, policy.device)
+    stop = policy.eos_ids or (tok.eos_token_id,)
     requests = [
         Request(ids, group_size, rollout.max_new_tokens, stop, None if seeds is None else int(seeds[i]))
         for i, ids in enumerate(prompt_ids)
     ]
-    completions = engine.generate(requests, decoding or Decoding.of(rollout), progress)
-    return to_rollout(tok, rows, prompt_ids, completions, group_size, policy.device)
+    completions = engine.generate(requests, decoding, progress)
+    flat = [c for group in completions for c in group]
+    return to_rollout(tok, rows, prompt_ids, flat, group_size, policy.device)
 
 
 def to_rollout(
     tokenizer: Any,
     rows: Sequence[dict],
     prompt_ids: Sequence[Sequence[int]],
-    completions: list[list[Completion]],
+    completions: Sequence[Completion],
     group_size: int,
     device: torch.device,
+    model_masks: Sequence[Sequence[int]] | None = None,
 ) -> Rollout:
-    """One unscored Rollout from P prompts' token ids and their P lists of G completions.
+    """One unscored Rollout from P prompts' token ids and their P * G completions, group by group.
 
     Prompts are left-padded, completions right-padded; ``engine_logps`` [N, T] holds the engine's
-    log-probs (0 on padding) when it returned them.
+    log-probs (0 on padding) when it returned them; ``model_masks``: 1 on the tokens the model
+    sampled, per completion (multi-turn; None: all of them).
     """
     pad = tokenizer.pad_token_id
-    flat = [c for group in completions for c in group]
     p_ids = [_row(ids, pad, 1) for ids in prompt_ids for _ in range(group_size)]
-    c_ids = [_row(c.token_ids, pad, 1) for c in flat]
+    c_ids = [_row(c.token_ids, pad, 1) for c in completions]
     ids = pad_cat([i for i, _ in c_ids], pad)
     mask = pad_cat([m for _, m in c_ids], 0)
     logps = None
-    if flat and all(c.logprobs is not None for c in flat):
-        logps = pad_cat([torch.tensor([c.logprobs], dtype=torch.float32) for c in flat], 0).to(device)
+    if completions and all(c.logprobs is not None for c in completions):
+        logps = pad_cat([torch.tensor([c.logprobs], dtype=torch.float32) for c in completions], 0).to(device)
+    model = None
+    if model_masks is not None:
+        model = pad_cat([torch.tensor([m or [0]], dtype=torch.long) for m in model_masks], 0).to(device)
     return Rollout(
         prompt_ids=pad_cat([i for i, _ in p_ids], pad, left=True).to(device),
         prompt_mask=pad_cat([m for _, m in p_ids], 0, left=True).to(device),
@@ -118,7 +132,30 @@ def to_rollout(
         rows=[row for row in rows for _ in range(group_size)],
         group_size=group_size,
         engine_logps=logps,
+        model_mask=model,
     )
+
+
+def episode_rollout(
+    tokenizer: Any,
+    rows: Sequence[dict],
+    prompt_ids: Sequence[Sequence[int]],
+    episodes: Sequence[Episode],
+    group_size: int,
+    device: torch.device,
+) -> Rollout:
+    """The Rollout of multi-turn episodes: every episode's ids after its prompt are one completion,
+    ``model_mask`` tells the model's tokens from the tool's, ``episode_stats`` holds the counters."""
+    completions = [Completion(e.ids, e.logprobs) for e in episodes]
+    ro = to_rollout(tokenizer, rows, prompt_ids, completions, group_size, device, [e.model for e in episodes])
+    ro.episode_stats = {
+        "turns": [float(e.turns) for e in episodes],
+        "tool_calls": [float(e.tool_calls) for e in episodes],
+        "tool_errors": [float(e.tool_errors) for e in episodes],
+        "truncated": [float(e.truncated) for e in episodes],
+        "tool_tokens": [float(e.tool_tokens) for e in episodes],
+    }
+    return ro
 
 
 def _row(ids: Sequence[int], pad: int, min_width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ class Rollout:
     prompt_ids: torch.Tensor  # [N, L] left-padded prompt tokens, repeated for each completion
     prompt_mask: torch.Tensor  # [N, L] 1 on real prompt tokens
     completion_ids: torch.Tensor  # [N, T] sampled tokens, pad after EOS
-    completion_mask: torch.Tensor  # [N, T] 1 on sampled tokens (EOS included)
+    completion_mask: torch.Tensor  # [N, T] 1 on the episode's tokens (model and tool; EOS included)
     texts: list[str]  # [N] decoded completions (special tokens dropped)
     rows: list[dict]  # [N] the dataset row behind each completion
     group_size: int
@@ -27,6 +27,10 @@ class Rollout:
     # The counters among reward_metrics (summed over parts, not averaged).
     reward_counts: set[str] = field(default_factory=set)
     engine_logps: torch.Tensor | None = None  # [N, T] the engine's token log-probs (vllm; None: hf)
+    # [N, T] 1 on tokens the model sampled, 0 on tool tokens (multi-turn); None: every completion token.
+    model_mask: torch.Tensor | None = None
+    # Per completion, of multi-turn episodes: turns, tool_calls, tool_errors, truncated, tool_tokens.
+    episode_stats: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def judged(self) -> torch.Tensor:
@@ -34,8 +38,14 @@ class Rollout:
         return ~torch.isnan(self.rewards)
 
     @property
+    def model_tokens(self) -> torch.Tensor:
+        """[N, T] 1 on the tokens the model sampled: the ones the loss, the KL and every count see."""
+        return self.completion_mask if self.model_mask is None else self.model_mask
+
+    @property
     def lengths(self) -> torch.Tensor:
-        return self.completion_mask.sum(-1)
+        """[N] tokens the model sampled per completion (tool tokens not counted)."""
+        return self.model_tokens.sum(-1)
 
     @property
     def accuracy(self) -> float:
@@ -66,6 +76,8 @@ class Rollout:
             reward_metrics=dict(self.reward_metrics),
             reward_counts=set(self.reward_counts),
             engine_logps=None if self.engine_logps is None else self.engine_logps[idx],
+            model_mask=None if self.model_mask is None else self.model_mask[idx],
+            episode_stats={k: [v[i] for i in pick] for k, v in self.episode_stats.items()},
         )
 
 
@@ -105,4 +117,8 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         engine_logps=None
         if any(p.engine_logps is None for p in parts)
         else pad_cat([p.engine_logps for p in parts], 0),
+        model_mask=None
+        if any(p.model_mask is None for p in parts)
+        else pad_cat([p.model_mask for p in parts], 0),
+        episode_stats={k: [s for p in parts for s in p.episode_stats[k]] for k in parts[0].episode_stats},
     )

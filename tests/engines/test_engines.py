@@ -19,6 +19,7 @@ from grpo_cli import engines
 from grpo_cli.cli import compose_config, main
 from grpo_cli.commands.validate import validate
 from grpo_cli.data import build_prompt, load_rows
+from grpo_cli.engines import Decoding
 from grpo_cli.models import load_policy
 from grpo_cli.models.logprobs import completion_logprobs
 from grpo_cli.rewards import build_rewarder
@@ -313,3 +314,52 @@ def test_sleep_mode_frees_between_rollouts_and_wakes_for_the_push(random_model_d
     engine.settings["enable_sleep_mode"] = False  # the CPU build: pause does nothing
     engine.pause()
     assert len(llm.calls) == 5 and not engine.asleep
+
+
+@needs_vllm
+def test_vllm_episodes_are_token_exact_and_their_logprobs_the_trainers(vllm_setup):
+    """Multi-turn on vLLM: every later turn's input is an earlier input + sampled ids + the observation's
+    ids, and the trainer's log-probs over whole episodes equal the engine's on model tokens (1e-4)."""
+    from grpo_cli.envs import Observation
+    from grpo_cli.envs.episode import EpisodeSpec, run_episodes
+    from grpo_cli.models.logprobs import grouped_completion_logprobs
+    from grpo_cli.rollout.generate import episode_rollout
+
+    class Ok:
+        stop_strings = ()
+
+        def reset(self, row, seed):
+            return None
+
+        def step(self, state, text):
+            return Observation(" ok")
+
+    cfg, policy, engine = vllm_setup["cfg"], vllm_setup["policy"], vllm_setup["engine"]
+    engine.sync()
+    tok = policy.tokenizer
+    rows = vllm_setup["rows"][:4]
+    prompts = PromptFormat.of(cfg.data, cfg.model).encode(tok, rows)
+    digits = tuple(tok.convert_tokens_to_ids(list("0123456789")))  # the tiny model's answers: a call each
+    spec = EpisodeSpec(Ok(), tok, policy.eos_ids, digits, cfg.rollout.max_new_tokens, 3, 4, False)
+    seen = []
+
+    class Recorder:
+        def generate(self, requests, decoding, progress=None):
+            seen.extend(requests)
+            return engine.generate(requests, decoding, progress)
+
+    eps = run_episodes(Recorder(), spec, prompts, rows, 2, Decoding(), seeds=[1, 2, 3, 4])
+    assert sum(e.tool_calls for e in eps) >= 4
+    for req in seen[
+        len(rows) :
+    ]:  # later turns: a prefix of some episode's full ids, ending on an observation
+        full = [p + e.ids for p, e in zip([p for p in prompts for _ in range(2)], eps)]
+        assert any(f[: len(req.prompt_ids)] == req.prompt_ids for f in full)
+        assert tok.decode(req.prompt_ids[-len(tok(" ok", add_special_tokens=False)["input_ids"]) :]) == " ok"
+    ro = episode_rollout(tok, rows, prompts, eps, 2, policy.device)
+    with torch.no_grad():
+        ours = grouped_completion_logprobs(
+            policy.model, ro.prompt_ids[::2], ro.prompt_mask[::2], ro.completion_ids, ro.completion_mask, 2
+        )
+    model = ro.model_mask.bool()
+    assert float((ours[model] - ro.engine_logps[model]).abs().max()) < TOL

@@ -52,7 +52,7 @@ class HFEngine:
             ids,
             mask,
             first.n,
-            first.max_tokens,
+            max(r.max_tokens for r in chunk),
             first.stop_token_ids,
             policy.tokenizer.pad_token_id,
             decoding.temperature,
@@ -68,7 +68,8 @@ class HFEngine:
                 logps = policy.run(
                     grouped_completion_logprobs, ids, mask, c_ids, c_mask, first.n, decoding.temperature
                 )
-        lengths = c_mask.sum(1).tolist()
+        budgets = [r.max_tokens for r in chunk for _ in range(first.n)]
+        lengths = [min(n, b) for n, b in zip(c_mask.sum(1).tolist(), budgets)]
         rows = [
             Completion(c_ids[i, :n].tolist(), None if logps is None else logps[i, :n].tolist())
             for i, n in enumerate(lengths)
@@ -86,18 +87,14 @@ class HFEngine:
 
 
 def _chunks(requests: Sequence[Request], batch_size: int) -> list[list[Request]]:
-    """Consecutive runs of requests with the same n, budget and stop ids, of at most ``batch_size``
-    completions each (at least one request)."""
+    """Consecutive runs of requests with the same n and stop ids, of at most ``batch_size`` completions
+    each (at least one request). Budgets may differ: a chunk decodes to its largest and cuts each
+    completion to its own (a stream's first tokens do not depend on how many follow)."""
     chunks: list[list[Request]] = []
     for req in requests:
         last = chunks[-1] if chunks else None
         fits = last is not None and (len(last) + 1) * req.n <= max(batch_size, req.n)
-        same = last is not None and (last[0].n, last[0].max_tokens, last[0].stop_token_ids) == (
-            req.n,
-            req.max_tokens,
-            req.stop_token_ids,
-        )
-        if fits and same:
+        if fits and (last[0].n, last[0].stop_token_ids) == (req.n, req.stop_token_ids):
             last.append(req)
         else:
             chunks.append([req])

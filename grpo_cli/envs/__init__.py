@@ -1,0 +1,64 @@
+"""Episodes: the model's turns and what an environment answers between them, token-exact.
+
+    grpo train                                     # env=none: one turn, today's single-turn rollout
+    grpo train env=calc model.name_or_path=DIR     # the model may call a calculator between turns
+    grpo train env._target_=my_pkg.MyEnv           # a user's environment (the protocol below)
+
+An environment answers a model turn. Its protocol (``Environment``):
+
+- ``reset(row, seed) -> state``: a new episode for a data row; the G episodes of a group get the
+  same seed;
+- ``stop_strings``: texts that end a model turn besides EOS, each one token of the tokenizer (the
+  engine stops on token ids: ``</calc>`` for the calculator);
+- ``step(state, turn_text) -> Observation | None``: what the environment says after a turn that
+  ended on a stop string; None ends the episode. A tool that fails returns an ``Observation`` with
+  ``error`` set (malformed call, exception, timeout): the model reads the error, the run goes on.
+
+The trainer owns the tokens (``envs.episode``): turn t+1's input is turn t's input, the ids the
+model sampled, unchanged, and the observation's ids; nothing earlier is decoded and encoded again.
+Only sampled tokens are the model's (``model_mask``): observation tokens get no loss and no KL and
+count in no denominator.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from grpo_cli.config import ConfigError, EnvConfig
+from grpo_cli.envs.calc import CalcEnv
+from grpo_cli.envs.protocol import Environment, Observation
+
+__all__ = ["ENVS", "Environment", "Observation", "build_env", "stop_token_ids"]
+
+
+ENVS = {"calc": CalcEnv}
+
+
+def build_env(cfg: EnvConfig) -> Environment | None:
+    """The environment ``env`` names; None for single-turn episodes (``env=none``)."""
+    if cfg._target_:
+        import hydra.utils  # a user's class, by import path
+
+        try:
+            return hydra.utils.get_class(cfg._target_)(cfg)
+        except Exception as exc:  # noqa: BLE001 - any import failure is one config line
+            raise ConfigError(f"env._target_={cfg._target_}: cannot be loaded ({exc})") from None
+    if cfg.name == "none":
+        return None
+    if cfg.name not in ENVS:
+        raise ConfigError(f"env.name={cfg.name!r} is not allowed; choose one of: none, {', '.join(ENVS)}")
+    return ENVS[cfg.name](cfg)
+
+
+def stop_token_ids(tokenizer: Any, env: Environment) -> tuple[int, ...]:
+    """The ids of the environment's stop strings; ConfigError when one is not a single token."""
+    ids = []
+    for s in env.stop_strings:
+        enc = tokenizer(s, add_special_tokens=False)["input_ids"]
+        if len(enc) != 1:
+            raise ConfigError(
+                f"env stop string {s!r} is {len(enc)} tokens of this tokenizer: it must be one "
+                "(add it as a special token of the model's tokenizer)"
+            )
+        ids.append(enc[0])
+    return tuple(ids)
