@@ -2,6 +2,7 @@
 
     grpo train                                     # env=none: one turn, today's single-turn rollout
     grpo train env=calc model.name_or_path=DIR     # the model may call a calculator between turns
+    grpo train env=python model=qwen data=gsm8k    # Python in the sandbox, Hermes tool calls
     grpo train env._target_=my_pkg.MyEnv           # a user's environment (the protocol below)
 
 An environment answers a model turn. Its protocol (``Environment``):
@@ -27,14 +28,15 @@ from typing import Any
 from grpo_cli.config import ConfigError, EnvConfig
 from grpo_cli.envs.calc import CalcEnv
 from grpo_cli.envs.protocol import Environment, Observation
+from grpo_cli.envs.python import PythonEnv
 
 __all__ = ["ENVS", "Environment", "Observation", "build_env", "stop_token_ids"]
 
 
-ENVS = {"calc": CalcEnv}
+ENVS = {"calc": CalcEnv, "python": PythonEnv}  # built with (cfg, tokenizer)
 
 
-def build_env(cfg: EnvConfig) -> Environment | None:
+def build_env(cfg: EnvConfig, tokenizer: Any = None) -> Environment | None:
     """The environment ``env`` names; None for single-turn episodes (``env=none``)."""
     if cfg._target_:
         import hydra.utils  # a user's class, by import path
@@ -47,7 +49,7 @@ def build_env(cfg: EnvConfig) -> Environment | None:
         return None
     if cfg.name not in ENVS:
         raise ConfigError(f"env.name={cfg.name!r} is not allowed; choose one of: none, {', '.join(ENVS)}")
-    return ENVS[cfg.name](cfg)
+    return ENVS[cfg.name](cfg, tokenizer)
 
 
 def stop_token_ids(tokenizer: Any, env: Environment) -> tuple[int, ...]:

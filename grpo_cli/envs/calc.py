@@ -71,7 +71,7 @@ class CalcEnv:
 
     stop_strings = ("</calc>",)
 
-    def __init__(self, cfg: Any = None):
+    def __init__(self, cfg: Any = None, tokenizer: Any = None):
         self.cfg = cfg
 
     def reset(self, row: dict, seed: int) -> None:

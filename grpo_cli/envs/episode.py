@@ -49,7 +49,7 @@ class EpisodeSpec:
         cls, cfg: EnvConfig, tokenizer: Any, eos_ids: Sequence[int], max_new_tokens: int
     ) -> EpisodeSpec | None:
         """The spec of ``env``; None for single-turn episodes (``env=none``)."""
-        env = build_env(cfg)
+        env = build_env(cfg, tokenizer)
         if env is None:
             return None
         return cls(

@@ -113,7 +113,8 @@ GENERATION_CONFIG = {
 }
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 # ChatML, written here: a system turn (the family's default one when none is given), then each message
-# as <|im_start|>role\ncontent<|im_end|>\n, then the assistant's opening when a reply is wanted.
+# as <|im_start|>role\ncontent<|im_end|>\n, tool results as the family renders them (consecutive ones in
+# one user turn, each in <tool_response> tags), then the assistant's opening when a reply is wanted.
 CHAT_TEMPLATE = (
     "{%- if messages and messages[0]['role'] == 'system' %}"
     "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
@@ -123,7 +124,13 @@ CHAT_TEMPLATE = (
     "{%- set turns = messages %}"
     "{%- endif %}"
     "{%- for message in turns %}"
+    "{%- if message['role'] == 'tool' %}"
+    "{%- if loop.first or turns[loop.index0 - 1]['role'] != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+    "{%- if loop.last or turns[loop.index0 + 1]['role'] != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- else %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
