@@ -29,7 +29,8 @@ STRATEGIES = ("ddp", "fsdp")  # train.strategy
 
 @dataclass
 class ModelConfig:
-    # "tiny" is the embedded model, built on first use under $GRPO_HOME; otherwise a hub id or a path.
+    # "tiny" is the embedded model ("tiny-tools" its calculator variant), built on first use under
+    # $GRPO_HOME; otherwise a hub id or a path.
     name_or_path: str = "tiny"
     # auto: bfloat16 on CUDA, float32 on CPU.
     dtype: str = "auto"
@@ -166,6 +167,9 @@ class EnvConfig:
     timeout_s: float = 5.0
     # A failed call (malformed, raised, timed out): observe (the error goes back to the model) or end.
     on_error: str = "observe"
+    # false: the model may not open a call (its call token is never sampled): the tool forbidden, to
+    # measure what the tool adds.
+    allow_calls: bool = True
 
 
 @dataclass

@@ -83,7 +83,7 @@ from grpo_cli.engines import Decoding, Engine, build_engine
 from grpo_cli.envs.episode import episode_spec
 from grpo_cli.models import Policy, check_adapter_base, load_policy
 from grpo_cli.rewards import build_rewarder
-from grpo_cli.rollout.generate import PromptFormat, longest_prompt
+from grpo_cli.rollout.generate import PromptFormat, longest_prompt, rule_rows
 from grpo_cli.run.progress import GenerationProgress
 from grpo_cli.run.saved import inherit
 from grpo_cli.runtime.logs import setup_logging
@@ -108,9 +108,11 @@ def generate_records(
     args = (engine, policy, rows, fmt, cfg.rollout, n, decoding, cfg.seed, progress, label)
     ro = held_out_rollout(*args, episodes=episodes)
     samples = [i % n for i in range(len(ro.texts))]
-    return score_records(
-        ro.texts, ro.rows, rewarder, answer_fn(rewarder), ro.lengths.tolist(), samples, greedy
-    )
+    rows, lengths = rule_rows(ro), ro.lengths.tolist()
+    records = score_records(ro.texts, rows, rewarder, answer_fn(rewarder), lengths, samples, greedy)
+    for i, rec in enumerate(records):  # an episode's counters beside its scores (tool metrics)
+        rec.update({k: v[i] for k, v in ro.episode_stats.items()})
+    return records
 
 
 def read_completions(

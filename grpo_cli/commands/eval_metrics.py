@@ -175,7 +175,8 @@ def summarize(
     Metrics: ``pass@1`` (mean correctness, averaged per problem), ``pass@K`` for K in ``ks``,
     ``maj@K`` for K > 1 in ``ks``, ``mean_reward`` and ``reward/<rule>`` (means over judged
     completions), ``extracted`` (fraction with an answer), ``unjudged`` (fraction whose reward is None;
-    only when some are), ``completion_len`` (mean tokens; only when every record has it).
+    only when some are), ``completion_len`` (mean tokens; only when every record has it),
+    ``episode/<key>`` for the episode counters records of ``env=`` runs carry (tool calls, ...).
     ci95 holds an interval for every pass@K and maj@K.
     """
     groups = group_by_problem(records)
@@ -199,6 +200,9 @@ def summarize(
     return Summary(n=n, metrics=metrics, ci95=ci95, per_problem=per_problem)
 
 
+EPISODE_KEYS = ("tool_calls", "tool_errors", "turns", "truncated")
+
+
 def _reward_metrics(records: Sequence[dict[str, Any]]) -> dict[str, float]:
     """mean_reward, reward/<rule>, extracted and completion_len over all completions."""
     out: dict[str, float] = {}
@@ -217,6 +221,9 @@ def _reward_metrics(records: Sequence[dict[str, Any]]) -> dict[str, float]:
     tokens = [r.get("tokens") for r in records]
     if all(t is not None for t in tokens):
         out["completion_len"] = sum(tokens) / len(tokens)
+    for key in EPISODE_KEYS:  # episodes with a tool (env=): calls, errors, turns per completion
+        if all(key in r for r in records):
+            out[f"episode/{key}"] = sum(r[key] for r in records) / len(records)
     return out
 
 

@@ -200,7 +200,7 @@ def validate_eval(cfg: Any) -> None:
 
 def check_model_path(name_or_path: str) -> None:
     """A local path must exist; a hub id must be cached or the hub reachable. One-line error otherwise."""
-    if name_or_path == "tiny":
+    if name_or_path in ("tiny", "tiny-tools"):
         return
     path = Path(name_or_path).expanduser()
     if path.exists():

@@ -33,6 +33,8 @@ class Decoding:
     greedy: bool = False
     # Return each token's log-prob from the hf engine too (a scoring pass; vLLM always returns them).
     logprobs: bool = False
+    # Token ids never sampled (a tool's result markers: a result cannot be forged).
+    banned_ids: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, rollout: RolloutConfig, greedy: bool = False, temperature: float | None = None) -> Decoding:

@@ -168,6 +168,7 @@ class VLLMEngine:
                     seed=int(seed) % SEED_RANGE,
                     logprobs=0,
                     detokenize=False,
+                    logit_bias=dict.fromkeys(decoding.banned_ids, -100.0) or None,  # vLLM's floor
                 )
             )
             prompts.append(TokensPrompt(prompt_token_ids=list(req.prompt_ids)))

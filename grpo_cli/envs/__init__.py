@@ -30,7 +30,7 @@ from grpo_cli.envs.calc import CalcEnv
 from grpo_cli.envs.protocol import Environment, Observation
 from grpo_cli.envs.python import PythonEnv
 
-__all__ = ["ENVS", "Environment", "Observation", "build_env", "stop_token_ids"]
+__all__ = ["ENVS", "Environment", "Observation", "build_env", "stop_token_ids", "token_ids"]
 
 
 ENVS = {"calc": CalcEnv, "python": PythonEnv}  # built with (cfg, tokenizer)
@@ -54,13 +54,18 @@ def build_env(cfg: EnvConfig, tokenizer: Any = None) -> Environment | None:
 
 def stop_token_ids(tokenizer: Any, env: Environment) -> tuple[int, ...]:
     """The ids of the environment's stop strings; ConfigError when one is not a single token."""
+    return token_ids(tokenizer, env.stop_strings, "stop")
+
+
+def token_ids(tokenizer: Any, strings: tuple[str, ...], what: str) -> tuple[int, ...]:
+    """One id per string; ConfigError naming the string when it is not a single token."""
     ids = []
-    for s in env.stop_strings:
+    for s in strings:
         enc = tokenizer(s, add_special_tokens=False)["input_ids"]
         if len(enc) != 1:
             raise ConfigError(
-                f"env stop string {s!r} is {len(enc)} tokens of this tokenizer: it must be one "
-                "(add it as a special token of the model's tokenizer)"
+                f"env {what} string {s!r} is {len(enc)} tokens of this tokenizer: it must be one "
+                "(add it as a token of the model's tokenizer)"
             )
         ids.append(enc[0])
     return tuple(ids)

@@ -70,6 +70,8 @@ class CalcEnv:
     """Stateless: every call is answered on its own."""
 
     stop_strings = ("</calc>",)
+    call_strings = ("<calc>",)
+    banned_strings = ("<result>", "</result>")  # only the calculator writes results
 
     def __init__(self, cfg: Any = None, tokenizer: Any = None):
         self.cfg = cfg

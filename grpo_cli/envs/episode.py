@@ -18,14 +18,14 @@ seed, so an episode's tokens depend on the run's seed and its place alone, not o
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from grpo_cli.config import EnvConfig, RolloutConfig
 from grpo_cli.engines import Completion, Decoding, Engine, Request
-from grpo_cli.envs import Environment, Observation, build_env, stop_token_ids
+from grpo_cli.envs import Environment, Observation, build_env, stop_token_ids, token_ids
 from grpo_cli.models import Policy
 
 CUT = " [cut]"  # ends a tool answer cut to max_tool_tokens
@@ -43,6 +43,7 @@ class EpisodeSpec:
     max_turns: int
     max_tool_tokens: int
     end_on_error: bool
+    banned_ids: tuple[int, ...] = ()  # never sampled: result markers; the call token when calls are off
 
     @classmethod
     def of(
@@ -52,9 +53,12 @@ class EpisodeSpec:
         env = build_env(cfg, tokenizer)
         if env is None:
             return None
+        banned = tuple(getattr(env, "banned_strings", ()))
+        if not cfg.allow_calls:
+            banned += tuple(getattr(env, "call_strings", ()))
         return cls(
             env, tokenizer, tuple(eos_ids), stop_token_ids(tokenizer, env), cfg.max_episode_tokens or max_new_tokens,
-            cfg.max_turns, cfg.max_tool_tokens, cfg.on_error == "end",
+            cfg.max_turns, cfg.max_tool_tokens, cfg.on_error == "end", token_ids(tokenizer, banned, "banned"),
         )  # fmt: skip
 
 
@@ -100,6 +104,7 @@ def run_episodes(
 ) -> list[Episode]:
     """G episodes of each prompt, rows i*G .. (i+1)*G - 1 for prompt i; every one ends within the budget."""
     stops = spec.eos_ids + spec.tool_stop_ids
+    decoding = replace(decoding, banned_ids=decoding.banned_ids + spec.banned_ids)
     group_seed = [0 if seeds is None else int(s) for s in (seeds or [None] * len(rows))]
     episodes = [
         Episode(list(p), spec.env.reset(row, group_seed[i])) for i, (p, row) in enumerate(zip(prompt_ids, rows))

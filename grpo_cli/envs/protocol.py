@@ -16,6 +16,10 @@ class Observation:
 
 
 class Environment(Protocol):
+    """Optional attributes: ``banned_strings`` (tokens the model may never sample: a tool's result
+    markers, so results cannot be forged) and ``call_strings`` (the tokens that open a call: banned
+    when ``env.allow_calls=false``)."""
+
     stop_strings: tuple[str, ...]
 
     def reset(self, row: dict, seed: int) -> Any:

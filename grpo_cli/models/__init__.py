@@ -22,7 +22,7 @@ import torch
 
 from grpo_cli.config import ConfigError
 from grpo_cli.models.identity import checkpoint_base, require_same_base
-from grpo_cli.models.tiny import ensure_tiny
+from grpo_cli.models.tiny import TinySpec, ensure_tiny
 from grpo_cli.runtime.distributed import is_fsdp
 
 log = logging.getLogger("grpo_cli")
@@ -84,6 +84,8 @@ def resolve_path(name_or_path: str) -> str:
     """The directory or hub id to load: ``tiny`` is built on first use and cached."""
     if name_or_path == "tiny":
         return str(ensure_tiny())
+    if name_or_path == "tiny-tools":  # the tool variant (env=calc)
+        return str(ensure_tiny(TinySpec(tools=True)))
     return name_or_path
 
 

@@ -58,11 +58,24 @@ class TinySpec:
     lr: float = 1e-3
     # Probability that a warm-up target is the right answer (the rest are plausible mistakes).
     p_correct: float = 0.5
+    # The tool variant (model=tiny-tools): the calculator's markers in the tokenizer, a share p_tool of
+    # the warm-up answers written as a call (<calc>expr</calc><result>v</result>v), and direct answers
+    # right with p_correct where left-to-right evaluation gives the right value too, p_correct_hard
+    # where precedence matters: the tool pays only on the hard ones.
+    tools: bool = False
+    p_tool: float = 0.25
+    p_correct_easy: float = 0.9
+    p_correct_hard: float = 0.3
 
     def key(self) -> str:
-        """Cache directory name: readable, plus a hash of every field so any change rebuilds."""
-        digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
-        return f"tiny-v{self.version}-s{self.seed}-{digest}"
+        """Cache directory name: readable, plus a hash of every field so any change rebuilds (the
+        tool fields count only for the tool variant, so the default model keeps its name)."""
+        fields = asdict(self)
+        if not self.tools:
+            for name in ("tools", "p_tool", "p_correct_easy", "p_correct_hard"):
+                fields.pop(name)
+        digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
+        return f"tiny{'-tools' if self.tools else ''}-v{self.version}-s{self.seed}-{digest}"
 
 
 def default_spec() -> TinySpec:
@@ -87,10 +100,13 @@ def ensure_tiny(spec: TinySpec | None = None, quiet: bool = False) -> Path:
 # Whole-word tokens for the fixed words of the arithmetic prompt, so a prompt is ~13 tokens, not ~28:
 # the warm-up and every GRPO step cost proportionally less. Everything else is one token per byte.
 WORDS = ("Calculate", "Answer", "\u0120+", "\u0120-", "\u0120*")
+MARKERS = ("<calc>", "</calc>", "<result>", "</result>")  # env=calc's call and result tokens
 
 
-def make_tokenizer():
-    from tokenizers import pre_tokenizers
+def make_tokenizer(tools: bool = False):
+    """One token per byte, whole words for the prompt's fixed words; with ``tools`` the calculator's
+    four markers as single tokens too."""
+    from tokenizers import AddedToken, pre_tokenizers
     from transformers import Qwen2Tokenizer
 
     vocab = {EOS: 0}
@@ -101,7 +117,10 @@ def make_tokenizer():
         for i in range(2, len(word) + 1):
             merges.append((word[: i - 1], word[i - 1]))
             vocab.setdefault(word[:i], len(vocab))
-    return Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token=EOS, pad_token=EOS, unk_token=None)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token=EOS, pad_token=EOS, unk_token=None)
+    if tools:
+        tok.add_tokens([AddedToken(m, special=False, normalized=False) for m in MARKERS])
+    return tok
 
 
 def make_model(spec: TinySpec, vocab_size: int):
@@ -145,15 +164,26 @@ def _left_to_right(expr: str) -> int:
     return value
 
 
-def _batch(tokenizer, exprs: list[str], rng: random.Random, p_correct: float):
-    """Right-padded input ids and labels (-100 outside the answer) for one warm-up batch."""
+def _example(encode, tokenizer, expr: str, rng: random.Random, spec: TinySpec) -> tuple[list[int], list[int]]:
+    """Input ids and labels (-100 where nothing is learned) of one warm-up example."""
+    prompt = list(encode(build_prompt({"question": f"Calculate {expr}"}, TEMPLATE)))
+    eos = [tokenizer.eos_token_id]
+    if spec.tools and rng.random() < spec.p_tool:  # a call: learned up to </calc>, then copying the result
+        value = str(arithmetic.evaluate(expr))
+        call, result = list(encode(f"<calc>{expr}</calc>")), list(encode(f"<result>{value}</result>"))
+        answer = list(encode(value)) + eos
+        return prompt + call + result + answer, [-100] * len(prompt) + call + [-100] * len(result) + answer
+    p = spec.p_correct
+    if spec.tools:
+        p = spec.p_correct_hard if _left_to_right(expr) != arithmetic.evaluate(expr) else spec.p_correct_easy
+    answer = list(encode(noisy_answer(expr, rng, p))) + eos
+    return prompt + answer, [-100] * len(prompt) + answer
+
+
+def _batch(tokenizer, exprs: list[str], rng: random.Random, spec: TinySpec):
+    """Right-padded input ids and labels (-100 outside what is learned) for one warm-up batch."""
     encode = _encoder(tokenizer)
-    seqs, labels = [], []
-    for expr in exprs:
-        prompt = list(encode(build_prompt({"question": f"Calculate {expr}"}, TEMPLATE)))
-        answer = list(encode(noisy_answer(expr, rng, p_correct))) + [tokenizer.eos_token_id]
-        seqs.append(prompt + answer)
-        labels.append([-100] * len(prompt) + answer)
+    seqs, labels = zip(*(_example(encode, tokenizer, expr, rng, spec) for expr in exprs))
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
     lab = torch.full((len(seqs), width), -100)
@@ -183,7 +213,7 @@ def build(spec: TinySpec, out: Path, quiet: bool = False) -> None:
 def _build(spec: TinySpec, out: Path, quiet: bool) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    tokenizer = make_tokenizer()
+    tokenizer = make_tokenizer(spec.tools)
     model = make_model(spec, len(tokenizer))
     train_exprs = [r["question"].removeprefix("Calculate ") for r in arithmetic.load(DataConfig(), "train")]
     rng = random.Random(spec.seed)
@@ -194,7 +224,7 @@ def _build(spec: TinySpec, out: Path, quiet: bool) -> None:
     with Progress(*columns, TimeRemainingColumn(), disable=quiet) as progress:
         task = progress.add_task("warm-up", total=spec.steps)
         for _ in range(spec.steps):
-            ids, labels = _batch(tokenizer, rng.sample(train_exprs, spec.batch_size), rng, spec.p_correct)
+            ids, labels = _batch(tokenizer, rng.sample(train_exprs, spec.batch_size), rng, spec)
             loss = model(input_ids=ids, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -168,14 +168,19 @@ def _row(ids: Sequence[int], pad: int, min_width: int) -> tuple[torch.Tensor, to
     return t, m
 
 
+def rule_rows(rollout: Rollout) -> list[dict]:
+    """The rows the reward rules see: with an ``episode`` entry (calls made, tool errors, turns) when
+    the completions are episodes."""
+    stats = rollout.episode_stats
+    if not stats:
+        return rollout.rows
+    return [dict(r, episode={k: v[i] for k, v in stats.items()}) for i, r in enumerate(rollout.rows)]
+
+
 def score(rollout: Rollout, rewarder: Any) -> Rollout:
     """Fill in rewards from the reward rules (None -> NaN: not judged). Rows of episodes carry an
     ``episode`` entry for the rules (``rewards.tools``)."""
-    rows = rollout.rows
-    if rollout.episode_stats:  # rules may read the episode: calls made, tool errors, turns
-        stats = rollout.episode_stats
-        rows = [dict(r, episode={k: v[i] for k, v in stats.items()}) for i, r in enumerate(rows)]
-    result = rewarder(rollout.texts, rows)
+    result = rewarder(rollout.texts, rule_rows(rollout))
     rollout.rewards = torch.tensor(
         [float("nan") if r is None else float(r) for r in result.total], dtype=torch.float32
     )

@@ -166,3 +166,20 @@ def test_unjudged_completions_are_counted_not_scored():
         r.update(reward=None, rewards={"math": None})
     m = summarize(records, [1], n_boot=10).metrics
     assert m["unjudged"] == 0.5 and m["mean_reward"] == m["reward/math"] == 0.5  # means over judged ones
+
+
+def test_episode_counters_become_tool_metrics_beside_pass_at_k():
+    """Records of env= runs carry tool_calls, tool_errors, turns, truncated: their means are metrics."""
+    base = {"answer": "1", "vote": "1", "reward": 1.0, "rewards": {"math": 1.0}, "tokens": 3}
+    records = [
+        {**base, "id": str(i // 2), "correct": i % 2 == 0, "tool_calls": float(i % 3), "tool_errors": 0.0,
+         "turns": 1.0 + (i % 3 > 0), "truncated": 0.0}
+        for i in range(6)
+    ]  # fmt: skip
+    metrics = summarize(records, [1]).metrics
+    assert metrics["episode/tool_calls"] == sum(i % 3 for i in range(6)) / 6
+    assert metrics["episode/turns"] == 10 / 6 and metrics["episode/tool_errors"] == 0.0
+    assert (
+        "episode/tool_calls"
+        not in summarize([{k: v for k, v in r.items() if k != "tool_calls"} for r in records], [1]).metrics
+    )

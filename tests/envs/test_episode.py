@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from grpo_cli.config import AlgoConfig, LoraConfig, ModelConfig
+from grpo_cli.config import AlgoConfig, EnvConfig, LoraConfig, ModelConfig
 from grpo_cli.core.loss import policy_loss
 from grpo_cli.engines import Completion, Decoding
 from grpo_cli.engines.hf import HFEngine
@@ -266,3 +266,24 @@ def test_a_user_environment_from_its_own_file_runs_through_env_target(
     assert any(r["tool_calls"] >= 1 for r in records)
     assert all(r["tool_calls"] <= 1 for r in records)  # Echo ends an episode at its second call
     sys.modules.pop("my_env", None)
+
+
+def test_result_markers_are_never_sampled_and_calls_can_be_forbidden(random_model_dir):
+    """The hf engine draws no banned id, even where the model puts all its mass on one; with
+    env.allow_calls=false the call token is banned too."""
+    from grpo_cli.engines import Request
+
+    model_cfg = ModelConfig(name_or_path=str(random_model_dir), device="cpu", dtype="float32")
+    policy = load_policy(model_cfg, LoraConfig(enabled=False), beta=0.0, trainable=False)
+    banned = tuple(range(3, 270))  # nearly the whole vocabulary of the random model
+    engine = HFEngine(policy, batch_size=64)
+    out = engine.generate([Request([5, 6, 7], 8, 12, (0,), seed=1)], Decoding(banned_ids=banned))[0]
+    drawn = {t for c in out for t in c.token_ids}
+    assert drawn and not drawn & set(banned)
+    tok = load_tokenizer(str(random_model_dir))
+    tok.add_special_tokens({"additional_special_tokens": MARKERS})
+    on = EpisodeSpec.of(EnvConfig(name="calc"), tok, (tok.eos_token_id,), 16)
+    off = EpisodeSpec.of(EnvConfig(name="calc", allow_calls=False), tok, (tok.eos_token_id,), 16)
+    ids_of = tok.convert_tokens_to_ids
+    assert set(on.banned_ids) == {ids_of("<result>"), ids_of("</result>")}
+    assert set(off.banned_ids) == set(on.banned_ids) | {ids_of("<calc>")}

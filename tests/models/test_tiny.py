@@ -99,3 +99,23 @@ def test_first_run_on_a_machine_equals_every_later_one(tmp_path, monkeypatch):
     assert tiny.tiny_path().parent == tmp_path / "home" and (tiny.tiny_path() / "config.json").is_file()
     assert len(runs[0]) == 4 and runs[0] == runs[1]  # step 0 (held-out) and 3 steps
     assert len({r["loss"] for r in runs[0][1:]}) > 1  # the steps did update: the runs could have differed
+
+
+def test_the_tool_variant_has_the_markers_as_tokens_and_learns_calls_not_results():
+    """model=tiny-tools: each marker is one token; a call example trains on the call and the copied
+    answer, never on the calculator's result span; the default model keeps its cache name."""
+    import random
+
+    from grpo_cli.models.tiny import MARKERS, TinySpec, _encoder, _example, make_tokenizer
+
+    tok = make_tokenizer(tools=True)
+    assert all(len(tok(m, add_special_tokens=False)["input_ids"]) == 1 for m in MARKERS)
+    assert len(make_tokenizer()) == len(tok) - len(MARKERS)
+    ids, labels = _example(
+        _encoder(tok), tok, "2 + 3 * 4", random.Random(0), TinySpec(tools=True, p_tool=1.0)
+    )
+    learned = tok.decode([i for i, y in zip(ids, labels) if y != -100])
+    assert learned == "<calc>2 + 3 * 4</calc>14" + tok.eos_token
+    assert tok.decode(ids).endswith("<result>14</result>14" + tok.eos_token)
+    assert TinySpec().key() != TinySpec(tools=True).key() and TinySpec().key().startswith("tiny-v")
+    assert TinySpec(p_tool=0.9).key() == TinySpec().key()  # tool fields do not name the default model

@@ -61,6 +61,7 @@ class HFEngine:
             greedy=decoding.greedy,
             generators=generators,
             synced=policy.lockstep,
+            banned=decoding.banned_ids,
         )
         logps = None
         if decoding.logprobs:  # at the sampling temperature, unfiltered

@@ -73,6 +73,7 @@ def sample_group(
     greedy: bool = False,
     generators: Sequence[torch.Generator] | None = None,
     synced: bool = False,
+    banned: Sequence[int] = (),
 ):
     """Sample G completions for each of P left-padded prompts.
 
@@ -84,11 +85,11 @@ def sample_group(
     ``torch.multinomial`` draws one exponential per entry whatever the values, so the random stream,
     and with it every live row's token, is the one ``generate`` (which decodes every row) would give.
 
-    ``generators``: one per prompt; its G completions draw from it alone (inverse CDF on uniforms it
-    gives up front), so what a prompt gets depends on its generator's seed, not on which other
-    prompts share the batch (or the rank); None draws from the global torch RNG, as ``generate``
-    does. ``synced`` (FSDP, where each forward is a collective): keep decoding until every rank's
-    sequences have ended.
+    ``banned``: ids never sampled (a tool's result markers). ``generators``: one per prompt; its G
+    completions draw from it alone (inverse CDF on uniforms it gives up front), so what a prompt gets
+    depends on its seed, not on which other prompts share the batch (or the rank); None draws from
+    the global torch RNG, as ``generate`` does. ``synced`` (FSDP, where each forward is a
+    collective): keep decoding until every rank's sequences have ended.
     """
     # FSDP reuses its gather buffers, which inference tensors forbid; CPU float32 linears: engines.hf.onednn.
     grad_context = torch.no_grad() if synced else torch.inference_mode()
@@ -104,7 +105,7 @@ def sample_group(
         tokens = []
         for step in range(max_new_tokens):
             u = None if uniforms is None else uniforms[step]
-            tok = _draw(logits, u, greedy, temperature, top_k, top_p).masked_fill(done, pad_id)
+            tok = _draw(logits, u, greedy, (temperature, top_k, top_p), banned).masked_fill(done, pad_id)
             tokens.append(tok)
             done = done | torch.isin(tok, eos)
             n_done = int(done.sum())  # the one host sync of a decode step
@@ -139,12 +140,19 @@ def _prefill(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gr
 
 
 def _draw(
-    logits: torch.Tensor, u: torch.Tensor | None, greedy: bool, temperature: float, top_k: int, top_p: float
+    logits: torch.Tensor,
+    u: torch.Tensor | None,
+    greedy: bool,
+    warp: tuple[float, int, float],
+    banned: Sequence[int] = (),
 ) -> torch.Tensor:
-    """The next token [N] of every row from logits [N, V]: argmax, or a draw by uniforms u [N] or the global RNG."""
+    """The next token [N] of every row from logits [N, V]: argmax, or a draw by uniforms u [N] or the
+    global RNG, after temperature, top-k, top-p (``warp``); ``banned`` ids are never drawn."""
+    if banned:
+        logits = logits.index_fill(-1, torch.as_tensor(banned, device=logits.device), float("-inf"))
     if greedy:
         return logits.argmax(-1)
-    probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+    probs = filter_logits(logits, *warp).softmax(-1)
     return torch.multinomial(probs, 1).squeeze(1) if u is None else _inverse_cdf(probs, u)
 
 
