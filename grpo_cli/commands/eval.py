@@ -80,7 +80,7 @@ from grpo_cli.commands.validate import validate_eval
 from grpo_cli.config import ConfigError, EvalRoot
 from grpo_cli.data import load_rows
 from grpo_cli.engines import Decoding, Engine, build_engine
-from grpo_cli.envs.episode import episode_spec
+from grpo_cli.envs.episode import episode_spec, extra_tokens
 from grpo_cli.models import Policy, check_adapter_base, load_policy
 from grpo_cli.rewards import build_rewarder
 from grpo_cli.rollout.generate import PromptFormat, longest_prompt, rule_rows
@@ -175,6 +175,7 @@ def evaluate_checkpoint(
         cfg.model, cfg.lora, beta=0.0, checkpoint=None if name == "base" else name, trainable=False
     )
     longest = longest_prompt(policy.tokenizer, rows, PromptFormat.of(cfg.data, cfg.model))
+    longest += extra_tokens(cfg.env, cfg.rollout)  # an episode's budget beyond max_new_tokens
     engine = build_engine(policy, cfg.rollout, cfg.model, cfg.seed, longest)  # vllm: one for all, pushed
     try:
         sampled = generate_records(engine, policy, rows, cfg, rewarder, False, progress, f"{name}: sampling")

@@ -25,7 +25,7 @@ from grpo_cli.commands.update import advantages_for
 from grpo_cli.config import SampleRoot
 from grpo_cli.data import build_prompt, load_rows
 from grpo_cli.engines import build_engine
-from grpo_cli.envs.episode import episode_spec
+from grpo_cli.envs.episode import episode_spec, extra_tokens
 from grpo_cli.models import load_policy
 from grpo_cli.rewards import build_rewarder
 from grpo_cli.rollout.generate import PromptFormat, generate, longest_prompt, score
@@ -82,9 +82,8 @@ def run(cfg: SampleRoot, run_dir: str) -> list[dict[str, Any]]:
     prompts = [build_prompt(r, cfg.data.template) for r in rows]
     policy = load_policy(cfg.model, cfg.lora, beta=0.0, trainable=False)
     fmt = PromptFormat.of(cfg.data, cfg.model)
-    engine = build_engine(
-        policy, cfg.rollout, cfg.model, cfg.seed, longest_prompt(policy.tokenizer, rows, fmt)
-    )
+    longest = longest_prompt(policy.tokenizer, rows, fmt) + extra_tokens(cfg.env, cfg.rollout)
+    engine = build_engine(policy, cfg.rollout, cfg.model, cfg.seed, longest)
     rewarder = build_rewarder(cfg.reward)
     G = cfg.algo.group_size
     try:

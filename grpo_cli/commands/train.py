@@ -26,7 +26,7 @@ from grpo_cli.commands.update import make_optimizer, trained_params
 from grpo_cli.config import ConfigError, TrainConfig, TrainRoot
 from grpo_cli.data import build_prompt, load_rows
 from grpo_cli.engines import build_engine
-from grpo_cli.envs.episode import episode_spec
+from grpo_cli.envs.episode import episode_spec, extra_tokens
 from grpo_cli.models import Policy, load_policy
 from grpo_cli.rewards import build_rewarder
 from grpo_cli.rollout.batch import PromptOrder, RolloutSetup
@@ -127,6 +127,7 @@ def _build(cfg: TrainRoot, run_path: Path) -> tuple[Trainer, dict[str, Any] | No
     fmt = PromptFormat.of(cfg.data, cfg.model)
     # After the weights are final (a resume's included): the engine starts with them (vllm: pushed).
     longest = longest_prompt(policy.tokenizer, train_rows + test_rows, fmt) if _sized(cfg) else 0
+    longest += extra_tokens(cfg.env, cfg.rollout)  # an episode's budget beyond max_new_tokens
     engine = build_engine(policy, cfg.rollout, cfg.model, cfg.seed, longest, cfg.algo.group_size)
     episodes = episode_spec(cfg.env, policy, cfg.rollout)
     setup = RolloutSetup(

@@ -57,8 +57,9 @@ def build_engine(
 ) -> Engine:
     """The engine ``rollout.engine`` names, sampling from ``policy``.
 
-    ``longest_prompt``: the longest prompt of the run in tokens, to size the vLLM engine (it plus
-    ``rollout.max_new_tokens`` is ``max_model_len`` unless ``rollout.max_model_len`` is set).
+    ``longest_prompt``: the longest prompt of the run in tokens (plus what an episode may hold beyond
+    ``rollout.max_new_tokens``), to size the vLLM engine: it plus ``rollout.max_new_tokens`` is
+    ``max_model_len`` unless ``rollout.max_model_len`` is set.
     """
     check_engine(rollout.engine)
     if rollout.engine == "vllm":

@@ -68,6 +68,13 @@ def episode_spec(cfg: EnvConfig, policy: Policy, rollout: RolloutConfig) -> Epis
     return EpisodeSpec.of(cfg, policy.tokenizer, eos, rollout.max_new_tokens)
 
 
+def extra_tokens(cfg: EnvConfig, rollout: RolloutConfig) -> int:
+    """Tokens an episode may hold beyond ``rollout.max_new_tokens`` (an engine sized up front needs them)."""
+    if cfg.name == "none" and not cfg._target_:
+        return 0
+    return max(0, (cfg.max_episode_tokens or rollout.max_new_tokens) - rollout.max_new_tokens)
+
+
 @dataclass
 class Episode:
     """One episode after its prompt: the ids, which of them the model sampled, and its counters."""

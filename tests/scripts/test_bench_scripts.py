@@ -78,3 +78,15 @@ def test_the_real_shape_composes_to_the_issue_settings(bench_vs_trl, tmp_path):
     assert cfg.model.dtype == "float32" and cfg.train.eval_problems == 0
     with pytest.raises(SystemExit, match="make_standin"):  # no config.json there: a one-line pointer
         bench_vs_trl.model_path(args)
+
+
+def test_demo_tools_splits_problems_by_whether_precedence_matters():
+    """scripts/demo_tools.py: 'hard' problems are those left-to-right evaluation gets wrong; the
+    defaults are the documented 3 seeds x 200 steps."""
+    spec = importlib.util.spec_from_file_location("demo_tools", SCRIPTS / "demo_tools.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    assert demo.hard("Calculate 2 + 3 * 4") and not demo.hard("Calculate 2 * 3 + 4")
+    assert not demo.hard("Calculate 9 - 2 - 3")
+    args = demo.parse_args([])
+    assert (args.seeds, args.steps, args.problems) == ([0, 1, 2], 200, 200)
