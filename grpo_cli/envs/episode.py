@@ -17,6 +17,7 @@ seed, so an episode's tokens depend on the run's seed and its place alone, not o
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -29,6 +30,8 @@ from grpo_cli.envs import Environment, Observation, build_env, stop_token_ids, t
 from grpo_cli.models import Policy
 
 CUT = " [cut]"  # ends a tool answer cut to max_tool_tokens
+# Seconds a step gets beyond env.timeout_s: a tool with its own limit (the sandbox) reports its timeout.
+STEP_GRACE_S = 5.0
 
 
 @dataclass
@@ -44,6 +47,7 @@ class EpisodeSpec:
     max_tool_tokens: int
     end_on_error: bool
     banned_ids: tuple[int, ...] = ()  # never sampled: result markers; the call token when calls are off
+    timeout_s: float = 10.0  # seconds a step may take: env.timeout_s + STEP_GRACE_S
 
     @classmethod
     def of(
@@ -59,6 +63,7 @@ class EpisodeSpec:
         return cls(
             env, tokenizer, tuple(eos_ids), stop_token_ids(tokenizer, env), cfg.max_episode_tokens or max_new_tokens,
             cfg.max_turns, cfg.max_tool_tokens, cfg.on_error == "end", token_ids(tokenizer, banned, "banned"),
+            cfg.timeout_s + STEP_GRACE_S,
         )  # fmt: skip
 
 
@@ -152,7 +157,7 @@ def _take_turn(ep: Episode, c: Completion, spec: EpisodeSpec) -> None:
     if ep.turns >= spec.max_turns or len(ep.ids) >= spec.budget:
         ep.truncated = ep.done = True
         return
-    obs = _answer(spec.env, ep.state, spec.tokenizer.decode(c.token_ids))
+    obs = _answer(spec.env, ep.state, spec.tokenizer.decode(c.token_ids), spec.timeout_s)
     if obs is None:
         ep.done = True
         return
@@ -169,12 +174,25 @@ def _take_turn(ep: Episode, c: Completion, spec: EpisodeSpec) -> None:
         ep.logprobs += [0.0] * len(ids)
 
 
-def _answer(env: Environment, state: Any, turn_text: str) -> Observation | None:
-    """``env.step``; an exception in it is an error the model reads, never a crash of the run."""
-    try:
-        return env.step(state, turn_text)
-    except Exception as exc:  # noqa: BLE001 - a tool's failure is an observation
-        return Observation(f"error: {type(exc).__name__}: {exc}"[:500], error=True)
+def _answer(env: Environment, state: Any, turn_text: str, timeout: float) -> Observation | None:
+    """``env.step`` in a thread given ``timeout`` seconds; an exception or a step that does not return
+    in time is an error the model reads, never a crash or a hang of the run. (A thread cannot be
+    killed: a step that never returns keeps its thread; the sandboxed python tool kills its own
+    program at ``env.timeout_s``.)"""
+    box: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            box["obs"] = env.step(state, turn_text)
+        except Exception as exc:  # noqa: BLE001 - a tool's failure is an observation
+            box["obs"] = Observation(f"error: {type(exc).__name__}: {exc}"[:500], error=True)
+
+    worker = threading.Thread(target=call, daemon=True, name="grpo-env-step")
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        return Observation(f"error: the tool did not answer within {timeout:g} s", error=True)
+    return box["obs"]
 
 
 def _observation_ids(spec: EpisodeSpec, text: str) -> list[int]:

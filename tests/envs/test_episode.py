@@ -287,3 +287,25 @@ def test_result_markers_are_never_sampled_and_calls_can_be_forbidden(random_mode
     ids_of = tok.convert_tokens_to_ids
     assert set(on.banned_ids) == {ids_of("<result>"), ids_of("</result>")}
     assert set(off.banned_ids) == set(on.banned_ids) | {ids_of("<calc>")}
+
+
+def test_a_tool_that_hangs_is_answered_with_an_error_when_its_time_is_up(tok):
+    import time
+
+    class Hangs:
+        stop_strings = ("</calc>",)
+
+        def reset(self, row, seed):
+            return None
+
+        def step(self, state, text):
+            time.sleep(30)
+
+    sp = spec(tok, Hangs(), max_tool_tokens=64)
+    sp.timeout_s = 0.2
+    start = time.monotonic()
+    ep = run_episodes(
+        Scripted([ids(tok, "<calc>1</calc>"), [tok.eos_token_id]]), sp, [[5]], [{}], 1, Decoding()
+    )[0]
+    assert time.monotonic() - start < 5
+    assert ep.tool_errors == 1 and "did not answer within 0.2 s" in tok.decode(ep.ids)

@@ -3,6 +3,7 @@ tool role, hostile programs contained, and a stand-in chat model trained with fo
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -157,6 +158,92 @@ def test_the_standin_chat_model_trains_with_forced_python_calls(standin_dir, tmp
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["episode/tool_calls"] == 1.0 and r["episode/tool_errors"] == 0.0 for r in rows)
     assert all(r["episode/turns"] == 2.0 and r["episode/tool_tokens"] > 0 for r in rows)
+    completions = [json.loads(x) for x in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
+    assert all("<tool_response>\n7\n</tool_response>" in c["completion"] for c in completions)
+    assert all(c["completion"].endswith("So 7.") for c in completions)
+
+
+needs_vllm = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None, reason="vLLM not installed (make install-vllm)"
+)
+FORCED: dict = {}  # the script the vLLM logits processor below forces: set by the test
+
+
+def _forced_processor():
+    """A vLLM (V1) logits processor that makes every request emit ``FORCED["turns"][t]``, t the number
+    of calls its prompt already holds: the vLLM counterpart of the hf test's scripted output layer."""
+    from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+    from vllm.v1.sample.logits_processor.interface import LogitsProcessor
+
+    class Forced(LogitsProcessor):
+        def __init__(self, vllm_config, device, is_pin_memory):
+            self.rows: dict[int, tuple[list[int], list[int]]] = {}
+
+        def is_argmax_invariant(self) -> bool:
+            return False
+
+        def update_state(self, batch_update) -> None:
+            process_dict_updates(self.rows, batch_update, lambda params, prompt, out: (prompt or [], out))
+
+        def apply(self, logits: torch.Tensor) -> torch.Tensor:
+            for i, (prompt, out) in self.rows.items():
+                script = FORCED["turns"][min(prompt.count(FORCED["close"]), len(FORCED["turns"]) - 1)]
+                logits[i] = -1e4
+                logits[i, script[min(len(out), len(script) - 1)]] = 0.0
+            return logits
+
+    return Forced
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_the_standin_chat_model_trains_with_forced_python_calls_on_vllm(standin_dir, tmp_path, monkeypatch):
+    """The same run with rollout.engine=vllm: vLLM samples each turn (its outputs forced by a logits
+    processor), the sandbox answers, the template carries the answer back, the trainer updates."""
+    from vllm import LLM
+
+    from grpo_cli.commands import train
+    from grpo_cli.engines import vllm as vllm_engine
+    from grpo_cli.engines.process import kept_process_state
+    from grpo_cli.models import load_tokenizer
+    from grpo_cli.run.runlog import read_metrics
+
+    tok = load_tokenizer(str(standin_dir))
+    FORCED["close"] = tok.convert_tokens_to_ids("</tool_call>")
+    FORCED["turns"] = [
+        tok(call("print(3 + 4)"), add_special_tokens=False)["input_ids"],
+        tok("So 7.", add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")],
+    ]
+    processor = _forced_processor()
+
+    def start(settings):
+        with kept_process_state():
+            return LLM(**settings, tokenizer=settings["model"], logits_processors=[processor],
+                       logprobs_mode="processed_logprobs", generation_config="vllm", enable_prefix_caching=True)  # fmt: skip
+
+    vllm_engine.shutdown_all()
+    monkeypatch.setattr(vllm_engine, "_start", start)
+    data = tmp_path / "gsm8k"
+    data.mkdir()
+    for split in ("train", "test"):
+        (data / f"{split}.jsonl").write_text(
+            "".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in GSM8K)
+        )
+    cfg, _ = compose_config(
+        "train",
+        ["model=qwen", f"model.name_or_path={standin_dir}", "data=gsm8k", f"data.path={data}", "env=python",
+         "rollout.engine=vllm", "env.max_episode_tokens=120", "rollout.max_new_tokens=120", "train.steps=2",
+         "train.prompts_per_step=2", "algo.group_size=2", "algo.beta=0.0", "train.eval_every=0", "lora.r=4",
+         "console=plain", "train.log_completions_every=1"],
+    )  # fmt: skip
+    try:
+        train.run(cfg, str(tmp_path / "run"), overrides=[])
+    finally:
+        vllm_engine.shutdown_all()
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["episode/tool_calls"] == 1.0 and r["episode/turns"] == 2.0 for r in rows)
+    assert all("rollout/logprob_diff" in r for r in rows)  # the vLLM engine sampled
     completions = [json.loads(x) for x in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
     assert all("<tool_response>\n7\n</tool_response>" in c["completion"] for c in completions)
     assert all(c["completion"].endswith("So 7.") for c in completions)
