@@ -4,26 +4,17 @@ no command importing another; module and function sizes (``scripts/check_sizes.p
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_script
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def check_imports():
-    return _load("check_imports")
+    return load_script("check_imports")
 
 
 def test_the_package_keeps_every_layout_rule(check_imports):
@@ -72,7 +63,7 @@ def test_a_cycle_a_nested_import_and_an_upward_import_are_each_named(check_impor
 
 
 def test_sizes_are_within_the_limits():
-    sizes = _load("check_sizes")
+    sizes = load_script("check_sizes")
     modules, functions = sizes.sizes()
     assert max(n for n, _ in modules) <= sizes.MAX_MODULE
     assert max(n for n, _ in functions) <= sizes.MAX_FUNCTION

@@ -2,32 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_script
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def bench_rollout():
-    return _load("bench_rollout")
+    return load_script("bench_rollout")
 
 
 @pytest.fixture(scope="module")
 def bench_vs_trl():
-    return _load("bench_vs_trl")
+    return load_script("bench_vs_trl")
 
 
 def test_bench_rollout_defaults_are_the_issue_settings(bench_rollout):
@@ -83,9 +74,7 @@ def test_the_real_shape_composes_to_the_issue_settings(bench_vs_trl, tmp_path):
 def test_demo_tools_splits_problems_by_whether_precedence_matters():
     """scripts/demo_tools.py: 'hard' problems are those left-to-right evaluation gets wrong; the
     defaults are the documented 3 seeds x 200 steps."""
-    spec = importlib.util.spec_from_file_location("demo_tools", SCRIPTS / "demo_tools.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_script("demo_tools")
     assert demo.hard("Calculate 2 + 3 * 4") and not demo.hard("Calculate 2 * 3 + 4")
     assert not demo.hard("Calculate 9 - 2 - 3")
     args = demo.parse_args([])
