@@ -9,8 +9,6 @@ from pathlib import Path
 import pytest
 from helpers import load_script
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-
 
 @pytest.fixture(scope="module")
 def check_imports():
