@@ -42,8 +42,8 @@ ROW_FLOOR = 512
 # A [rows, V] buffer this small is cheap whatever its rows: small vocabularies take more rows than
 # the floor, up to this size, so a step of a few thousand tokens runs as one chunk.
 SMALL_CHUNK_BYTES = 32 * 2**20
-# The most one chunk's buffer takes on CPU: the floor's rows in float32 up to V = 262,144, and a
-# peak well under the naive path's several [N, V] tensors from 1,024 tokens up.
+# The most one chunk's buffer takes on CPU: room for the floor's rows in float32 up to V = 262,144;
+# beyond, it binds, still a small part of the naive path's three [N, V] tensors at 2,048 tokens.
 CHUNK_BYTES = 512 * 2**20
 # On CUDA, the share of free memory (PyTorch's unused cache included) one chunk's buffer may take:
 # a chunk can hold up to three [rows, V] tensors at once (bf16 product, entropy).
@@ -70,9 +70,13 @@ def default_chunk_size(
     """Rows per chunk: ``ROW_FLOOR``, more while cheap, never over ``chunk_budget(device)``.
 
     One [rows, vocab_size] buffer in the compute dtype (float32 for bf16/fp16 inputs). The floor is
-    what the head's products need for throughput; a vocabulary small enough takes more rows, up
-    to ``SMALL_CHUNK_BYTES``; the device's budget caps the buffer and wins over the floor
-    (at least one row).
+    what the head's products need for throughput: with fewer rows each chunk re-reads the [V, H]
+    weight for too little work. More rows buy little time and cost memory (on CUDA, memory the
+    model's own backward still needs), so only a vocabulary small enough takes more, up to
+    ``SMALL_CHUNK_BYTES``, and the device's budget is a ceiling, not a target. Where the budget
+    cannot hold the floor's rows it wins (at least one row): running out of memory fails, a short
+    chunk is only slower, and backward keeps the weight gradient's products at the floor's rows
+    anyway (``_backward_tiles``).
     """
     row_bytes = vocab_size * torch.empty((), dtype=_compute_dtype(dtype)).element_size()
     wanted = max(ROW_FLOOR, SMALL_CHUNK_BYTES // row_bytes)
