@@ -1,8 +1,8 @@
 """Peak memory and time of `token_logprobs` against the naive full-logits path, forward + backward.
 
     .venv/bin/python scripts/bench_logprobs.py                            # ~17 min on 2 busy CPU cores
-    .venv/bin/python scripts/bench_logprobs.py --tokens 2048 --repeats 1  # issue 23's check, ~4 min
-    .venv/bin/python scripts/bench_logprobs.py --head-rows 55,128,256,512,1024  # the head's products, ~1 min
+    .venv/bin/python scripts/bench_logprobs.py --tokens 2048 --repeats 1  # issue 23's check, ~2 min
+    .venv/bin/python scripts/bench_logprobs.py --head-rows 55,128,256,512,1024,2048  # the head's products, ~2 min
 
 At Qwen2.5-0.5B's dimensions (H = 896, V = 151,936), 4,096 tokens, float32 on CPU. Each path runs
 in its own subprocess (this script with --child), one forward + backward per subprocess, so
