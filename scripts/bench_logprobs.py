@@ -1,7 +1,8 @@
 """Peak memory and time of `token_logprobs` against the naive full-logits path, forward + backward.
 
     .venv/bin/python scripts/bench_logprobs.py                            # ~17 min on 2 busy CPU cores
-    .venv/bin/python scripts/bench_logprobs.py --tokens 1024 --repeats 1  # a quick look, ~2 min
+    .venv/bin/python scripts/bench_logprobs.py --tokens 2048 --repeats 1  # issue 23's check, ~2 min
+    .venv/bin/python scripts/bench_logprobs.py --head-rows 55,128,256,512,1024,2048  # the head's products, ~2 min
 
 At Qwen2.5-0.5B's dimensions (H = 896, V = 151,936), 4,096 tokens, float32 on CPU. Each path runs
 in its own subprocess (this script with --child), one forward + backward per subprocess, so
@@ -11,9 +12,15 @@ time is the median over the repeats, the two paths alternating so that load from
 processes on the machine falls on both alike. Two cases: the lm_head weight trained (full
 fine-tuning, gradients for hidden and weight) and frozen (LoRA, the default: hidden only).
 Targets (issue 2): memory <= 0.25x and time <= 1.3x of the naive path; issue 13: memory <= 0.25x
-from 1,024 tokens up, the chunk size chosen from the vocabulary (``default_chunk_size``). With the
+from 1,024 tokens up, the chunk size chosen from the vocabulary (``default_chunk_size``); issue 23:
+at 2,048 tokens with the head frozen, memory <= 0.3x and time <= 1.1x (trained: reported). With the
 weight trained, both paths return its [V, H] gradient (545 MB at these shapes), which bounds the
 ratio from below at short lengths; the last column leaves it out of both peaks.
+
+``--head-rows`` instead times the head's three products alone, in GFLOP/s, for each number of rows
+in a chunk: the logits h W^T [rows, V], the hidden-state gradient dZ W [rows, H], and the weight
+gradient dZ^T h summed into [V, H] (as backward does chunk by chunk). It is how
+``logprobs.ROW_FLOOR`` was chosen: the rows from which the products run at their throughput.
 """
 
 from __future__ import annotations
@@ -73,6 +80,44 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"peak_mb": _peak_mb() - baseline, "seconds": seconds}))
 
 
+def head_throughput(args: argparse.Namespace) -> None:
+    """Print GFLOP/s of the head's three products for each row count in --head-rows."""
+    import torch
+
+    torch.manual_seed(0)
+    vocab, hidden = args.vocab, args.hidden
+    weight = torch.randn(vocab, hidden).mul_(hidden**-0.5)  # [V, H]
+    grad_w = torch.zeros(vocab, hidden)  # [V, H], summed into as backward does
+    runs = max(3, args.repeats)
+    print(
+        f"head products, GFLOP/s (median of {runs} after a warm-up): H={hidden}, V={vocab}, float32, "
+        f"{torch.get_num_threads()} threads\n"
+    )
+    print("| rows | logits h W^T | grad_h dZ W | grad_W += dZ^T h |")
+    print("| ---: | ---: | ---: | ---: |")
+    for rows in (int(r) for r in args.head_rows.split(",")):
+        h = torch.randn(rows, hidden)
+        z, dh = torch.empty(rows, vocab), torch.empty(rows, hidden)  # reused: no page faults timed
+        products = (  # (function, args, kwargs): logits, grad_h, grad_W
+            (torch.mm, (h, weight.t()), {"out": z}),
+            (torch.mm, (z, weight), {"out": dh}),
+            (grad_w.addmm_, (z.t(), h), {}),
+        )
+        flops = 2 * rows * vocab * hidden
+        cells = [f"{flops / _median_seconds(fn, a, kw, runs) / 1e9:.0f}" for fn, a, kw in products]
+        print(f"| {rows} | " + " | ".join(cells) + " |", flush=True)
+
+
+def _median_seconds(fn, args: tuple, kwargs: dict, runs: int) -> float:
+    fn(*args, **kwargs)  # warm-up: kernels chosen, pages touched
+    seconds = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn(*args, **kwargs)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
 def parent(args: argparse.Namespace) -> None:
     from grpo_cli.core.logprobs import default_chunk_size
 
@@ -80,7 +125,7 @@ def parent(args: argparse.Namespace) -> None:
     print(
         f"token_logprobs vs naive, forward + backward: {args.tokens} tokens, H={args.hidden}, "
         f"V={args.vocab}, float32, CPU ({args.repeats} repeats, median), chunk_size={chunk}"
-        f"{'' if args.chunk_size else ' (from the vocabulary)'}\n"
+        f"{'' if args.chunk_size else ' (default_chunk_size)'}\n"
     )
     print(
         "| lm_head | path    | peak extra MB | time s (median) | runs s             | memory ours/naive | time ours/naive "
@@ -128,13 +173,19 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=896)  # Qwen2.5-0.5B
     parser.add_argument("--vocab", type=int, default=151936)  # Qwen2.5 tokenizer
-    parser.add_argument("--chunk-size", type=int, default=0, help="rows per chunk (0: from the vocabulary)")
+    parser.add_argument("--chunk-size", type=int, default=0, help="rows per chunk (0: default_chunk_size)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--head-rows", help="comma-separated rows: time the head's products alone")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--path", choices=sorted(PATHS), help=argparse.SUPPRESS)
     parser.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    child(args) if args.child else parent(args)
+    if args.child:
+        child(args)
+    elif args.head_rows:
+        head_throughput(args)
+    else:
+        parent(args)
 
 
 if __name__ == "__main__":

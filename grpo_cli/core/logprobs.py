@@ -6,16 +6,26 @@ The naive path (``hidden @ W.T -> log_softmax -> gather``) holds several float32
 tensors at once: at Qwen2.5 vocabularies (V = 151,936) 4,096 tokens are 2.5 GB each. Here the
 rows are processed in chunks by a custom autograd Function: forward keeps the log-sum-exp per
 row, backward recomputes each chunk's logits, so the extra memory is O(chunk_size x V): one
-[chunk_size, V] buffer, reused for every chunk. The chunk's rows follow from the vocabulary
-(``CHUNK_BYTES`` per buffer: 55 rows at V = 151,936, the whole batch at a few hundred tokens of
-vocabulary), so the saving does not wait for the token count to outgrow a fixed chunk.
+[chunk_size, V] buffer, reused for every chunk.
+
+The chunk's rows (``default_chunk_size``) are chosen for time as well as memory. Time asks for at
+least ``ROW_FLOOR`` rows: each chunk's products read the whole [V, H] weight (and, trained, its
+[V, H] gradient), and below the floor they do too little arithmetic per read to run at the
+matmul's throughput. Small vocabularies take more rows while the buffer stays under
+``SMALL_CHUNK_BYTES`` (a tiny model's whole step in one chunk). Memory caps the buffer at the
+device's budget (``chunk_budget``): on CUDA a share of the free memory, on CPU ``CHUNK_BYTES``;
+where the two disagree (a huge vocabulary, a nearly full GPU, an explicit small ``chunk_size``)
+memory wins.
 
 When the output embedding is frozen (LoRA, the default), the gradient w.r.t. the hidden states is
 formed in forward from the logits already at hand and kept ([B*T, H], the size of `hidden`), so
 backward does no recomputation and the whole thing costs the naive path's two matmuls. When it
 is trained, backward starts from the last chunk, whose softmax forward left in the buffer, so
-only the other chunks are recomputed.
-``scripts/bench_logprobs.py`` measures memory and time against the naive path.
+only the other chunks are recomputed. Its weight gradient sums dZ^T h over the rows of each
+product; a chunk below the floor would make that sum short, so backward then works in tiles of
+the floor's rows by a slice of the vocabulary, in the chunk's bytes (``_backward_tiles``).
+``scripts/bench_logprobs.py`` measures memory and time against the naive path, and with
+``--head-rows`` the head's products by row count (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -23,18 +33,54 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["CHUNK_BYTES", "default_chunk_size", "token_logprobs"]
+__all__ = ["CHUNK_BYTES", "ROW_FLOOR", "chunk_budget", "default_chunk_size", "token_logprobs"]
 
-# The [rows, V] buffer one chunk holds. Smaller saves little next to the [N, H] tensors around it;
-# larger only raises the peak: a chunk of 32 MiB still multiplies tens of rows per read of the
-# weight, enough to keep the matmuls compute-bound (scripts/bench_logprobs.py).
-CHUNK_BYTES = 32 * 2**20
+# Rows per product from which the head's matmuls run at their throughput: fewer rows re-read the
+# [V, H] weight (trained: read and write its gradient) for too little work. Set from
+# `scripts/bench_logprobs.py --head-rows` (issue 23; figures in docs/performance.md).
+ROW_FLOOR = 512
+# A [rows, V] buffer this small is cheap whatever its rows: small vocabularies take more rows than
+# the floor, up to this size, so a step of a few thousand tokens runs as one chunk.
+SMALL_CHUNK_BYTES = 32 * 2**20
+# The most one chunk's buffer takes on CPU: room for the floor's rows in float32 up to V = 262,144;
+# beyond, it binds, still a small part of the naive path's three [N, V] tensors at 2,048 tokens.
+CHUNK_BYTES = 512 * 2**20
+# On CUDA, the share of free memory (PyTorch's unused cache included) one chunk's buffer may take:
+# a chunk can hold up to three [rows, V] tensors at once (bf16 product, entropy).
+CUDA_FREE_FRACTION = 1 / 8
 
 
-def default_chunk_size(vocab_size: int, dtype: torch.dtype = torch.float32) -> int:
-    """Rows per chunk so one [rows, vocab_size] buffer in the compute dtype takes ``CHUNK_BYTES``."""
-    itemsize = torch.empty((), dtype=_compute_dtype(dtype)).element_size()
-    return max(1, CHUNK_BYTES // (vocab_size * itemsize))
+def chunk_budget(device: torch.device | str | None = None) -> int:
+    """Bytes one chunk's [rows, V] buffer may take on `device` (None: CPU).
+
+    CUDA: ``CUDA_FREE_FRACTION`` of the memory free now, counting what PyTorch holds cached but
+    unused; any other device: the fixed ``CHUNK_BYTES``.
+    """
+    device = torch.device("cpu" if device is None else device)
+    if device.type != "cuda":
+        return CHUNK_BYTES
+    free, _total = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(CUDA_FREE_FRACTION * (free + cached))
+
+
+def default_chunk_size(
+    vocab_size: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> int:
+    """Rows per chunk: ``ROW_FLOOR``, more while cheap, never over ``chunk_budget(device)``.
+
+    One [rows, vocab_size] buffer in the compute dtype (float32 for bf16/fp16 inputs). The floor is
+    what the head's products need for throughput: with fewer rows each chunk re-reads the [V, H]
+    weight for too little work. More rows buy little time and cost memory (on CUDA, memory the
+    model's own backward still needs), so only a vocabulary small enough takes more, up to
+    ``SMALL_CHUNK_BYTES``, and the device's budget is a ceiling, not a target. Where the budget
+    cannot hold the floor's rows it wins (at least one row): running out of memory fails, a short
+    chunk is only slower, and backward keeps the weight gradient's products at the floor's rows
+    anyway (``_backward_tiles``).
+    """
+    row_bytes = vocab_size * torch.empty((), dtype=_compute_dtype(dtype)).element_size()
+    wanted = max(ROW_FLOOR, SMALL_CHUNK_BYTES // row_bytes)
+    return max(1, min(wanted, chunk_budget(device) // row_bytes))
 
 
 def token_logprobs(
@@ -52,10 +98,10 @@ def token_logprobs(
         weight: [V, H] output embedding (lm_head), same dtype as `hidden`.
         targets: [B, T] long, the next-token ids, each in [0, V) (replace padding by any valid id).
         temperature: the sampling temperature, so the log-probs are those of the sampler.
-        chunk_size: rows of the flattened [B*T, H] per chunk; None: ``default_chunk_size(V)``
-            (``CHUNK_BYTES`` per chunk). The extra memory is one float32 [chunk_size, V] buffer,
-            a second one transiently for bf16 inputs or return_entropy, plus the weight gradient
-            when it is trained.
+        chunk_size: rows of the flattened [B*T, H] per chunk; None:
+            ``default_chunk_size(V, hidden.dtype, hidden.device)``. The extra memory is one
+            float32 [chunk_size, V] buffer, a second one transiently for bf16 inputs or
+            return_entropy, plus the weight gradient when it is trained.
         return_entropy: also return the entropy of each row's distribution (detached).
 
     Returns:
@@ -67,7 +113,7 @@ def token_logprobs(
             f"shapes: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, targets {tuple(targets.shape)}"
         )
     if chunk_size is None:
-        chunk_size = default_chunk_size(weight.shape[0], hidden.dtype)
+        chunk_size = default_chunk_size(weight.shape[0], hidden.dtype, hidden.device)
     if chunk_size < 1 or temperature <= 0:
         raise ValueError(f"chunk_size={chunk_size} and temperature={temperature} must be positive")
     logps, entropy = _ChunkedLogprobs.apply(
@@ -109,11 +155,34 @@ def _log_softmax_at_(z: Tensor, targets: Tensor, normalise: bool) -> tuple[Tenso
     return picked - lse, lse
 
 
-def _softmax_grad_(probs: Tensor, targets: Tensor, grad_out: Tensor, temperature: float) -> Tensor:
-    """In place: softmax rows [n, V] -> d(g * logp[target]) / d(h W^T) = g (onehot - p) / temperature."""
+def _softmax_grad_(
+    probs: Tensor, targets: Tensor, grad_out: Tensor, temperature: float, offset: int = 0
+) -> Tensor:
+    """In place: softmax [n, w] -> d(g * logp[target]) / d(h W^T) = g (onehot - p) / temperature.
+
+    `probs` holds the vocabulary's columns [offset, offset + w); a target outside them adds 0 to
+    column 0 instead of being dropped by a mask, so the shapes do not depend on the data (no
+    device sync).
+    """
     probs.mul_(-grad_out[:, None])
-    probs.scatter_add_(1, targets[:, None], grad_out[:, None])
+    local = targets - offset  # [n] each target's column in this slice
+    hit = (local >= 0) & (local < probs.shape[1])
+    picked = torch.where(hit, grad_out, 0.0)
+    probs.scatter_add_(1, local.clamp(0, probs.shape[1] - 1)[:, None], picked[:, None])
     return probs.div_(temperature) if temperature != 1.0 else probs
+
+
+def _backward_tiles(n: int, vocab: int, chunk: int) -> tuple[int, int]:
+    """(rows, vocabulary columns) of each tile backward works on, in at most a chunk's elements.
+
+    Whole chunks when they reach ``ROW_FLOOR`` rows (or all n); otherwise the floor's rows by
+    the slice of the vocabulary that fits, so that the weight gradient dZ^T h of each product
+    still sums over the floor's rows rather than a chunk's few.
+    """
+    rows = min(ROW_FLOOR, n)
+    if chunk >= rows:
+        return chunk, vocab
+    return rows, max(1, chunk * vocab // rows)
 
 
 class _ChunkedLogprobs(torch.autograd.Function):
@@ -121,20 +190,21 @@ class _ChunkedLogprobs(torch.autograd.Function):
 
     Two shortcuts, both exact: with a frozen weight the hidden-state gradient direction
     (onehot - p) W / temperature is formed in forward (no recomputation at all); with a trained
-    weight the last chunk's softmax stays in the buffer and backward starts from it (one chunk
-    fewer to recompute). The first backward takes that buffer over (a second one through the
-    same graph, retain_graph=True, recomputes every chunk).
+    weight, backward in whole chunks, the last chunk's softmax stays in the buffer and backward
+    starts from it (one chunk fewer to recompute). The first backward takes that buffer over (a
+    second one through the same graph, retain_graph=True, recomputes every chunk).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk_size, return_entropy):
         flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # [N, H], [N]
-        n, dtype = flat_h.shape[0], _compute_dtype(hidden.dtype)
+        (n, vocab), dtype = (flat_h.shape[0], weight.shape[0]), _compute_dtype(hidden.dtype)
         logps, lse = flat_h.new_empty(n, dtype=dtype), flat_h.new_empty(n, dtype=dtype)
         entropy = flat_h.new_empty(n if return_entropy else 0, dtype=dtype)
-        buf = flat_h.new_empty(min(chunk_size, n), weight.shape[0], dtype=dtype)  # [chunk, V]
+        buf = flat_h.new_empty(min(chunk_size, n), vocab, dtype=dtype)  # [chunk, V]
         eager = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
-        keep_last = ctx.needs_input_grad[1]
+        ctx.tiles = _backward_tiles(n, vocab, chunk_size)
+        keep_last = ctx.needs_input_grad[1] and ctx.tiles[1] == vocab  # backward in whole chunks
         grad_dir = torch.empty_like(flat_h) if eager else None  # d logp / d h per row
         for start in range(0, n, chunk_size):
             rows = slice(start, start + chunk_size)
@@ -148,7 +218,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 grad_dir[rows] = _softmax_grad_(z, flat_t[rows], ones, temperature).to(weight.dtype) @ weight
         ctx.save_for_backward(flat_h, weight, flat_t, lse, grad_dir)
         ctx.kept = buf if keep_last else None  # not saved: backward overwrites it
-        ctx.shape, ctx.temperature, ctx.chunk_size = hidden.shape, temperature, chunk_size
+        ctx.shape, ctx.temperature = hidden.shape, temperature
         entropy = entropy.view(targets.shape) if return_entropy else entropy
         ctx.mark_non_differentiable(entropy)  # a metric: no gradient flows back through it
         return logps.view(targets.shape), entropy
@@ -161,36 +231,48 @@ class _ChunkedLogprobs(torch.autograd.Function):
         if grad_dir is not None:  # frozen weight: d logp / d h was formed in forward
             return (g[:, None] * grad_dir).to(flat_h.dtype).view(ctx.shape), None, None, None, None, None
         need_h, need_w = ctx.needs_input_grad[:2]
-        grad_h = torch.empty_like(flat_h) if need_h else None
-        grad_w = None  # [V, H], summed over chunks in at least float32 (see _accumulate)
-        n, chunk = flat_h.shape[0], ctx.chunk_size
-        buf = kept if kept is not None else lse.new_empty(min(chunk, n), weight.shape[0])
-        for start in reversed(range(0, n, chunk)):  # the last chunk first: its softmax may be in buf
-            rows = slice(start, start + chunk)
-            if kept is not None and start + chunk >= n:
-                probs = buf[: n - start]
-            else:
-                probs = _logits_(buf, flat_h[rows], weight, ctx.temperature).sub_(lse[rows, None]).exp_()
-            grad_logits = _softmax_grad_(probs, flat_t[rows], g[rows], ctx.temperature)  # [n_c, V]
-            if need_h:
-                grad_h[rows] = grad_logits.to(weight.dtype) @ weight
-            if need_w:
-                grad_w = _accumulate(grad_w, grad_logits, flat_h[rows])
-        if need_w:  # no rows at all leaves nothing accumulated
-            grad_w = torch.zeros_like(weight) if grad_w is None else grad_w.to(weight.dtype)
-        grad_h = grad_h.view(ctx.shape) if need_h else None
+        grad_h, grad_w = _tiled_grads(
+            flat_h, weight, flat_t, lse, g, ctx.temperature, ctx.tiles, kept, need_h
+        )
+        grad_h = grad_h.to(flat_h.dtype).view(ctx.shape) if need_h else None
+        grad_w = grad_w.to(weight.dtype) if need_w else None
         return grad_h, grad_w, None, None, None, None
 
 
-def _accumulate(grad_w: Tensor | None, grad_logits: Tensor, h: Tensor) -> Tensor:
-    """grad_w [V, H] + grad_logits.T [V, n] @ h [n, H], in place when the dtypes allow it.
+def _tiled_grads(flat_h, weight, flat_t, lse, g, temperature, tiles, kept, need_h):
+    """grad_h [N, H] (if `need_h`) and grad_w [V, H], a [rows, width] tile of the logits at a time.
 
-    The sum over chunks stays in at least float32 so bf16 does not round every partial sum;
-    the first chunk allocates it (no zero fill of a [V, H] tensor).
+    Each tile is recomputed from `lse`, or for the last rows taken from `kept`. The weight is
+    trained here (a frozen one took forward's eager path). Both sums are in the compute dtype, at
+    least float32, so bf16 does not round every partial sum; the first tile to reach a block of
+    either gradient writes it (no zero fill of a [V, H] tensor).
     """
-    if grad_w is None:
-        return (grad_logits.t().to(h.dtype) @ h).to(_compute_dtype(h.dtype))
-    if grad_w.dtype == h.dtype:
-        return grad_w.addmm_(grad_logits.t(), h)
-    # bf16/fp16: the matmul runs in the input dtype (fp32 accumulation inside), summed in fp32
-    return grad_w.add_(grad_logits.t().to(h.dtype) @ h)
+    (n, hdim), vocab, (rows, width) = flat_h.shape, weight.shape[0], tiles
+    grad_h = lse.new_empty(n, hdim) if need_h else None
+    grad_w = lse.new_empty(vocab, hdim) if n else lse.new_zeros(vocab, hdim)  # no rows: nothing summed
+    buf = kept if kept is not None else lse.new_empty(min(rows, n) * min(width, vocab))
+    for start in reversed(range(0, n, rows)):  # the last rows first: their softmax may be in buf
+        block, last = slice(start, start + rows), start + rows >= n
+        h = flat_h[block]
+        for v0 in range(0, vocab, width):
+            w = weight[v0 : v0 + width]
+            tile = buf.view(-1)[: h.shape[0] * w.shape[0]].view(h.shape[0], w.shape[0])
+            if kept is None or not last:
+                tile = _logits_(tile, h, w, temperature).sub_(lse[block, None]).exp_()
+            grad_logits = _softmax_grad_(tile, flat_t[block], g[block], temperature, v0)  # [rows, w]
+            if need_h:
+                _add_product_(grad_h[block], grad_logits, w, first=v0 == 0)
+            _add_product_(grad_w[v0 : v0 + width], grad_logits.t(), h, first=last)
+    return grad_h, grad_w
+
+
+def _add_product_(out: Tensor, a: Tensor, b: Tensor, first: bool) -> Tensor:
+    """out <- a @ b (`first`) or out += a @ b, in place; the product runs in b's dtype.
+
+    bf16/fp16 `b`: the matmul in the input dtype (fp32 accumulation inside), summed into the
+    float32 `out`.
+    """
+    if a.dtype != b.dtype:
+        product = a.to(b.dtype) @ b
+        return out.copy_(product) if first else out.add_(product)
+    return torch.mm(a, b, out=out) if first else out.addmm_(a, b)

@@ -46,12 +46,55 @@ def test_values_and_gradients_match_naive_float64(chunk_size, temperature, train
 
 
 def test_default_chunk_size_follows_the_vocabulary():
-    # Qwen2.5's vocabulary: 55 float32 rows per 32 MiB chunk, bf16 inputs too (softmax in float32);
-    # the tiny model's 273 tokens: every row of a step in one chunk.
-    assert default_chunk_size(151_936) == default_chunk_size(151_936, torch.bfloat16) == 55
-    assert default_chunk_size(273) > 30_000
-    assert default_chunk_size(151_936, torch.float64) == 27
+    # Qwen2.5's vocabulary: the floor's rows (311 MB of float32, inside the CPU budget), bf16 inputs
+    # too (softmax in float32); in float64 the floor's rows would pass the budget, which wins;
+    # the tiny model's 273 tokens: every row of a step in one chunk (SMALL_CHUNK_BYTES of logits).
+    assert default_chunk_size(151_936) == default_chunk_size(151_936, torch.bfloat16) == logprobs.ROW_FLOOR
+    assert (
+        default_chunk_size(151_936, torch.float64)
+        == logprobs.CHUNK_BYTES // (151_936 * 8)
+        < logprobs.ROW_FLOOR
+    )
+    assert default_chunk_size(273) == logprobs.SMALL_CHUNK_BYTES // (273 * 4) > 30_000
     assert default_chunk_size(10**9) == 1
+
+
+@pytest.mark.parametrize("budget", [1_000, 2**20, 64 * 2**20, 512 * 2**20, 8 * 2**30])
+@pytest.mark.parametrize("vocab", [50, 273, 32_000, 151_936, 262_144, 10**9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_default_chunk_size_honours_its_floor_and_the_budget(monkeypatch, budget, vocab, dtype):
+    monkeypatch.setattr(logprobs, "CHUNK_BYTES", budget)
+    rows = default_chunk_size(vocab, dtype)
+    row_bytes = vocab * (8 if dtype == torch.float64 else 4)  # the compute dtype: at least float32
+    assert rows >= 1
+    assert rows * row_bytes <= budget or rows == 1  # the budget caps the buffer (one row at least)
+    assert rows >= min(logprobs.ROW_FLOOR, budget // row_bytes)  # the floor, where the budget allows it
+    if rows > logprobs.ROW_FLOOR:  # more rows than the floor only while the buffer is cheap
+        assert rows * row_bytes <= logprobs.SMALL_CHUNK_BYTES
+
+
+def test_cuda_budget_is_a_share_of_free_memory(monkeypatch):
+    # No GPU needed: the driver's figures are faked. PyTorch's unused cache counts as free.
+    gib = 2**30
+    free = {"now": 8 * gib}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["now"], 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 * gib)
+    assert logprobs.chunk_budget("cuda") == int(logprobs.CUDA_FREE_FRACTION * 9 * gib)
+    assert logprobs.chunk_budget("cpu") == logprobs.chunk_budget() == logprobs.CHUNK_BYTES
+    assert default_chunk_size(151_936, device="cuda") == logprobs.ROW_FLOOR  # plenty free: the floor
+    free["now"] = 0  # a nearly full GPU: the budget (1 GiB of cache / 8) wins over the floor
+    assert default_chunk_size(151_936, device="cuda") == int(gib * logprobs.CUDA_FREE_FRACTION) // (
+        151_936 * 4
+    )
+
+
+def test_default_chunk_size_asks_the_inputs_device(monkeypatch):
+    asked = []
+    monkeypatch.setattr(logprobs, "chunk_budget", lambda device=None: asked.append(device) or 10**9)
+    hidden, weight, targets = _inputs()
+    token_logprobs(hidden, weight, targets)
+    assert asked == [hidden.device]
 
 
 @pytest.mark.parametrize("train_weight", [True, False])
@@ -150,3 +193,36 @@ def test_second_backward_through_the_same_graph_recomputes():
     second = torch.autograd.grad(logps.sum(), (h, w))
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 5, 8, 13, 21, 100])  # B*T = 21 rows
+@pytest.mark.parametrize("need_hidden_grad", [True, False])
+def test_trained_head_below_the_floor_matches_naive_float64(monkeypatch, chunk_size, need_hidden_grad):
+    # A floor of 8 rows: chunks of fewer rows go back as tiles of 8 rows (8, 8, 5) by a slice of
+    # the vocabulary in the chunk's elements, so every weight-gradient product sums over 8 rows.
+    monkeypatch.setattr(logprobs, "ROW_FLOOR", 8)
+    hidden, weight, targets = _inputs()
+    ours_h, ours_w = hidden.clone().requires_grad_(need_hidden_grad), weight.clone().requires_grad_()
+    naive_h, naive_w = hidden.clone().requires_grad_(need_hidden_grad), weight.clone().requires_grad_()
+    logps = token_logprobs(ours_h, ours_w, targets, 0.7, chunk_size)
+    tiles = []
+    inner = logprobs._logits_
+    monkeypatch.setattr(
+        logprobs, "_logits_", lambda buf, h, w, t: tiles.append((len(h), len(w))) or inner(buf, h, w, t)
+    )
+    upstream = torch.randn(targets.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    (logps * upstream).sum().backward()
+    expected = _naive(naive_h, naive_w, targets, 0.7)[0]
+    (expected * upstream).sum().backward()
+    torch.testing.assert_close(logps, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ours_w.grad, naive_w.grad, rtol=0, atol=1e-12)
+    if need_hidden_grad:
+        torch.testing.assert_close(ours_h.grad, naive_h.grad, rtol=0, atol=1e-12)
+    assert all(
+        rows * cols <= min(chunk_size, 21) * 50 for rows, cols in tiles
+    )  # no more than a chunk's memory
+    if chunk_size < 8:
+        assert {rows for rows, _ in tiles} == {8, 5}  # 21 rows: 8, 8 and the last 5
+        assert sum(cols for rows, cols in tiles if rows == 5) == 50  # the slices cover the vocabulary
+    else:  # whole chunks; the last one's softmax was kept from forward
+        assert all(cols == 50 for _, cols in tiles) and len(tiles) == -(-21 // chunk_size) - 1
