@@ -16,7 +16,15 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from grpo_cli.commands.update import advantages_for, make_optimizer, micro_batches, prepare, schedule, update
+from grpo_cli.commands.update import (
+    advantages_for,
+    low_precision_warning,
+    make_optimizer,
+    micro_batches,
+    prepare,
+    schedule,
+    update,
+)
 from grpo_cli.config import AlgoConfig, RolloutConfig, TrainConfig
 from grpo_cli.models import Policy
 from grpo_cli.rollout.record import Rollout
@@ -437,3 +445,23 @@ def test_a_bf16_update_has_the_float32_loss_and_gradient_direction(tiny_model_pa
     for g, w in zip(grads, want_grads):
         assert torch.cosine_similarity(g.double().flatten(), w.double().flatten(), dim=0) > 0.975
     assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_low_precision_warning_names_the_weights_an_adamw_step_cannot_move(dtype):
+    """Full fine-tuning of 16-bit weights warns, with the size above which AdamW's steps round away; that
+    size is checked here by a step. float32 weights (LoRA's adapters beside bf16 ones) do not warn."""
+    lr = 1e-5
+    assert low_precision_warning([torch.zeros(3), torch.zeros(2, dtype=torch.float64)], lr) is None
+    message = low_precision_warning([torch.zeros(3), torch.zeros(3, dtype=dtype)], lr)
+    bound = 4 * lr / torch.finfo(dtype).eps  # bf16: 0.00512, fp16: 0.04096
+    name = str(dtype).removeprefix("torch.")
+    assert f"updates {name} weights" in message and f"larger than {bound:.2g};" in message
+    assert "LoRA" in message and "model.dtype=float32" in message
+    # One AdamW step (size ~lr whatever the gradient) on weights on either side of the bound.
+    weights = torch.tensor([bound * 1.01, -bound * 1.5, 3 * bound, bound / 8], dtype=dtype)
+    param = torch.nn.Parameter(weights.clone())
+    param.grad = torch.tensor([1.0, -2.0, 0.5, 1.0], dtype=dtype)
+    torch.optim.AdamW([param], lr=lr, weight_decay=0.0).step()
+    assert torch.equal(param.detach()[:3], weights[:3])  # above the bound: lost
+    assert param.detach()[3] != weights[3]  # well below it: applied
