@@ -3,6 +3,7 @@
     make bench-env                                                        # once: .venv-bench with torch + trl
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_vs_trl.py            # ~10 min on 1 busy CPU core
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_vs_trl.py --modes lora --steps 5 --repeats 1   # ~1 min
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_vs_trl.py --dtype bfloat16 --modes lora --steps 5 --repeats 1
     .venv/bin/python scripts/bench_vs_trl.py --shape qwen2.5-0.5b --model-dir /tmp/qwen-standin-4 \
         --steps 2 --warmup 1 --repeats 1                                  # real shapes, ~1 h on 2 busy cores
 
@@ -14,13 +15,20 @@ Equal work on both sides. ``--shape tiny`` (the default): the embedded tiny mode
 a random-weight stand-in with Qwen2.5-0.5B's dimensions and 4 layers (``--model-dir``, made by
 ``scripts/make_standin.py --layers 4 --dtype float32``; 151,936-token vocabulary), 2 prompts x G = 8,
 128 new tokens (random weights draw ``<|im_end|>`` about once in 150,000 tokens, so every completion
-runs the full length on both sides; the table shows the mean lengths). Both: float32, CPU,
-no gradient checkpointing; arithmetic train prompts with the ``math`` reward (math-verify, the same
-rule object on both sides), no chat template; TRL's ``per_device_train_batch_size`` counts
+runs the full length on both sides; the table shows the mean lengths). Both: CPU, ``--dtype``
+weights (float32 by default), no gradient checkpointing; arithmetic train prompts with the ``math``
+reward (math-verify, the same rule object on both sides), no chat template; TRL's ``per_device_train_batch_size`` counts
 completions (prompts x G); temperature 1, beta 0.04
 (k3 KL to the reference), TRL ``loss_type="grpo"``, one update per rollout (mu = 1), the same
 constant learning rate; full fine-tuning (``lora=none``; both keep a frozen reference copy) and LoRA
 (r = 16, alpha = 32, all linear layers; the reference is the adapter switched off on both sides).
+
+``--dtype bfloat16``: both sides load bf16 weights (ours ``model.dtype=bfloat16``; TRL ``dtype=`` and
+``bf16=True``, accelerate's bf16 autocast), so the matmuls run in bf16 on both; LoRA adapters stay
+float32 on both (peft's default). Two differences remain, both small shares of the work: under TRL's
+autocast the adapters' matmuls run in bf16 (ours in float32), and TRL takes its log-softmax in the
+logits' bf16 (ours in float32). Full fine-tuning of bf16 weights at ``--lr 1e-5`` loses most updates on
+both sides (``grpo train`` warns); the step's work is the same.
 
 Each run is its own subprocess: ours is ``.venv/bin/python -m grpo_cli train ...`` and its per-step
 ``step_time`` (sampling + scoring + reference pass + update; the held-out evaluations at step 0 and at
@@ -53,6 +61,7 @@ BETA = 0.04
 # shape -> prompts per step, G, new tokens
 SHAPES = {"tiny": (8, 8, 8), "qwen2.5-0.5b": (2, 8, 128)}
 LORA = {"r": 16, "alpha": 32}
+DTYPES = ("float32", "bfloat16")  # --dtype: model.dtype on our side, dtype= and bf16= on TRL's
 MATH_RULE = {"name": "math", "_target_": "grpo_cli.rewards.math.MathReward", "weight": 1.0}
 
 
@@ -67,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="steps dropped at the start of each run")
     p.add_argument("--repeats", type=int, default=2, help="rounds of ours, TRL per mode")
     p.add_argument("--lr", type=float, default=1e-5, help="constant learning rate on both sides")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights on both sides (see above)")
     p.add_argument("--ours-python", default=str(REPO / ".venv" / "bin" / "python"))
     p.add_argument("--trl-python", default=str(REPO / ".venv-bench" / "bin" / "python"))
     p.add_argument("--child", choices=["trl"], help=argparse.SUPPRESS)
@@ -115,7 +125,7 @@ def ours_overrides(mode: str, args: argparse.Namespace, run_dir: Path) -> list[s
         *([] if mode == "full" else [f"lora.r={LORA['r']}", f"lora.alpha={LORA['alpha']}"]),
         *(["model=tiny"] if args.shape == "tiny" else ["model=qwen", f"model.name_or_path={args.path}"]),
         "model.chat_template=false",
-        "model.dtype=float32",
+        f"model.dtype={args.dtype}",
         "model.device=cpu",
         "model.gradient_checkpointing=false",
         "data=arithmetic",
@@ -157,6 +167,7 @@ def run_trl(mode: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     out = work / f"trl-{mode}-{time.monotonic_ns()}.json"
     cmd = [args.trl_python, __file__, "--child", "trl", "--mode", mode, "--json-out", str(out)]
     cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--lr", str(args.lr)]
+    cmd += ["--dtype", args.dtype]
     cmd += ["--shape", args.shape, *(["--model-dir", args.model_dir] if args.model_dir else [])]
     rss = run_child(cmd, out.with_suffix(".log"))
     return {**json.loads(out.read_text()), "rss_mib": rss}
@@ -212,7 +223,7 @@ def trl_config(mode: str, args: argparse.Namespace, out_dir: str) -> Any:
         max_grad_norm=1.0,
         max_steps=args.warmup + args.steps,
         gradient_checkpointing=False,
-        bf16=False,
+        bf16=args.dtype == "bfloat16",  # accelerate's bf16 autocast, over weights loaded in --dtype
         fp16=False,
         use_cpu=True,
         save_strategy="no",
@@ -248,7 +259,8 @@ def trl_child(args: argparse.Namespace) -> None:
     from grpo_cli.models import load_tokenizer
 
     path = model_path(args)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    dtype = getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     peft = None
     if args.mode == "lora":
         peft = LoraConfig(
@@ -310,16 +322,15 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def print_table(results: dict[str, dict[str, dict[str, float]]]) -> None:
-    head = (
-        f"{'mode':<5} {'ours s/step':>11} {'TRL s/step':>10} {'ratio':>6} {'ours gen s':>10} {'TRL gen s':>9}"
-    )
+def print_table(results: dict[str, dict[str, dict[str, float]]], dtype: str) -> None:
+    head = f"{'mode':<5} {'dtype':<8} {'ours s/step':>11} {'TRL s/step':>10} {'ratio':>6}"
+    head += f" {'ours gen s':>10} {'TRL gen s':>9}"
     head += f" {'ratio':>6} {'ours RSS MiB':>12} {'TRL RSS MiB':>11} {'ratio':>6}"
     print(head + f" {'ours gen tok/s':>14} {'TRL gen tok/s':>13} {'mean len':>11} {'steps':>6}")
     for mode, r in results.items():
         o, t = r["ours"], r["trl"]
         print(
-            f"{mode:<5} {o['step_s']:>11.3f} {t['step_s']:>10.3f} {o['step_s'] / t['step_s']:>6.2f} "
+            f"{mode:<5} {dtype:<8} {o['step_s']:>11.3f} {t['step_s']:>10.3f} {o['step_s'] / t['step_s']:>6.2f} "
             f"{o['gen_s']:>10.3f} {t['gen_s']:>9.3f} {o['gen_s'] / t['gen_s']:>6.2f} "
             f"{o['rss_mib']:>12.0f} {t['rss_mib']:>11.0f} {o['rss_mib'] / t['rss_mib']:>6.2f} "
             f"{o['gen_tok_s']:>14.0f} {t['gen_tok_s']:>13.0f} {o['len']:>5.1f}/{t['len']:<5.1f} "
@@ -352,10 +363,10 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"{args.shape} ({args.path}), {args.prompts} prompts x G={args.group_size}, {args.new_tokens} new tokens, "
         f"beta {BETA}, "
-        f"float32 CPU, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; median of "
+        f"{args.dtype} CPU, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; median of "
         f"{args.steps} steps x {args.repeats} runs after {args.warmup} warm-up steps"
     )
-    print_table(results)
+    print_table(results, args.dtype)
 
 
 if __name__ == "__main__":

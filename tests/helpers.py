@@ -96,3 +96,39 @@ def held_out(policy: Any, rows: list[dict], cfg: Any, rewarder: Any) -> dict[str
     engine = HFEngine(policy, cfg.rollout.batch_size)
     fmt = PromptFormat.of(cfg.data, cfg.model)
     return held_out_metrics(engine, policy, rows, fmt, cfg.rollout, cfg.train, cfg.seed, rewarder)
+
+
+def dtype_twins(model_dir: Any, lora: bool, beta: float = 0.04) -> tuple[Any, Any]:
+    """One model loaded twice on CPU, with ``model.dtype=float32`` and ``bfloat16``. With LoRA (r 4) both
+    hold the same float32 adapter, its B drawn non-zero so that it changes the log-probs."""
+    from grpo_cli.config import LoraConfig, ModelConfig
+    from grpo_cli.models import load_policy
+
+    lora_cfg = LoraConfig(r=4, alpha=8) if lora else LoraConfig(enabled=False)
+    f32, bf16 = (
+        load_policy(ModelConfig(name_or_path=str(model_dir), dtype=d, device="cpu"), lora_cfg, beta)
+        for d in ("float32", "bfloat16")
+    )
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for (name, a), (_, b) in zip(f32.model.named_parameters(), bf16.model.named_parameters()):
+            if "lora_B" in name:
+                a.normal_(0, 0.05, generator=gen)
+            if "lora_" in name:
+                b.copy_(a)
+    return f32, bf16
+
+
+def arithmetic_rollout(policy: Any, group_size: int = 4, problems: int = 4, seed: int = 0) -> Any:
+    """``problems`` arithmetic prompts x G completions of up to 16 tokens sampled from ``policy``
+    (the tiny model's template), with fixed rewards that differ within every group."""
+    from grpo_cli.config import DataConfig, RolloutConfig
+    from grpo_cli.data import build_prompt, load_rows
+    from grpo_cli.models.tiny import TEMPLATE
+
+    rows = load_rows(DataConfig(name="arithmetic", template=TEMPLATE), "train")[:problems]
+    prompts = [build_prompt(r, TEMPLATE) for r in rows]
+    seeds = [seed * problems + i for i in range(problems)]
+    ro = roll_out(policy, rows, prompts, group_size, RolloutConfig(max_new_tokens=16), seeds=seeds)
+    ro.rewards = torch.tensor([(i * 7 % 5) / 4 for i in range(problems * group_size)])  # 0, .5, 1, .25, ...
+    return ro

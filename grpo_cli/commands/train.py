@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from grpo_cli.commands.heldout import held_out_due, held_out_metrics
 from grpo_cli.commands.step import train_step
-from grpo_cli.commands.update import make_optimizer, trained_params
+from grpo_cli.commands.update import low_precision_warning, make_optimizer, trained_params
 from grpo_cli.config import ConfigError, TrainConfig, TrainRoot
 from grpo_cli.data import build_prompt, load_rows
 from grpo_cli.engines import build_engine
@@ -124,6 +124,8 @@ def _build(cfg: TrainRoot, run_path: Path) -> tuple[Trainer, dict[str, Any] | No
     # Per-rank streams from here (dropout); rollouts have their own per-prompt streams (batch.draw_seed).
     rng.seed_everything(cfg.seed + world.rank)
     optimizer, scheduler = make_optimizer(policy, tr)
+    if warning := low_precision_warning(trained_params(optimizer), tr.lr):
+        log.warning(warning)
     fmt = PromptFormat.of(cfg.data, cfg.model)
     # After the weights are final (a resume's included): the engine starts with them (vllm: pushed).
     longest = longest_prompt(policy.tokenizer, train_rows + test_rows, fmt) if _sized(cfg) else 0

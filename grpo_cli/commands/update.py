@@ -248,6 +248,25 @@ def make_optimizer(policy: Policy, tr: TrainConfig) -> tuple[torch.optim.Optimiz
     return opt, schedule(opt, tr.warmup_steps)
 
 
+def low_precision_warning(params: list[torch.Tensor], lr: float) -> str | None:
+    """One line when the optimizer updates 16-bit weights in place, else None.
+
+    That is full fine-tuning with ``model.dtype=bfloat16`` (or float16): LoRA adapters are float32.
+    AdamW moves a weight by about ``lr`` per step, and rounding to the nearest 16-bit float drops any
+    change below half the spacing at w, which is at least |w| * eps / 4: every weight larger than
+    4 * lr / eps stops moving (bf16, eps 2^-7, lr 1e-5: |w| > 0.005, most of a model's weights).
+    """
+    low = sorted({p.dtype for p in params if p.dtype in (torch.bfloat16, torch.float16)}, key=str)
+    if not low:
+        return None
+    name, bound = str(low[0]).removeprefix("torch."), 4 * lr / torch.finfo(low[0]).eps
+    return (
+        f"full fine-tuning updates {name} weights in place: AdamW moves a weight by about train.lr={lr:g} "
+        f"per step, and {name} rounds that away for every weight larger than {bound:.2g}; "
+        "use LoRA (float32 adapters) or model.dtype=float32 (docs/configuration.md#bfloat16)"
+    )
+
+
 def schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> Any:
     """Linear warm-up over ``warmup_steps`` optimizer steps, then the constant learning rate."""
     warm = max(warmup_steps, 0)

@@ -166,8 +166,12 @@ def load_policy(
 def _wrap_lora(model: Any, lora_cfg: Any, adapter_dir: str | None, trainable: bool) -> Any:
     from peft import LoraConfig, PeftModel, get_peft_model
 
+    # Adapters in float32 over bf16/fp16 base weights (peft's default, pinned here): their small
+    # updates would round away in bf16, and they are a small share of the matmuls.
     if adapter_dir is not None:
-        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+        return PeftModel.from_pretrained(
+            model, adapter_dir, is_trainable=trainable, autocast_adapter_dtype=True
+        )
     targets = lora_cfg.target_modules
     config = LoraConfig(
         r=lora_cfg.r,
@@ -176,7 +180,7 @@ def _wrap_lora(model: Any, lora_cfg: Any, adapter_dir: str | None, trainable: bo
         target_modules=targets if isinstance(targets, str) else list(targets),
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    return get_peft_model(model, config, autocast_adapter_dtype=True)
 
 
 @contextlib.contextmanager

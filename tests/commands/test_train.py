@@ -374,3 +374,23 @@ def test_completions_are_logged_with_rewards_advantages_and_overlong_penalty(bas
     for r in group:  # A_i = (r_i - mean) / (std + 1e-4), the group's unbiased std
         assert r["advantage"] == pytest.approx((r["reward"] - mean) / (std + 1e-4), abs=1e-5)
     assert "reward/overlong_penalty" in read_metrics(tmp_path)[-1]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_full_finetuning_of_bf16_weights_warns_that_small_updates_are_lost(base, tmp_path, caplog, lora):
+    """model.dtype=bfloat16: full fine-tuning says once, at the start, that AdamW's steps round away;
+    LoRA (float32 adapters) trains without the warning. Both take a finite step."""
+    overrides = [*base, "model.dtype=bfloat16", "train.steps=1", "train.eval_problems=0"]
+    overrides += ["lora=default", "lora.r=4"] if lora else []
+    with caplog.at_level("WARNING", logger="grpo_cli"):
+        _run(overrides, tmp_path)
+    warned = [r.getMessage() for r in caplog.records if "rounds that away" in r.getMessage()]
+    if lora:
+        assert warned == []
+    else:  # train.lr=1e-2 in `base`: 4 * 1e-2 / 2^-7
+        assert warned == ["full fine-tuning updates bfloat16 weights in place: AdamW moves a weight by about "
+                          "train.lr=0.01 per step, and bfloat16 rounds that away for every weight larger than "
+                          "5.1; use LoRA (float32 adapters) or model.dtype=float32 "
+                          "(docs/configuration.md#bfloat16)"]  # fmt: skip
+    (row,) = [r for r in read_metrics(tmp_path) if r["step"] == 1]
+    assert math.isfinite(row["loss"]) and row["grad_norm"] > 0 and row["skipped"] == 0.0

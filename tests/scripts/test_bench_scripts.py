@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import torch
 from helpers import load_script
@@ -65,6 +70,40 @@ def test_the_real_shape_composes_to_the_issue_settings(bench_vs_trl, tmp_path):
     assert cfg.model.dtype == "float32" and cfg.train.eval_problems == 0
     with pytest.raises(SystemExit, match="make_standin"):  # no config.json there: a one-line pointer
         bench_vs_trl.model_path(args)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_dtype_bfloat16_gives_both_sides_bf16_weights(bench_vs_trl, mode, tmp_path, monkeypatch):
+    """--dtype bfloat16: ours model.dtype=bfloat16; the TRL child is told the dtype and its config asks
+    for bf16 (TRL itself is not imported: a stand-in GRPOConfig records the keywords)."""
+    from grpo_cli.cli import compose_config
+
+    assert bench_vs_trl.parse_args([]).dtype == "float32"
+    args = bench_vs_trl.parse_args(["--dtype", "bfloat16"])
+    overrides = [o for o in bench_vs_trl.ours_overrides(mode, args, tmp_path) if not o.startswith("hydra.")]
+    cfg, _ = compose_config("train", overrides)
+    assert cfg.model.dtype == "bfloat16" and cfg.model.device == "cpu"
+    monkeypatch.setitem(sys.modules, "trl", SimpleNamespace(GRPOConfig=dict))
+    assert bench_vs_trl.trl_config(mode, args, str(tmp_path))["bf16"] is True
+    assert bench_vs_trl.trl_config(mode, bench_vs_trl.parse_args([]), str(tmp_path))["bf16"] is False
+    seen = []
+
+    def fake_child(cmd, log_path):  # what run_trl would start, without starting it
+        seen.append(cmd)
+        Path(cmd[cmd.index("--json-out") + 1]).write_text(json.dumps({"step_times": [1.0]}))
+        return 1
+
+    monkeypatch.setattr(bench_vs_trl, "run_child", fake_child)
+    bench_vs_trl.run_trl(mode, args, tmp_path)
+    child = bench_vs_trl.parse_args(seen[0][2:])
+    assert (child.child, child.mode, child.dtype) == ("trl", mode, "bfloat16")
+
+
+def test_the_table_names_the_dtype(bench_vs_trl, capsys):
+    side = {"step_s": 1.0, "gen_s": 0.5, "rss_mib": 100.0, "gen_tok_s": 10.0, "len": 8.0, "n": 4}
+    bench_vs_trl.print_table({"lora": {"ours": side, "trl": side}}, "bfloat16")
+    head, row = capsys.readouterr().out.splitlines()
+    assert head.split()[:2] == ["mode", "dtype"] and row.split()[:2] == ["lora", "bfloat16"]
 
 
 def test_demo_tools_splits_problems_by_whether_precedence_matters():
