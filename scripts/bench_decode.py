@@ -17,8 +17,9 @@ dtype's matrix product reaches with many rows (``matmul_gflops``: 512 rows by a 
 weight). On a few cores the second can be the higher: 16 rows of float32 are 8 FLOPs per weight
 byte, more than 2 cores do at 30-50 GB/s. Our time includes the prefill and the sampling; the
 ``draw`` column is the sampling's share (temperature, softmax, the inverse-CDF lookup). Paths alternate over ``--repeats`` rounds after a
-warm-up: ours as shipped, and ours with the linear layers on the default (MKL) kernel instead of
-oneDNN (``grpo_cli.engines.hf.onednn``). The machine is shared: read the medians, and the ratio, not the
+warm-up: ours as shipped (oneDNN linears, large weights packed: ``grpo_cli.engines.hf.onednn``),
+ours with oneDNN on the unpacked weights, and ours with the default kernels behind ``F.linear``
+(MKL for float32). The machine is shared: read the medians, and the ratio, not the
 seconds. Also prints, on paper, the weights read per step and the floor for the full 24 layers.
 Target (issue 13): ours within 1.5x of the floor.
 """
@@ -115,13 +116,18 @@ def matmul_gflops(dtype: torch.dtype, repeats: int = 3) -> float:
     return 2 * x.numel() * w.size(0) / statistics.median(times) / 1e9
 
 
-def run_ours(model, ids, mask, args, default_kernels: bool) -> tuple[float, float]:
-    """(seconds for the whole call, seconds of it in the sampler's draws)."""
+# The linear-layer routes compared: (oneDNN at all, packed weights).
+PATHS = {"ours": (True, True), "unpacked": (True, False), "default linears": (False, False)}
+
+
+def run_ours(model, ids, mask, args, path: tuple[bool, bool]) -> tuple[float, float]:
+    """(seconds for the whole call, seconds of it in the sampler's draws) on one of ``PATHS``."""
     from grpo_cli.engines.hf import decode, onednn
 
     gens = None if args.unseeded else decode.prompt_generators(range(ids.size(0)), ids.device)
-    saved, draw = onednn.MIN_HEAD_ELEMENTS, decode._draw
-    onednn.MIN_HEAD_ELEMENTS = 2**62 if default_kernels else saved
+    saved, draw = (onednn.MIN_HEAD_ELEMENTS, onednn.PACK_MIN_STEPS), decode._draw
+    onednn.MIN_HEAD_ELEMENTS = saved[0] if path[0] else 2**62
+    onednn.PACK_MIN_STEPS = saved[1] if path[1] else 2**62
     drawing = [0.0]
 
     def timed_draw(*a, **kw):
@@ -138,7 +144,7 @@ def run_ours(model, ids, mask, args, default_kernels: bool) -> tuple[float, floa
         )
         seconds = time.perf_counter() - t0
     finally:
-        onednn.MIN_HEAD_ELEMENTS, decode._draw = saved, draw
+        (onednn.MIN_HEAD_ELEMENTS, onednn.PACK_MIN_STEPS), decode._draw = saved, draw
     assert out.shape == (ids.size(0) * args.group_size, args.new_tokens), out.shape
     return seconds, drawing[0]
 
@@ -149,18 +155,17 @@ def bench_dtype(name: str, args: argparse.Namespace) -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(1, QWEN25_05B["vocab_size"], (args.prompts, args.prompt_len), generator=gen)
     mask = torch.ones_like(ids)
-    # bfloat16 linears already run on oneDNN in torch: only float32 has a second kernel to compare.
-    paths = {"ours": False, "ours, MKL linears": True} if dtype == torch.float32 else {"ours": False}
+    paths = PATHS
     times: dict[str, list[float]] = {k: [] for k in paths}
     draws: list[float] = []
     gbs, gflops = [], []
-    for default in paths.values():  # warm-up
-        run_ours(model, ids, mask, argparse.Namespace(**{**vars(args), "new_tokens": 4}), default)
+    for path in paths.values():  # warm-up (long enough to pack)
+        run_ours(model, ids, mask, argparse.Namespace(**{**vars(args), "new_tokens": 16}), path)
     for _ in range(args.repeats):
         gbs.append(bandwidth_gbs())
         gflops.append(matmul_gflops(dtype))
-        for label, default in paths.items():
-            seconds, drawing = run_ours(model, ids, mask, args, default)
+        for label, path in paths.items():
+            seconds, drawing = run_ours(model, ids, mask, args, path)
             times[label].append(seconds)
             if label == "ours":
                 draws.append(drawing)
@@ -189,19 +194,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         "| dtype | weights read / step MB | bandwidth GB/s | floor s | matmul GFLOP/s | compute floor s "
-        "| ours s | draw s | ours / floor | ours / compute floor | ours, MKL linears s | MKL / floor |"
+        "| ours s | draw s | ours / floor | ours / compute floor | unpacked s | default linears s |"
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     gbs = None
     for name in args.dtypes:
         r = bench_dtype(name, args)
         gbs = gbs or r["gbs"]
-        mkl = r.get("ours, MKL linears")
-        mkl_cells = "- | -" if mkl is None else f"{mkl:.2f} | {mkl / r['floor']:.2f}x"
         print(
             f"| {name} | {r['bytes'] / 1e6:.0f} | {r['gbs']:.1f} | {r['floor']:.2f} | {r['gflops']:.0f} "
             f"| {r['compute floor']:.2f} | {r['ours']:.2f} | {r['draw']:.2f} | {r['ours'] / r['floor']:.2f}x "
-            f"| {r['ours'] / r['compute floor']:.2f}x | {mkl_cells} |",
+            f"| {r['ours'] / r['compute floor']:.2f}x | {r['unpacked']:.2f} | {r['default linears']:.2f} |",
             flush=True,
         )
     for layers in (args.layers, 24):

@@ -14,8 +14,9 @@ out as from ``generate``. With seeds (training) each group's uniforms come from 
 drawn once per rollout, and every step's tokens are one inverse-CDF lookup for the whole batch: the
 same distribution, a different stream, and no per-group work per token.
 
-On CPU, float32 linears run on oneDNN while sampling (``engines.hf.onednn``: faster than MKL at a
-decode step's few rows; docs/performance.md); the logits then equal ``generate``'s up to float rounding.
+On CPU, float32 and bfloat16 linears run on oneDNN while sampling, the large weights packed
+(``engines.hf.onednn``: faster than MKL at a decode step's few rows; docs/performance.md); the logits
+then equal ``generate``'s up to float rounding.
 """
 
 from __future__ import annotations
@@ -91,9 +92,10 @@ def sample_group(
     the global torch RNG, as ``generate`` does. ``synced`` (FSDP, where each forward is a
     collective): keep decoding until every rank's sequences have ended.
     """
-    # FSDP reuses its gather buffers, which inference tensors forbid; CPU float32 linears: engines.hf.onednn.
+    # FSDP reuses its gather buffers, which inference tensors forbid; CPU linears: engines.hf.onednn.
     grad_context = torch.no_grad() if synced else torch.inference_mode()
-    with grad_context, contextlib.nullcontext() if synced else fast_linears(model):
+    linears = fast_linears(model, prompt_ids.size(0) * group_size, max_new_tokens)
+    with grad_context, contextlib.nullcontext() if synced else linears:
         uniforms = None
         if generators is not None and not greedy:
             uniforms = _group_uniforms(generators, group_size, max_new_tokens, prompt_ids.device)
