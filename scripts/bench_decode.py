@@ -9,12 +9,17 @@ parameters) samples G completions of ``--prompts`` random prompts, ``--new-token
 never drawn, temperature 1, seeded per-prompt streams (what ``grpo train`` runs; ``--unseeded`` for
 the global-RNG path of ``grpo sample`` / ``grpo eval``).
 
-The floor: each of the ``--new-tokens`` forward passes (the prefill and every decode step) reads
-every weight once, so no run can take less than new_tokens x weight bytes / bandwidth, where the
-bandwidth is this machine's, measured here as a 256 MB ``torch.sum`` with the default threads.
-Our time includes the prefill and the sampling. Paths alternate over ``--repeats`` rounds after a
-warm-up: ours as shipped, and ours with the linear layers on the default (MKL) kernel instead of
-oneDNN (``grpo_cli.engines.hf.onednn``). The machine is shared: read the medians, and the ratio, not the
+The memory floor: each of the ``--new-tokens`` forward passes (the prefill and every decode step)
+reads every weight once, so no run can take less than new_tokens x weight bytes / bandwidth, where
+the bandwidth is this machine's, measured here as a 256 MB ``torch.sum`` with the default threads.
+The compute floor: each step also does 2 x rows x parameters FLOPs, at best at the rate the same
+dtype's matrix product reaches with many rows (``matmul_gflops``: 512 rows by a [32768, 896]
+weight). On a few cores the second can be the higher: 16 rows of float32 are 8 FLOPs per weight
+byte, more than 2 cores do at 30-50 GB/s. Our time includes the prefill and the sampling; the
+``draw`` column is the sampling's share (temperature, softmax, the inverse-CDF lookup). Paths alternate over ``--repeats`` rounds after a
+warm-up: ours as shipped (oneDNN linears, large weights packed: ``grpo_cli.engines.hf.onednn``),
+ours with oneDNN on the unpacked weights, and ours with the default kernels behind ``F.linear``
+(MKL for float32). The machine is shared: read the medians, and the ratio, not the
 seconds. Also prints, on paper, the weights read per step and the floor for the full 24 layers.
 Target (issue 13): ours within 1.5x of the floor.
 """
@@ -97,23 +102,51 @@ def bandwidth_gbs(repeats: int = 7) -> float:
     return big.numel() * 4 / statistics.median(times) / 1e9
 
 
-def run_ours(model, ids, mask, args, default_kernels: bool) -> float:
-    from grpo_cli.engines.hf import onednn
-    from grpo_cli.engines.hf.decode import prompt_generators, sample_group
+def matmul_gflops(dtype: torch.dtype, repeats: int = 3) -> float:
+    """The rate of this dtype's matrix product with many rows (512 x 896 by a [32768, 896] weight)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 896, generator=gen).to(dtype)
+    w = torch.randn(32768, 896, generator=gen).to(dtype)
+    torch.nn.functional.linear(x, w)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        times.append(time.perf_counter() - t0)
+    return 2 * x.numel() * w.size(0) / statistics.median(times) / 1e9
 
-    gens = None if args.unseeded else prompt_generators(range(ids.size(0)), ids.device)
-    saved = onednn.MIN_HEAD_ELEMENTS
-    onednn.MIN_HEAD_ELEMENTS = 2**62 if default_kernels else saved
+
+# The linear-layer routes compared: (oneDNN at all, packed weights).
+PATHS = {"ours": (True, True), "unpacked": (True, False), "default linears": (False, False)}
+
+
+def run_ours(model, ids, mask, args, path: tuple[bool, bool]) -> tuple[float, float]:
+    """(seconds for the whole call, seconds of it in the sampler's draws) on one of ``PATHS``."""
+    from grpo_cli.engines.hf import decode, onednn
+
+    gens = None if args.unseeded else decode.prompt_generators(range(ids.size(0)), ids.device)
+    saved, draw = (onednn.MIN_HEAD_ELEMENTS, onednn.PACK_MIN_STEPS), decode._draw
+    onednn.MIN_HEAD_ELEMENTS = saved[0] if path[0] else 2**62
+    onednn.PACK_MIN_STEPS = saved[1] if path[1] else 2**62
+    drawing = [0.0]
+
+    def timed_draw(*a, **kw):
+        t0 = time.perf_counter()
+        out = draw(*a, **kw)
+        drawing[0] += time.perf_counter() - t0
+        return out
+
+    decode._draw = timed_draw
     try:
         t0 = time.perf_counter()
-        out, _ = sample_group(
+        out, _ = decode.sample_group(
             model, ids, mask, args.group_size, args.new_tokens, eos_id=NEVER, pad_id=0, generators=gens
         )
         seconds = time.perf_counter() - t0
     finally:
-        onednn.MIN_HEAD_ELEMENTS = saved
+        (onednn.MIN_HEAD_ELEMENTS, onednn.PACK_MIN_STEPS), decode._draw = saved, draw
     assert out.shape == (ids.size(0) * args.group_size, args.new_tokens), out.shape
-    return seconds
+    return seconds, drawing[0]
 
 
 def bench_dtype(name: str, args: argparse.Namespace) -> dict[str, float]:
@@ -122,22 +155,30 @@ def bench_dtype(name: str, args: argparse.Namespace) -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(1, QWEN25_05B["vocab_size"], (args.prompts, args.prompt_len), generator=gen)
     mask = torch.ones_like(ids)
-    # bfloat16 linears already run on oneDNN in torch: only float32 has a second kernel to compare.
-    paths = {"ours": False, "ours, MKL linears": True} if dtype == torch.float32 else {"ours": False}
+    paths = PATHS
     times: dict[str, list[float]] = {k: [] for k in paths}
-    gbs = []
-    for default in paths.values():  # warm-up
-        run_ours(model, ids, mask, argparse.Namespace(**{**vars(args), "new_tokens": 4}), default)
+    draws: list[float] = []
+    gbs, gflops = [], []
+    for path in paths.values():  # warm-up (long enough to pack)
+        run_ours(model, ids, mask, argparse.Namespace(**{**vars(args), "new_tokens": 16}), path)
     for _ in range(args.repeats):
         gbs.append(bandwidth_gbs())
-        for label, default in paths.items():
-            times[label].append(run_ours(model, ids, mask, args, default))
-    gb = statistics.median(gbs)
+        gflops.append(matmul_gflops(dtype))
+        for label, path in paths.items():
+            seconds, drawing = run_ours(model, ids, mask, args, path)
+            times[label].append(seconds)
+            if label == "ours":
+                draws.append(drawing)
+    gb, rate = statistics.median(gbs), statistics.median(gflops)
     nbytes = weight_bytes(model)
+    flops = 2 * ids.size(0) * args.group_size * sum(p.numel() for p in model.parameters())
     return {
         "bytes": nbytes,
         "gbs": gb,
+        "gflops": rate,
         "floor": args.new_tokens * nbytes / (gb * 1e9),
+        "compute floor": args.new_tokens * flops / (rate * 1e9),
+        "draw": statistics.median(draws),
         **{label: statistics.median(v) for label, v in times.items()},
     }
 
@@ -152,19 +193,18 @@ def main(argv: list[str] | None = None) -> None:
         f"median of {args.repeats} (a shared machine: timings are noisy)"
     )
     print(
-        "| dtype | weights read / step MB | bandwidth GB/s | floor s | ours s | ours / floor "
-        "| ours, MKL linears s | MKL / floor |"
+        "| dtype | weights read / step MB | bandwidth GB/s | floor s | matmul GFLOP/s | compute floor s "
+        "| ours s | draw s | ours / floor | ours / compute floor | unpacked s | default linears s |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     gbs = None
     for name in args.dtypes:
         r = bench_dtype(name, args)
         gbs = gbs or r["gbs"]
-        mkl = r.get("ours, MKL linears")
-        mkl_cells = "- | -" if mkl is None else f"{mkl:.2f} | {mkl / r['floor']:.2f}x"
         print(
-            f"| {name} | {r['bytes'] / 1e6:.0f} | {r['gbs']:.1f} | {r['floor']:.2f} | {r['ours']:.2f} "
-            f"| {r['ours'] / r['floor']:.2f}x | {mkl_cells} |",
+            f"| {name} | {r['bytes'] / 1e6:.0f} | {r['gbs']:.1f} | {r['floor']:.2f} | {r['gflops']:.0f} "
+            f"| {r['compute floor']:.2f} | {r['ours']:.2f} | {r['draw']:.2f} | {r['ours'] / r['floor']:.2f}x "
+            f"| {r['ours'] / r['compute floor']:.2f}x | {r['unpacked']:.2f} | {r['default linears']:.2f} |",
             flush=True,
         )
     for layers in (args.layers, 24):

@@ -24,9 +24,10 @@ Target (issue 8): ratio >= 1.5 at prompt length 512 with G = 8.
 2. LoRA on vLLM: merged weights pushed vs the adapter saved and loaded natively each update;
 3. random-weight Qwen2 models with Qwen2.5-0.5B's shapes (hidden 896, 14 heads / 2 KV heads, MLP 4864,
    vocab 151,936, tied embeddings) and ``--shape-layers`` layers: ``--prompts`` prompts x G=8 x
-   ``--shape-new-tokens`` (256) tokens at temperature 1, sampled by each engine (tokens/s over wall
-   time, median of ``--repeats``), the vLLM weight push (full model), and the trainer's update
-   (log-probs + backward of that batch, the same for both) to give a step time.
+   each of ``--shape-new-tokens`` (32 64 128 256) tokens at temperature 1, sampled by each engine
+   (tokens/s over wall time, median of ``--repeats``), the vLLM weight push (full model), and the
+   trainer's update (log-probs + backward of that batch, the same for both) to give a step time:
+   the crossover table of docs/engines.md.
 Both engines run in this one process, alternating, with the machine's default threads.
 """
 
@@ -62,7 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--engines", action="store_true", help="compare rollout.engine=hf and vllm (issue 12)")
     p.add_argument("--steps", type=int, default=5, help="--engines: timed GRPO steps per engine (tiny model)")
     p.add_argument("--shape-layers", type=int, nargs="*", default=[2, 4], help="--engines: Qwen2.5 shapes")
-    p.add_argument("--shape-new-tokens", type=int, default=256, help="--engines: tokens per completion")
+    p.add_argument(
+        "--shape-new-tokens",
+        type=int,
+        nargs="+",
+        default=[32, 64, 128, 256],
+        help="--engines: tokens per completion",
+    )
     p.add_argument(
         "--parts", nargs="*", default=["tiny", "lora", "shape"], help="--engines: which comparisons"
     )
@@ -225,35 +232,50 @@ def qwen_shape_dir(layers: int, root: Path) -> Path:
     return path
 
 
-def _shape_row(path: Path, args: argparse.Namespace) -> dict[str, float]:
-    """tokens/s of each engine on one model, the vLLM push, and the trainer's update of the batch."""
+def _shape_rows(path: Path, args: argparse.Namespace) -> dict[int, dict[str, float]]:
+    """By completion length: tokens/s of each engine on one model, the vLLM push, and the trainer's
+    update of the batch."""
     from grpo_cli import engines
     from grpo_cli.cli import compose_config
-    from grpo_cli.engines import Decoding, Request
     from grpo_cli.models import load_policy
-    from grpo_cli.models.logprobs import grouped_completion_logprobs
 
+    prompt_len = 32
     cfg, _ = compose_config(
         "train",
         [
             f"model.name_or_path={path}",
             "lora=none",
             "rollout.engine=vllm",
-            "rollout.max_model_len=320",
+            f"rollout.max_model_len={prompt_len + max(args.shape_new_tokens) + 64}",
             f"rollout.batch_size={args.prompts * args.group_size}",
         ],  # fmt: skip
     )
     policy = load_policy(cfg.model, cfg.lora, beta=0.0)
     gen = torch.Generator().manual_seed(args.seed)
-    prompts = torch.randint(3, 200, (args.prompts, 32), generator=gen)  # ids the tokenizer knows
-    requests = [
-        Request(p.tolist(), args.group_size, args.shape_new_tokens, (policy.tokenizer.eos_token_id,), seed=i)
-        for i, p in enumerate(prompts)
-    ]
+    prompts = torch.randint(3, 200, (args.prompts, prompt_len), generator=gen)  # ids the tokenizer knows
     built = {}
     for name in ("hf", "vllm"):
         cfg.rollout.engine = name
         built[name] = engines.build_engine(policy, cfg.rollout, cfg.model, cfg.seed, prompts.size(1))
+    t0 = time.perf_counter()
+    built["vllm"].sync()
+    push = time.perf_counter() - t0
+    rows = {n: _shape_length(policy, built, prompts, n, args) | {"push": push} for n in args.shape_new_tokens}
+    built["vllm"].close()
+    for r in rows.values():
+        r["vllm_step"] += push
+    return rows
+
+
+def _shape_length(policy, built: dict, prompts: torch.Tensor, new_tokens: int, args) -> dict[str, float]:
+    """One completion length of ``_shape_rows``: both engines' tokens/s and the update's seconds."""
+    from grpo_cli.engines import Decoding, Request
+    from grpo_cli.models.logprobs import grouped_completion_logprobs
+
+    requests = [
+        Request(p.tolist(), args.group_size, new_tokens, (policy.tokenizer.eos_token_id,), seed=i)
+        for i, p in enumerate(prompts)
+    ]
     speeds: dict[str, list[float]] = {"hf": [], "vllm": []}
     for round_ in range(args.repeats + 1):  # the first round warms both up
         for name, engine in built.items():
@@ -262,12 +284,7 @@ def _shape_row(path: Path, args: argparse.Namespace) -> dict[str, float]:
             tokens = sum(len(c.token_ids) for group in out for c in group)
             if round_:
                 speeds[name].append(tokens / (time.perf_counter() - t0))
-    t0 = time.perf_counter()
-    built["vllm"].sync()
-    push = time.perf_counter() - t0
-    ids = torch.tensor(
-        [c.token_ids for group in out for c in group if len(c.token_ids) == args.shape_new_tokens]
-    )
+    ids = torch.tensor([c.token_ids for group in out for c in group if len(c.token_ids) == new_tokens])
     t0 = time.perf_counter()
     logps = (
         grouped_completion_logprobs(
@@ -283,12 +300,11 @@ def _shape_row(path: Path, args: argparse.Namespace) -> dict[str, float]:
     )
     if logps is not None:
         logps.mean().backward()
+        policy.model.zero_grad(set_to_none=True)
     update = time.perf_counter() - t0 if logps is not None else float("nan")
-    built["vllm"].close()
-    n = args.prompts * args.group_size * args.shape_new_tokens
+    n = args.prompts * args.group_size * new_tokens
     hf, vl = statistics.median(speeds["hf"]), statistics.median(speeds["vllm"])
-    return {"hf": hf, "vllm": vl, "push": push, "update": update, "hf_step": n / hf + update,
-            "vllm_step": n / vl + push + update}  # fmt: skip
+    return {"hf": hf, "vllm": vl, "update": update, "hf_step": n / hf + update, "vllm_step": n / vl + update}
 
 
 def _lora_rows(args: argparse.Namespace) -> dict[str, dict[str, float]]:
@@ -389,15 +405,17 @@ def _lora_part(args: argparse.Namespace) -> None:
 def _shape_part(args: argparse.Namespace) -> None:
     import tempfile
 
-    print(f"3. Qwen2.5-0.5B shapes, random weights: {args.prompts} prompts x G={args.group_size} x "
-          f"{args.shape_new_tokens} new tokens, full-model push; median of {args.repeats}")  # fmt: skip
-    print(f"{'layers':>6} {'hf tok/s':>9} {'vllm tok/s':>11} {'ratio':>6} {'push s':>7} {'update s':>9} "
-          f"{'hf step s':>10} {'vllm step s':>12}")  # fmt: skip
+    print(f"3. Qwen2.5-0.5B shapes, random weights: {args.prompts} prompts x G={args.group_size}, "
+          f"full-model push; median of {args.repeats}")  # fmt: skip
+    print(
+        "| layers | new tokens | hf tok/s | vllm tok/s | vllm / hf | push s | update s | hf step s | vllm step s |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     root = Path(tempfile.mkdtemp(prefix="qwen-shape-"))
     for layers in args.shape_layers:
-        r = _shape_row(qwen_shape_dir(layers, root), args)
-        print(f"{layers:>6} {r['hf']:>9.1f} {r['vllm']:>11.1f} {r['vllm'] / r['hf']:>6.2f} {r['push']:>7.2f} "
-              f"{r['update']:>9.2f} {r['hf_step']:>10.1f} {r['vllm_step']:>12.1f}")  # fmt: skip
+        for n, r in _shape_rows(qwen_shape_dir(layers, root), args).items():
+            print(f"| {layers} | {n} | {r['hf']:.1f} | {r['vllm']:.1f} | {r['vllm'] / r['hf']:.2f} | {r['push']:.2f} "
+                  f"| {r['update']:.2f} | {r['hf_step']:.1f} | {r['vllm_step']:.1f} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

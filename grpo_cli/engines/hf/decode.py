@@ -14,8 +14,9 @@ out as from ``generate``. With seeds (training) each group's uniforms come from 
 drawn once per rollout, and every step's tokens are one inverse-CDF lookup for the whole batch: the
 same distribution, a different stream, and no per-group work per token.
 
-On CPU, float32 linears run on oneDNN while sampling (``engines.hf.onednn``: faster than MKL at a
-decode step's few rows; docs/performance.md); the logits then equal ``generate``'s up to float rounding.
+On CPU, float32 and bfloat16 linears run on oneDNN while sampling, the large weights packed
+(``engines.hf.onednn``: faster than MKL at a decode step's few rows; docs/performance.md); the logits
+then equal ``generate``'s up to float rounding.
 """
 
 from __future__ import annotations
@@ -91,9 +92,10 @@ def sample_group(
     the global torch RNG, as ``generate`` does. ``synced`` (FSDP, where each forward is a
     collective): keep decoding until every rank's sequences have ended.
     """
-    # FSDP reuses its gather buffers, which inference tensors forbid; CPU float32 linears: engines.hf.onednn.
+    # FSDP reuses its gather buffers, which inference tensors forbid; CPU linears: engines.hf.onednn.
     grad_context = torch.no_grad() if synced else torch.inference_mode()
-    with grad_context, contextlib.nullcontext() if synced else fast_linears(model):
+    linears = fast_linears(model, prompt_ids.size(0) * group_size, max_new_tokens)
+    with grad_context, contextlib.nullcontext() if synced else linears:
         uniforms = None
         if generators is not None and not greedy:
             uniforms = _group_uniforms(generators, group_size, max_new_tokens, prompt_ids.device)
@@ -192,15 +194,42 @@ def _group_uniforms(
     return torch.cat(per_group, dim=1)
 
 
+# Tokens per block of the inverse-CDF lookup: a row's draw sums V / CDF_BLOCK block totals and one
+# block's cumulative sum, instead of a float64 copy and cumulative sum of all V probabilities (at
+# V = 151,936 and 16 rows that was ~9 ms of a 50-100 ms decode step on 2 cores; docs/performance.md).
+CDF_BLOCK = 1024
+
+
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Row i of probs [N, V] sampled by its uniform u[i]: the first token whose CDF exceeds u * total.
 
-    float64 CDF: float32 cumulative sums over a 150k vocabulary lose the low-probability tokens. A
-    token of probability 0 (filtered out) has an empty CDF interval and is never returned.
+    The CDF is float64 where it decides (a float32 cumulative sum over a 150k vocabulary loses the
+    low-probability tokens), built in two levels: block totals of ``CDF_BLOCK`` tokens (summed in
+    float32, each block's error ~1e-7 of its own mass) accumulated in float64 locate the block holding
+    u * total; that block's float64 cumulative sum, scaled to the block's total, locates the token.
+    Every token's interval is its probability to float32 rounding, which the probabilities carry
+    anyway; a token of probability 0 (filtered out) has an empty interval and is never returned.
     """
-    cdf = probs.double().cumsum(-1)
-    target = (u.double() * cdf[:, -1]).unsqueeze(1)
-    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=probs.size(-1) - 1)
+    n, v = probs.shape
+    width = min(CDF_BLOCK, v)
+    full = v // width * width
+    parts = [probs[:, :full].view(n, -1, width).sum(-1).double()]
+    if full < v:
+        parts.append(probs[:, full:].double().sum(-1, keepdim=True))
+    totals = torch.cat(parts, 1)  # [N, blocks]
+    cum = totals.cumsum(-1)
+    target = u.double() * cum[:, -1]
+    block = torch.searchsorted(cum, target.unsqueeze(1), right=True).clamp(max=cum.size(1) - 1)  # [N, 1]
+    before = (cum.gather(1, block) - totals.gather(1, block)).clamp(min=0)
+    arange = torch.arange(width, device=probs.device)
+    cols = block * width + arange
+    p = probs.gather(1, cols.clamp(max=v - 1)).double().masked_fill(cols >= v, 0.0)  # [N, width]
+    inner = p.cumsum(-1)
+    inner = before + inner * (totals.gather(1, block) / inner[:, -1:])
+    pos = torch.searchsorted(inner, target.unsqueeze(1), right=True)
+    # Past the block's end only by rounding: its last token of positive probability instead.
+    last = torch.where(p > 0, arange, -1).amax(1, keepdim=True)
+    return (block * width + torch.minimum(pos, last)).squeeze(1)
 
 
 def prompt_generators(seeds: Sequence[int], device: torch.device) -> list[torch.Generator]:

@@ -139,6 +139,30 @@ def test_seeded_draws_follow_the_filtered_distribution():
         assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-12).all()
 
 
+@pytest.mark.parametrize("vocab", [50, 1024, 1025, 3000, 20_000])
+def test_blocked_inverse_cdf_draws_the_one_level_float64_cdfs_token(vocab):
+    """The two-level lookup (block totals, then one block) returns the token a float64 cumulative sum
+    over the whole row would, for row widths around the block size, filtered rows and uniforms at
+    both ends of [0, 1); never a token of probability 0."""
+    from grpo_cli.engines.hf.decode import CDF_BLOCK, _inverse_cdf
+
+    def one_level(probs, u):
+        cdf = probs.double().cumsum(-1)
+        target = (u.double() * cdf[:, -1]).unsqueeze(1)
+        return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=probs.size(-1) - 1)
+
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(64, vocab, generator=gen) * 3
+    probs = torch.cat([logits[:32].softmax(-1), filter_logits(logits[32:], 0.7, 40, 0.9).softmax(-1)])
+    if vocab > CDF_BLOCK:  # a whole block of zeros, the last, before a positive tail
+        probs[:, CDF_BLOCK - 10 : CDF_BLOCK] = 0
+    u = torch.rand(64, generator=gen)
+    u[:4] = torch.tensor([0.0, 1e-12, 1 - 1e-12, 1 - 2**-24])
+    toks = _inverse_cdf(probs, u)
+    assert torch.equal(toks, one_level(probs, u))
+    assert (probs.gather(1, toks[:, None]) > 0).all()
+
+
 def test_seeded_sampling_is_reproducible_and_matches_its_logprobs(model_and_tok):
     from grpo_cli.engines.hf.decode import prompt_generators
 

@@ -1,4 +1,4 @@
-"""Decoding's float32 linear layers on oneDNN: the same products as F.linear, the same tokens."""
+"""Decoding's linear layers on oneDNN, packed or not: the same products as F.linear, the same tokens."""
 
 from __future__ import annotations
 
@@ -52,15 +52,53 @@ def test_linear_matches_a_float64_reference(counted):
 def test_not_used_for_small_heads_or_other_dtypes(model_and_tok):
     model, _ = model_and_tok
     assert isinstance(onednn.fast_linears(model), contextlib.nullcontext)  # below MIN_HEAD_ELEMENTS
-    bf16 = torch.nn.Linear(4, onednn.MIN_HEAD_ELEMENTS // 4 + 1, bias=False, dtype=torch.bfloat16)
+    fp16 = torch.nn.Linear(4, onednn.MIN_HEAD_ELEMENTS // 4 + 1, bias=False, dtype=torch.float16)
     holder = torch.nn.Module()
-    holder.get_output_embeddings = lambda: bf16
+    holder.get_output_embeddings = lambda: fp16
     assert isinstance(onednn.fast_linears(holder), contextlib.nullcontext)
 
 
+@pytest.mark.skipif(onednn._packer() is None, reason="this torch build has no oneDNN weight reorder")
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_packed_weights_match_a_float64_reference_and_follow_in_place_updates(
+    counted, monkeypatch, dtype, tol
+):
+    """Packed: the product of the weight as it is now, within the dtype's rounding (bf16 keeps 8
+    bits: 2e-2 relative to outputs of ~|7|), at row counts other than the packing hint."""
+    monkeypatch.setattr(onednn, "MIN_PACK_ELEMENTS", 0)
+    gen = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(48, 300, dtype=dtype)
+    model = torch.nn.Module()
+    model.get_output_embeddings = lambda: layer
+    with torch.inference_mode(), onednn.fast_linears(model, rows=4, steps=onednn.PACK_MIN_STEPS) as mode:
+        for rows in (4, 1, 7):
+            x = torch.randn(rows, 1, 48, generator=gen).to(dtype)
+            reference = x.double() @ layer.weight.double().T + layer.bias.double()
+            torch.testing.assert_close(
+                layer(x).double(), reference, rtol=tol, atol=tol * reference.abs().max()
+            )
+            if rows == 1:  # an optimizer step in place between two decoding passes
+                packed = mode.packed[id(layer.weight)][2]
+                layer.weight.mul_(-2.0)
+        assert mode.packed[id(layer.weight)][2] is not packed  # repacked after the change
+    assert len(counted) == 3
+
+
+def test_short_calls_do_not_pack(monkeypatch):
+    monkeypatch.setattr(onednn, "MIN_HEAD_ELEMENTS", 0)
+    model = torch.nn.Module()
+    model.get_output_embeddings = lambda: torch.nn.Linear(4, 4)
+    assert onednn.fast_linears(model, 8, onednn.PACK_MIN_STEPS - 1).packer is None
+    assert onednn.fast_linears(model, 8, onednn.PACK_MIN_STEPS).packer is onednn._packer()
+
+
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("seeded", [False, True])
-def test_sample_group_gives_the_same_tokens(model_and_tok, counted, monkeypatch, seeded):
-    """Greedy and sampled tokens with the linears on oneDNN equal those on the default kernel."""
+def test_sample_group_gives_the_same_tokens(model_and_tok, counted, monkeypatch, seeded, packed):
+    """Greedy and sampled tokens with the linears on oneDNN (packed or not) equal those on the default kernel."""
+    if packed:
+        monkeypatch.setattr(onednn, "MIN_PACK_ELEMENTS", 0)
+        monkeypatch.setattr(onednn, "PACK_MIN_STEPS", 0)
     model, tok = model_and_tok
     ids, mask = encode_prompts(tok, ["Calculate 1 + 2\nAnswer: ", "x"], False, torch.device("cpu"))
     runs = {}
