@@ -92,10 +92,7 @@ def sample_group(
     the global torch RNG, as ``generate`` does. ``synced`` (FSDP, where each forward is a
     collective): keep decoding until every rank's sequences have ended.
     """
-    # FSDP reuses its gather buffers, which inference tensors forbid; CPU linears: engines.hf.onednn.
-    grad_context = torch.no_grad() if synced else torch.inference_mode()
-    linears = fast_linears(model, prompt_ids.size(0) * group_size, max_new_tokens)
-    with grad_context, contextlib.nullcontext() if synced else linears:
+    with _decoding(model, synced, prompt_ids.size(0) * group_size, max_new_tokens):
         uniforms = None
         if generators is not None and not greedy:
             uniforms = _group_uniforms(generators, group_size, max_new_tokens, prompt_ids.device)
@@ -121,6 +118,17 @@ def sample_group(
             logits = _forward_live(model, tok, live, mask, next_pos, cache, logits)
             next_pos = next_pos + 1
         return _cut_after_eos(torch.stack(tokens, dim=1), eos)
+
+
+def _decoding(model: Any, synced: bool, rows: int, steps: int) -> contextlib.ExitStack:
+    """No autograd, and (unless synced) CPU linears on oneDNN (``engines.hf.onednn``) for ``steps``
+    forward passes of ``rows`` rows."""
+    stack = contextlib.ExitStack()
+    # FSDP reuses its gather buffers, which inference tensors forbid.
+    stack.enter_context(torch.no_grad() if synced else torch.inference_mode())
+    if not synced:
+        stack.enter_context(fast_linears(model, rows, steps))
+    return stack
 
 
 def _prefill(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int):
