@@ -18,8 +18,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from grpo_cli.commands.update import (
     advantages_for,
-    low_precision_warning,
     fusable,
+    low_precision_warning,
     make_optimizer,
     micro_batches,
     prepare,
