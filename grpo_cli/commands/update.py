@@ -240,12 +240,32 @@ def trained_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 def make_optimizer(policy: Policy, tr: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW over the trainable parameters and its schedule (``schedule``)."""
+    """AdamW over the trainable parameters and its schedule (``schedule``).
+
+    Fused (one kernel per step over all parameters) where torch has it for them: plain tensors on
+    CPU or CUDA. The per-parameter loop it replaces builds two temporaries the size of each
+    parameter: ~1 GB of peak memory and 0.6 s per step for full fine-tuning of Qwen2.5's 545 MB
+    embedding on CPU, against none and 0.09 s fused (docs/performance.md). The same update up to
+    float rounding.
+    """
     params = [p for p in policy.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
-        params, lr=tr.lr, betas=(tr.adam_beta1, tr.adam_beta2), weight_decay=tr.weight_decay
+        params,
+        lr=tr.lr,
+        betas=(tr.adam_beta1, tr.adam_beta2),
+        weight_decay=tr.weight_decay,
+        fused=fusable(params) or None,
     )
     return opt, schedule(opt, tr.warmup_steps)
+
+
+def fusable(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW takes these: floating-point plain tensors (not FSDP's DTensors) on
+    CPU or CUDA."""
+    return bool(params) and all(
+        type(p) is torch.nn.Parameter and p.is_floating_point() and p.device.type in ("cpu", "cuda")
+        for p in params
+    )
 
 
 def low_precision_warning(params: list[torch.Tensor], lr: float) -> str | None:

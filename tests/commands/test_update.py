@@ -18,6 +18,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from grpo_cli.commands.update import (
     advantages_for,
+    fusable,
     low_precision_warning,
     make_optimizer,
     micro_batches,
@@ -266,6 +267,39 @@ def test_make_optimizer_trains_only_the_trainable_parameters_with_the_configured
     assert isinstance(opt, torch.optim.AdamW) and group["betas"] == (0.8, 0.95)
     assert group["weight_decay"] == 0.1
     assert group["lr"] == pytest.approx(0.02 / 5)  # first warm-up step: 1 / (4 + 1) of lr
+
+
+def test_the_optimizer_is_fused_on_plain_parameters_and_matches_a_float64_adamw():
+    """make_optimizer fuses AdamW over plain CPU parameters, and three of its steps equal AdamW's
+    formula written out here (decoupled weight decay, bias-corrected moments), the test model being
+    float64: to 1e-10."""
+    policy = _policy()
+    tr = TrainConfig(lr=0.01, adam_beta1=0.8, adam_beta2=0.95, weight_decay=0.1, warmup_steps=0)
+    opt, _ = make_optimizer(policy, tr)
+    assert opt.param_groups[0]["fused"] is True
+    p = next(q for q in policy.model.parameters() if q.requires_grad)
+    gen = torch.Generator().manual_seed(0)
+    w = p.detach().clone()
+    m, v = torch.zeros_like(w), torch.zeros_like(w)
+    for t in range(1, 4):
+        for q in policy.model.parameters():
+            q.grad = torch.randn(q.shape, generator=gen, dtype=q.dtype) if q.requires_grad else None
+        g = p.grad.clone()
+        opt.step()
+        w = w * (1 - 0.01 * 0.1)
+        m, v = 0.8 * m + 0.2 * g, 0.95 * v + 0.05 * g * g
+        w = w - 0.01 * (m / (1 - 0.8**t)) / ((v / (1 - 0.95**t)).sqrt() + 1e-8)
+    torch.testing.assert_close(p.detach(), w, rtol=1e-10, atol=1e-10)
+
+
+def test_fusable_takes_plain_floating_parameters_on_cpu_or_cuda_only():
+    class Sharded(torch.nn.Parameter):  # what FSDP's DTensor parameters look like to the check
+        pass
+
+    plain = torch.nn.Parameter(torch.zeros(3))
+    assert fusable([plain])
+    assert not fusable([plain, Sharded(torch.zeros(3))])
+    assert not fusable([])
 
 
 # ---------------------------------------------------------------------------- prepare
