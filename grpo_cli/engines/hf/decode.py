@@ -228,12 +228,13 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cum = totals.cumsum(-1)
     target = u.double() * cum[:, -1]
     block = torch.searchsorted(cum, target.unsqueeze(1), right=True).clamp(max=cum.size(1) - 1)  # [N, 1]
-    before = (cum.gather(1, block) - totals.gather(1, block)).clamp(min=0)
+    mass = totals.gather(1, block)  # the chosen block's total
+    before = (cum.gather(1, block) - mass).clamp(min=0)
     arange = torch.arange(width, device=probs.device)
     cols = block * width + arange
     p = probs.gather(1, cols.clamp(max=v - 1)).double().masked_fill(cols >= v, 0.0)  # [N, width]
     inner = p.cumsum(-1)
-    inner = before + inner * (totals.gather(1, block) / inner[:, -1:])
+    inner = before + inner * (mass / inner[:, -1:])
     pos = torch.searchsorted(inner, target.unsqueeze(1), right=True)
     # Past the block's end only by rounding: its last token of positive probability instead.
     last = torch.where(p > 0, arange, -1).amax(1, keepdim=True)
