@@ -19,15 +19,31 @@ from typing import Any
 import torch
 
 from grpo_cli.config import AlgoConfig, TrainConfig
-from grpo_cli.core.loss import aggregation_units, engine_is_weights, group_advantages, policy_loss
+from grpo_cli.core.loss import (
+    STAT_COMBINE,
+    LossStats,
+    aggregation_units,
+    combine_stats,
+    engine_is_weights,
+    group_advantages,
+    policy_loss,
+)
 from grpo_cli.models import Policy, reference
 from grpo_cli.models.logprobs import grouped_completion_logprobs
 from grpo_cli.rollout.record import Rollout
 from grpo_cli.runtime import distributed
 
-# How a loss statistic combines over ranks: "sum" (each rank's loss has the global denominator, so
-# the ranks' losses add up to the global loss); any statistic not named here is the ranks' mean.
-RANK_REDUCTION = {"loss": "sum"}
+# How the update's statistics combine over micro-batches and ranks, beside the loss's own
+# (``core.loss.LOGGED_STATS``): "loss" is a sum (each part has the global denominator); grad_norm is
+# taken once after the ranks' gradients are reduced, rollout/logprob_diff is token-weighted (summed
+# over ranks, then divided), skipped is 1 if any iteration was skipped, lr is the schedule's.
+UPDATE_STATS = {
+    "loss": "sum",
+    "grad_norm": "global",
+    "rollout/logprob_diff": "token-weighted mean",
+    "skipped": "max",
+    "lr": "global",
+}
 
 
 @dataclass
@@ -126,14 +142,14 @@ def update(
     tr: TrainConfig,
     temp: float,
 ) -> dict[str, float]:
-    """mu optimizer steps on ``inputs``; returns loss statistics (means over micro-batches, last iteration).
+    """mu optimizer steps on ``inputs``; returns the statistics of the last iteration over the whole
+    step's batch, every micro-batch and rank combined as ``LOGGED_STATS`` and ``UPDATE_STATS`` say.
 
     An iteration whose loss or gradient norm is not finite is not applied (``skipped`` = 1).
 
     With several ranks ``inputs`` is this rank's share: the denominator counts every rank's units, so
     the rank losses add up to the global loss, and the wrappers' gradient average is undone by
-    scaling each rank's loss by the world size before ``backward``. ``loss`` is the global loss, the
-    other statistics the mean of the ranks' (``RANK_REDUCTION``).
+    scaling each rank's loss by the world size before ``backward``.
     """
     # The whole step's units (tokens or completions, every rank's), counted as policy_loss counts them.
     denom = max(float(distributed.all_sum(aggregation_units(inputs.loss_mask, algo.aggregation))), 1.0)
@@ -143,9 +159,9 @@ def update(
     engine_diff = torch.zeros(2, dtype=torch.float64)  # sum |engine - trainer| over tokens, tokens
     for it in range(algo.num_iterations):
         diff = engine_diff if it == 0 else None
-        totals = _accumulate_gradients(policy, inputs, algo, tr.micro_batch_size, temp, denom, diff)
-        if distributed.world().enabled:
-            totals = _reduce_over_ranks(totals)
+        loss, parts = _accumulate_gradients(policy, inputs, algo, tr.micro_batch_size, temp, denom, diff)
+        loss, step_stats = reduce_over_ranks(loss, combine_stats(parts))
+        totals = {"loss": loss, **step_stats.to_dict()}
         grad_norm = distributed.clip_grad_norm(params, tr.max_grad_norm)
         finite = math.isfinite(grad_norm) and math.isfinite(totals["loss"])
         if finite:
@@ -170,15 +186,16 @@ def _accumulate_gradients(
     temp: float,
     denom: float,
     engine_diff: torch.Tensor | None = None,
-) -> dict[str, float]:
-    """Forward and backward over micro-batches of ``micro`` completions; this rank's statistics.
+) -> tuple[float, list[LossStats]]:
+    """Forward and backward over micro-batches of ``micro`` completions; this rank's loss (its share of
+    the global loss) and the statistics of each micro-batch.
 
     ``engine_diff``: where to add |log pi_engine - log pi_old| summed over tokens, and the token count.
     """
     world = distributed.world()
     n = inputs.rollout.completion_ids.size(0)
     parts = micro_batches(n, micro)
-    totals: dict[str, float] = {}
+    total, stats = 0.0, []
     for i, s in enumerate(parts):
         # Gradients cross ranks once per optimizer step, after the last micro-batch.
         with distributed.grad_sync(policy.wrapper, enabled=i == len(parts) - 1):
@@ -197,10 +214,9 @@ def _accumulate_gradients(
                 is_weights=weights,
             )
             (loss * world.size).backward()
-        for k, v in st.to_dict().items():
-            totals[k] = totals.get(k, 0.0) + v / len(parts)
-        totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
-    return totals
+        stats.append(st)
+        total += float(loss.detach())
+    return total, stats
 
 
 def _engine_weights(
@@ -222,12 +238,24 @@ def _engine_weights(
     return engine_is_weights(old, eng, mask, algo.engine_is_cap)
 
 
-def _reduce_over_ranks(totals: dict[str, float]) -> dict[str, float]:
-    """Every statistic combined over ranks as ``RANK_REDUCTION`` declares (by default the mean)."""
-    keys = sorted(totals)
-    summed = distributed.all_sum(torch.tensor([totals[k] for k in keys], dtype=torch.float64)).tolist()
-    size = distributed.world().size
-    return {k: v if RANK_REDUCTION.get(k) == "sum" else v / size for k, v in zip(keys, summed)}
+def reduce_over_ranks(loss: float, st: LossStats) -> tuple[float, LossStats]:
+    """This rank's loss and statistics combined with every other rank's: the loss summed, each field
+    as ``STAT_COMBINE`` says (three collectives: the sums in one vector, the min, the max)."""
+    if not distributed.world().enabled:
+        return loss, st
+    fields = LossStats._fields
+    sums = [f for f in fields if STAT_COMBINE[f] == "sum"]
+    vec = distributed.all_sum(
+        torch.stack(
+            [torch.as_tensor(loss, dtype=torch.float64)] + [getattr(st, f).double().cpu() for f in sums]
+        )
+    ).tolist()
+    out = dict(zip(sums, vec[1:]))
+    for f in fields:
+        if STAT_COMBINE[f] != "sum":
+            reduce = distributed.all_min if STAT_COMBINE[f] == "min" else distributed.all_max
+            out[f] = reduce(getattr(st, f))
+    return vec[0], LossStats(*(torch.as_tensor(out[f], dtype=torch.float64) for f in fields))
 
 
 def trained_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

@@ -55,8 +55,11 @@ __all__ = [
     "KL_ESTIMATORS",
     "REWARD_SCALES",
     "LossConfig",
+    "LOGGED_STATS",
     "LossStats",
+    "STAT_COMBINE",
     "aggregation_units",
+    "combine_stats",
     "engine_is_weights",
     "group_advantages",
     "policy_loss",
@@ -78,28 +81,72 @@ class LossConfig:
 
 
 class LossStats(NamedTuple):
-    """Detached 0-dim tensors (no device sync until `to_dict`).
+    """Detached 0-dim tensors (no device sync until `to_dict`), kept as sums, counts and extrema so
+    that any split of a batch (micro-batches, ranks) combines into exactly the whole batch's
+    statistics: each field combines as `STAT_COMBINE` says, and `to_dict` forms the logged means.
 
     `policy_loss` is the surrogate term of the returned loss (same aggregation and denominator,
-    so it adds up over micro-batches like the loss). The others are means over this batch's
-    masked tokens, except the ratio statistics under importance_level="sequence", which are over
-    completions with at least one token. An empty batch gives zeros.
+    so it adds up over micro-batches like the loss). Ratio statistics are over masked tokens, or
+    under importance_level="sequence" over completions with at least one token.
     """
 
-    policy_loss: Tensor  # -AGG[min(rho A, clip(rho) A)]
-    kl: Tensor  # mean KL estimate per token (0 when beta == 0)
-    clip_low_frac: Tensor  # fraction of tokens with rho < 1 - epsilon and A < 0 (clip active)
-    clip_high_frac: Tensor  # fraction of tokens with rho > 1 + epsilon_high and A > 0 (clip active)
-    ratio_mean: Tensor
-    ratio_min: Tensor
-    ratio_max: Tensor
+    policy_loss: Tensor  # -AGG[min(rho A, clip(rho) A)] with the global denominator
+    kl_sum: Tensor  # sum of the per-token KL estimate over masked tokens (0 when beta == 0)
+    clip_low: Tensor  # tokens with rho < 1 - epsilon and A < 0 (clip active)
+    clip_high: Tensor  # tokens with rho > 1 + epsilon_high and A > 0 (clip active)
+    ratio_sum: Tensor  # sum of rho over the ratio's units
+    ratio_units: Tensor  # tokens (token level) or completions (sequence level) with a ratio
+    ratio_min: Tensor  # +inf when there is none
+    ratio_max: Tensor  # -inf when there is none
     tokens: Tensor  # number of masked tokens
 
     def to_dict(self) -> dict[str, float]:
-        """Metric names as logged (this is where the values move to the host)."""
-        names = ("loss/policy", "kl", "clip/low_frac", "clip/high_frac")
-        names += ("ratio/mean", "ratio/min", "ratio/max", "tokens")
-        return {name: float(value) for name, value in zip(names, self)}
+        """The logged statistics (``LOGGED_STATS``); this is where the values move to the host."""
+        v = {name: float(value) for name, value in zip(self._fields, self)}
+        return {name: derive(v) for name, (_, derive) in LOGGED_STATS.items()}
+
+
+# How each field of LossStats combines over parts of a batch (micro-batches, then ranks).
+STAT_COMBINE: dict[str, str] = {
+    "policy_loss": "sum",  # each part already carries the global denominator
+    "kl_sum": "sum",
+    "clip_low": "sum",
+    "clip_high": "sum",
+    "ratio_sum": "sum",
+    "ratio_units": "sum",
+    "ratio_min": "min",
+    "ratio_max": "max",
+    "tokens": "sum",
+}
+
+
+def _per(num: str, den: str) -> Callable[[dict[str, float]], float]:
+    return lambda v: v[num] / v[den] if v[den] else 0.0
+
+
+def _extremum(name: str) -> Callable[[dict[str, float]], float]:
+    return lambda v: v[name] if v["ratio_units"] else 0.0  # 0, not inf, when nothing had a ratio
+
+
+# The logged statistics: name -> (how it combines over micro-batches and ranks, its value from the
+# combined fields). Every one is exact for any split: sums add, means are formed after summing.
+LOGGED_STATS: dict[str, tuple[str, Callable[[dict[str, float]], float]]] = {
+    "loss/policy": ("sum", lambda v: v["policy_loss"]),
+    "kl": ("token-weighted mean", _per("kl_sum", "tokens")),
+    "clip/low_frac": ("token-weighted mean", _per("clip_low", "tokens")),
+    "clip/high_frac": ("token-weighted mean", _per("clip_high", "tokens")),
+    "ratio/mean": ("mean over the ratio's units", _per("ratio_sum", "ratio_units")),
+    "ratio/min": ("min", _extremum("ratio_min")),
+    "ratio/max": ("max", _extremum("ratio_max")),
+    "tokens": ("sum", lambda v: v["tokens"]),
+}
+
+
+def combine_stats(parts: list[LossStats]) -> LossStats:
+    """The statistics of the union of ``parts`` (micro-batches of one batch), per `STAT_COMBINE`."""
+    ops = {"sum": lambda t: t.sum(), "min": lambda t: t.amin(), "max": lambda t: t.amax()}
+    stacked = [torch.stack([p[i].double() for p in parts]) for i in range(len(LossStats._fields))]
+    return LossStats(*(ops[STAT_COMBINE[f]](t) for f, t in zip(LossStats._fields, stacked)))
 
 
 # ---------------------------------------------------------------------------- advantages
@@ -336,23 +383,23 @@ def _stats(
     ratio_mask: Tensor,
     weights: Tensor,
 ) -> LossStats:
-    tokens = weights.sum()
-    per_token = tokens.clamp(min=1)
-    n_ratio = ratio_mask.sum().clamp(min=1)
-    ratio_mean = torch.where(ratio_mask, ratio, 0.0).sum() / n_ratio
-    # +-inf outside the mask, then 0 if nothing is left (no host sync, no NaN).
-    ratio_min = torch.where(ratio_mask, ratio, torch.inf).amin() if ratio.numel() else ratio.new_zeros(())
-    ratio_max = torch.where(ratio_mask, ratio, -torch.inf).amax() if ratio.numel() else ratio.new_zeros(())
-    any_ratio = ratio_mask.any()
+    # +-inf outside the mask: the neutral elements of min and max (no host sync, no NaN).
+    ratio_min = (
+        torch.where(ratio_mask, ratio, torch.inf).amin() if ratio.numel() else ratio.new_tensor(torch.inf)
+    )
+    ratio_max = (
+        torch.where(ratio_mask, ratio, -torch.inf).amax() if ratio.numel() else ratio.new_tensor(-torch.inf)
+    )
     return LossStats(
         policy_loss=policy.detach(),
-        kl=(kl * weights).sum() / per_token,
-        clip_low_frac=clip_low.sum() / per_token,
-        clip_high_frac=clip_high.sum() / per_token,
-        ratio_mean=ratio_mean.detach(),
-        ratio_min=torch.where(any_ratio, ratio_min, 0.0).detach(),
-        ratio_max=torch.where(any_ratio, ratio_max, 0.0).detach(),
-        tokens=tokens,
+        kl_sum=(kl * weights).sum().detach(),
+        clip_low=clip_low.sum().to(weights.dtype),
+        clip_high=clip_high.sum().to(weights.dtype),
+        ratio_sum=torch.where(ratio_mask, ratio, 0.0).sum().detach(),
+        ratio_units=ratio_mask.sum().to(weights.dtype),
+        ratio_min=ratio_min.detach(),
+        ratio_max=ratio_max.detach(),
+        tokens=weights.sum(),
     )
 
 

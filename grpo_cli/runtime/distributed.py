@@ -143,6 +143,11 @@ def all_max(x: float | torch.Tensor) -> torch.Tensor:
     return _reduce(x, dist.ReduceOp.MAX)
 
 
+def all_min(x: float | torch.Tensor) -> torch.Tensor:
+    """Minimum over ranks, like ``all_sum``."""
+    return _reduce(x, dist.ReduceOp.MIN)
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on at least one."""
     return bool(all_max(float(flag)) > 0)

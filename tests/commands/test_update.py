@@ -89,7 +89,7 @@ def _rollout(rewards: list[float] = REWARDS, seed: int = 0) -> Rollout:
     """N = 3 * G completions; prompts of 3, 5 and 2 tokens left-padded to 5, completions of 1..6 tokens."""
     gen = torch.Generator().manual_seed(seed)
     P, L, T = len(rewards) // G, 5, 6
-    prompt_lens = [3, 5, 2][:P]
+    prompt_lens = [3, 5, 2, 4][:P]
     p_ids = torch.randint(2, VOCAB, (P, L), generator=gen)
     p_mask = torch.zeros(P, L, dtype=torch.long)
     for i, n in enumerate(prompt_lens):
@@ -447,6 +447,78 @@ def test_engine_logprob_diff_is_the_mean_gap_over_completion_tokens():
     assert "rollout/logprob_diff" not in _update(
         policy, opt, schedule(opt, 0), _prepare(policy, rollout, cfg), cfg
     )
+
+
+# ---------------------------------------------------------------------------- statistics that add up
+
+# Four groups (two per rank in the two-rank test); the unjudged row keeps a hole in the loss mask.
+REWARDS_4 = [*REWARDS, 1.0, 0.0, 0.5, 0.0]
+
+
+def _step_stats(micro: int, rewards: list[float], rows: list[int] | None = None) -> dict[str, float]:
+    """The statistics ``update`` logs after mu = 2 iterations (SGD, lr 0.5: the second iteration's
+    ratios are off 1 and clip), beta 0.04 (a KL), over the rows ``rows`` of the rollout (default all)."""
+    policy, rollout = _policy(ref=True), _rollout(rewards)
+    if rows is not None:
+        rollout = rollout.select(rows)
+    if distributed.world().enabled:
+        policy.wrapper = distributed.wrap(policy.model, "ddp")
+    cfg = _cfg(micro=micro, beta=0.04, mu=2)
+    cfg.algo.epsilon = 0.02  # a narrow clip, so that both clip fractions are non-zero
+    opt = RecordingSGD(policy.model.parameters(), lr=0.5)
+    return _update(policy, opt, schedule(opt, 0), _prepare(policy, rollout, cfg), cfg)
+
+
+def test_every_logged_statistic_is_the_same_for_any_micro_batch_size():
+    """Micro-batches of 1, 3 (splitting groups) and N give the same statistics in float64: loss/policy
+    sums (averaging it logged a third of its value with 3 micro-batches), kl and the clip fractions
+    are token-weighted, ratio/min and ratio/max are extrema, tokens is the step's count."""
+    whole = _step_stats(N, REWARDS)
+    assert whole["clip/low_frac"] > 0 and whole["clip/high_frac"] > 0 and whole["kl"] > 0
+    assert whole["ratio/min"] < 1.0 < whole["ratio/max"]
+    assert whole["tokens"] == float(_rollout().completion_mask[torch.arange(N) != 6].sum())
+    for micro in (1, 3):
+        got = _step_stats(micro, REWARDS)
+        assert got.keys() == whole.keys()
+        for key, value in whole.items():
+            assert got[key] == pytest.approx(value, abs=1e-9), (micro, key)
+
+
+def _rank_stats(rank: int, port: int, out: str) -> None:
+    import json
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    distributed.init()
+    try:
+        half = len(REWARDS_4) // 2
+        rows = list(range(rank * half, (rank + 1) * half))
+        stats = _step_stats(3, REWARDS_4, rows)
+        with open(f"{out}.{rank}", "w") as fh:
+            json.dump(stats, fh)
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_every_logged_statistic_is_the_same_on_one_rank_and_on_two(tmp_path):
+    """Two gloo ranks, each with two of the four groups, log what one process logs on all four."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_rank_stats, args=(port, str(tmp_path / "stats")), nprocs=2, join=True)
+    one = _step_stats(N, REWARDS_4)
+    for rank in (0, 1):
+        two = json.loads((tmp_path / f"stats.{rank}").read_text())
+        assert two.keys() == one.keys()
+        for key, value in one.items():
+            assert two[key] == pytest.approx(value, abs=1e-9), (rank, key)
 
 
 # ---------------------------------------------------------------------------- bfloat16

@@ -12,8 +12,10 @@ import torch
 from grpo_cli.core.loss import (
     KL_ESTIMATORS,
     LossConfig,
+    LOGGED_STATS,
     LossStats,
     aggregation_units,
+    combine_stats,
     engine_is_weights,
     group_advantages,
     policy_loss,
@@ -256,6 +258,31 @@ def test_micro_batches_with_shared_denominator_add_up(aggregation, level):
     assert abs(as_float.item() - full.item()) < 1e-12
 
 
+@pytest.mark.parametrize("aggregation,level", list(itertools.product(AGGS, LEVELS)))
+def test_statistics_of_any_split_combine_to_the_whole_batchs(aggregation, level):
+    """Every logged statistic of micro-batches, combined (``combine_stats``), equals the whole batch's and
+    the float64 loop reference's: sums add, means are formed after summing, min and max are extrema.
+    One part is a fully masked row (no ratio at all: it must not pull the min or max to 0)."""
+    cfg = LossConfig(0.2, 0.28, 0.04, "k3", aggregation, level, max_completion_length=12)
+    logps, old, ref, adv, mask = _random_batch(B=7, seed=1)
+    full = policy_loss(logps, old, ref, adv, mask, cfg)[1].to_dict()
+    denominator = aggregation_units(mask, aggregation)
+    for cuts in ([slice(0, 7)], [slice(0, 2), slice(2, 3), slice(3, 7)], [slice(i, i + 1) for i in range(7)]):
+        parts = [policy_loss(logps[p], old[p], ref[p], adv[p], mask[p], cfg, denominator)[1] for p in cuts]
+        got = combine_stats(parts).to_dict()
+        assert got.keys() == full.keys() == LOGGED_STATS.keys()
+        for name in full:
+            assert got[name] == pytest.approx(full[name], abs=1e-12), (name, len(cuts))
+    ref_stats = _reference(*[x.tolist() for x in (logps, old, ref, adv, mask.long())], cfg)[2]
+    for name, value in ref_stats.items():
+        if level == "token" or not name.startswith("ratio"):
+            assert full[name] == pytest.approx(value, abs=1e-10), name
+    # The old averaging of micro-batch values would be wrong here: loss/policy sums, it is not a mean.
+    singles = [policy_loss(logps[p], old[p], ref[p], adv[p], mask[p], cfg, denominator)[1] for p in cuts]
+    mean_of_parts = sum(s.to_dict()["loss/policy"] for s in singles) / len(singles)
+    assert abs(mean_of_parts - full["loss/policy"]) > 1e-3
+
+
 # ---------------------------------------------------------------------------- edge cases
 
 
@@ -268,7 +295,7 @@ def test_beta_positive_without_reference_raises():
 def test_beta_zero_without_reference_works_and_reports_no_kl():
     logps, old, _, adv, mask = _random_batch()
     loss, stats = policy_loss(logps, old, None, adv, mask, LossConfig(beta=0.0))
-    assert torch.isfinite(loss) and stats.kl.item() == 0.0
+    assert torch.isfinite(loss) and stats.kl_sum.item() == 0.0
 
 
 def test_k3_is_nonnegative_everywhere():
@@ -276,7 +303,7 @@ def test_k3_is_nonnegative_everywhere():
     assert (KL_ESTIMATORS["k3"](log_r) >= 0).all()
     logps, old, ref, adv, mask = _random_batch()
     _, stats = policy_loss(logps, old, ref, adv, mask, LossConfig(beta=0.04))
-    assert stats.kl.item() > 0
+    assert stats.kl_sum.item() > 0
 
 
 @pytest.mark.parametrize("aggregation", AGGS)
@@ -304,7 +331,7 @@ def test_on_policy_loss_is_mean_of_minus_advantage_and_gradient_is_policy_gradie
     pg = -(adv * weight)[:, None] * mask
     assert torch.allclose(logps.grad - beta * _kl_grad(logps.detach(), ref, mask, weight), pg, atol=1e-12)
     assert torch.allclose(logps.grad, torch.tensor(expected_grad, dtype=torch.float64), atol=1e-12)
-    assert stats.ratio_mean.item() == 1.0 and stats.clip_low_frac.item() == 0.0
+    assert stats.to_dict()["ratio/mean"] == 1.0 and stats.clip_low.item() == 0.0
 
 
 def _kl_grad(logps, ref, mask, weight):
