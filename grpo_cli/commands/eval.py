@@ -47,7 +47,11 @@ Output: a table (checkpoints as rows; differences from the first row in green / 
 
     <same folder>/eval_completions.jsonl, one line per completion:
     {"checkpoint": str, "id": str, "sample": int, "greedy": bool, "completion": str, "answer": str | null,
-     "reward": float | null, "correct": bool, "rewards": {rule: float | null}, "tokens": int | null}
+     "reward": float | null, "correct": bool, "rewards": {rule: float | null}, "tokens": int | null,
+     "token_ids": [int], "model_mask": [0 | 1]}
+
+``completion`` is the model's own words (with ``env=``, its turns without the tool's text): what the
+rules judged. ``token_ids`` are the ids after the prompt, ``model_mask`` 1 where the model sampled one.
 
 ``eval.completions=FILE`` scores completions produced by any other system without loading a model:
 one JSON object per line, ``{"id": ..., "completion": ...}``, ``id`` being the data group's problem id
@@ -80,10 +84,11 @@ from grpo_cli.commands.validate import validate_eval
 from grpo_cli.config import ConfigError, EvalRoot
 from grpo_cli.data import load_rows
 from grpo_cli.engines import Decoding, Engine, build_engine
-from grpo_cli.envs.episode import episode_spec, extra_tokens
+from grpo_cli.envs.episode import EpisodeSpec, episode_spec, extra_tokens
 from grpo_cli.models import Policy, check_adapter_base, load_policy
 from grpo_cli.rewards import build_rewarder
 from grpo_cli.rollout.generate import PromptFormat, longest_prompt, rule_rows
+from grpo_cli.rollout.record import token_record
 from grpo_cli.run.progress import GenerationProgress
 from grpo_cli.run.saved import inherit
 from grpo_cli.runtime.logs import setup_logging
@@ -100,18 +105,21 @@ def generate_records(
     greedy: bool,
     progress: GenerationProgress,
     label: str,
+    spec: EpisodeSpec,
 ) -> list[dict[str, Any]]:
-    """The held-out evaluation's completions of ``rows`` (``eval.samples`` each, or one greedy), scored."""
+    """The held-out evaluation's completions of ``rows`` (``eval.samples`` each, or one greedy), scored,
+    each with its ``token_ids`` and ``model_mask`` (and an episode's counters)."""
     n = 1 if greedy else cfg.eval.samples
     decoding = Decoding.of(cfg.rollout, greedy=greedy, temperature=cfg.eval.temperature)
-    fmt, episodes = PromptFormat.of(cfg.data, cfg.model), episode_spec(cfg.env, policy, cfg.rollout)
+    fmt = PromptFormat.of(cfg.data, cfg.model)
     args = (engine, policy, rows, fmt, cfg.rollout, n, decoding, cfg.seed, progress, label)
-    ro = held_out_rollout(*args, episodes=episodes)
+    ro = held_out_rollout(*args, spec=spec)
     samples = [i % n for i in range(len(ro.texts))]
     rows, lengths = rule_rows(ro), ro.lengths.tolist()
     records = score_records(ro.texts, rows, rewarder, answer_fn(rewarder), lengths, samples, greedy)
     for i, rec in enumerate(records):  # an episode's counters beside its scores (tool metrics)
         rec.update({k: v[i] for k, v in ro.episode_stats.items()})
+        rec.update(token_record(ro, i))
     return records
 
 
@@ -168,25 +176,39 @@ def check_checkpoints(cfg: EvalRoot, names: list[str]) -> None:
 
 
 def evaluate_checkpoint(
-    name: str, cfg: EvalRoot, rows: list[dict], rewarder: Any, progress: GenerationProgress
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Sampled records (n per row) and greedy records (1 per row, or none) of one checkpoint."""
+    name: str,
+    cfg: EvalRoot,
+    rows: list[dict],
+    rewarder: Any,
+    progress: GenerationProgress,
+    spec: EpisodeSpec | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], EpisodeSpec]:
+    """Sampled records (n per row) and greedy records (1 per row, or none) of one checkpoint, and the
+    episodes' spec: ``spec`` when given (the command's one environment, built with the first
+    checkpoint: every checkpoint shares the base model's tokenizer), else a new one the caller closes."""
     policy = load_policy(
         cfg.model, cfg.lora, beta=0.0, checkpoint=None if name == "base" else name, trainable=False
     )
-    longest = longest_prompt(policy.tokenizer, rows, PromptFormat.of(cfg.data, cfg.model))
-    longest += extra_tokens(cfg.env, cfg.rollout)  # an episode's budget beyond max_new_tokens
-    engine = build_engine(policy, cfg.rollout, cfg.model, cfg.seed, longest)  # vllm: one for all, pushed
+    created, spec = spec is None, spec or episode_spec(cfg.env, policy, cfg.rollout)
     try:
-        sampled = generate_records(engine, policy, rows, cfg, rewarder, False, progress, f"{name}: sampling")
-        greedy = []
-        if cfg.eval.greedy:
-            greedy = generate_records(engine, policy, rows, cfg, rewarder, True, progress, f"{name}: greedy")
-    finally:
-        engine.close()
-        del policy, engine
-        gc.collect()
-    return sampled, greedy
+        longest = longest_prompt(policy.tokenizer, rows, PromptFormat.of(cfg.data, cfg.model))
+        longest += extra_tokens(cfg.env, cfg.rollout)  # an episode's budget beyond max_new_tokens
+        engine = build_engine(policy, cfg.rollout, cfg.model, cfg.seed, longest)  # vllm: one for all, pushed
+        try:
+            args = (engine, policy, rows, cfg, rewarder)
+            sampled = generate_records(*args, False, progress, f"{name}: sampling", spec)
+            greedy = []
+            if cfg.eval.greedy:
+                greedy = generate_records(*args, True, progress, f"{name}: greedy", spec)
+        finally:
+            engine.close()
+            del policy, engine
+            gc.collect()
+    except BaseException:
+        if created:  # the caller never got it
+            spec.close()
+        raise
+    return sampled, greedy, spec
 
 
 def result_entry(
@@ -272,13 +294,16 @@ def run(cfg: EvalRoot, run_dir: str, overrides: list[str] | None = None) -> dict
     rewarder = build_rewarder(cfg.reward)
     results, summaries, all_records = [], [], []
     ks = list(ev.k) if ev.k is not None else None  # None: the default, trimmed to n below
+    spec = None  # the command's one environment, closed when the command ends or fails
     try:
         with GenerationProgress(Console(stderr=True), live=cfg.console == "rich") as progress:
             for name in names:
                 if ev.completions:  # eval.limit applies to the file's ids, not to the split's rows
                     sampled, greedy = _score_file(cfg, rows, rewarder)
                 else:
-                    sampled, greedy = evaluate_checkpoint(name, cfg, rows[: ev.limit], rewarder, progress)
+                    sampled, greedy, spec = evaluate_checkpoint(
+                        name, cfg, rows[: ev.limit], rewarder, progress, spec
+                    )
                 if ks is None:
                     ks = default_ks(min(Counter(str(r["id"]) for r in sampled).values()))
                 entry, summary = result_entry(name, sampled, greedy, ks, cfg.seed, ev.bootstrap)
@@ -287,6 +312,8 @@ def run(cfg: EvalRoot, run_dir: str, overrides: list[str] | None = None) -> dict
                 all_records += [{"checkpoint": name, **r} for r in sampled + greedy]
     finally:
         rewarder.close()
+        if spec is not None:
+            spec.close()
     add_deltas(results, summaries, cfg.seed, ev.bootstrap)
     problems = len({r["id"] for r in all_records})
     console = Console()

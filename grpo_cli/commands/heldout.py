@@ -34,21 +34,21 @@ def held_out_rollout(
     policy: Policy,
     rows: Sequence[dict],
     fmt: PromptFormat,
-    rollout: RolloutConfig,
+    rollout_cfg: RolloutConfig,
     n: int,
     decoding: Decoding,
     seed: int,
     progress: GenerationProgress,
     label: str,
     index: Sequence[int] | None = None,
-    episodes: EpisodeSpec | None = None,
+    spec: EpisodeSpec | None = None,
 ) -> Rollout:
     """n completions (or episodes) of each row, unscored; row i samples from the stream of problem
     ``index[i]`` (default i). ``label`` names the progress bar."""
     index = range(len(rows)) if index is None else index
     seeds = None if decoding.greedy else [draw_seed(seed, i, HELD_OUT_STREAM) for i in index]
     with progress.task(label, len(rows) * n) as advance:
-        return generate(engine, policy, rows, fmt, n, rollout, decoding, seeds, advance, episodes)
+        return generate(engine, policy, rows, fmt, n, rollout_cfg, decoding, seeds, advance, spec)
 
 
 def held_out_metrics(
@@ -56,12 +56,12 @@ def held_out_metrics(
     policy: Policy,
     rows: list[dict],
     fmt: PromptFormat,
-    rollout: RolloutConfig,
+    rollout_cfg: RolloutConfig,
     tr: TrainConfig,
     seed: int,
     rewarder: Any,
     progress: GenerationProgress | None = None,
-    episodes: EpisodeSpec | None = None,
+    spec: EpisodeSpec | None = None,
 ) -> dict[str, float]:
     """``grpo train``'s held-out numbers: ``eval/accuracy`` (``train.eval_samples`` sampled completions
     per problem), ``eval/reward`` and ``eval/accuracy_greedy``.
@@ -79,10 +79,10 @@ def held_out_metrics(
     mine += [mine[-1] if mine else 0] * (per_rank - counted)
     picked = [rows[i] for i in mine]
     progress = progress or GenerationProgress()
-    args = (engine, policy, picked, fmt, rollout)
-    sampling, greedy = Decoding.of(rollout), Decoding.of(rollout, greedy=True)
-    sampled = held_out_rollout(*args, n, sampling, seed, progress, "held-out: sampling", mine, episodes)
-    greedy = held_out_rollout(*args, 1, greedy, seed, progress, "held-out: greedy", None, episodes)
+    args = (engine, policy, picked, fmt, rollout_cfg)
+    sampling, greedy = Decoding.of(rollout_cfg), Decoding.of(rollout_cfg, greedy=True)
+    sampled = held_out_rollout(*args, n, sampling, seed, progress, "held-out: sampling", mine, spec)
+    greedy = held_out_rollout(*args, 1, greedy, seed, progress, "held-out: greedy", None, spec)
     sums = _counts(score(sampled, rewarder), counted * n) + _counts(score(greedy, rewarder), counted)
     total = distributed.all_sum(torch.tensor(sums, dtype=torch.float64)).tolist()
     return {
@@ -105,9 +105,9 @@ def held_out_due(step: int, tr: TrainConfig) -> bool:
     return tr.eval_every > 0 and step % tr.eval_every == 0
 
 
-def _counts(rollout: Rollout, k: int) -> list[float]:
+def _counts(ro: Rollout, k: int) -> list[float]:
     """Over the first k completions: [correct, k, sum of judged rewards, judged]."""
-    right = sum(correct(rollout.per_rule)[:k])
-    rewards = rollout.rewards[:k]
-    judged = rollout.judged[:k]
+    right = sum(correct(ro.per_rule)[:k])
+    rewards = ro.rewards[:k]
+    judged = ro.judged[:k]
     return [float(right), float(k), float(rewards[judged].sum()), float(judged.sum())]

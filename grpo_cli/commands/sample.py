@@ -6,7 +6,8 @@
 With ``env=`` an episode's turns are shown whole, the tool's answers in cyan.
 The table per prompt is GRPO's first two steps made visible: the group's rewards, their mean and
 std, and A_i = (r_i - mean) / std as ``core.loss.group_advantages`` computes it for training.
-Also written to ``<run_dir>/samples.jsonl``, one completion per line.
+Also written to ``<run_dir>/samples.jsonl``, one completion per line (``records``), with its
+``token_ids`` and ``model_mask`` for checking what the model sampled.
 """
 
 from __future__ import annotations
@@ -29,19 +30,19 @@ from grpo_cli.envs.episode import episode_spec, extra_tokens
 from grpo_cli.models import load_policy
 from grpo_cli.rewards import build_rewarder
 from grpo_cli.rollout.generate import PromptFormat, generate, longest_prompt, score
-from grpo_cli.rollout.record import Rollout
+from grpo_cli.rollout.record import Rollout, token_record, transcript
 from grpo_cli.run.progress import GenerationProgress
 from grpo_cli.runtime.logs import setup_logging
 from grpo_cli.runtime.rng import seed_everything
 
 
-def _table(rollout: Rollout, advantages: torch.Tensor, g: int, prompt: str, tok: Any) -> Table:
-    G = rollout.group_size
+def _table(ro: Rollout, advantages: torch.Tensor, g: int, prompt: str, tok: Any) -> Table:
+    G = ro.group_size
     rows = slice(g * G, (g + 1) * G)
-    judged = rollout.rewards[rows][rollout.judged[rows]]
+    judged = ro.rewards[rows][ro.judged[rows]]
     mean = float(judged.mean()) if len(judged) else float("nan")
     std = float(judged.std()) if len(judged) > 1 else 0.0
-    gold = rollout.rows[g * G].get("answer", "")
+    gold = ro.rows[g * G].get("answer", "")
     table = Table(title=f"{prompt!r}  (gold {gold})", caption=f"group mean {mean:.3f}  std {std:.3f}")
     table.add_column("i", justify="right")
     table.add_column("completion")
@@ -53,25 +54,47 @@ def _table(rollout: Rollout, advantages: torch.Tensor, g: int, prompt: str, tok:
         color = "green" if adv > 0 else "red" if adv < 0 else "white"
         table.add_row(
             str(i - rows.start),
-            _shown(rollout, i, tok),
-            f"{float(rollout.rewards[i]):.3f}",
+            _shown(ro, i, tok),
+            f"{float(ro.rewards[i]):.3f}",
             f"[{color}]{adv:+.3f}[/{color}]",
-            str(int(rollout.lengths[i])),
+            str(int(ro.lengths[i])),
         )
     return table
 
 
-def _shown(rollout: Rollout, i: int, tok: Any) -> str | Text:
+def _shown(ro: Rollout, i: int, tok: Any) -> str | Text:
     """Completion i as shown: its text, or for an episode its turns with the tool's answers in cyan."""
-    if rollout.model_mask is None:
-        return rollout.texts[i].strip()[:200]
-    n = int(rollout.completion_mask[i].sum())
-    pairs = zip(rollout.completion_ids[i, :n].tolist(), rollout.model_mask[i, :n].tolist())
+    if ro.model_mask is None:
+        return ro.texts[i].strip()[:200]
+    n = int(ro.completion_mask[i].sum())
+    pairs = zip(ro.completion_ids[i, :n].tolist(), ro.model_mask[i, :n].tolist())
     shown = Text()
     for is_model, run in itertools.groupby(pairs, key=lambda pair: pair[1]):
         shown.append(tok.decode([t for t, _ in run]), style=None if is_model else "cyan")
     shown.truncate(400)
     return shown
+
+
+def records(ro: Rollout, advantages: torch.Tensor, prompts: list[str], tok: Any) -> list[dict[str, Any]]:
+    """The samples.jsonl rows: ``completion`` is the model's own words (what the rules judged);
+    ``token_ids`` the ids after the prompt and ``model_mask`` 1 where the model sampled the id;
+    episodes with a tool add ``transcript`` (every token decoded) and their counters."""
+    return [
+        {
+            "prompt_index": i // ro.group_size,
+            "id": ro.rows[i].get("id"),
+            "prompt": prompts[i // ro.group_size],
+            "completion": ro.texts[i],
+            **({"transcript": transcript(ro, i, tok)} if ro.model_mask is not None else {}),
+            "reward": float(ro.rewards[i]) if ro.judged[i] else None,
+            "advantage": float(advantages[i]),
+            "tokens": int(ro.lengths[i]),
+            **{f"reward/{k}": v[i] for k, v in ro.per_rule.items()},
+            **{k: v[i] for k, v in ro.episode_stats.items()},
+            **token_record(ro, i),
+        }
+        for i in range(len(ro.texts))
+    ]
 
 
 def run(cfg: SampleRoot, run_dir: str) -> list[dict[str, Any]]:
@@ -82,39 +105,28 @@ def run(cfg: SampleRoot, run_dir: str) -> list[dict[str, Any]]:
     prompts = [build_prompt(r, cfg.data.template) for r in rows]
     policy = load_policy(cfg.model, cfg.lora, beta=0.0, trainable=False)
     fmt = PromptFormat.of(cfg.data, cfg.model)
-    longest = longest_prompt(policy.tokenizer, rows, fmt) + extra_tokens(cfg.env, cfg.rollout)
-    engine = build_engine(policy, cfg.rollout, cfg.model, cfg.seed, longest)
-    rewarder = build_rewarder(cfg.reward)
+    spec = episode_spec(cfg.env, policy, cfg.rollout)  # the command's one environment
     G = cfg.algo.group_size
     try:
-        progress = GenerationProgress(Console(stderr=True), live=cfg.console == "rich")
-        with progress.task("sampling", len(rows) * G) as advance:
-            episodes = episode_spec(cfg.env, policy, cfg.rollout)
-            ro = generate(engine, policy, rows, fmt, G, cfg.rollout, progress=advance, episodes=episodes)
-        rollout = score(ro, rewarder)
+        longest = longest_prompt(policy.tokenizer, rows, fmt) + extra_tokens(cfg.env, cfg.rollout)
+        engine = build_engine(policy, cfg.rollout, cfg.model, cfg.seed, longest)
+        with build_rewarder(cfg.reward) as rewarder:
+            try:
+                progress = GenerationProgress(Console(stderr=True), live=cfg.console == "rich")
+                with progress.task("sampling", len(rows) * G) as advance:
+                    ro = generate(engine, policy, rows, fmt, G, cfg.rollout, progress=advance, spec=spec)
+                ro = score(ro, rewarder)
+            finally:
+                engine.close()
     finally:
-        rewarder.close()
-        engine.close()
-    advantages, _ = advantages_for(rollout, G, cfg.algo.scale_rewards)
+        spec.close()
+    advantages, _ = advantages_for(ro, G, cfg.algo.scale_rewards)
     console = Console()
     for g, prompt in enumerate(prompts):
-        console.print(_table(rollout, advantages, g, prompt, policy.tokenizer))
-    records = [
-        {
-            "prompt_index": i // rollout.group_size,
-            "id": rollout.rows[i].get("id"),
-            "prompt": prompts[i // rollout.group_size],
-            "completion": rollout.texts[i],
-            "reward": float(rollout.rewards[i]) if rollout.judged[i] else None,
-            "advantage": float(advantages[i]),
-            "tokens": int(rollout.lengths[i]),
-            **{f"reward/{k}": v[i] for k, v in rollout.per_rule.items()},
-            **{k: v[i] for k, v in rollout.episode_stats.items()},
-        }
-        for i in range(len(rollout.texts))
-    ]
+        console.print(_table(ro, advantages, g, prompt, policy.tokenizer))
     out = Path(cfg.sample.out) if cfg.sample.out else Path(run_dir) / "samples.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    written = records(ro, advantages, prompts, policy.tokenizer)
+    out.write_text("".join(json.dumps(r) + "\n" for r in written))
     console.print(f"wrote {out}")
-    return records
+    return written

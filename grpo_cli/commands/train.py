@@ -26,12 +26,12 @@ from grpo_cli.commands.update import low_precision_warning, make_optimizer, trai
 from grpo_cli.config import ConfigError, TrainConfig, TrainRoot
 from grpo_cli.data import build_prompt, load_rows
 from grpo_cli.engines import build_engine
-from grpo_cli.envs.episode import episode_spec, extra_tokens
+from grpo_cli.envs.episode import EpisodeSpec, episode_budget, episode_spec, extra_tokens
 from grpo_cli.models import Policy, load_policy
 from grpo_cli.rewards import build_rewarder
 from grpo_cli.rollout.batch import PromptOrder, RolloutSetup
 from grpo_cli.rollout.generate import PromptFormat, longest_prompt
-from grpo_cli.rollout.record import Rollout
+from grpo_cli.rollout.record import Rollout, transcript
 from grpo_cli.run import checkpoint, resume
 from grpo_cli.run.guards import RunStopped, StepGuard, stop_message, stop_reason
 from grpo_cli.run.progress import LONG_GENERATION_TOKENS, GenerationProgress, cost_line
@@ -66,7 +66,7 @@ class Trainer:
     def held_out(self) -> dict[str, float]:
         s, cfg = self.setup, self.cfg
         args = (s.engine, s.policy, self.test_rows, s.fmt, cfg.rollout, cfg.train, cfg.seed, s.rewarder)
-        return held_out_metrics(*args, progress=self.progress, episodes=s.episodes)
+        return held_out_metrics(*args, progress=self.progress, spec=s.spec)
 
     def save(self, step: int) -> Path | None:
         """A checkpoint of this step, unless the weights are not finite. Every rank calls it; rank 0 writes."""
@@ -113,14 +113,34 @@ def _load_model(cfg: TrainRoot, world: distributed.World, resume_from: Path | No
 def _build(cfg: TrainRoot, run_path: Path) -> tuple[Trainer, dict[str, Any] | None]:
     """Load data, policy, engine, optimizer; restore a checkpoint when ``train.resume`` finds one."""
     tr = cfg.train
-    if cfg.algo.max_completion_length is None:  # Dr. GRPO's constant: the longest completion we sample
-        cfg.algo.max_completion_length = cfg.rollout.max_new_tokens
+    if cfg.algo.max_completion_length is None:  # Dr. GRPO's constant: the longest episode we sample
+        cfg.algo.max_completion_length = episode_budget(cfg.env, cfg.rollout)
     world = _init_world(tr)
     rng.seed_everything(cfg.seed)  # the same on every rank: LoRA's initial weights must agree
     train_rows = load_rows(cfg.data, cfg.data.train_split)
     test_rows = load_rows(cfg.data, cfg.data.test_split)[: tr.eval_problems]
     resume_from = resume.find_resume(tr, run_path)
     policy = _load_model(cfg, world, resume_from)
+    # The run's one environment (its markers checked against the tokenizer before any engine starts).
+    spec = episode_spec(cfg.env, policy, cfg.rollout)
+    try:
+        return _build_rest(cfg, run_path, world, train_rows, test_rows, resume_from, policy, spec)
+    except BaseException:
+        spec.close()
+        raise
+
+
+def _build_rest(
+    cfg: TrainRoot,
+    run_path: Path,
+    world: distributed.World,
+    train_rows: list[dict],
+    test_rows: list[dict],
+    resume_from: Path | None,
+    policy: Policy,
+    spec: EpisodeSpec,
+) -> tuple[Trainer, dict[str, Any] | None]:
+    tr = cfg.train
     # Per-rank streams from here (dropout); rollouts have their own per-prompt streams (batch.draw_seed).
     rng.seed_everything(cfg.seed + world.rank)
     optimizer, scheduler = make_optimizer(policy, tr)
@@ -131,9 +151,8 @@ def _build(cfg: TrainRoot, run_path: Path) -> tuple[Trainer, dict[str, Any] | No
     longest = longest_prompt(policy.tokenizer, train_rows + test_rows, fmt) if _sized(cfg) else 0
     longest += extra_tokens(cfg.env, cfg.rollout)  # an episode's budget beyond max_new_tokens
     engine = build_engine(policy, cfg.rollout, cfg.model, cfg.seed, longest, cfg.algo.group_size)
-    episodes = episode_spec(cfg.env, policy, cfg.rollout)
     setup = RolloutSetup(
-        engine, policy, train_rows, fmt, build_rewarder(cfg.reward), cfg.rollout, cfg.algo, cfg.seed, episodes
+        engine, policy, train_rows, fmt, build_rewarder(cfg.reward), cfg.rollout, cfg.algo, cfg.seed, spec
     )
     trainer = Trainer(
         cfg, run_path, setup, PromptOrder(len(train_rows), cfg.seed), optimizer, scheduler,
@@ -154,14 +173,21 @@ def _sized(cfg: TrainRoot) -> bool:
 
 
 def completion_records(
-    step: int, ro: Rollout, advantages: torch.Tensor, template: str
+    step: int, ro: Rollout, advantages: torch.Tensor, template: str, tokenizer: Any = None
 ) -> list[dict[str, Any]]:
-    """One ``completions.jsonl`` row per completion of the trained rollout."""
+    """One ``completions.jsonl`` row per completion of the trained rollout: ``completion`` is the
+    model's own words (what the rules judged); episodes with a tool add ``transcript``, every token
+    after the prompt decoded, the tool's included (given ``tokenizer``)."""
     return [
         {
             "step": step,
             "prompt": build_prompt(ro.rows[i], template),
             "completion": ro.texts[i],
+            **(
+                {"transcript": transcript(ro, i, tokenizer)}
+                if tokenizer and ro.model_mask is not None
+                else {}
+            ),
             "length": int(ro.lengths[i]),
             "reward": float(ro.rewards[i]),
             "rewards": {k: v[i] for k, v in ro.per_rule.items()},
@@ -197,7 +223,7 @@ def _log_step(
     warnings = t.guard.record(step, metrics)  # adds bad_steps; every rank keeps the counters
     if not distributed.world().is_main:
         return
-    records = completion_records(step, ro, advantages, t.cfg.data.template)
+    records = completion_records(step, ro, advantages, t.cfg.data.template, t.policy.tokenizer)
     logger.log(step, metrics, example=records[step % len(records)])  # not random: the RNG belongs to training
     for w in warnings:
         log.warning(w)
@@ -228,13 +254,23 @@ def run(cfg: TrainRoot, run_dir: str, overrides: list[str] | None = None) -> dic
     t, state = _build(cfg, run_path)
     start = state["step"] if state else 0
     resume_cmd = checkpoint.resume_command(run_path, overrides, launcher=distributed.launcher())
-    logger = (
-        RunLogger(
-            run_path, cfg.train.steps, start, cfg.console, cfg.train.logger, state is not None, t.config_yaml
+    try:
+        logger = (
+            RunLogger(
+                run_path,
+                cfg.train.steps,
+                start,
+                cfg.console,
+                cfg.train.logger,
+                state is not None,
+                t.config_yaml,
+            )
+            if world.is_main
+            else SilentLogger()
         )
-        if world.is_main
-        else SilentLogger()
-    )
+    except BaseException:
+        _close(t)
+        raise
     # The held-out evaluation's cost said up front, its progress shown.
     if world.is_main:
         t.progress = GenerationProgress(logger.console, live=logger.panel is not None)
@@ -255,11 +291,17 @@ def run(cfg: TrainRoot, run_dir: str, overrides: list[str] | None = None) -> dic
         raise RunStopped(stop_message(reason, run_path, resume_cmd, code)) from None
     finally:
         logger.close()
-        t.setup.rewarder.close()
-        t.setup.engine.close()
+        _close(t)
     logger.print(_summary(t.evals))
     distributed.barrier()  # no rank leaves while another may still be saving
     return {"evals": t.evals, "run_dir": str(run_path)}
+
+
+def _close(t: Trainer) -> None:
+    """Release what the run built: the reward rules' workers, the engine, the environment (once each)."""
+    t.setup.rewarder.close()
+    t.setup.engine.close()
+    t.setup.spec.close()
 
 
 def _announce_held_out(cfg: TrainRoot, problems: int, start: int) -> None:

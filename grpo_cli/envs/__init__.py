@@ -13,7 +13,13 @@ An environment answers a model turn. Its protocol (``Environment``):
   engine stops on token ids: ``</calc>`` for the calculator);
 - ``step(state, turn_text) -> Observation | None``: what the environment says after a turn that
   ended on a stop string; None ends the episode. A tool that fails returns an ``Observation`` with
-  ``error`` set (malformed call, exception, timeout): the model reads the error, the run goes on.
+  ``error`` set (malformed call, exception, timeout): the model reads the error, the run goes on;
+- optional: ``framing(obs) -> (before, after)``, the format's control text around the tool's text;
+  ``close()``, called once when the command ends or fails (``protocol.Environment`` lists the rest).
+
+An observation's ids are ``framing[0]`` (control tokens parsed), the tool's text as plain text (a
+special-token string in it stays ordinary characters), then ``framing[1]``: only the framing can
+hold control tokens, and a cut to ``env.max_tool_tokens`` shortens the tool's text, never the framing.
 
 The trainer owns the tokens (``envs.episode``): turn t+1's input is turn t's input, the ids the
 model sampled, unchanged, and the observation's ids; nothing earlier is decoded and encoded again.
@@ -30,7 +36,7 @@ from grpo_cli.envs.calc import CalcEnv
 from grpo_cli.envs.protocol import Environment, Observation
 from grpo_cli.envs.python import PythonEnv
 
-__all__ = ["ENVS", "Environment", "Observation", "build_env", "stop_token_ids", "token_ids"]
+__all__ = ["ENVS", "Environment", "Observation", "build_env", "plain_ids", "stop_token_ids", "token_ids"]
 
 
 ENVS = {"calc": CalcEnv, "python": PythonEnv}  # built with (cfg, tokenizer)
@@ -54,18 +60,35 @@ def build_env(cfg: EnvConfig, tokenizer: Any = None) -> Environment | None:
 
 def stop_token_ids(tokenizer: Any, env: Environment) -> tuple[int, ...]:
     """The ids of the environment's stop strings; ConfigError when one is not a single token."""
-    return token_ids(tokenizer, env.stop_strings, "stop")
+    return token_ids(tokenizer, env.stop_strings, "stop", getattr(env, "token_help", None))
 
 
-def token_ids(tokenizer: Any, strings: tuple[str, ...], what: str) -> tuple[int, ...]:
-    """One id per string; ConfigError naming the string when it is not a single token."""
+def token_ids(
+    tokenizer: Any, strings: tuple[str, ...], what: str, help: str | None = None
+) -> tuple[int, ...]:
+    """One id per string; ConfigError naming the string, and ``help`` (how to get it), when it is not
+    a single token."""
     ids = []
     for s in strings:
         enc = tokenizer(s, add_special_tokens=False)["input_ids"]
         if len(enc) != 1:
             raise ConfigError(
-                f"env {what} string {s!r} is {len(enc)} tokens of this tokenizer: it must be one "
-                "(add it as a token of the model's tokenizer)"
+                f"env {what} string {s!r} is {len(enc)} tokens of this tokenizer: it must be one; "
+                + (help or "add it as a token of the model's tokenizer")
             )
         ids.append(enc[0])
     return tuple(ids)
+
+
+def plain_ids(tokenizer: Any, text: str) -> list[int]:
+    """``text``'s ids as plain text: the tokenizer's normalizer, pre-tokenizer and model, without its
+    added-token matching, so ``<|im_end|>`` or ``</calc>`` inside ``text`` become the ids of their
+    characters, never the control token. Equal to ``tokenizer(text)`` on text without such strings.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow tokenizer: it splits special tokens, not other added ones
+        return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    if backend.normalizer is not None:
+        text = backend.normalizer.normalize_str(text)
+    pieces = backend.pre_tokenizer.pre_tokenize_str(text) if backend.pre_tokenizer else [(text, None)]
+    return [token.id for piece, _ in pieces for token in backend.model.tokenize(piece)]

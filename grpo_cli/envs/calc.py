@@ -1,7 +1,11 @@
 """A calculator tool: the model writes ``<calc>2 + 3 * 4</calc>``, decoding stops at ``</calc>``, and
 ``<result>14</result>`` enters its context.
 
+    grpo train env=calc model=tiny-tools           # the tiny model with the four markers as tokens
     grpo train env=calc model.name_or_path=<a model whose tokenizer has the four markers as tokens>
+
+The tool's text is the value (``14``) or the error (``error: division by zero``), tokenized as plain
+text; ``<result>`` and ``</result>`` are the framing, the only marker tokens in an observation.
 
 Expressions are integers with + - * / // % ** and parentheses, evaluated on their syntax tree (no
 ``eval``), with bounds on size and exponent so no call runs away. A malformed or failing call comes
@@ -72,6 +76,10 @@ class CalcEnv:
     stop_strings = ("</calc>",)
     call_strings = ("<calc>",)
     banned_strings = ("<result>", "</result>")  # only the calculator writes results
+    token_help = (
+        "use model=tiny-tools (the tiny model with them), or add <calc> </calc> <result> </result> to "
+        "the model's tokenizer (tokenizer.add_tokens) and resize its embeddings"
+    )
 
     def __init__(self, cfg: Any = None, tokenizer: Any = None):
         self.cfg = cfg
@@ -79,13 +87,16 @@ class CalcEnv:
     def reset(self, row: dict, seed: int) -> None:
         return None
 
+    def framing(self, obs: Observation) -> tuple[str, str]:
+        return "<result>", "</result>"
+
     def step(self, state: Any, turn_text: str) -> Observation:
         text = turn_text.rstrip()
         start = text.rfind("<calc>")
         if start < 0 or not text.endswith("</calc>"):  # the turn ended on </calc> without an opening <calc>
-            return Observation("<result>error: no <calc> before </calc></result>", error=True)
+            return Observation("error: no <calc> before </calc>", error=True)
         try:
             expr = text[start + len("<calc>") : -len("</calc>")]
-            return Observation(f"<result>{format_number(evaluate(expr))}</result>")
+            return Observation(format_number(evaluate(expr)))
         except ValueError as exc:
-            return Observation(f"<result>error: {exc}</result>", error=True)
+            return Observation(f"error: {exc}", error=True)

@@ -1,15 +1,17 @@
-"""Multi-turn episodes on any engine, token-exact: each turn's input is the last input, the sampled ids
-unchanged, and the observation's ids.
+"""Episodes on any engine, token-exact: each turn's input is the last input, the sampled ids unchanged,
+and the observation's ids. A single-turn rollout (``env=none``) is an episode with no tool stops.
 
+    spec = episode_spec(cfg.env, policy, cfg.rollout)        # once per command; spec.close() at its end
     episodes = run_episodes(engine, spec, prompt_ids, rows, group_size, decoding, seeds)
 
-Turn 0 asks the engine for G completions of each prompt (one request per group, as a single-turn
-rollout does, so the G episodes share the prompt's prefill); later turns ask for one completion per
-active episode, with the tokens the episode has left (``EpisodeSpec.budget`` for the whole episode,
-model and tool tokens together). A turn that ends on one of the environment's stop ids is answered
-by ``env.step``; one that ends on EOS, or is cut by the budget, ends the episode (a call cut off
-mid-way runs no tool). A tool answer longer than ``max_tool_tokens`` is cut and ends in ``CUT``; an
-answer that would leave no room for another model token ends the episode as truncated.
+Turn 0 asks the engine for G completions of each prompt (one request per group, so the G episodes share
+the prompt's prefill); later turns ask for one completion per active episode, with the tokens the
+episode has left of its budget (``episode_budget``: model and tool tokens together). A turn that ends
+on one of the environment's stop ids is answered by ``env.step``; one that ends on EOS, or is cut by
+the budget, ends the episode (a call cut off mid-way runs no tool). An observation is the
+environment's framing around the tool's text (``observation_ids``); a tool text longer than
+``max_tool_tokens`` is cut and ends in ``CUT``, the framing kept whole; an observation that would
+leave no room for another model token ends the episode as truncated.
 
 Turn t > 0 of episode j of a group samples from the stream ``turn_seed(seed, j, t)`` of its group's
 seed, so an episode's tokens depend on the run's seed and its place alone, not on its batch.
@@ -25,70 +27,106 @@ from typing import Any
 import numpy as np
 
 from grpo_cli.config import EnvConfig, RolloutConfig
-from grpo_cli.engines import Completion, Decoding, Engine, Request
-from grpo_cli.envs import Environment, Observation, build_env, stop_token_ids, token_ids
+from grpo_cli.engines import Completion, Decoding, Engine, Progress, Request
+from grpo_cli.envs import Environment, Observation, build_env, plain_ids, stop_token_ids, token_ids
 from grpo_cli.models import Policy
 
-CUT = " [cut]"  # ends a tool answer cut to max_tool_tokens
+CUT = " [cut]"  # ends a tool text cut to max_tool_tokens
 # Seconds a step gets beyond env.timeout_s: a tool with its own limit (the sandbox) reports its timeout.
 STEP_GRACE_S = 5.0
 
 
+def single_turn(cfg: EnvConfig) -> bool:
+    """Whether ``env`` names no environment (``env=none``): one model turn per completion."""
+    return cfg.name == "none" and not cfg._target_
+
+
+def episode_budget(cfg: EnvConfig, rollout_cfg: RolloutConfig) -> int:
+    """The tokens an episode may hold after its prompt, model and tool tokens together: the one
+    completion budget. ``rollout.max_new_tokens`` for a single turn; ``env.max_episode_tokens`` (default
+    ``rollout.max_new_tokens``) with an environment. The engine is sized for it, DAPO's overlong
+    penalty compares an episode's tokens with it, and Dr. GRPO's constant divisor defaults to it."""
+    if single_turn(cfg):
+        return rollout_cfg.max_new_tokens
+    return cfg.max_episode_tokens or rollout_cfg.max_new_tokens
+
+
+def extra_tokens(cfg: EnvConfig, rollout_cfg: RolloutConfig) -> int:
+    """Tokens an episode may hold beyond ``rollout.max_new_tokens`` (an engine sized up front needs them)."""
+    return max(0, episode_budget(cfg, rollout_cfg) - rollout_cfg.max_new_tokens)
+
+
 @dataclass
 class EpisodeSpec:
-    """How episodes run: the environment, its stop ids, the token budgets, what a failed call does."""
+    """How episodes run: the environment (None: a single turn), its stop ids, the token budget, what a
+    failed call does. It owns the environment: ``close()`` releases it, once."""
 
-    env: Environment
+    env: Environment | None
     tokenizer: Any
     eos_ids: tuple[int, ...]  # the model's EOS set: a turn ending on one ends the episode
     tool_stop_ids: tuple[int, ...]  # a turn ending on one is a call
-    budget: int  # tokens after the prompt, model and tool tokens together
+    budget: int  # tokens after the prompt, model and tool tokens together (``episode_budget``)
     max_turns: int
     max_tool_tokens: int
     end_on_error: bool
     banned_ids: tuple[int, ...] = ()  # never sampled: result markers; the call token when calls are off
     timeout_s: float = 10.0  # seconds a step may take: env.timeout_s + STEP_GRACE_S
+    closed: bool = False
 
     @classmethod
     def of(
-        cls, cfg: EnvConfig, tokenizer: Any, eos_ids: Sequence[int], max_new_tokens: int
-    ) -> EpisodeSpec | None:
-        """The spec of ``env``; None for single-turn episodes (``env=none``)."""
+        cls, cfg: EnvConfig, tokenizer: Any, eos_ids: Sequence[int], rollout_cfg: RolloutConfig
+    ) -> EpisodeSpec:
+        """The spec of ``env`` (``env=none``: one turn, no tool stops)."""
+        budget = episode_budget(cfg, rollout_cfg)
         env = build_env(cfg, tokenizer)
         if env is None:
-            return None
-        banned = tuple(getattr(env, "banned_strings", ()))
-        if not cfg.allow_calls:
-            banned += tuple(getattr(env, "call_strings", ()))
+            return cls(None, tokenizer, tuple(eos_ids), (), budget, 1, 0, False)
+        try:
+            help = getattr(env, "token_help", None)
+            banned = tuple(getattr(env, "banned_strings", ()))
+            if not cfg.allow_calls:
+                banned += tuple(getattr(env, "call_strings", ()))
+            # With calls forbidden a stray close marker is text, not a call: no tool stops at all.
+            stops = stop_token_ids(tokenizer, env) if cfg.allow_calls else ()
+            banned_ids = token_ids(tokenizer, banned, "banned", help)
+        except Exception:
+            _close(env)
+            raise
         return cls(
-            env, tokenizer, tuple(eos_ids), stop_token_ids(tokenizer, env), cfg.max_episode_tokens or max_new_tokens,
-            cfg.max_turns, cfg.max_tool_tokens, cfg.on_error == "end", token_ids(tokenizer, banned, "banned"),
-            cfg.timeout_s + STEP_GRACE_S,
+            env, tokenizer, tuple(eos_ids), stops, budget, cfg.max_turns, cfg.max_tool_tokens,
+            cfg.on_error == "end", banned_ids, cfg.timeout_s + STEP_GRACE_S,
         )  # fmt: skip
 
+    def close(self) -> None:
+        """Release the environment (its ``close()``, where it has one); a second call does nothing."""
+        if not self.closed:
+            self.closed = True
+            _close(self.env)
 
-def episode_spec(cfg: EnvConfig, policy: Policy, rollout: RolloutConfig) -> EpisodeSpec | None:
-    """The run's episodes: ``env`` over the policy's tokenizer and EOS set; None for ``env=none``."""
+
+def _close(env: Any) -> None:
+    close = getattr(env, "close", None)
+    if callable(close):
+        close()
+
+
+def episode_spec(cfg: EnvConfig, policy: Policy, rollout_cfg: RolloutConfig) -> EpisodeSpec:
+    """The run's episodes: ``env`` over the policy's tokenizer and EOS set."""
     eos = policy.eos_ids or (policy.tokenizer.eos_token_id,)
-    return EpisodeSpec.of(cfg, policy.tokenizer, eos, rollout.max_new_tokens)
-
-
-def extra_tokens(cfg: EnvConfig, rollout: RolloutConfig) -> int:
-    """Tokens an episode may hold beyond ``rollout.max_new_tokens`` (an engine sized up front needs them)."""
-    if cfg.name == "none" and not cfg._target_:
-        return 0
-    return max(0, (cfg.max_episode_tokens or rollout.max_new_tokens) - rollout.max_new_tokens)
+    return EpisodeSpec.of(cfg, policy.tokenizer, eos, rollout_cfg)
 
 
 @dataclass
 class Episode:
-    """One episode after its prompt: the ids, which of them the model sampled, and its counters."""
+    """One episode after its prompt: the ids, which of them the model sampled, and its record."""
 
     prompt_ids: list[int]
     state: Any
     ids: list[int] = field(default_factory=list)  # [T] model and tool tokens in order
     model: list[int] = field(default_factory=list)  # [T] 1 where the model sampled the token
     logprobs: list[float] | None = field(default_factory=list)  # [T] the engine's (0 on tool tokens)
+    results: list[str] = field(default_factory=list)  # the tool's text of each call, uncut
     turns: int = 0
     tool_calls: int = 0
     tool_errors: int = 0
@@ -113,20 +151,26 @@ def run_episodes(
     group_size: int,
     decoding: Decoding,
     seeds: Sequence[int] | None = None,
+    progress: Progress | None = None,
 ) -> list[Episode]:
-    """G episodes of each prompt, rows i*G .. (i+1)*G - 1 for prompt i; every one ends within the budget."""
-    stops = spec.eos_ids + spec.tool_stop_ids
+    """G episodes of each prompt, rows i*G .. (i+1)*G - 1 for prompt i; every one ends within the budget.
+
+    ``progress(completions, tokens)``: a single turn reports as the engine finishes batches, episodes
+    with tools once they are all done.
+    """
+    stop_ids = spec.eos_ids + spec.tool_stop_ids
     decoding = replace(decoding, banned_ids=decoding.banned_ids + spec.banned_ids)
     group_seed = [0 if seeds is None else int(s) for s in (seeds or [None] * len(rows))]
+    reset = (lambda row, seed: None) if spec.env is None else spec.env.reset
     episodes = [
-        Episode(list(p), spec.env.reset(row, group_seed[i])) for i, (p, row) in enumerate(zip(prompt_ids, rows))
+        Episode(list(p), reset(row, group_seed[i])) for i, (p, row) in enumerate(zip(prompt_ids, rows))
         for _ in range(group_size)
     ]  # fmt: skip
     first = [
-        Request(list(p), group_size, spec.budget, stops, None if seeds is None else group_seed[i])
+        Request(list(p), group_size, spec.budget, stop_ids, None if seeds is None else group_seed[i])
         for i, p in enumerate(prompt_ids)
     ]
-    for i, group in enumerate(engine.generate(first, decoding)):
+    for i, group in enumerate(engine.generate(first, decoding, progress if spec.env is None else None)):
         for j, c in enumerate(group):
             _take_turn(episodes[i * group_size + j], c, spec)
     while live := [k for k, ep in enumerate(episodes) if not ep.done]:
@@ -134,9 +178,11 @@ def run_episodes(
         for k in live:
             ep, (i, j) = episodes[k], divmod(k, group_size)
             seed = None if seeds is None else turn_seed(group_seed[i], j, ep.turns)
-            requests.append(Request(ep.prompt_ids + ep.ids, 1, spec.budget - len(ep.ids), stops, seed))
+            requests.append(Request(ep.prompt_ids + ep.ids, 1, spec.budget - len(ep.ids), stop_ids, seed))
         for k, group in zip(live, engine.generate(requests, decoding)):
             _take_turn(episodes[k], group[0], spec)
+    if spec.env is not None and progress is not None:
+        progress(len(episodes), sum(len(e.ids) for e in episodes))
     return episodes
 
 
@@ -163,7 +209,8 @@ def _take_turn(ep: Episode, c: Completion, spec: EpisodeSpec) -> None:
         return
     ep.tool_calls += int(obs.call)
     ep.tool_errors += int(obs.error)
-    ids = _observation_ids(spec, obs.text)
+    ep.results.append(obs.text)
+    ids = observation_ids(spec, obs)
     if (obs.error and spec.end_on_error) or len(ep.ids) + len(ids) >= spec.budget:
         ep.truncated = not obs.error or not spec.end_on_error
         ep.done = True
@@ -195,12 +242,16 @@ def _answer(env: Environment, state: Any, turn_text: str, timeout: float) -> Obs
     return box["obs"]
 
 
-def _observation_ids(spec: EpisodeSpec, text: str) -> list[int]:
-    """The observation's token ids, cut to ``max_tool_tokens`` (ending in ``CUT``) when longer."""
+def observation_ids(spec: EpisodeSpec, obs: Observation) -> list[int]:
+    """The ids of an observation: the framing's text before (control tokens parsed), the tool's text as
+    plain text, cut to ``max_tool_tokens`` (ending in ``CUT``) when longer, the framing's text after."""
     tok = spec.tokenizer
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    if len(ids) <= spec.max_tool_tokens:
-        return list(ids)
-    marker = tok(CUT, add_special_tokens=False)["input_ids"]
-    keep = max(spec.max_tool_tokens - len(marker), 0)
-    return list(ids[:keep]) + list(marker)[: spec.max_tool_tokens - keep]
+    framing = getattr(spec.env, "framing", None)
+    before, after = framing(obs) if callable(framing) else ("", "")
+    text = plain_ids(tok, obs.text)
+    if len(text) > spec.max_tool_tokens:
+        marker = plain_ids(tok, CUT)
+        keep = max(spec.max_tool_tokens - len(marker), 0)
+        text = text[:keep] + marker[: spec.max_tool_tokens - keep]
+    control = [tok(s, add_special_tokens=False)["input_ids"] if s else [] for s in (before, after)]
+    return list(control[0]) + text + list(control[1])

@@ -8,7 +8,12 @@ from typing import Any, Protocol
 
 @dataclass
 class Observation:
-    """What the environment says after a turn: text the model reads next (tool output, an error)."""
+    """What the environment says after a turn: the tool's text (its output, or an error message).
+
+    ``text`` is data: it is tokenized as plain text, so a special-token string inside it
+    (``<|im_end|>``, ``</calc>``) becomes ordinary tokens, never a turn boundary or a marker. The
+    structure around it is the environment's ``framing``.
+    """
 
     text: str
     error: bool = False  # a failed call: malformed, raised, timed out
@@ -16,9 +21,20 @@ class Observation:
 
 
 class Environment(Protocol):
-    """Optional attributes: ``banned_strings`` (tokens the model may never sample: a tool's result
-    markers, so results cannot be forged) and ``call_strings`` (the tokens that open a call: banned
-    when ``env.allow_calls=false``)."""
+    """What an environment must have: ``stop_strings``, ``reset`` and ``step``.
+
+    Optional attributes, each looked up with a default:
+
+    - ``framing(obs) -> (before, after)``: the format's text around the tool's text, tokenized with
+      its control tokens (the calculator's ``<result>`` ... ``</result>``; the chat template's tool
+      role and the next turn's header). Default ``("", "")``: the tool's text alone, plain.
+    - ``close()``: release what the environment holds (a sandbox, a process pool); called once when
+      the command that built it ends or fails.
+    - ``banned_strings``: tokens the model may never sample (a tool's result markers, so results cannot
+      be forged); ``call_strings``: the tokens that open a call (banned when ``env.allow_calls=false``).
+    - ``token_help``: how to get the environment's markers into a tokenizer, for the error a tokenizer
+      without them gets.
+    """
 
     stop_strings: tuple[str, ...]
 

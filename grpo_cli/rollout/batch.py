@@ -57,15 +57,17 @@ class PromptOrder:
         self._order = self._shuffle()
 
 
-def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, penalty: float) -> torch.Tensor:
+def overlong_penalty(lengths: torch.Tensor, budget: int, buffer: int, penalty: float) -> torch.Tensor:
     """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13), [N] lengths -> [N] penalties <= 0.
 
-    0 up to ``max_new_tokens - buffer`` tokens, then linear down to ``-penalty`` at ``max_new_tokens``
-    (a completion cut off without EOS has exactly that length, so it gets the full penalty).
+    ``lengths``: each episode's tokens after its prompt (model and tool tokens: what the budget counts);
+    ``budget``: ``envs.episode.episode_budget`` (``rollout.max_new_tokens`` for a single turn).
+    0 up to ``budget - buffer`` tokens, then linear down to ``-penalty`` at ``budget`` (a completion cut
+    off without EOS has exactly that length, so it gets the full penalty).
     """
     if buffer <= 0:
         return torch.zeros(lengths.shape)
-    excess = (lengths.float().cpu() - (max_new_tokens - buffer)).clamp(min=0)
+    excess = (lengths.float().cpu() - (budget - buffer)).clamp(min=0)
     return -penalty * excess / buffer
 
 
@@ -90,17 +92,19 @@ class StepBatch:
     rounds: int
 
 
-def rollout_metrics(rollout: Rollout) -> dict[str, float]:
-    """Metrics of everything sampled in a step: reward, accuracy, zero-variance groups, length."""
-    r, judged = rollout.rewards, rollout.judged
+def rollout_metrics(ro: Rollout) -> dict[str, float]:
+    """Metrics of everything sampled in a step (every rank's, gathered): reward, accuracy,
+    zero-variance groups, length, the reward rules' (``concat_rollouts`` combines them exactly) and
+    the episodes' means per completion."""
+    r, judged = ro.rewards, ro.judged
     return {
         "reward": float(torch.nanmean(r)),
         "reward_std": float(r[judged].std()) if judged.sum() > 1 else 0.0,
-        "accuracy": rollout.accuracy,
-        "zero_std_frac": 1.0 - float(informative_groups(r, rollout.group_size).float().mean()),
-        "completion_len": float(rollout.lengths.float().mean()),
-        **rollout.reward_metrics,
-        **{f"episode/{k}": sum(v) / len(v) for k, v in rollout.episode_stats.items() if v},
+        "accuracy": ro.accuracy,
+        "zero_std_frac": 1.0 - float(informative_groups(r, ro.group_size).float().mean()),
+        "completion_len": float(ro.lengths.float().mean()),
+        **ro.reward_metrics,
+        **{f"episode/{k}": sum(v) / len(v) for k, v in ro.episode_stats.items() if v},
     }
 
 
@@ -121,7 +125,7 @@ def draw_seed(seed: int, draw: int, stream: int = TRAIN_STREAM) -> int:
 @dataclass
 class RolloutSetup:
     """What a training step's rollouts need besides the policy: the engine, the prompt source and
-    format, the reward rules, and the rollout, algo and seed settings."""
+    format, the reward rules, the rollout, algo and seed settings, and the episodes' spec."""
 
     engine: Engine
     policy: Policy
@@ -131,7 +135,7 @@ class RolloutSetup:
     rollout: RolloutConfig
     algo: AlgoConfig
     seed: int
-    episodes: EpisodeSpec | None = None  # multi-turn episodes with a tool; None: one turn
+    spec: EpisodeSpec  # how an episode runs (env=none: one turn); owns the environment
 
 
 def _roll_out_round(r: RolloutSetup, order: PromptOrder, prompts: int) -> Rollout:
@@ -142,14 +146,11 @@ def _roll_out_round(r: RolloutSetup, order: PromptOrder, prompts: int) -> Rollou
     mine = distributed.shard(index)
     rows = [r.rows[i] for _, i in mine]
     seeds = [draw_seed(r.seed, d) for d, _ in mine]
-    ro = generate(
-        r.engine, r.policy, rows, r.fmt, r.algo.group_size, r.rollout, seeds=seeds, episodes=r.episodes
-    )
+    ro = generate(r.engine, r.policy, rows, r.fmt, r.algo.group_size, r.rollout, seeds=seeds, spec=r.spec)
     ro = score(ro, r.rewarder)
     if r.algo.overlong_buffer > 0:
-        pen = overlong_penalty(
-            ro.lengths, r.rollout.max_new_tokens, r.algo.overlong_buffer, r.algo.overlong_penalty
-        )
+        episode_tokens = ro.completion_mask.sum(-1)  # model and tool tokens: what the budget counts
+        pen = overlong_penalty(episode_tokens, r.spec.budget, r.algo.overlong_buffer, r.algo.overlong_penalty)
         ro.rewards = ro.rewards + pen  # NaN (unjudged) stays NaN
         ro.reward_metrics["reward/overlong_penalty"] = float(pen.mean())
     return ro

@@ -1,24 +1,26 @@
-"""Prompts -> an engine -> one ``Rollout``: encoding, the engine call, the record, and scoring.
+"""Prompts -> episodes on an engine -> one ``Rollout``: encoding, the episodes, the record, scoring.
 
-    ro = score(generate(engine, policy, rows, fmt, group_size, rollout_cfg, seeds=seeds), rewarder)
+    ro = score(generate(engine, policy, rows, fmt, group_size, rollout_cfg, seeds=seeds, spec=spec), rewarder)
 
-This is the one place a ``Rollout`` is made from what an engine sampled. Prompts are encoded once
-(the chat template applied when the model asks for it) and handed to the engine as exact token ids;
-completions come back as token ids and are decoded here, whole, so characters split over byte-level
-tokens stay whole.
+One path for every rollout: a single turn is an episode with no tool stops (``envs.episode``), and
+``episode_rollout`` is the one place a ``Rollout`` is made from what an engine sampled. Prompts are
+encoded once (the chat template applied when the model asks for it) and handed to the engine as exact
+token ids; completions come back as token ids and are decoded here, a turn at a time, so characters
+split over byte-level tokens stay whole.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from grpo_cli.config import DataConfig, ModelConfig, RolloutConfig
+from grpo_cli.config import DataConfig, EnvConfig, ModelConfig, RolloutConfig
 from grpo_cli.data import build_prompt
-from grpo_cli.engines import Completion, Decoding, Engine, Progress, Request
+from grpo_cli.engines import Decoding, Engine, Progress
 from grpo_cli.envs.episode import Episode, EpisodeSpec, run_episodes
 from grpo_cli.models import Policy
 from grpo_cli.rollout.record import Rollout, pad_cat
@@ -66,74 +68,26 @@ def generate(
     rows: Sequence[dict],
     fmt: PromptFormat,
     group_size: int,
-    rollout: RolloutConfig,
+    rollout_cfg: RolloutConfig,
     decoding: Decoding | None = None,
     seeds: Sequence[int] | None = None,
     progress: Progress | None = None,
-    episodes: EpisodeSpec | None = None,
+    spec: EpisodeSpec | None = None,
 ) -> Rollout:
-    """G = ``group_size`` completions of each row's prompt, decoded, not yet scored.
+    """G = ``group_size`` episodes of each row's prompt, decoded, not yet scored.
 
     ``decoding``: how tokens are drawn (default: the ``rollout`` keys, sampled). ``seeds``: one per row,
     the seed of its group's sampling stream; None samples from the global torch RNG.
-    ``progress(completions, tokens)`` is called as the engine finishes batches. ``episodes``:
-    multi-turn episodes with a tool (``envs.episode``); None: one turn per completion.
+    ``progress(completions, tokens)`` is called as the engine finishes batches. ``spec``: the command's
+    episodes (``envs.episode``, with a tool or not); None: single turns under the policy's EOS set.
     """
     tok = policy.tokenizer
     prompt_ids = fmt.encode(tok, rows)
-    decoding = decoding or Decoding.of(rollout)
-    if episodes is not None:
-        eps = run_episodes(engine, episodes, prompt_ids, rows, group_size, decoding, seeds)
-        if progress is not None:
-            progress(len(eps), sum(len(e.ids) for e in eps))
-        return episode_rollout(tok, rows, prompt_ids, eps, group_size, policy.device)
-    stop = policy.eos_ids or (tok.eos_token_id,)
-    requests = [
-        Request(ids, group_size, rollout.max_new_tokens, stop, None if seeds is None else int(seeds[i]))
-        for i, ids in enumerate(prompt_ids)
-    ]
-    completions = engine.generate(requests, decoding, progress)
-    flat = [c for group in completions for c in group]
-    return to_rollout(tok, rows, prompt_ids, flat, group_size, policy.device)
-
-
-def to_rollout(
-    tokenizer: Any,
-    rows: Sequence[dict],
-    prompt_ids: Sequence[Sequence[int]],
-    completions: Sequence[Completion],
-    group_size: int,
-    device: torch.device,
-    model_masks: Sequence[Sequence[int]] | None = None,
-) -> Rollout:
-    """One unscored Rollout from P prompts' token ids and their P * G completions, group by group.
-
-    Prompts are left-padded, completions right-padded; ``engine_logps`` [N, T] holds the engine's
-    log-probs (0 on padding) when it returned them; ``model_masks``: 1 on the tokens the model
-    sampled, per completion (multi-turn; None: all of them).
-    """
-    pad = tokenizer.pad_token_id
-    p_ids = [_row(ids, pad, 1) for ids in prompt_ids for _ in range(group_size)]
-    c_ids = [_row(c.token_ids, pad, 1) for c in completions]
-    ids = pad_cat([i for i, _ in c_ids], pad)
-    mask = pad_cat([m for _, m in c_ids], 0)
-    logps = None
-    if completions and all(c.logprobs is not None for c in completions):
-        logps = pad_cat([torch.tensor([c.logprobs], dtype=torch.float32) for c in completions], 0).to(device)
-    model = None
-    if model_masks is not None:
-        model = pad_cat([torch.tensor([m or [0]], dtype=torch.long) for m in model_masks], 0).to(device)
-    return Rollout(
-        prompt_ids=pad_cat([i for i, _ in p_ids], pad, left=True).to(device),
-        prompt_mask=pad_cat([m for _, m in p_ids], 0, left=True).to(device),
-        completion_ids=ids.to(device),
-        completion_mask=mask.to(device),
-        texts=tokenizer.batch_decode(ids.masked_fill(mask == 0, pad), skip_special_tokens=True),
-        rows=[row for row in rows for _ in range(group_size)],
-        group_size=group_size,
-        engine_logps=logps,
-        model_mask=model,
-    )
+    decoding = decoding or Decoding.of(rollout_cfg)
+    if spec is None:
+        spec = EpisodeSpec.of(EnvConfig(), tok, policy.eos_ids or (tok.eos_token_id,), rollout_cfg)
+    episodes = run_episodes(engine, spec, prompt_ids, rows, group_size, decoding, seeds, progress)
+    return episode_rollout(tok, rows, prompt_ids, episodes, group_size, policy.device, spec.env is not None)
 
 
 def episode_rollout(
@@ -143,11 +97,44 @@ def episode_rollout(
     episodes: Sequence[Episode],
     group_size: int,
     device: torch.device,
+    tools: bool = True,
 ) -> Rollout:
-    """The Rollout of multi-turn episodes: every episode's ids after its prompt are one completion,
-    ``model_mask`` tells the model's tokens from the tool's, ``episode_stats`` holds the counters."""
-    completions = [Completion(e.ids, e.logprobs) for e in episodes]
-    ro = to_rollout(tokenizer, rows, prompt_ids, completions, group_size, device, [e.model for e in episodes])
+    """The one place a Rollout is made from what an engine sampled: P prompts' token ids and their
+    P * G episodes, group by group; every episode's ids after its prompt are one completion.
+
+    Prompts are left-padded, completions right-padded; ``engine_logps`` [N, T] holds the engine's
+    log-probs (0 on padding) when it returned them. ``tools``: the episodes may hold tool tokens:
+    ``model_mask`` tells the model's tokens from the tool's, ``texts`` hold the model's own words (its
+    turns, decoded one by one, joined by a newline), ``episode_stats`` the counters and
+    ``episode_texts`` each episode's turns and tool results. Without tools ``texts`` are the decoded
+    completions and the episode fields stay empty (a single turn is all the model's).
+    """
+    pad = tokenizer.pad_token_id
+    p_ids = [_row(ids, pad, 1) for ids in prompt_ids for _ in range(group_size)]
+    c_ids = [_row(e.ids, pad, 1) for e in episodes]
+    ids = pad_cat([i for i, _ in c_ids], pad)
+    mask = pad_cat([m for _, m in c_ids], 0)
+    logps = None
+    if episodes and all(e.logprobs is not None for e in episodes):
+        logps = pad_cat([torch.tensor([e.logprobs], dtype=torch.float32) for e in episodes], 0).to(device)
+    ro = Rollout(
+        prompt_ids=pad_cat([i for i, _ in p_ids], pad, left=True).to(device),
+        prompt_mask=pad_cat([m for _, m in p_ids], 0, left=True).to(device),
+        completion_ids=ids.to(device),
+        completion_mask=mask.to(device),
+        texts=tokenizer.batch_decode(ids.masked_fill(mask == 0, pad), skip_special_tokens=True),
+        rows=[row for row in rows for _ in range(group_size)],
+        group_size=group_size,
+        engine_logps=logps,
+    )
+    if not tools:
+        return ro
+    ro.model_mask = pad_cat([torch.tensor([e.model or [0]], dtype=torch.long) for e in episodes], 0).to(
+        device
+    )
+    turns = [model_turns(tokenizer, e) for e in episodes]
+    ro.texts = ["\n".join(t for t in ts if t) for ts in turns]  # a turn of EOS alone adds no line
+    ro.episode_texts = {"model_turns": turns, "tool_results": [list(e.results) for e in episodes]}
     ro.episode_stats = {
         "turns": [float(e.turns) for e in episodes],
         "tool_calls": [float(e.tool_calls) for e in episodes],
@@ -156,6 +143,17 @@ def episode_rollout(
         "tool_tokens": [float(e.tool_tokens) for e in episodes],
     }
     return ro
+
+
+def model_turns(tokenizer: Any, episode: Episode) -> list[str]:
+    """The model's turns of ``episode``, each run of sampled ids decoded on its own (special tokens
+    dropped): the tool's tokens are not the model's words."""
+    pairs = zip(episode.ids, episode.model)
+    return [
+        tokenizer.decode([t for t, _ in run], skip_special_tokens=True)
+        for is_model, run in itertools.groupby(pairs, key=lambda pair: pair[1])
+        if is_model
+    ]
 
 
 def _row(ids: Sequence[int], pad: int, min_width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,23 +166,25 @@ def _row(ids: Sequence[int], pad: int, min_width: int) -> tuple[torch.Tensor, to
     return t, m
 
 
-def rule_rows(rollout: Rollout) -> list[dict]:
-    """The rows the reward rules see: with an ``episode`` entry (calls made, tool errors, turns) when
-    the completions are episodes."""
-    stats = rollout.episode_stats
-    if not stats:
-        return rollout.rows
-    return [dict(r, episode={k: v[i] for k, v in stats.items()}) for i, r in enumerate(rollout.rows)]
+def rule_rows(ro: Rollout) -> list[dict]:
+    """The rows the reward rules see: for episodes with a tool, with an ``episode`` entry, the record
+    beside the model's words: ``turns``, ``tool_calls``, ``tool_errors``, ``truncated``,
+    ``tool_tokens`` (numbers), ``model_turns`` (the model's turns as text) and ``tool_results`` (the
+    tool's text of each call)."""
+    if not ro.episode_stats:
+        return ro.rows
+    record = {**ro.episode_stats, **ro.episode_texts}
+    return [dict(r, episode={k: v[i] for k, v in record.items()}) for i, r in enumerate(ro.rows)]
 
 
-def score(rollout: Rollout, rewarder: Any) -> Rollout:
-    """Fill in rewards from the reward rules (None -> NaN: not judged). Rows of episodes carry an
-    ``episode`` entry for the rules (``rewards.tools``)."""
-    result = rewarder(rollout.texts, rule_rows(rollout))
-    rollout.rewards = torch.tensor(
+def score(ro: Rollout, rewarder: Any) -> Rollout:
+    """Fill in rewards from the reward rules (None -> NaN: not judged). The rules read ``ro.texts``, the
+    model's own words; rows of episodes carry the ``episode`` record (``rule_rows``)."""
+    result = rewarder(ro.texts, rule_rows(ro))
+    ro.rewards = torch.tensor(
         [float("nan") if r is None else float(r) for r in result.total], dtype=torch.float32
     )
-    rollout.per_rule = result.per_rule
-    rollout.reward_metrics = result.metrics
-    rollout.reward_counts = result.counts
-    return rollout
+    ro.per_rule = result.per_rule
+    ro.reward_metrics = result.metrics
+    ro.reward_counts = result.counts
+    return ro

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -18,7 +19,9 @@ class Rollout:
     prompt_mask: torch.Tensor  # [N, L] 1 on real prompt tokens
     completion_ids: torch.Tensor  # [N, T] sampled tokens, pad after EOS
     completion_mask: torch.Tensor  # [N, T] 1 on the episode's tokens (model and tool; EOS included)
-    texts: list[str]  # [N] decoded completions (special tokens dropped)
+    texts: list[
+        str
+    ]  # [N] the model's own words (its turns, decoded; special tokens dropped): what rules read
     rows: list[dict]  # [N] the dataset row behind each completion
     group_size: int
     rewards: torch.Tensor | None = None  # [N] float32; NaN where no rule could judge the completion
@@ -31,6 +34,8 @@ class Rollout:
     model_mask: torch.Tensor | None = None
     # Per completion, of multi-turn episodes: turns, tool_calls, tool_errors, truncated, tool_tokens.
     episode_stats: dict[str, list[float]] = field(default_factory=dict)
+    # Per completion, of multi-turn episodes: model_turns (the model's turns as text), tool_results.
+    episode_texts: dict[str, list[list[str]]] = field(default_factory=dict)
 
     @property
     def judged(self) -> torch.Tensor:
@@ -78,6 +83,7 @@ class Rollout:
             engine_logps=None if self.engine_logps is None else self.engine_logps[idx],
             model_mask=None if self.model_mask is None else self.model_mask[idx],
             episode_stats={k: [v[i] for i in pick] for k, v in self.episode_stats.items()},
+            episode_texts={k: [v[i] for i in pick] for k, v in self.episode_texts.items()},
         )
 
 
@@ -88,11 +94,21 @@ def pad_cat(chunks: Sequence[torch.Tensor], value: int, left: bool = False) -> t
     return torch.cat([torch.cat([p, c] if left else [c, p], dim=1) for p, c in zip(pads, chunks)], dim=0)
 
 
+def mean_weight(ro: Rollout, key: str) -> float:
+    """How many completions the reward metric ``key`` of ``ro`` is a mean over: the judged ones for
+    ``reward/total`` and ``reward/<rule>`` (``rewards.Rewarder``), all of them otherwise."""
+    n = float(len(ro.texts))
+    if key == "reward/total":
+        return n - ro.reward_metrics.get("reward/unjudged", 0.0)
+    return n - ro.reward_metrics.get(f"{key}/unjudged", 0.0)
+
+
 def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
     """Several scored rollouts as one: prompts re-padded on the left, completions on the right.
 
-    Reward counters (``reward_counts``) are summed over the parts, the other reward metrics averaged
-    (every part holds the same number of completions).
+    Reward counters (``reward_counts``) are summed over the parts; the other reward metrics, means,
+    are weighted by the completions each mean is over (``mean_weight``), so the result is the mean
+    over the whole, however the parts (ranks, sampling rounds) are cut.
     """
     if len(parts) == 1:
         return parts[0]
@@ -100,8 +116,13 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
     counts = set().union(*(p.reward_counts for p in parts))
     metrics: dict[str, float] = {}
     for key in {k for p in parts for k in p.reward_metrics}:
-        values = [p.reward_metrics[key] for p in parts if key in p.reward_metrics]
-        metrics[key] = sum(values) if key in counts else sum(values) / len(values)
+        have = [p for p in parts if key in p.reward_metrics]
+        values = [p.reward_metrics[key] for p in have]
+        if key in counts:
+            metrics[key] = sum(values)
+        else:  # a mean over each part's judged completions: weighted by them, so it is the whole's mean
+            weights = [mean_weight(p, key) for p in have]
+            metrics[key] = sum(w * v for w, v in zip(weights, values)) / max(sum(weights), 1.0)
     return Rollout(
         prompt_ids=pad_cat([p.prompt_ids for p in parts], pad_id, left=True),
         prompt_mask=pad_cat([p.prompt_mask for p in parts], 0, left=True),
@@ -121,4 +142,19 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         if any(p.model_mask is None for p in parts)
         else pad_cat([p.model_mask for p in parts], 0),
         episode_stats={k: [s for p in parts for s in p.episode_stats[k]] for k in parts[0].episode_stats},
+        episode_texts={k: [s for p in parts for s in p.episode_texts[k]] for k in parts[0].episode_texts},
     )
+
+
+def transcript(ro: Rollout, i: int, tokenizer: Any) -> str:
+    """Completion ``i`` whole: every token after the prompt decoded, the tool's included."""
+    n = int(ro.completion_mask[i].sum())
+    return tokenizer.decode(ro.completion_ids[i, :n].tolist(), skip_special_tokens=True)
+
+
+def token_record(ro: Rollout, i: int) -> dict[str, list[int]]:
+    """Completion ``i``'s ``token_ids`` (the ids after the prompt) and ``model_mask`` (1 where the model
+    sampled the id), for the records a user checks token-exactness with."""
+    n = int(ro.completion_mask[i].sum())
+    model = ro.model_tokens[i, :n]
+    return {"token_ids": ro.completion_ids[i, :n].tolist(), "model_mask": model.tolist()}

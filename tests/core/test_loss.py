@@ -11,8 +11,8 @@ import torch
 
 from grpo_cli.core.loss import (
     KL_ESTIMATORS,
-    LossConfig,
     LOGGED_STATS,
+    LossConfig,
     LossStats,
     aggregation_units,
     combine_stats,

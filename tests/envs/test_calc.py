@@ -45,8 +45,9 @@ def test_numbers_print_as_the_model_would_write_them():
 
 def test_a_turn_is_answered_from_its_last_call_and_failures_are_observations():
     env = CalcEnv()
-    assert env.step(None, "first <calc>1+1</calc> then <calc>2 * 21</calc>").text == "<result>42</result>"
+    ok = env.step(None, "first <calc>1+1</calc> then <calc>2 * 21</calc>")
+    assert ok.text == "42" and env.framing(ok) == ("<result>", "</result>")  # the markers are the framing
     bad = env.step(None, "<calc>1/0</calc>")
-    assert bad.error and bad.text == "<result>error: division by zero</result>"
+    assert bad.error and bad.text == "error: division by zero"
     orphan = env.step(None, "no opening </calc>")
     assert orphan.error and "no <calc>" in orphan.text

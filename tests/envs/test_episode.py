@@ -12,13 +12,13 @@ import sys
 import pytest
 import torch
 
-from grpo_cli.config import AlgoConfig, EnvConfig, LoraConfig, ModelConfig
+from grpo_cli.config import AlgoConfig, EnvConfig, LoraConfig, ModelConfig, RolloutConfig
 from grpo_cli.core.loss import policy_loss
 from grpo_cli.engines import Completion, Decoding
 from grpo_cli.engines.hf import HFEngine
 from grpo_cli.envs import Observation
 from grpo_cli.envs.calc import CalcEnv
-from grpo_cli.envs.episode import CUT, EpisodeSpec, run_episodes
+from grpo_cli.envs.episode import CUT, EpisodeSpec, observation_ids, run_episodes
 from grpo_cli.models import load_policy, load_tokenizer
 from grpo_cli.models.logprobs import grouped_completion_logprobs
 from grpo_cli.rollout.generate import episode_rollout
@@ -100,8 +100,11 @@ def test_budgets_turns_and_long_answers_end_episodes_as_truncated(tok):
         Scripted([call, [tok.eos_token_id]]), spec(tok, max_tool_tokens=8), [[5]], [{}], 1, Decoding()
     )
     obs = long_answer[0].ids[len(call) : len(long_answer[0].ids) - 1]
-    assert len(obs) == 8 and tok.decode(obs).endswith(CUT)  # cut, ending in the marker
-    assert tok.decode(obs).startswith("<result>1")
+    # The tool's text is cut to 8 tokens ending in the marker; the framing around it stays whole.
+    assert obs[0] == tok.convert_tokens_to_ids("<result>") and obs[-1] == tok.convert_tokens_to_ids(
+        "</result>"
+    )
+    assert len(obs) == 8 + 2 and tok.decode(obs[1:-1]).endswith(CUT) and tok.decode(obs[1:-1]).startswith("1")
     no_room = run_episodes(Scripted([call]), spec(tok, budget=len(call) + 3), [[5]], [{}], 1, Decoding())[0]
     assert no_room.truncated and no_room.ids == call and no_room.tool_calls == 1  # the answer did not fit
     capped = run_episodes(Scripted([call]), spec(tok, max_turns=2), [[5]], [{}], 1, Decoding())[0]
@@ -168,7 +171,49 @@ def test_the_rollout_keeps_tool_tokens_out_of_the_loss_and_its_counts(tok):
     assert ro.lengths.tolist() == [len(call) + len(answer)] * 2  # counts: the model's tokens only
     assert ro.model_mask[0, len(call) : len(call) + n_obs].sum() == 0
     assert ro.episode_stats["tool_calls"] == [1.0, 1.0] and ro.episode_stats["tool_tokens"] == [n_obs] * 2
-    assert "<result>" not in ro.texts[0] and "2" in ro.texts[0]  # special markers dropped from the text
+    assert ro.texts[0] == "1+1\n2"  # the model's two turns, special markers dropped, the tool's "2" not in
+    assert ro.episode_texts == {"model_turns": [["1+1", "2"]] * 2, "tool_results": [["2"]] * 2}
+
+
+def test_a_tool_text_holding_control_strings_is_plain_text_inside_the_framing(tok):
+    """The calculator's error names its markers: they come back as characters, and the observation's
+    marker ids are exactly the framing's one <result> and one </result>."""
+    env = CalcEnv()
+    obs = env.step(None, "no opening </calc>")
+    assert "<calc>" in obs.text and "</calc>" in obs.text
+    got = observation_ids(spec(tok, max_tool_tokens=64), obs)
+    markers = {tok.convert_tokens_to_ids(m): m for m in MARKERS}
+    assert [markers[i] for i in got if i in markers] == ["<result>", "</result>"]
+    assert got[0] == tok.convert_tokens_to_ids("<result>") and got[-1] == tok.convert_tokens_to_ids(
+        "</result>"
+    )
+    assert tok.decode(got[1:-1]) == obs.text  # the text itself, character for character
+    # Cut to 6 tokens: the text ends in the cut marker, the closing marker is still last.
+    cut = observation_ids(spec(tok, max_tool_tokens=6), obs)
+    assert len(cut) == 6 + 2 and tok.decode(cut[1:-1]).endswith(CUT)
+    assert cut[-1] == tok.convert_tokens_to_ids("</result>")
+
+
+def test_under_reward_math_a_number_only_the_tool_wrote_earns_nothing(tok):
+    """The model calls, reads <result>14</result>, and stops: its own words hold no 14, so reward=math
+    scores 0. Judged on the merged text (the tool's result included) the same episode scored 1."""
+    from grpo_cli.cli import compose_config
+    from grpo_cli.rewards import build_rewarder
+    from grpo_cli.rollout.generate import rule_rows, score
+
+    call = ids(tok, "<calc>2 + 3 * 4</calc>")
+    eps = run_episodes(Scripted([call, [tok.eos_token_id]]), spec(tok), [ids(tok, "q")], [{}], 1, Decoding())
+    row = {"id": "0", "question": "Calculate 2 + 3 * 4", "answer": "14"}
+    ro = episode_rollout(tok, [row], [ids(tok, "q")], eps, 1, torch.device("cpu"))
+    cfg, _ = compose_config("train", ["reward=math"])
+    with build_rewarder(cfg.reward) as rewarder:
+        merged = tok.decode(ro.completion_ids[0].tolist())  # the episode with the tool's tokens, markers kept
+        assert merged.startswith("<calc>2 + 3 * 4</calc><result>14</result>")
+        assert rewarder([merged], [row]).total == [1.0]  # what the rules used to read
+        score(ro, rewarder)
+    assert ro.texts == ["2 + 3 * 4"] and ro.rewards.tolist() == [0.0]
+    record = rule_rows(ro)[0]["episode"]
+    assert record["tool_results"] == ["14"] and record["tool_calls"] == 1.0  # the record beside the words
 
 
 @pytest.mark.parametrize("aggregation", ["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"])
@@ -282,11 +327,18 @@ def test_result_markers_are_never_sampled_and_calls_can_be_forbidden(random_mode
     assert drawn and not drawn & set(banned)
     tok = load_tokenizer(str(random_model_dir))
     tok.add_special_tokens({"additional_special_tokens": MARKERS})
-    on = EpisodeSpec.of(EnvConfig(name="calc"), tok, (tok.eos_token_id,), 16)
-    off = EpisodeSpec.of(EnvConfig(name="calc", allow_calls=False), tok, (tok.eos_token_id,), 16)
+    on = EpisodeSpec.of(EnvConfig(name="calc"), tok, (tok.eos_token_id,), RolloutConfig(max_new_tokens=16))
+    off = EpisodeSpec.of(
+        EnvConfig(name="calc", allow_calls=False), tok, (tok.eos_token_id,), RolloutConfig(max_new_tokens=16)
+    )
     ids_of = tok.convert_tokens_to_ids
     assert set(on.banned_ids) == {ids_of("<result>"), ids_of("</result>")}
     assert set(off.banned_ids) == set(on.banned_ids) | {ids_of("<calc>")}
+    # With calls forbidden a stray close marker is text: not a stop, not a call, no tool answer.
+    assert on.tool_stop_ids == (CALC_END,) and off.tool_stop_ids == ()
+    stray = ids(tok, "12</calc>") + [tok.eos_token_id]
+    (ep,) = run_episodes(Scripted([stray]), off, [[5]], [{}], 1, Decoding())
+    assert (ep.ids, ep.tool_calls, ep.tool_errors, ep.turns, ep.truncated) == (stray, 0, 0, 1, False)
 
 
 def test_a_tool_that_hangs_is_answered_with_an_error_when_its_time_is_up(tok):

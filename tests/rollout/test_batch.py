@@ -52,7 +52,7 @@ def test_concat_rollouts_repads_and_merges_metrics():
 def test_overlong_penalty_is_dapos_linear_ramp():
     # max 8 tokens, buffer 4: free up to 8 - 4 = 4 tokens, then -1/4 per token down to -1 at 8.
     lengths = torch.arange(1, 9)
-    got = sampling.overlong_penalty(lengths, max_new_tokens=8, buffer=4, penalty=1.0)
+    got = sampling.overlong_penalty(lengths, budget=8, buffer=4, penalty=1.0)
     assert got.tolist() == [0, 0, 0, 0, -0.25, -0.5, -0.75, -1.0]
     assert sampling.overlong_penalty(lengths, 8, 4, 0.5)[-1] == -0.5
     assert sampling.overlong_penalty(lengths, 8, 0, 1.0).abs().sum() == 0
