@@ -101,6 +101,10 @@ class Tracker(Protocol):
         ...
 
 
+class TrackerUnreachable(RuntimeError):
+    """A tracker's server did not answer a short probe at start."""
+
+
 def open_trackers(
     names: Any, run_dir: Path, config: dict[str, Any], resume_step: int | None, title: str
 ) -> list[Tracker]:
@@ -118,6 +122,8 @@ def open_trackers(
             elif name == "mlflow":
                 out.append(MlflowTracker(run_dir, config, ids.get("mlflow"), title, resume_step or 0))
                 ids["mlflow"] = out[-1].ids
+        except TrackerUnreachable as exc:
+            log.warning("train.logger=%s: %s; this run goes on without it", name, exc)
         except Exception as exc:  # noqa: BLE001 - the model is loaded by now: train without it, loudly
             first = str(exc).splitlines()[0] if str(exc) else ""
             log.error("train.logger=%s could not start (%s: %s); this run goes on without it",
@@ -272,6 +278,9 @@ class MlflowTracker:
         for name in ("mlflow", "alembic"):  # their per-store setup chatter ("Creating initial tables")
             logging.getLogger(name).setLevel(logging.WARNING)
         uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir.resolve()}/mlflow.db"
+        if urlparse(uri).scheme in ("http", "https") and not _reachable(uri):
+            # MLflow's client would retry with backoff for minutes before its first call fails.
+            raise TrackerUnreachable(f"the MLflow tracking server {uri} does not answer (3 s probe)")
         self.client = MlflowClient(tracking_uri=uri)
         self.run_id = self._existing(ids, uri)
         if self.run_id:

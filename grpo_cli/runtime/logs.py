@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 log = logging.getLogger("grpo_cli")
+QUIET_LIBRARIES = ("matplotlib", "PIL", "urllib3", "filelock", "httpx")
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -15,6 +16,10 @@ def setup_logging(level: int = logging.INFO) -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    # Libraries that log at INFO under Hydra's root logger: matplotlib's first use of a font cache
+    # ("generated new fontManager") is nothing for a user to act on.
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)
     # peft still calls this deprecated transformers property; nothing for a user to act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     # Under Hydra the root logger already prints to the console (and to <run_dir>/<job>.log): a handler

@@ -260,3 +260,24 @@ def test_mlflow_run_holds_every_step_and_the_resumed_run_continues_it(resumed_ru
         assert history.keys() == want.keys() and all(_same(history[s], want[s]) for s in want), key
     arts = [a.path for a in client.list_artifacts(ids["run_id"], "completions")]
     assert arts == ["completions/step-000002.jsonl", "completions/step-000004.jsonl"]
+
+
+def test_an_mlflow_server_that_refuses_connections_is_one_warning_in_seconds(tmp_path, monkeypatch, caplog):
+    """A tracking URI nothing listens on: found by the start-up probe, not after MLflow's minutes of
+    retries; one warning naming the URI, and the run's other trackers go on."""
+    import socket
+    import time
+
+    pytest.importorskip("mlflow", reason="the mlflow extra (make install-trackers)")
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens on it
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    start = time.monotonic()
+    with caplog.at_level("WARNING", logger="grpo_cli"):
+        out = trackers.open_trackers(["jsonl", "mlflow"], tmp_path, {}, None, "t")
+    assert out == [] and time.monotonic() - start < 10
+    lines = [r for r in caplog.records if "mlflow" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelname == "WARNING" and uri in lines[0].getMessage()
+    assert "goes on without it" in lines[0].getMessage()
