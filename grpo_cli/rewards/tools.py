@@ -2,9 +2,11 @@
 
     grpo train env=calc reward=math_tools       # correct - 0.1 x calls
 
-A multi-turn rollout hands every rule its rows with an ``episode`` entry: ``turns``, ``tool_calls``,
-``tool_errors``, ``truncated`` (``rollout.generate.score``). A single-turn row has none: the rule
-scores 0 there.
+Every rule reads the model's own words (its turns, without the tool's text); a multi-turn rollout
+also hands it rows with an ``episode`` entry, the record beside the words: ``turns``,
+``tool_calls``, ``tool_errors``, ``truncated``, ``tool_tokens``, ``model_turns`` (the model's turns as
+text) and ``tool_results`` (the tool's text of each call) (``rollout.generate.rule_rows``). A
+single-turn row has none: this rule scores 0 there.
 """
 
 from __future__ import annotations

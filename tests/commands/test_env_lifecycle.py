@@ -110,7 +110,8 @@ def test_sample_and_eval_records_carry_the_token_ids_and_the_model_mask(counted,
 
     tok = load_tokenizer(str(random_model_dir))
     cfg, _ = compose_config(
-        "sample", [*_args(random_model_dir), "sample.prompts=2", "rollout.max_new_tokens=32", "algo.group_size=4"]
+        "sample",
+        [*_args(random_model_dir), "sample.prompts=2", "rollout.max_new_tokens=32", "algo.group_size=4"],
     )
     rows = sample.run(cfg, str(tmp_path / "s"))
     assert rows == [json.loads(x) for x in (tmp_path / "s" / "samples.jsonl").read_text().splitlines()]

@@ -361,3 +361,18 @@ def test_a_tool_that_hangs_is_answered_with_an_error_when_its_time_is_up(tok):
     )[0]
     assert time.monotonic() - start < 5
     assert ep.tool_errors == 1 and "did not answer within 0.2 s" in tok.decode(ep.ids)
+
+
+def test_env_calc_on_a_tokenizer_without_its_markers_names_the_fix():
+    """The README's env=calc on the default tiny model: the error says model=tiny-tools, in one line."""
+    from grpo_cli.config import ConfigError
+    from grpo_cli.models.tiny import make_tokenizer
+
+    plain = make_tokenizer()
+    with pytest.raises(ConfigError) as err:
+        EpisodeSpec.of(EnvConfig(name="calc"), plain, (plain.eos_token_id,), RolloutConfig())
+    assert (
+        "'</calc>'" in str(err.value) and "model=tiny-tools" in str(err.value) and "\n" not in str(err.value)
+    )
+    tools = make_tokenizer(tools=True)  # the tiny-tools tokenizer has them
+    assert EpisodeSpec.of(EnvConfig(name="calc"), tools, (tools.eos_token_id,), RolloutConfig()).tool_stop_ids
