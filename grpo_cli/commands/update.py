@@ -20,30 +20,16 @@ import torch
 
 from grpo_cli.config import AlgoConfig, TrainConfig
 from grpo_cli.core.loss import (
-    STAT_COMBINE,
-    LossStats,
     aggregation_units,
-    combine_stats,
     engine_is_weights,
     group_advantages,
     policy_loss,
 )
+from grpo_cli.core.stats import STAT_COMBINE, LossStats, combine_stats
 from grpo_cli.models import Policy, reference
 from grpo_cli.models.logprobs import grouped_completion_logprobs
 from grpo_cli.rollout.record import Rollout
 from grpo_cli.runtime import distributed
-
-# How the update's statistics combine over micro-batches and ranks, beside the loss's own
-# (``core.loss.LOGGED_STATS``): "loss" is a sum (each part has the global denominator); grad_norm is
-# taken once after the ranks' gradients are reduced, rollout/logprob_diff is token-weighted (summed
-# over ranks, then divided), skipped is 1 if any iteration was skipped, lr is the schedule's.
-UPDATE_STATS = {
-    "loss": "sum",
-    "grad_norm": "global",
-    "rollout/logprob_diff": "token-weighted mean",
-    "skipped": "max",
-    "lr": "global",
-}
 
 
 @dataclass
@@ -143,7 +129,7 @@ def update(
     temp: float,
 ) -> dict[str, float]:
     """mu optimizer steps on ``inputs``; returns the statistics of the last iteration over the whole
-    step's batch, every micro-batch and rank combined as ``LOGGED_STATS`` and ``UPDATE_STATS`` say.
+    step's batch, micro-batches and ranks combined as ``core.stats`` declares.
 
     An iteration whose loss or gradient norm is not finite is not applied (``skipped`` = 1).
 

@@ -37,17 +37,20 @@ Which options reproduce which paper:
   completion, clipped once; the gradient reaches every token of the completion through it).
 
 What it leaves out: PPO's value function (GRPO has none), dual-clip, entropy bonuses and CISPO.
-`policy_loss` returns the loss to minimise (-J) and a `LossStats` record of detached scalars.
+`policy_loss` returns the loss to minimise (-J) and a `LossStats` record of detached sums, counts and
+extrema (`core.stats`: how each combines over micro-batches and ranks).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from grpo_cli.core.stats import LOGGED_STATS, STAT_COMBINE, LossStats, combine_stats, loss_stats
 
 __all__ = [
     "AGGREGATIONS",
@@ -78,75 +81,6 @@ class LossConfig:
     aggregation: str = "seq_mean_token_mean"  # | "token_mean" | "seq_mean_token_sum_norm"
     importance_level: str = "token"  # | "sequence" (GSPO)
     max_completion_length: int | None = None  # Dr. GRPO's constant divisor
-
-
-class LossStats(NamedTuple):
-    """Detached 0-dim tensors (no device sync until `to_dict`), kept as sums, counts and extrema so
-    that any split of a batch (micro-batches, ranks) combines into exactly the whole batch's
-    statistics: each field combines as `STAT_COMBINE` says, and `to_dict` forms the logged means.
-
-    `policy_loss` is the surrogate term of the returned loss (same aggregation and denominator,
-    so it adds up over micro-batches like the loss). Ratio statistics are over masked tokens, or
-    under importance_level="sequence" over completions with at least one token.
-    """
-
-    policy_loss: Tensor  # -AGG[min(rho A, clip(rho) A)] with the global denominator
-    kl_sum: Tensor  # sum of the per-token KL estimate over masked tokens (0 when beta == 0)
-    clip_low: Tensor  # tokens with rho < 1 - epsilon and A < 0 (clip active)
-    clip_high: Tensor  # tokens with rho > 1 + epsilon_high and A > 0 (clip active)
-    ratio_sum: Tensor  # sum of rho over the ratio's units
-    ratio_units: Tensor  # tokens (token level) or completions (sequence level) with a ratio
-    ratio_min: Tensor  # +inf when there is none
-    ratio_max: Tensor  # -inf when there is none
-    tokens: Tensor  # number of masked tokens
-
-    def to_dict(self) -> dict[str, float]:
-        """The logged statistics (``LOGGED_STATS``); this is where the values move to the host."""
-        v = {name: float(value) for name, value in zip(self._fields, self)}
-        return {name: derive(v) for name, (_, derive) in LOGGED_STATS.items()}
-
-
-# How each field of LossStats combines over parts of a batch (micro-batches, then ranks).
-STAT_COMBINE: dict[str, str] = {
-    "policy_loss": "sum",  # each part already carries the global denominator
-    "kl_sum": "sum",
-    "clip_low": "sum",
-    "clip_high": "sum",
-    "ratio_sum": "sum",
-    "ratio_units": "sum",
-    "ratio_min": "min",
-    "ratio_max": "max",
-    "tokens": "sum",
-}
-
-
-def _per(num: str, den: str) -> Callable[[dict[str, float]], float]:
-    return lambda v: v[num] / v[den] if v[den] else 0.0
-
-
-def _extremum(name: str) -> Callable[[dict[str, float]], float]:
-    return lambda v: v[name] if v["ratio_units"] else 0.0  # 0, not inf, when nothing had a ratio
-
-
-# The logged statistics: name -> (how it combines over micro-batches and ranks, its value from the
-# combined fields). Every one is exact for any split: sums add, means are formed after summing.
-LOGGED_STATS: dict[str, tuple[str, Callable[[dict[str, float]], float]]] = {
-    "loss/policy": ("sum", lambda v: v["policy_loss"]),
-    "kl": ("token-weighted mean", _per("kl_sum", "tokens")),
-    "clip/low_frac": ("token-weighted mean", _per("clip_low", "tokens")),
-    "clip/high_frac": ("token-weighted mean", _per("clip_high", "tokens")),
-    "ratio/mean": ("mean over the ratio's units", _per("ratio_sum", "ratio_units")),
-    "ratio/min": ("min", _extremum("ratio_min")),
-    "ratio/max": ("max", _extremum("ratio_max")),
-    "tokens": ("sum", lambda v: v["tokens"]),
-}
-
-
-def combine_stats(parts: list[LossStats]) -> LossStats:
-    """The statistics of the union of ``parts`` (micro-batches of one batch), per `STAT_COMBINE`."""
-    ops = {"sum": lambda t: t.sum(), "min": lambda t: t.amin(), "max": lambda t: t.amax()}
-    stacked = [torch.stack([p[i].double() for p in parts]) for i in range(len(LossStats._fields))]
-    return LossStats(*(ops[STAT_COMBINE[f]](t) for f, t in zip(LossStats._fields, stacked)))
 
 
 # ---------------------------------------------------------------------------- advantages
@@ -338,9 +272,8 @@ def policy_loss(
     old_logps = logps.detach() if old_logps is None else old_logps.detach().to(dtype)
     # torch.where, not a product with the mask: padding may hold -inf and inf * 0 is NaN.
     log_ratio = torch.where(mask, logps - old_logps, 0.0)
-    ratio, ratio_values, ratio_mask = _choice(IMPORTANCE_LEVELS, cfg.importance_level, "importance_level")(
-        log_ratio, weights
-    )
+    importance = _choice(IMPORTANCE_LEVELS, cfg.importance_level, "importance_level")
+    ratio, ratio_values, ratio_mask = importance(log_ratio, weights)
     adv = advantages.to(dtype)[:, None]  # [B, 1]
     surrogate, clip_low, clip_high = _clipped_surrogate(ratio, adv, cfg, mask)
     surrogate = surrogate if is_weights is None else surrogate * is_weights.detach().to(dtype)
@@ -355,7 +288,8 @@ def policy_loss(
         denominator = units.clamp(min=1)  # an empty batch gives 0, not 0/0
     with torch.no_grad():
         policy = aggregate(torch.where(mask, -surrogate, 0.0), weights, cfg)[0] / denominator
-    return loss_sum / denominator, _stats(policy, kl, clip_low, clip_high, ratio_values, ratio_mask, weights)
+    stats = loss_stats(policy, kl, clip_low, clip_high, ratio_values, ratio_mask, weights)
+    return loss_sum / denominator, stats
 
 
 def _clipped_surrogate(ratio: Tensor, adv: Tensor, cfg: Any, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -371,36 +305,6 @@ def _clipped_surrogate(ratio: Tensor, adv: Tensor, cfg: Any, mask: Tensor) -> tu
     clipped = torch.where(clip_low, low, torch.where(clip_high, high, ratio))
     # The constants carry no gradient: the ratio is cut off from the loss where the clip bites.
     return clipped * adv, clip_low, clip_high
-
-
-@torch.no_grad()
-def _stats(
-    policy: Tensor,
-    kl: Tensor,
-    clip_low: Tensor,
-    clip_high: Tensor,
-    ratio: Tensor,
-    ratio_mask: Tensor,
-    weights: Tensor,
-) -> LossStats:
-    # +-inf outside the mask: the neutral elements of min and max (no host sync, no NaN).
-    ratio_min = (
-        torch.where(ratio_mask, ratio, torch.inf).amin() if ratio.numel() else ratio.new_tensor(torch.inf)
-    )
-    ratio_max = (
-        torch.where(ratio_mask, ratio, -torch.inf).amax() if ratio.numel() else ratio.new_tensor(-torch.inf)
-    )
-    return LossStats(
-        policy_loss=policy.detach(),
-        kl_sum=(kl * weights).sum().detach(),
-        clip_low=clip_low.sum().to(weights.dtype),
-        clip_high=clip_high.sum().to(weights.dtype),
-        ratio_sum=torch.where(ratio_mask, ratio, 0.0).sum().detach(),
-        ratio_units=ratio_mask.sum().to(weights.dtype),
-        ratio_min=ratio_min.detach(),
-        ratio_max=ratio_max.detach(),
-        tokens=weights.sum(),
-    )
 
 
 def _choice(table: dict[str, Any], key: str, name: str) -> Any:
