@@ -104,9 +104,10 @@ def save(
     stage, tmp = "its temporary directory", None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step}-", dir=run))
-        parts = _write(tmp, step, model, tokenizer, trainer_state, config_yaml, model_state)
-        for stage in parts:  # noqa: B007 - each part is named before it is written, for the error line
-            pass
+        with manifest.Hasher() as hasher:
+            parts = _write(tmp, step, model, tokenizer, trainer_state, config_yaml, model_state, hasher)
+            for stage in parts:  # noqa: B007 - each part is named before it is written, for the error line
+                pass
         stage = "the rename into place"
         publish(tmp, final)
     except (OSError, RuntimeError, SafetensorError) as exc:
@@ -131,14 +132,15 @@ def _write(
     trainer_state: dict[str, Any],
     config_yaml: str,
     model_state: dict[str, torch.Tensor] | None,
+    hasher: manifest.Hasher,
 ) -> Iterator[str]:
     """Write the checkpoint's files into ``tmp``, the manifest last; yields the name of each part first."""
-    hashed = {}
     yield "the weights"
     model.save_pretrained(tmp, **({} if model_state is None else {"state_dict": model_state}))
     identity.record_base(tmp, model)  # an adapter's base by config and weights, not only its path
     yield "the tokenizer"
     tokenizer.save_pretrained(tmp)
+    hashed: dict[str, Any] = hasher.all_files(tmp)  # hashed while the trainer state is written
     yield STATE_FILE
     state = {**trainer_state, "step": step, "rng": rng.rng_state()}
     hashed[STATE_FILE] = manifest.write_file(tmp / STATE_FILE, lambda f: torch.save(state, f))

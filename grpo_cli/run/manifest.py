@@ -15,7 +15,8 @@ deleted file costs nothing to find.
 
 The files this package writes itself (``trainer_state.pt``, ``config.yaml``) are hashed as they are
 written (``write_file``); the weights and tokenizer files, written by transformers / peft /
-tokenizers, are read back once right after (they are still in the page cache).
+tokenizers, are read back once right after (still in the page cache), on background threads while
+the trainer state is being written. Checking hashes the files in parallel too.
 
 Checkpoints saved before manifests existed have none: they load after a cheap check of their structure
 (a safetensors header that accounts for the file's length, a readable zip directory in ``.pt`` files,
@@ -32,6 +33,7 @@ import os
 import struct
 import zipfile
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -40,7 +42,7 @@ MANIFEST = "manifest.json"
 FORMAT = 1
 _MARK_PREFIX = "# grpo-cli checkpoint format"
 MARK = f"{_MARK_PREFIX} {FORMAT}: whole only when {MANIFEST} matches its files\n"  # config.yaml's first line
-_CHUNK = 1 << 20  # bytes per read while hashing
+_CHUNK = 1 << 20  # a write at least this long is hashed on a second thread while it is written
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ class Verdict:
 class HashingWriter:
     """A binary file that hashes what goes through it: ``entry()`` is its manifest entry.
 
+    A large chunk is hashed on a second thread while this one writes it (both let go of the GIL), so
+    a chunk costs the longer of the two, not their sum; the chunks still enter the hash in order.
     ``error`` keeps the OSError a write raised: torch.save reports a failing writer as a RuntimeError
     without the cause (``unexpected pos``), and the cause (no space left, ...) is what the user needs.
     """
@@ -87,23 +91,31 @@ class HashingWriter:
     def __init__(self, path: str | Path) -> None:
         self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed by close() / __exit__
         self._sha = hashlib.sha256()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256-write")
         self.size = 0
         self.error: OSError | None = None
 
     def write(self, data: Any) -> int:
+        view = memoryview(data)
+        hashing = self._thread.submit(self._sha.update, view) if view.nbytes >= _CHUNK else None
         try:
-            written = self._file.write(data)
+            written = self._file.write(view)
         except OSError as exc:
             self.error = exc
             raise
-        self._sha.update(data)
-        self.size += memoryview(data).nbytes
+        finally:
+            if hashing is not None:
+                hashing.result()
+        if hashing is None:
+            self._sha.update(view)
+        self.size += view.nbytes
         return written
 
     def flush(self) -> None:
         self._file.flush()
 
     def close(self) -> None:
+        self._thread.shutdown()
         self._file.close()
 
     def entry(self) -> dict[str, Any]:
@@ -136,19 +148,44 @@ def file_entry(path: str | Path) -> dict[str, Any]:
     return {"size": os.path.getsize(path), "sha256": digest}
 
 
-def write(directory: str | Path, step: int, hashed: dict[str, dict[str, Any]] | None = None) -> Path:
+class Hasher:
+    """SHA-256 of files on background threads, for one save or one check (a ``with`` block).
+
+    hashlib lets go of the GIL, so files hash in parallel with each other and with whatever the caller
+    writes meanwhile; leaving the block cancels what has not started and waits for the rest.
+    """
+
+    def __enter__(self) -> Hasher:
+        self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="sha256")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def later(self, path: Path) -> Future:
+        """``file_entry(path)``, computed in the background."""
+        return self._pool.submit(file_entry, path)
+
+    def all_files(self, directory: str | Path) -> dict[str, Future]:
+        """Start hashing every file now in ``directory`` (the weights, while the trainer state is written)."""
+        root = Path(directory)
+        return {rel: self.later(root / rel) for rel in _files(root)}
+
+
+def write(directory: str | Path, step: int, hashed: dict[str, Any] | None = None) -> Path:
     """``manifest.json`` for every file under ``directory``, atomically; returns its path.
 
-    ``hashed``: entries already computed while writing (``write_file``), by path relative to
-    ``directory``; an entry whose size no longer matches the file is computed again.
+    ``hashed``: entries computed while writing (``write_file``) or futures of them (``Hasher``), by
+    path relative to ``directory``; an entry whose size no longer matches the file is computed again.
     """
     root = Path(directory)
     hashed = hashed or {}
-    files = {}
-    for rel in _files(root):
-        known = hashed.get(rel)
-        ok = known is not None and known["size"] == (root / rel).stat().st_size
-        files[rel] = known if ok else file_entry(root / rel)
+    with Hasher() as hasher:
+        pending = {rel: hashed.get(rel) or hasher.later(root / rel) for rel in _files(root)}
+        files = {}
+        for rel, known in pending.items():
+            entry = known.result() if isinstance(known, Future) else known
+            files[rel] = entry if entry["size"] == (root / rel).stat().st_size else file_entry(root / rel)
     body = {"format": FORMAT, "step": step, "files": files}
     tmp = root / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps({**body, "sha256": _checksum(body)}, indent=1, sort_keys=True) + "\n")
@@ -211,13 +248,16 @@ def _compare(path: Path, files: dict[str, dict[str, Any]], need: Iterable[str]) 
         size = (path / rel).stat().st_size
         if size != entry["size"]:
             return Damage(rel, "size", f"{size:,} bytes, the manifest says {entry['size']:,}")
-    for rel, entry in sorted(files.items(), key=lambda kv: kv[1]["size"]):  # cheapest first
-        try:
-            digest = file_entry(path / rel)["sha256"]
-        except OSError as exc:
-            return Damage(rel, "unreadable", _why(exc))
-        if digest != entry["sha256"]:
-            return Damage(rel, "checksum", "its SHA-256 differs from the manifest's: the bytes changed")
+    order = sorted(files, key=lambda rel: files[rel]["size"])  # the cheapest answer first
+    with Hasher() as hasher:  # in parallel; leaving early cancels the rest
+        digests = {rel: hasher.later(path / rel) for rel in order}
+        for rel in order:
+            try:
+                digest = digests[rel].result()["sha256"]
+            except OSError as exc:
+                return Damage(rel, "unreadable", _why(exc))
+            if digest != files[rel]["sha256"]:
+                return Damage(rel, "checksum", "its SHA-256 differs from the manifest's: the bytes changed")
     return None
 
 
