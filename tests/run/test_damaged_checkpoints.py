@@ -50,18 +50,24 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def base(random_model_dir, tmp_path_factory) -> list[str]:
+def rewards_dir(tmp_path_factory) -> Path:
+    """Holds the test's reward rule: on sys.path here, on PYTHONPATH for subprocesses."""
     rewards = tmp_path_factory.mktemp("rewards")
     (rewards / "grpo_damage_rewards.py").write_text(REWARDS)
     sys.path.insert(0, str(rewards))
-    yield [
+    yield rewards
+    sys.path.remove(str(rewards))
+    sys.modules.pop("grpo_damage_rewards", None)
+
+
+@pytest.fixture(scope="module")
+def base(random_model_dir, rewards_dir) -> list[str]:
+    return [
         f"model.name_or_path={random_model_dir}", "lora=none", "train.prompts_per_step=2", "algo.group_size=4",
         "reward.rules=[{name:noisy,_target_:grpo_damage_rewards.noisy,weight:1.0}]", "rollout.max_new_tokens=4",
         "train.eval_problems=4", "train.eval_samples=2", "data.num_train=64", "data.num_test=8",
         "train.lr=1e-2", "console=plain", "train.save_every=2", "train.keep_checkpoints=0",
     ]  # fmt: skip
-    sys.path.remove(str(rewards))
-    sys.modules.pop("grpo_damage_rewards", None)
 
 
 def _run(overrides: list[str], run_dir: Path) -> dict:
@@ -204,6 +210,29 @@ def test_grpo_eval_of_a_damaged_checkpoint_is_one_line_and_exit_2(straight, rand
     assert lines == [f"grpo eval: error: {ckpt}: not a whole checkpoint: model.safetensors: size (1,000 bytes, "
                      f"the manifest says {(straight / 'checkpoint-4' / 'model.safetensors').stat().st_size:,})"]  # fmt: skip
     assert not (tmp_path / "eval.json").exists()
+
+
+def test_grpo_train_resume_path_to_a_damaged_checkpoint_is_one_line_and_exit_2(
+    base, straight, rewards_dir, tmp_path
+):
+    run_dir = _stopped_at_4(straight, tmp_path / "run")
+    state = run_dir / "checkpoint-4" / checkpoint.STATE_FILE
+    state.write_bytes(state.read_bytes()[:1000])
+    before = (run_dir / "metrics.jsonl").read_text()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(rewards_dir), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    args = [*base, "train.steps=6", f"train.resume={run_dir / 'checkpoint-4'}", f"hydra.run.dir={run_dir}"]
+    out = subprocess.run([sys.executable, "-m", "grpo_cli", "train", *args], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines == [f"grpo train: error: train.resume={run_dir / 'checkpoint-4'}: not a complete checkpoint: "
+                     f"trainer_state.pt: size (1,000 bytes, the manifest says {_size(straight)})"]  # fmt: skip
+    assert (run_dir / "metrics.jsonl").read_text() == before  # nothing written
+
+
+def _size(straight: Path) -> str:
+    return f"{(straight / 'checkpoint-4' / checkpoint.STATE_FILE).stat().st_size:,}"
 
 
 def test_eval_of_a_list_evaluates_the_whole_ones_and_marks_the_damaged_one(
