@@ -174,11 +174,13 @@ def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
     if not resume:
         return None
     if resume != "auto":
+        if not Path(resume).expanduser().is_dir():
+            raise ConfigError(f"train.resume={resume}: not a complete checkpoint: no such directory")
         verdict = manifest.verify(resume, need=(STATE_FILE,))
         if not verdict.whole:
             raise ConfigError(f"train.resume={resume}: not a complete checkpoint: {verdict.damage}")
         _say_unverified(verdict)
-        return Path(resume)
+        return Path(resume).expanduser()
     found = checkpoint_dirs(run_dir)
     for path in reversed(found):
         verdict = manifest.verify(path, need=(STATE_FILE,))

@@ -210,7 +210,7 @@ def _checksum(body: dict[str, Any]) -> str:
 
 def verify(checkpoint: str | Path, need: Iterable[str] = ()) -> Verdict:
     """Whether ``checkpoint`` is whole; ``need``: files it must hold besides what its manifest lists."""
-    path = Path(checkpoint)
+    path = Path(checkpoint).expanduser()
     if not (path / MANIFEST).is_file():
         if _marked(path):
             return Verdict(
@@ -233,8 +233,10 @@ def _read(manifest: Path) -> dict[str, dict[str, Any]]:
     if claimed != _checksum(data):
         raise ValueError("its contents do not match its own checksum")
     files = data["files"]
-    for entry in files.values():
+    for rel, entry in files.items():
         int(entry["size"]), str(entry["sha256"])  # noqa: B018 - the shape is checked here, once
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ValueError(f"it lists {rel!r}, outside the checkpoint")
     return files
 
 

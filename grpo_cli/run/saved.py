@@ -110,7 +110,7 @@ def whole_checkpoints(names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     """
     whole, damaged = [], {}
     for name in names:
-        verdict = manifest.verify(name) if name != "base" and Path(name).is_dir() else None
+        verdict = manifest.verify(name) if name != "base" and Path(name).expanduser().is_dir() else None
         if verdict is not None and not verdict.whole:
             damaged[name] = f"not a whole checkpoint: {verdict.damage}"
             continue

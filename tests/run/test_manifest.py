@@ -250,3 +250,19 @@ def test_a_disk_that_fills_half_way_through_a_file_leaves_the_previous_checkpoin
     assert not list(tmp_path.glob(".tmp-*"))
     assert {name: (older / name).read_bytes() for name in _files(older)} == before
     assert manifest.verify(older, need=[checkpoint.STATE_FILE]).whole
+
+
+def test_a_manifest_that_names_a_file_outside_the_checkpoint_is_refused(tmp_path):
+    ckpt = _save(tmp_path, 2)
+    path = ckpt / manifest.MANIFEST
+    data = json.loads(path.read_text())
+    data.pop("sha256")
+    data["files"]["../outside"] = {"size": 1, "sha256": "0" * 64}
+    path.write_text(json.dumps({**data, "sha256": manifest._checksum(data)}))
+    damage = manifest.verify(ckpt).damage
+    assert (damage.file, damage.reason) == (manifest.MANIFEST, "unreadable") and "outside" in damage.detail
+
+
+def test_resume_path_that_does_not_exist_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="not a complete checkpoint: no such directory"):
+        checkpoint.resolve_resume(str(tmp_path / "checkpoint-9"), tmp_path)
