@@ -15,8 +15,10 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -149,46 +151,92 @@ def test_resume_past_a_truncated_checkpoint_reproduces_the_uninterrupted_run(
     assert len({ref[s]["reward"] for s in range(1, 7)}) > 1  # the comparison can fail: rewards vary
 
 
-def test_every_file_of_a_real_checkpoint_damaged_in_turn_is_named_by_resume_and_eval(
-    straight, random_model_dir, tmp_path, caplog, monkeypatch
-):
-    run_dir = _stopped_at_4(straight, tmp_path / "run")
-    newest = run_dir / "checkpoint-4"
+DAMAGES = {
+    "truncate": (lambda b: b[: len(b) // 2], "size"),
+    "delete": (None, "missing"),
+    "flip": (lambda b: b[: len(b) // 2] + bytes([b[len(b) // 2] ^ 0xFF]) + b[len(b) // 2 + 1 :], "checksum"),
+}
+
+
+def _damage_each_file(run_dir: Path, older: Path, newest: Path, eval_cfg: Any) -> list[str]:
+    """Truncate, delete, flip a byte of each file of ``newest`` in turn (undone after each): resume=auto
+    falls back to ``older`` naming the file and why, resume=PATH and eval refuse in one line. Returns the
+    files. The caller makes eval's model loading fail: eval must refuse before it."""
     names = sorted(p.name for p in newest.iterdir())
-    assert {"model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt", "manifest.json"} <= set(
-        names
-    )
-    # Eval must refuse before it loads anything.
-    monkeypatch.setattr(
-        evaluate, "load_policy", lambda *a, **k: pytest.fail("eval loaded a damaged checkpoint")
-    )
-    damages = {"truncate": lambda b: b[: len(b) // 2], "delete": None,
-               "flip": lambda b: b[: len(b) // 2] + bytes([b[len(b) // 2] ^ 0xFF]) + b[len(b) // 2 + 1 :]}  # fmt: skip
-    for damage, change in damages.items():
+    for damage, (change, reason) in DAMAGES.items():
         for name in names:
+            want = "unreadable" if name == manifest.MANIFEST and damage != "delete" else reason
             original = (newest / name).read_bytes()
             if change is None:
                 (newest / name).unlink()
             else:
                 (newest / name).write_bytes(change(original))
-            caplog.clear()
-            with caplog.at_level(logging.WARNING, logger="grpo_cli"):
-                assert find_resume(SimpleNamespace(resume="auto"), run_dir) == run_dir / "checkpoint-2"
-            [line] = caplog.messages
-            assert line.startswith(f"train.resume=auto: passing over checkpoint-4: {name}: "), (damage, line)
-            with pytest.raises(ConfigError, match=f"not a complete checkpoint: {name}: "):
+            with _warnings() as said:
+                assert find_resume(SimpleNamespace(resume="auto"), run_dir) == older, (damage, name)
+            assert said == [f"train.resume=auto: passing over {newest.name}: {name}: {want} ("], (
+                damage,
+                said,
+            )
+            with pytest.raises(ConfigError, match=f"not a complete checkpoint: {name}: {want} "):
                 find_resume(SimpleNamespace(resume=str(newest)), run_dir)
             with pytest.raises(ConfigError) as refused:
-                cfg = _eval_cfg(random_model_dir, tmp_path, f"checkpoint={newest}")
-                validate(cfg)
-                evaluate.run(cfg, str(tmp_path))
-            assert f"{newest}: not a whole checkpoint: {name}: " in str(refused.value), (
+                validate(eval_cfg)
+                evaluate.run(eval_cfg, str(run_dir))
+            assert f"{newest}: not a whole checkpoint: {name}: {want} (" in str(refused.value), (
                 damage,
                 refused.value,
             )
             assert "\n" not in str(refused.value)
             (newest / name).write_bytes(original)
-    assert manifest.verify(newest).whole
+    assert manifest.verify(newest).whole and not list(run_dir.glob("eval*.json*"))
+    return names
+
+
+@contextmanager
+def _warnings():
+    """The grpo_cli warnings logged inside the block, each cut after its first "(" (the detail)."""
+    said: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(record.getMessage().split("(")[0] + "(")
+    logger = logging.getLogger("grpo_cli")
+    logger.addHandler(handler)
+    try:
+        yield said
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_every_file_of_a_real_checkpoint_damaged_in_turn_is_named_by_resume_and_eval(
+    straight, random_model_dir, tmp_path, monkeypatch
+):
+    run_dir = _stopped_at_4(straight, tmp_path / "run")
+    monkeypatch.setattr(
+        evaluate, "load_policy", lambda *a, **k: pytest.fail("eval loaded a damaged checkpoint")
+    )
+    newest = run_dir / "checkpoint-4"
+    cfg = _eval_cfg(random_model_dir, tmp_path, f"checkpoint={newest}")
+    names = _damage_each_file(run_dir, run_dir / "checkpoint-2", newest, cfg)
+    assert {"model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt", "config.yaml",
+            "manifest.json"} <= set(names)  # fmt: skip
+
+
+def test_every_file_of_a_lora_checkpoint_damaged_in_turn_is_named_by_resume_and_eval(
+    base, random_model_dir, tmp_path, monkeypatch
+):
+    run_dir = tmp_path / "lora"
+    _run(
+        [*base, "lora=default", "lora.r=4", "train.eval_every=0", "train.steps=2", "train.save_every=1"],
+        run_dir,
+    )
+    monkeypatch.setattr(
+        evaluate, "load_policy", lambda *a, **k: pytest.fail("eval loaded a damaged checkpoint")
+    )
+    newest = run_dir / "checkpoint-2"
+    cfg = _eval_cfg(random_model_dir, tmp_path, f"checkpoint={newest}", "lora=default")
+    names = _damage_each_file(run_dir, run_dir / "checkpoint-1", newest, cfg)
+    assert {"adapter_model.safetensors", "adapter_config.json", "base_model.json", "trainer_state.pt"} <= set(
+        names
+    )
 
 
 def test_grpo_eval_of_a_damaged_checkpoint_is_one_line_and_exit_2(straight, random_model_dir, tmp_path):
