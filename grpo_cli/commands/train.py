@@ -226,7 +226,8 @@ def run(cfg: TrainRoot, run_dir: str, overrides: list[str] | None = None) -> dic
     """Train with GRPO; returns the held-out metrics by step. ``cfg`` is a validated TrainRoot.
 
     ``overrides``: the command-line overrides, for the printed resume command (by default the ones
-    Hydra parsed). Raises ``RunStopped`` (a SystemExit) when a signal or bad steps end the run early.
+    Hydra parsed). Raises ``RunStopped`` (a SystemExit) when a signal, bad steps or a checkpoint that
+    cannot be written end the run early.
     """
     world = distributed.init()
     setup_logging(logging.INFO if world.is_main else logging.WARNING)
