@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import builtins
+import errno
 import importlib.util
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,7 @@ import torch
 
 from grpo_cli.engines.hf import left_pad
 from grpo_cli.rollout.generate import PromptFormat
+from grpo_cli.run import manifest
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
@@ -132,3 +136,38 @@ def arithmetic_rollout(policy: Any, group_size: int = 4, problems: int = 4, seed
     ro = roll_out(policy, rows, prompts, group_size, RolloutConfig(max_new_tokens=16), seeds=seeds)
     ro.rewards = torch.tensor([(i * 7 % 5) / 4 for i in range(problems * group_size)])  # 0, .5, 1, .25, ...
     return ro
+
+
+class FullDisk:
+    """A file that takes ``room`` bytes, then raises OSError(ENOSPC), as a full disk does mid-write."""
+
+    def __init__(self, file: Any, room: int) -> None:
+        self.file, self.room = file, room
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        if len(view) > self.room:
+            self.file.write(view[: self.room])  # what fits is written, as on a real disk
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(view)
+        return self.file.write(view)
+
+    def __getattr__(self, name: str) -> Any:  # flush, close, ...
+        return getattr(self.file, name)
+
+
+def full_disk(monkeypatch: Any, name: str, room: Callable[[], int], nth: int = 1) -> None:
+    """The ``nth`` file called ``name`` that ``grpo_cli.run.manifest`` writes gets ``room()`` bytes,
+    then OSError(ENOSPC); every other file is written as usual."""
+    seen = [0]
+
+    def fake_open(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        file = builtins.open(path, mode, *args, **kwargs)
+        if "w" in mode and Path(path).name == name:
+            seen[0] += 1
+            if seen[0] == nth:
+                return FullDisk(file, room())
+        return file
+
+    monkeypatch.setattr(manifest, "open", fake_open, raising=False)

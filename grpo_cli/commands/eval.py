@@ -78,7 +78,7 @@ from grpo_cli.commands.eval_metrics import (
     score_records,
     summarize,
 )
-from grpo_cli.commands.eval_table import legend, results_tables
+from grpo_cli.commands.eval_table import legend, results_tables, with_damaged
 from grpo_cli.commands.heldout import held_out_rollout
 from grpo_cli.commands.validate import validate_eval
 from grpo_cli.config import ConfigError, EvalRoot
@@ -90,7 +90,7 @@ from grpo_cli.rewards import build_rewarder
 from grpo_cli.rollout.generate import PromptFormat, longest_prompt, rule_rows
 from grpo_cli.rollout.record import token_record
 from grpo_cli.run.progress import GenerationProgress
-from grpo_cli.run.saved import inherit
+from grpo_cli.run.saved import inherit, whole_checkpoints
 from grpo_cli.runtime.logs import setup_logging
 
 log = logging.getLogger("grpo_cli")
@@ -287,7 +287,9 @@ def run(cfg: EvalRoot, run_dir: str, overrides: list[str] | None = None) -> dict
     validate_eval(cfg)
     ev = cfg.eval
     names = [ev.completions] if ev.completions else checkpoint_names(cfg)
+    asked, damaged = names, {}
     if not ev.completions:
+        names, damaged = whole_checkpoints(names)  # before anything of them is read
         inherit(cfg, names, _command_line() if overrides is None else overrides)
         check_checkpoints(cfg, names)
     rows = load_rows(cfg.data, ev.split)  # never empty (ConfigError)
@@ -317,9 +319,9 @@ def run(cfg: EvalRoot, run_dir: str, overrides: list[str] | None = None) -> dict
     add_deltas(results, summaries, cfg.seed, ev.bootstrap)
     problems = len({r["id"] for r in all_records})
     console = Console()
-    for table in results_tables(
-        results, f"grpo eval: {problems} problems x {results[0]['n']} samples", console
-    ):
+    title = f"grpo eval: {problems} problems x {results[0]['n']} samples"
+    results = with_damaged(results, asked, damaged)  # a row for each damaged checkpoint, in order
+    for table in results_tables(results, title, console):
         console.print(table)
     for line in legend(results):  # the table's short labels; eval.json keeps the whole paths
         console.print(line, highlight=False, soft_wrap=True)

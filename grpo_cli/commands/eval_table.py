@@ -10,7 +10,9 @@ Checkpoints are labelled by the shortest tail of their path that tells them apar
 or ``12-00-00/checkpoint-300`` when two runs are compared), with a legend of the full paths below;
 eval.json keeps the paths whole. Checkpoints side by side are columns, so the table's width grows with
 their number, not with the number of metrics; when they do not fit the console they continue in
-another table, each of which fits, so no cell ever wraps.
+another table, each of which fits, so no cell ever wraps. A checkpoint that was not evaluated because
+it is damaged (``run.saved.whole_checkpoints``) keeps its column: ``damaged`` in the ``n`` row, ``-``
+below, and what is wrong in the legend.
 """
 
 from __future__ import annotations
@@ -71,13 +73,30 @@ def _interval(name: str, ci: list[float]) -> str:
     return f"[{_color(ci)}][{ci[0]:+.3f}, {ci[1]:+.3f}][/{_color(ci)}]"  # "[+" / "[-" is no markup tag
 
 
+def with_damaged(
+    results: list[dict[str, Any]], names: list[str], damaged: dict[str, str]
+) -> list[dict[str, Any]]:
+    """``results`` with an entry for each damaged checkpoint, in the order of ``names``.
+
+    A damaged entry: ``{"checkpoint": name, "damaged": "<what is wrong>", "n": 0, "metrics": {}, "ci95": {}}``.
+    """
+    evaluated = iter(results)
+    return [
+        {"checkpoint": n, "damaged": damaged[n], "n": 0, "metrics": {}, "ci95": {}}
+        if n in damaged
+        else next(evaluated)
+        for n in names
+    ]
+
+
 def _body(results: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
     """(row label, one cell per checkpoint) for every row of the table."""
-    first = results[0]["metrics"]
-    rows = [("n", [str(r["n"]) for r in results])]
+    lead = next(i for i, r in enumerate(results) if "damaged" not in r)  # differences are from it
+    first = results[lead]["metrics"]
+    rows = [("n", ["damaged" if "damaged" in r else str(r["n"]) for r in results])]
     for name in table_rows(results):
         cells = [
-            _value(name, r["metrics"][name], first.get(name) if i else None, r["ci95"].get(name))
+            _value(name, r["metrics"][name], first.get(name) if i > lead else None, r["ci95"].get(name))
             if name in r["metrics"]
             else "-"
             for i, r in enumerate(results)
@@ -123,6 +142,10 @@ def results_tables(results: list[dict[str, Any]], title: str, console: Any) -> l
 
 
 def legend(results: list[dict[str, Any]]) -> list[str]:
-    """``label: full path`` for every checkpoint whose label is shorter than its path."""
+    """``label: full path`` for every checkpoint whose label is shorter than its path; what is wrong
+    with each damaged one."""
     names = [r["checkpoint"] for r in results]
-    return [f"{label}: {name}" for label, name in zip(short_labels(names), names) if label != name]
+    lines = [f"{label}: {name}" for label, name in zip(short_labels(names), names) if label != name]
+    return lines + [
+        f"{label}: {r['damaged']}" for label, r in zip(short_labels(names), results) if "damaged" in r
+    ]

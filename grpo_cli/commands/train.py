@@ -77,13 +77,19 @@ class Trainer:
             return None
         model_state, optim_state = distributed.full_state(self.policy.wrapper, self.optimizer)
         state = resume.trainer_state(self, optim_state)
-        path = None
+        path: Path | checkpoint.SaveFailed | None = None
         if distributed.world().is_main:
             model, tok, keep = self.policy.model, self.policy.tokenizer, self.cfg.train.keep_checkpoints
-            path = checkpoint.save(
-                self.path, step, model, tok, state, self.config_yaml, keep, model_state=model_state
-            )
-        return distributed.broadcast_object(path)
+            try:
+                path = checkpoint.save(
+                    self.path, step, model, tok, state, self.config_yaml, keep, model_state=model_state
+                )
+            except checkpoint.SaveFailed as exc:
+                path = exc  # every rank stops with it (``run``), not only this one
+        path = distributed.broadcast_object(path)
+        if isinstance(path, checkpoint.SaveFailed):
+            raise path
+        return path
 
 
 def _init_world(tr: TrainConfig) -> distributed.World:
@@ -246,7 +252,8 @@ def run(cfg: TrainRoot, run_dir: str, overrides: list[str] | None = None) -> dic
     """Train with GRPO; returns the held-out metrics by step. ``cfg`` is a validated TrainRoot.
 
     ``overrides``: the command-line overrides, for the printed resume command (by default the ones
-    Hydra parsed). Raises ``RunStopped`` (a SystemExit) when a signal or bad steps end the run early.
+    Hydra parsed). Raises ``RunStopped`` (a SystemExit) when a signal, bad steps or a checkpoint that
+    cannot be written end the run early.
     """
     world = distributed.init()
     setup_logging(logging.INFO if world.is_main else logging.WARNING)
@@ -289,6 +296,8 @@ def run(cfg: TrainRoot, run_dir: str, overrides: list[str] | None = None) -> dic
         code = checkpoint.EXIT_CODES.get(stop.signum, 130)
         reason = "interrupted twice: stopped at once, without saving"
         raise RunStopped(stop_message(reason, run_path, resume_cmd, code)) from None
+    except checkpoint.SaveFailed as exc:  # no space left, no permission: stop, keep what was saved
+        raise RunStopped(stop_message(str(exc), run_path, resume_cmd, checkpoint.SAVE_FAILED_EXIT)) from None
     finally:
         logger.close()
         _close(t)

@@ -18,6 +18,7 @@ from grpo_cli.engines import check_engine
 from grpo_cli.envs import ENVS
 from grpo_cli.models import DTYPES
 from grpo_cli.models.identity import checkpoint_kind
+from grpo_cli.run.manifest import MANIFEST
 from grpo_cli.run.trackers import check as check_trackers
 
 
@@ -193,8 +194,8 @@ def validate_eval(cfg: Any) -> None:
             f"eval.k={list(ev.k)}: K={max(ev.k)} exceeds eval.samples={ev.samples} (need K <= n)"
         )
     for name in list(ev.checkpoints) or [single]:
-        if name in (None, "base"):
-            continue
+        if name in (None, "base") or (Path(name) / MANIFEST).is_file():
+            continue  # one with a manifest is checked file by file when eval starts (run.saved)
         checkpoint_kind(name)
 
 

@@ -9,10 +9,14 @@
 - for an adapter, ``base_model.json``: its base's path and fingerprint (``models.identity``), so it
   loads on the same base under another path.
 
+- ``manifest.json``, written last: every file's size and SHA-256 (``run.manifest``). Only a checkpoint
+  whose files match it is *whole*; ``resolve_resume`` passes over the others, naming the bad file.
+
 A checkpoint is written into a hidden temporary directory and renamed into place, so a process killed
 mid-save leaves the previous checkpoints intact and never a half-written ``checkpoint-<step>``
 (``remove_partial`` clears the leftover temporary directory when the run starts again). A rename is
 atomic against a killed process; against a power cut the files would also need an fsync, which we skip.
+A save that fails (no space left, no permission) raises ``SaveFailed`` and leaves the same: nothing.
 
 ``GracefulStop`` turns the first Ctrl-C / SIGTERM into "finish this step, save, print the resume
 command" (``resume_command``) and a second one into an immediate stop.
@@ -20,6 +24,7 @@ command" (``resume_command``) and a second one into an immediate stop.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shlex
@@ -27,34 +32,45 @@ import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from grpo_cli.config import ConfigError, leaves
 from grpo_cli.models import identity
+from grpo_cli.run import manifest
 from grpo_cli.runtime import rng
+
+log = logging.getLogger("grpo_cli")
 
 STATE_FILE = "trainer_state.pt"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _TMP_PREFIX = ".tmp-checkpoint-"
 # Exit status of a run stopped by a signal: 128 + the signal number, as a shell reports it.
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+# Exit status of a run stopped because a checkpoint could not be written: EX_IOERR of sysexits.h.
+SAVE_FAILED_EXIT = 74
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in ``run_dir``, oldest first."""
+class SaveFailed(OSError):
+    """A checkpoint could not be written (the message is one line); nothing of it is left behind."""
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Every ``checkpoint-<step>`` directory in ``run_dir``, whole or not, oldest first."""
     run = Path(run_dir)
     if not run.is_dir():
         return []
-    found = [
-        (int(m.group(1)), p)
-        for p in run.iterdir()
-        if (m := _NAME.match(p.name)) and (p / STATE_FILE).is_file()
-    ]
+    found = [(int(m.group(1)), p) for p in run.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoints in ``run_dir`` that hold their trainer state, oldest first (not verified: ``resolve_resume``)."""
+    return [p for p in checkpoint_dirs(run_dir) if (p / STATE_FILE).is_file()]
 
 
 def remove_partial(run_dir: str | Path) -> list[Path]:
@@ -85,19 +101,54 @@ def save(
     """
     run = Path(run_dir)
     final = run / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step}-", dir=run))
+    stage, tmp = "its temporary directory", None
     try:
-        model.save_pretrained(tmp, **({} if model_state is None else {"state_dict": model_state}))
-        identity.record_base(tmp, model)  # an adapter's base by config and weights, not only its path
-        tokenizer.save_pretrained(tmp)
-        torch.save({**trainer_state, "step": step, "rng": rng.rng_state()}, tmp / STATE_FILE)
-        (tmp / "config.yaml").write_text(config_yaml)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step}-", dir=run))
+        with manifest.Hasher() as hasher:
+            parts = _write(tmp, step, model, tokenizer, trainer_state, config_yaml, model_state, hasher)
+            for stage in parts:  # noqa: B007 - each part is named before it is written, for the error line
+                pass
+        stage = "the rename into place"
         publish(tmp, final)
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        cause = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise SaveFailed(
+            f"step {step}: {final.name} could not be saved ({stage}: {cause}); the checkpoints "
+            "saved before it are untouched"
+        ) from exc
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     for old_ckpt in list_checkpoints(run)[:-keep] if keep > 0 else []:
         shutil.rmtree(old_ckpt, ignore_errors=True)
     return final
+
+
+def _write(
+    tmp: Path,
+    step: int,
+    model: Any,
+    tokenizer: Any,
+    trainer_state: dict[str, Any],
+    config_yaml: str,
+    model_state: dict[str, torch.Tensor] | None,
+    hasher: manifest.Hasher,
+) -> Iterator[str]:
+    """Write the checkpoint's files into ``tmp``, the manifest last; yields the name of each part first."""
+    yield "the weights"
+    model.save_pretrained(tmp, **({} if model_state is None else {"state_dict": model_state}))
+    identity.record_base(tmp, model)  # an adapter's base by config and weights, not only its path
+    yield "the tokenizer"
+    tokenizer.save_pretrained(tmp)
+    hashed: dict[str, Any] = hasher.all_files(tmp)  # hashed while the trainer state is written
+    yield STATE_FILE
+    state = {**trainer_state, "step": step, "rng": rng.rng_state()}
+    hashed[STATE_FILE] = manifest.write_file(tmp / STATE_FILE, lambda f: torch.save(state, f))
+    yield "config.yaml"
+    text = (manifest.MARK + config_yaml).encode()
+    hashed["config.yaml"] = manifest.write_file(tmp / "config.yaml", lambda f: f.write(text))
+    yield manifest.MANIFEST
+    manifest.write(tmp, step, hashed)  # last: the checkpoint is whole from here on
 
 
 def publish(tmp: Path, final: Path) -> None:
@@ -114,16 +165,40 @@ def load_state(checkpoint: str | Path) -> dict[str, Any]:
 
 
 def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
-    """``train.resume``: None, ``auto`` (newest complete checkpoint in run_dir, if any) or a path."""
+    """``train.resume``: None, ``auto`` (the newest whole checkpoint in run_dir, if any) or a path.
+
+    ``auto`` passes over a checkpoint that is not whole with one warning naming the file and why; a
+    path that is not a whole checkpoint, or a run dir whose checkpoints all are damaged, is a
+    ConfigError. Only the checkpoint taken (and any newer one passed over) is hashed.
+    """
     if not resume:
         return None
-    if resume == "auto":
-        found = list_checkpoints(run_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise ConfigError(f"train.resume={resume}: not a complete checkpoint (no {STATE_FILE})")
-    return path
+    if resume != "auto":
+        if not Path(resume).expanduser().is_dir():
+            raise ConfigError(f"train.resume={resume}: not a complete checkpoint: no such directory")
+        verdict = manifest.verify(resume, need=(STATE_FILE,))
+        if not verdict.whole:
+            raise ConfigError(f"train.resume={resume}: not a complete checkpoint: {verdict.damage}")
+        _say_unverified(verdict)
+        return Path(resume).expanduser()
+    found = checkpoint_dirs(run_dir)
+    for path in reversed(found):
+        verdict = manifest.verify(path, need=(STATE_FILE,))
+        if verdict.whole:
+            _say_unverified(verdict)
+            return path
+        log.warning("train.resume=auto: passing over %s: %s", path.name, verdict.damage)
+    if found:
+        raise ConfigError(
+            f"train.resume=auto: no whole checkpoint in {run_dir} (each is named above); move the "
+            "damaged ones aside to start this run over"
+        )
+    return None
+
+
+def _say_unverified(verdict: manifest.Verdict) -> None:
+    if not verdict.verified:
+        log.warning(verdict.unverified_line())
 
 
 def config_changes(old_yaml: str, new_yaml: str, ignore: Sequence[str] = ()) -> list[str]:

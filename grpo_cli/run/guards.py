@@ -6,6 +6,8 @@
 - a fraction of zero-variance groups above ``train.zero_std_warn`` for ``ZERO_STD_PATIENCE`` steps
   in a row is warned about, then at most once every ``ZERO_STD_REPEAT`` steps while it lasts;
 - the first Ctrl-C / SIGTERM finishes the step, saves and stops (``stop_reason``; exit 130 / 143).
+- a checkpoint that cannot be written (``checkpoint.SaveFailed``) stops the run too (exit 74), with the
+  same ``stop_message``.
 """
 
 from __future__ import annotations

@@ -61,8 +61,19 @@ def restore(t: Any, state: dict[str, Any]) -> None:
 
 
 def find_resume(tr: TrainConfig, run_path: Path) -> Path | None:
-    """The checkpoint ``train.resume`` names, or None; ConfigError rather than overwrite a run's checkpoints."""
-    resume_from = checkpoint.resolve_resume(tr.resume, run_path)
+    """The checkpoint ``train.resume`` names, or None; ConfigError rather than overwrite a run's checkpoints.
+
+    Rank 0 verifies the checkpoint (``checkpoint.resolve_resume``) and tells the other ranks.
+    """
+    found: Path | ConfigError | None = None
+    if distributed.world().is_main:
+        try:
+            found = checkpoint.resolve_resume(tr.resume, run_path)
+        except ConfigError as exc:
+            found = exc  # every rank stops with it, not only this one
+    resume_from = distributed.broadcast_object(found)
+    if isinstance(resume_from, ConfigError):
+        raise resume_from
     existing = checkpoint.list_checkpoints(run_path)
     if resume_from is None and existing and not tr.resume:
         # Starting over would truncate this run's metrics and overwrite its checkpoints.

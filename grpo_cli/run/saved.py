@@ -8,6 +8,9 @@ run's saved ``config.yaml`` (written into every checkpoint) unless the command l
 
 A model trained to answer inside a chat template, in up to N tokens, is judged unfairly without the
 template or with a shorter budget; the defaults of ``grpo eval`` (the data group's) need not match.
+
+``whole_checkpoints`` first checks each checkpoint against its manifest (``run.manifest``), before
+anything of it is read: one damaged checkpoint is a one-line error; in a list, the others are evaluated.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from grpo_cli.config import ConfigError
+from grpo_cli.run import manifest
 
 log = logging.getLogger("grpo_cli")
 
@@ -93,3 +99,26 @@ def _safe_get(conf: dict[str, Any], key: str) -> Any:
         return _get(conf, key)
     except (KeyError, AttributeError):
         return None
+
+
+def whole_checkpoints(names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """The checkpoint directories among ``names`` that are whole, and ``{name: what is wrong}`` for the others.
+
+    ``base`` and names that are not directories pass unchecked (their loading says what is wrong). A
+    damaged one is a ConfigError when it is the only one, or when every one is damaged; otherwise one
+    warning line each. Checkpoints without a manifest are named in one line: they cannot be verified.
+    """
+    whole, damaged = [], {}
+    for name in names:
+        verdict = manifest.verify(name) if name != "base" and Path(name).expanduser().is_dir() else None
+        if verdict is not None and not verdict.whole:
+            damaged[name] = f"not a whole checkpoint: {verdict.damage}"
+            continue
+        if verdict is not None and not verdict.verified:
+            log.warning(verdict.unverified_line())
+        whole.append(name)
+    if damaged and not whole:
+        raise ConfigError("; ".join(f"{name}: {why}" for name, why in damaged.items()))
+    for name, why in damaged.items():
+        log.warning("%s: %s; evaluating the others", name, why)
+    return whole, damaged

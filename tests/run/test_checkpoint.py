@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from grpo_cli.config import ConfigError
-from grpo_cli.run import checkpoint
+from grpo_cli.run import checkpoint, manifest
 from grpo_cli.runtime import rng
 
 
@@ -49,7 +49,8 @@ def test_save_writes_everything_and_keeps_the_newest(tmp_path):
     state = checkpoint.load_state(tmp_path / "checkpoint-4")
     assert state["step"] == 4 and state["sampler"] == {"pos": 4}
     assert set(state["rng"]) >= {"python", "numpy", "torch"}
-    assert (tmp_path / "checkpoint-4" / "config.yaml").read_text() == "a: 1\n"
+    # The config as given, after the line that says this checkpoint has a manifest (run.manifest).
+    assert (tmp_path / "checkpoint-4" / "config.yaml").read_text() == manifest.MARK + "a: 1\n"
     assert not list(tmp_path.glob(".tmp-*"))
 
 
