@@ -29,8 +29,8 @@ STRATEGIES = ("ddp", "fsdp")  # train.strategy
 
 @dataclass
 class ModelConfig:
-    # "tiny" is the embedded model ("tiny-tools" its calculator variant), built on first use under
-    # $GRPO_HOME; otherwise a hub id or a path.
+    # "tiny" is the embedded model ("tiny-tools" its calculator variant, "tiny-rg" its reasoning-gym
+    # chain_sum variant), built on first use under $GRPO_HOME; otherwise a hub id or a path.
     name_or_path: str = "tiny"
     # float32, bfloat16 (bf16 matmuls; log-softmax, loss and LoRA adapters stay float32; see
     # docs/configuration.md#bfloat16) or float16; auto: bfloat16 on CUDA, float32 on CPU.

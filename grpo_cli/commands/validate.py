@@ -14,6 +14,7 @@ from typing import Any
 
 from grpo_cli.config import ENGINES, STRATEGIES, ConfigError
 from grpo_cli.core.loss import AGGREGATIONS, IMPORTANCE_LEVELS, KL_ESTIMATORS, REWARD_SCALES
+from grpo_cli.data.reasoning_gym import check_installed
 from grpo_cli.engines import check_engine
 from grpo_cli.envs import ENVS
 from grpo_cli.models import DTYPES
@@ -91,6 +92,8 @@ def validate(cfg: Any) -> None:
         )
     if cfg.data.test_path and not Path(cfg.data.test_path).expanduser().is_file():
         raise ConfigError(f"data.test_path={cfg.data.test_path}: no such file")
+    if cfg.data.name == "reasoning_gym":
+        check_installed()  # the optional extra: one line naming it, before any model loads
     if cfg.lora.enabled and cfg.lora.r < 1:
         raise ConfigError(f"lora.r={cfg.lora.r}: must be >= 1")
     check_model_path(cfg.model.name_or_path)

@@ -27,6 +27,7 @@ or a mapping attribute -> level; ``data.task_config`` wins over it for the keys 
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import logging
 import random
@@ -41,6 +42,16 @@ log = logging.getLogger("grpo_cli")
 EXTRA = "data=reasoning_gym needs the reasoning-gym extra: pip install 'grpo-cli[reasoning-gym]'"
 _DRAWS_PER_ROW = 10  # held-out draws per wanted row before giving up on unseen questions
 _announced: set[str] = set()
+
+
+def check_installed() -> None:
+    """ConfigError naming the extra when reasoning-gym is not installed (nothing is imported)."""
+    try:
+        found = importlib.util.find_spec("reasoning_gym") is not None
+    except ValueError:  # in sys.modules as None: an import of it would fail
+        found = False
+    if not found:
+        raise ConfigError(EXTRA)
 
 
 def import_reasoning_gym() -> Any:
