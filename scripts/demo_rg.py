@@ -1,7 +1,7 @@
 """A run that learns on data no one here wrote: reasoning-gym's chain_sum, on CPU, offline.
 
-    make demo-rg                                          # 3 seeds (~4 min each on 2 quiet cores)
-    .venv/bin/python scripts/demo_rg.py --seeds 0 --steps 100    # one quick look
+    make demo-rg                                          # 3 seeds, ~3.5 min each on 2 cores
+    .venv/bin/python scripts/demo_rg.py --seeds 0 --steps 200    # one quick look
 
 ``model=tiny-rg`` was warmed up on chain_sum (2-3 single-digit terms, + and -) with noisy labels: right
 80% of the time on most problems, but on the "hard" class (``a - b + c``, ``a - b - c``) the
@@ -42,7 +42,7 @@ KEYS = [
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--problems", type=int, default=200, help="held-out problems per evaluation")
     p.add_argument("--out", type=Path, default=None, help="keep runs and a results.json here")
     return p.parse_args(argv)
@@ -62,7 +62,8 @@ def evaluate(checkpoint: Path | None, out: Path, seed: int, problems: int) -> di
     if checkpoint is not None:
         args.append(f"checkpoint={checkpoint}")
     cfg, _ = compose_config("eval", args)
-    grpo_eval.run(cfg, str(out), overrides=args)
+    if not (out / "eval_completions.jsonl").is_file():  # a rerun with --out reads the evaluations it has
+        grpo_eval.run(cfg, str(out), overrides=args)
     rows = {str(r["id"]): r for r in load_rows(cfg.data, "test")}
     records = [json.loads(x) for x in (out / "eval_completions.jsonl").read_text().splitlines()]
     out_m: dict[str, float] = {}

@@ -17,7 +17,7 @@ from grpo_cli.core.loss import AGGREGATIONS, IMPORTANCE_LEVELS, KL_ESTIMATORS, R
 from grpo_cli.data.reasoning_gym import check_installed
 from grpo_cli.engines import check_engine
 from grpo_cli.envs import ENVS
-from grpo_cli.models import DTYPES
+from grpo_cli.models import DTYPES, EMBEDDED
 from grpo_cli.models.identity import checkpoint_kind
 from grpo_cli.run.trackers import check as check_trackers
 
@@ -203,7 +203,7 @@ def validate_eval(cfg: Any) -> None:
 
 def check_model_path(name_or_path: str) -> None:
     """A local path must exist; a hub id must be cached or the hub reachable. One-line error otherwise."""
-    if name_or_path in ("tiny", "tiny-tools"):
+    if name_or_path in EMBEDDED:
         return
     path = Path(name_or_path).expanduser()
     if path.exists():

@@ -81,6 +81,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+# model.name_or_path values that name a model built here on first use (resolve_path), not a path or hub id.
+EMBEDDED = ("tiny", "tiny-tools", "tiny-rg")
+
+
 def resolve_path(name_or_path: str) -> str:
     """The directory or hub id to load: ``tiny`` is built on first use and cached."""
     if name_or_path == "tiny":
