@@ -29,8 +29,8 @@ STRATEGIES = ("ddp", "fsdp")  # train.strategy
 
 @dataclass
 class ModelConfig:
-    # "tiny" is the embedded model ("tiny-tools" its calculator variant), built on first use under
-    # $GRPO_HOME; otherwise a hub id or a path.
+    # "tiny" is the embedded model ("tiny-tools" its calculator variant, "tiny-rg" its reasoning-gym
+    # chain_sum variant), built on first use under $GRPO_HOME; otherwise a hub id or a path.
     name_or_path: str = "tiny"
     # float32, bfloat16 (bf16 matmuls; log-softmax, loss and LoRA adapters stay float32; see
     # docs/configuration.md#bfloat16) or float16; auto: bfloat16 on CUDA, float32 on CPU.
@@ -121,7 +121,7 @@ class RolloutConfig:
 
 @dataclass
 class DataConfig:
-    # Source: arithmetic, gsm8k, math500, humaneval, jsonl (also .parquet files).
+    # Source: arithmetic, gsm8k, math500, humaneval, jsonl (also .parquet files), reasoning_gym.
     name: str = "arithmetic"
     # Local file (jsonl / parquet); for gsm8k and math500, null falls back to the hub dataset.
     path: str | None = None
@@ -143,11 +143,24 @@ class DataConfig:
     template: str = "{question}"
     # The default of rollout.max_new_tokens for this data: room for a typical solution.
     max_new_tokens: int = 256
-    # Synthetic arithmetic only: problem counts and the number of operators.
+    # Synthetic arithmetic only: training problems and the number of operators.
     num_train: int = 20000
+    # Generated sources (arithmetic, reasoning_gym): held-out problems.
     num_test: int = 500
     max_operators: int = 2
     max_operand: int = 9
+    # reasoning_gym only (data/reasoning_gym.py, docs/data.md). The task: a name, a list of names (equal
+    # weights) or a mapping name -> weight.
+    task: Any = None
+    # Training problems generated (reasoning-gym's own name; the held-out count is num_test).
+    size: int = 10000
+    # The generator's seed: training problems from item seeds seed .. seed+size-1, held-out ones after.
+    seed: int = 0
+    # The task's own config keys, passed through ({max_terms: 3}; with several tasks, task -> keys).
+    task_config: Any = None
+    # Curriculum: the task's difficulty attributes at this level (an int for all, or attribute -> level;
+    # null: the task's defaults); task_config wins for the keys it names. Stages: docs/data.md.
+    level: Any = None
 
 
 @dataclass

@@ -249,9 +249,18 @@ def answer_fn(rewarder: Any) -> AnswerFn:
     """How to read a completion's answer for maj@k and ``extracted``, chosen by the first reward rule.
 
     A code rule: the program ``rewards.code.extract_code`` runs (the vote is over identical programs).
+    A rule with an ``answer_of(text)`` method (reasoning_gym): its answer, voting by identical strings.
     Anything else: ``rewards.math.extract_answer``, with plain numbers voting by value.
     """
     first = rewarder.rules[0].fn
+    own = getattr(first, "answer_of", None)  # a rule that says how it reads answers (reasoning_gym)
+    if callable(own):
+
+        def own_answer(text: str) -> tuple[str | None, str | None]:
+            answer = own(text)
+            return answer, answer
+
+        return own_answer
     if isinstance(first, CodeReward) or first is code_reward:
 
         def code_answer(text: str) -> tuple[str | None, str | None]:

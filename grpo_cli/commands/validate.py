@@ -14,9 +14,10 @@ from typing import Any
 
 from grpo_cli.config import ENGINES, STRATEGIES, ConfigError
 from grpo_cli.core.loss import AGGREGATIONS, IMPORTANCE_LEVELS, KL_ESTIMATORS, REWARD_SCALES
+from grpo_cli.data.reasoning_gym import check_installed
 from grpo_cli.engines import check_engine
 from grpo_cli.envs import ENVS
-from grpo_cli.models import DTYPES
+from grpo_cli.models import DTYPES, EMBEDDED
 from grpo_cli.models.identity import checkpoint_kind
 from grpo_cli.run.manifest import MANIFEST
 from grpo_cli.run.trackers import check as check_trackers
@@ -92,6 +93,8 @@ def validate(cfg: Any) -> None:
         )
     if cfg.data.test_path and not Path(cfg.data.test_path).expanduser().is_file():
         raise ConfigError(f"data.test_path={cfg.data.test_path}: no such file")
+    if cfg.data.name == "reasoning_gym":
+        check_installed()  # the optional extra: one line naming it, before any model loads
     if cfg.lora.enabled and cfg.lora.r < 1:
         raise ConfigError(f"lora.r={cfg.lora.r}: must be >= 1")
     check_model_path(cfg.model.name_or_path)
@@ -201,7 +204,7 @@ def validate_eval(cfg: Any) -> None:
 
 def check_model_path(name_or_path: str) -> None:
     """A local path must exist; a hub id must be cached or the hub reachable. One-line error otherwise."""
-    if name_or_path in ("tiny", "tiny-tools"):
+    if name_or_path in EMBEDDED:
         return
     path = Path(name_or_path).expanduser()
     if path.exists():

@@ -5,7 +5,8 @@
 - ``question``: str, the problem text that ``data.template`` wraps into the prompt,
 - ``answer``: str, the gold final answer (or the reference solution for code),
 
-plus whatever a reward rule needs (HumanEval: ``prompt``, ``test``, ``entry_point``).
+plus whatever a reward rule needs (HumanEval: ``prompt``, ``test``, ``entry_point``; reasoning-gym:
+``task``, ``task_config``, ``metadata``, ``entry``).
 
 ``load_rows(cfg, split)`` dispatches on ``data.name``; ``build_prompt`` is the one place a row
 becomes prompt text.
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from grpo_cli.config import ConfigError
-from grpo_cli.data import arithmetic, gsm8k, humaneval, jsonl, math500
+from grpo_cli.data import arithmetic, gsm8k, humaneval, jsonl, math500, reasoning_gym
 from grpo_cli.data.split import load_split
 
 Row = dict[str, Any]
@@ -29,6 +30,7 @@ SOURCES: dict[str, Callable[[Any, str], list[Row]]] = {
     "math500": math500.load,
     "humaneval": humaneval.load,
     "jsonl": jsonl.load,
+    "reasoning_gym": reasoning_gym.load,
 }
 
 

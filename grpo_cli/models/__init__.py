@@ -23,6 +23,7 @@ import torch
 from grpo_cli.config import ConfigError
 from grpo_cli.models.identity import checkpoint_base, require_same_base
 from grpo_cli.models.tiny import TinySpec, ensure_tiny
+from grpo_cli.models.tiny_rg import ensure_tiny_rg
 from grpo_cli.runtime.distributed import is_fsdp
 
 log = logging.getLogger("grpo_cli")
@@ -80,12 +81,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+# model.name_or_path values that name a model built here on first use (resolve_path), not a path or hub id.
+EMBEDDED = ("tiny", "tiny-tools", "tiny-rg")
+
+
 def resolve_path(name_or_path: str) -> str:
     """The directory or hub id to load: ``tiny`` is built on first use and cached."""
     if name_or_path == "tiny":
         return str(ensure_tiny())
     if name_or_path == "tiny-tools":  # the tool variant (env=calc)
         return str(ensure_tiny(TinySpec(tools=True)))
+    if name_or_path == "tiny-rg":  # warmed up on reasoning-gym's chain_sum (data=reasoning_gym)
+        return str(ensure_tiny_rg())
     return name_or_path
 
 

@@ -103,9 +103,9 @@ WORDS = ("Calculate", "Answer", "\u0120+", "\u0120-", "\u0120*")
 MARKERS = ("<calc>", "</calc>", "<result>", "</result>")  # env=calc's call and result tokens
 
 
-def make_tokenizer(tools: bool = False):
-    """One token per byte, whole words for the prompt's fixed words; with ``tools`` the calculator's
-    four markers as single tokens too."""
+def make_tokenizer(tools: bool = False, words: tuple[str, ...] = WORDS):
+    """One token per byte, whole words for the prompt's fixed ``words`` (byte-level, ``\u0120`` = a
+    leading space); with ``tools`` the calculator's four markers as single tokens too."""
     from tokenizers import AddedToken, pre_tokenizers
     from transformers import Qwen2Tokenizer
 
@@ -113,9 +113,10 @@ def make_tokenizer(tools: bool = False):
     for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[ch] = len(vocab)
     merges = []
-    for word in WORDS:
+    for word in words:
         for i in range(2, len(word) + 1):
-            merges.append((word[: i - 1], word[i - 1]))
+            if (word[: i - 1], word[i - 1]) not in merges:  # words may share a prefix ("\u0120t")
+                merges.append((word[: i - 1], word[i - 1]))
             vocab.setdefault(word[:i], len(vocab))
     tok = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token=EOS, pad_token=EOS, unk_token=None)
     if tools:
@@ -183,9 +184,14 @@ def _example(encode, tokenizer, expr: str, rng: random.Random, spec: TinySpec) -
 def _batch(tokenizer, exprs: list[str], rng: random.Random, spec: TinySpec):
     """Right-padded input ids and labels (-100 outside what is learned) for one warm-up batch."""
     encode = _encoder(tokenizer)
-    seqs, labels = zip(*(_example(encode, tokenizer, expr, rng, spec) for expr in exprs))
+    return pad_batch([_example(encode, tokenizer, expr, rng, spec) for expr in exprs], tokenizer.pad_token_id)
+
+
+def pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, labels) pairs -> right-padded [B, T] ids and [B, T] labels (-100 in the padding)."""
+    seqs, labels = zip(*examples)
     width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
+    ids = torch.full((len(seqs), width), pad_id)
     lab = torch.full((len(seqs), width), -100)
     for i, (s, y) in enumerate(zip(seqs, labels)):
         ids[i, : len(s)] = torch.tensor(s)
@@ -211,20 +217,28 @@ def build(spec: TinySpec, out: Path, quiet: bool = False) -> None:
 
 
 def _build(spec: TinySpec, out: Path, quiet: bool) -> None:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
     tokenizer = make_tokenizer(spec.tools)
     model = make_model(spec, len(tokenizer))
     train_exprs = [r["question"].removeprefix("Calculate ") for r in arithmetic.load(DataConfig(), "train")]
     rng = random.Random(spec.seed)
+    warm_up(
+        model, spec, lambda: _batch(tokenizer, rng.sample(train_exprs, spec.batch_size), rng, spec), quiet
+    )
+    save_atomic(model, tokenizer, asdict(spec), out)
+
+
+def warm_up(model, spec: TinySpec, next_batch, quiet: bool, label: str = "building tiny model") -> None:
+    """``spec.steps`` AdamW steps (one-cycle schedule) on ``next_batch() -> (ids, labels)``, with a bar."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=spec.steps, pct_start=0.05)
     model.train()
-    columns = (TextColumn("building tiny model"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
+    columns = (TextColumn(label), BarColumn(), TextColumn("{task.completed}/{task.total}"))
     with Progress(*columns, TimeRemainingColumn(), disable=quiet) as progress:
         task = progress.add_task("warm-up", total=spec.steps)
         for _ in range(spec.steps):
-            ids, labels = _batch(tokenizer, rng.sample(train_exprs, spec.batch_size), rng, spec)
+            ids, labels = next_batch()
             loss = model(input_ids=ids, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -233,12 +247,17 @@ def _build(spec: TinySpec, out: Path, quiet: bool) -> None:
             opt.zero_grad(set_to_none=True)
             progress.update(task, advance=1)
     model.eval()
+
+
+def save_atomic(model, tokenizer, spec: dict, out: Path) -> None:
+    """Model, tokenizer and ``tiny_spec.json`` written to a temporary directory, then renamed to ``out``
+    (a process that finished first keeps its copy)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=out.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2))
+        (tmp / "tiny_spec.json").write_text(json.dumps(spec, indent=2))
         if out.exists():  # another process finished first; keep theirs
             return
         os.replace(tmp, out)

@@ -11,8 +11,9 @@ A check has three steps:
    ``3.50``, ``1,000``) they are compared as decimals, and identical strings match. The default task
    (integer arithmetic, ~1000 checks per step) never leaves this path.
 3. Otherwise math-verify parses both (``parse``) and compares them symbolically (``verify``) in a
-   pool of worker processes with a hard wall-clock timeout per check. A check that runs past it
-   scores 0 and its worker is killed and replaced; a worker that crashes scores 0 too. Both are
+   pool of worker processes (``rewards/pool.py``) with a hard wall-clock timeout per check. A check
+   that runs past it scores 0 and its worker is killed and replaced; a worker that crashes scores 0
+   too. Both are
    counted (``metrics()``: ``timeouts``, ``errors``), never silent. math-verify's own
    ``signal.alarm`` timeouts are switched off: they only work on a main thread and turn a timeout
    into a quiet ``False``.
@@ -25,14 +26,12 @@ from __future__ import annotations
 
 import atexit
 import logging
-import multiprocessing as mp
 import re
-import time
-from collections import deque
 from decimal import Decimal, InvalidOperation
-from multiprocessing.connection import wait as wait_conns
 from typing import Any
 from weakref import finalize as weakref_finalize
+
+from grpo_cli.rewards.pool import CheckPool
 
 log = logging.getLogger("grpo_cli")
 
@@ -168,137 +167,10 @@ def _parse_gold(gold: str) -> Any:
     return _GOLD_CACHE[gold]
 
 
-def _worker_main(conn: Any, memory_mb: int) -> None:
-    """Worker loop: receive (answer, gold), send ("ok", score) or ("error", message)."""
-    import resource
-
-    if memory_mb > 0:  # sympy can blow up on a pathological expression; fail it, not the machine
-        limit = memory_mb * 2**20
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+def _import_math_verify() -> None:
+    """A worker's start: math-verify imported (the slow part) and its own timeout warnings silenced."""
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # we time out checks ourselves
-    import math_verify  # noqa: F401 - the import is the slow part of starting; do it before "ready"
-
-    conn.send(("ready", None))
-    while True:
-        try:
-            answer, gold = conn.recv()
-        except (EOFError, OSError):
-            return
-        try:
-            conn.send(("ok", verify_answer(answer, gold)))
-        except Exception as exc:  # noqa: BLE001 - reported to the parent and counted as an error
-            conn.send(("error", f"{type(exc).__name__}: {exc}"[:200]))
-
-
-class _Worker:
-    """One spawned process and its pipe; ``task`` is the index it is checking, or None."""
-
-    def __init__(self, ctx: Any, memory_mb: int):
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, memory_mb), daemon=True)
-        self.proc.start()
-        child.close()
-        self.ready = False
-        self.task: int | None = None
-        self.deadline = 0.0
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.join(timeout=5)
-        self.conn.close()
-
-
-class CheckPool:
-    """``workers`` spawned processes running ``verify_answer``, one check per worker at a time.
-
-    A check's clock starts when an idle, started worker receives it, so queueing and worker start-up
-    (importing sympy takes a second or two) never count against it. A worker past its deadline is
-    killed and replaced; the other workers keep going. Started lazily, reused across calls.
-    """
-
-    def __init__(self, workers: int, timeout: float, memory_mb: int = 4096, startup_timeout: float = 120.0):
-        self.workers, self.timeout = max(1, workers), timeout
-        self.memory_mb, self.startup_timeout = memory_mb, startup_timeout
-        self._ctx = mp.get_context("spawn")  # fork would copy a CUDA context and the trainer's threads
-        self._pool: list[_Worker] = []
-
-    def run(self, tasks: list[tuple[str, str]]) -> list[tuple[str, float | None]]:
-        """One (status, score) per (answer, gold): ("ok", 1.0/0.0/None), ("timeout", 0.0), ("error", 0.0)."""
-        results: list[Any] = [None] * len(tasks)
-        queue = deque(range(len(tasks)))
-        try:
-            while len(self._pool) < self.workers:
-                self._pool.append(self._start())
-            while queue or any(w.task is not None for w in self._pool):
-                self._dispatch(queue, tasks, results)
-                self._collect(results)
-                self._expire(results)
-        except BaseException:
-            self.close()  # a worker still busy with this call's check must not answer the next call
-            raise
-        return results
-
-    def close(self) -> None:
-        for worker in self._pool:
-            worker.kill()
-        self._pool = []
-
-    def _start(self) -> _Worker:
-        worker = _Worker(self._ctx, self.memory_mb)
-        worker.deadline = time.monotonic() + self.startup_timeout
-        return worker
-
-    def _replace(self, worker: _Worker) -> None:
-        worker.kill()
-        self._pool[self._pool.index(worker)] = self._start()
-
-    def _dispatch(self, queue: deque, tasks: list[tuple[str, str]], results: list[Any]) -> None:
-        for worker in list(self._pool):
-            if worker.ready and worker.task is None and queue:
-                idx = queue.popleft()
-                try:
-                    worker.conn.send(tasks[idx])
-                except OSError:  # died while idle: score this one as a crash, start a fresh worker
-                    results[idx] = ("error", 0.0)
-                    self._replace(worker)
-                    continue
-                worker.task, worker.deadline = idx, time.monotonic() + self.timeout
-
-    def _collect(self, results: list[Any]) -> None:
-        waiting = [w for w in self._pool if not w.ready or w.task is not None]
-        if not waiting:
-            return
-        pause = max(0.0, min(w.deadline for w in waiting) - time.monotonic())
-        for conn in wait_conns([w.conn for w in waiting], timeout=pause):
-            worker = next(w for w in waiting if w.conn is conn)
-            try:
-                kind, value = conn.recv()
-            except (EOFError, OSError):
-                if not worker.ready:
-                    raise RuntimeError(
-                        f"math-verify worker exited on start (exit code {worker.proc.exitcode})"
-                    ) from None
-                results[worker.task] = ("error", 0.0)  # crashed mid-check (segfault, out of memory)
-                self._replace(worker)
-                continue
-            if kind == "ready":
-                worker.ready = True
-            else:
-                results[worker.task] = (kind, value if kind == "ok" else 0.0)
-                if kind == "error":
-                    log.debug("math-verify error: %s", value)
-                worker.task = None
-
-    def _expire(self, results: list[Any]) -> None:
-        now = time.monotonic()
-        for worker in list(self._pool):
-            if now < worker.deadline:
-                continue
-            if not worker.ready:
-                raise RuntimeError(f"math-verify worker did not start within {self.startup_timeout:.0f} s")
-            if worker.task is not None:
-                results[worker.task] = ("timeout", 0.0)
-                self._replace(worker)
+    import math_verify  # noqa: F401
 
 
 class MathReward:
@@ -323,7 +195,9 @@ class MathReward:
         memory_mb: int = 4096,
     ):
         self.fallback_last_number, self.fast_path = fallback_last_number, fast_path
-        self._pool = CheckPool(workers, timeout, memory_mb)
+        self._pool = CheckPool(
+            workers, timeout, memory_mb, check=verify_answer, prepare=_import_math_verify, name="math-verify"
+        )
         self._last: dict[str, float] = {}
         self._warned: set[str] = set()
         weakref_finalize(self, self._pool.close)
