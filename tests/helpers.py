@@ -171,3 +171,36 @@ def full_disk(monkeypatch: Any, name: str, room: Callable[[], int], nth: int = 1
         return file
 
     monkeypatch.setattr(manifest, "open", fake_open, raising=False)
+
+
+# ---------------------------------------------------------------------------- training runs in-process
+
+TIMING = {"step_time", "gen_time", "tokens_per_s"}  # metrics that differ between equal runs
+
+
+def run_train(overrides: list[str], run_dir: Path) -> dict:
+    """``grpo train`` in this process on the composed, validated overrides."""
+    from grpo_cli.cli import compose_config
+    from grpo_cli.commands import train
+    from grpo_cli.commands.validate import validate
+
+    cfg, _ = compose_config("train", overrides)
+    validate(cfg)
+    return train.run(cfg, str(run_dir))
+
+
+def metric_rows(run_dir: Path) -> dict[int, dict]:
+    """The run's metrics.jsonl by step, timings left out; fails on a step logged twice."""
+    from grpo_cli.run.runlog import read_metrics
+
+    rows = read_metrics(run_dir)
+    steps = [r["step"] for r in rows]
+    assert len(steps) == len(set(steps)), f"duplicate metric rows: {steps}"
+    return {r["step"]: {k: v for k, v in r.items() if k not in TIMING} for r in rows}
+
+
+def model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """A full fine-tuning checkpoint's weights."""
+    from safetensors.torch import load_file
+
+    return load_file(ckpt / "model.safetensors")

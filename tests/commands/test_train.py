@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import metric_rows, model_weights, run_train
 
 from grpo_cli.cli import compose_config
 from grpo_cli.commands import train
@@ -32,7 +33,6 @@ REPO = Path(__file__).resolve().parents[2]
 INJECT = (
     Path(__file__).resolve().parents[1] / "inject"
 )  # sitecustomize: GRPO_TEST_SAVE_DELAY for subprocesses
-TIMING = {"step_time", "gen_time", "tokens_per_s"}
 
 REWARDS_MODULE = '''
 import json, os, zlib
@@ -84,27 +84,8 @@ def base(random_model_dir, rewards_dir) -> list[str]:
     ]  # fmt: skip
 
 
-def _run(overrides: list[str], run_dir: Path) -> dict:
-    cfg, _ = compose_config("train", overrides)
-    validate(cfg)
-    return train.run(cfg, str(run_dir))
-
-
-def _rows(run_dir: Path) -> dict[int, dict]:
-    rows = read_metrics(run_dir)
-    steps = [r["step"] for r in rows]
-    assert len(steps) == len(set(steps)), f"duplicate metric rows: {steps}"
-    return {r["step"]: {k: v for k, v in r.items() if k not in TIMING} for r in rows}
-
-
-def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(ckpt / "model.safetensors")
-
-
 def _assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = _weights(a), _weights(b)
+    wa, wb = model_weights(a), model_weights(b)
     assert wa.keys() == wb.keys()
     different = [k for k in wa if not torch.equal(wa[k], wb[k])]
     assert not different, f"weights differ: {different[:5]}"
@@ -114,30 +95,30 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 def straight(base, tmp_path_factory) -> Path:
     """6 steps without interruption: the reference the interrupted runs must reproduce."""
     run_dir = tmp_path_factory.mktemp("straight")
-    _run([*base, "train.steps=6"], run_dir)
+    run_train([*base, "train.steps=6"], run_dir)
     return run_dir
 
 
 def test_resume_reproduces_the_uninterrupted_run(base, straight, tmp_path):
-    _run([*base, "train.steps=3"], tmp_path)
-    _run([*base, "train.steps=6", "train.resume=auto"], tmp_path)
-    ref, got = _rows(straight), _rows(tmp_path)
+    run_train([*base, "train.steps=3"], tmp_path)
+    run_train([*base, "train.steps=6", "train.resume=auto"], tmp_path)
+    ref, got = metric_rows(straight), metric_rows(tmp_path)
     assert sorted(got) == list(range(7))
     for step in (4, 5, 6):
         assert got[step] == ref[step], step
     _assert_same_weights(straight / "checkpoint-6", tmp_path / "checkpoint-6")
     # The comparison means something: rewards vary and the weights moved between steps 3 and 6.
     assert len({ref[s]["reward"] for s in range(1, 7)}) > 1
-    w3, w6 = _weights(tmp_path / "checkpoint-3"), _weights(tmp_path / "checkpoint-6")
+    w3, w6 = model_weights(tmp_path / "checkpoint-3"), model_weights(tmp_path / "checkpoint-6")
     assert any(not torch.equal(w3[k], w6[k]) for k in w3)
 
 
 def test_resume_with_a_lora_adapter_reproduces_the_uninterrupted_run(base, tmp_path):
     lora = [*base, "lora=default", "lora.r=4", "train.eval_every=0"]
-    _run([*lora, "train.steps=3"], tmp_path / "straight")
-    _run([*lora, "train.steps=2"], tmp_path / "resumed")
-    _run([*lora, "train.steps=3", "train.resume=auto"], tmp_path / "resumed")
-    assert _rows(tmp_path / "resumed")[3] == _rows(tmp_path / "straight")[3]
+    run_train([*lora, "train.steps=3"], tmp_path / "straight")
+    run_train([*lora, "train.steps=2"], tmp_path / "resumed")
+    run_train([*lora, "train.steps=3", "train.resume=auto"], tmp_path / "resumed")
+    assert metric_rows(tmp_path / "resumed")[3] == metric_rows(tmp_path / "straight")[3]
     from safetensors.torch import load_file
 
     a, b = (
@@ -185,11 +166,11 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(base, straight, re
     assert not (run_dir / "checkpoint-4").exists()
     assert checkpoint.load_state(run_dir / "checkpoint-2")["step"] == 2
 
-    _run([*base, "train.steps=4", "train.resume=auto"], run_dir)
+    run_train([*base, "train.steps=4", "train.resume=auto"], run_dir)
     assert not list(run_dir.glob(".tmp-checkpoint-*")), (
         "the killed save's temporary directory was not removed"
     )
-    got, ref = _rows(run_dir), _rows(straight)
+    got, ref = metric_rows(run_dir), metric_rows(straight)
     assert sorted(got) == [0, 1, 2, 3, 4]
     assert got[3] == ref[3]
     assert {k: v for k, v in got[4].items() if not k.startswith("eval/")} == ref[4]
@@ -207,7 +188,7 @@ def test_sigint_saves_prints_the_resume_command_and_resume_finishes_the_run(
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
-    stopped_at = max(_rows(run_dir))
+    stopped_at = max(metric_rows(run_dir))
     assert 1 <= stopped_at < 6, out
     assert [p.name for p in checkpoint.list_checkpoints(run_dir)][-1] == f"checkpoint-{stopped_at}"
     commands = [line.strip() for line in out.splitlines() if line.strip().startswith("grpo train ")]
@@ -219,7 +200,7 @@ def test_sigint_saves_prints_the_resume_command_and_resume_finishes_the_run(
     resumed = _cli(command[2:], rewards_dir)
     out, _ = resumed.communicate(timeout=180)
     assert resumed.returncode == 0, out
-    got, ref = _rows(run_dir), _rows(straight)
+    got, ref = metric_rows(run_dir), metric_rows(straight)
     assert sorted(got) == list(range(7))
     for step in range(stopped_at + 1, 7):
         assert got[step] == ref[step], step
@@ -255,8 +236,8 @@ def nan_steps(monkeypatch):
 
 def test_a_nan_loss_is_skipped_and_counted(base, tmp_path, nan_steps):
     nan_steps({2})
-    _run([*base, "train.steps=3", "train.save_every=1", "train.keep_checkpoints=0"], tmp_path)
-    rows = _rows(tmp_path)
+    run_train([*base, "train.steps=3", "train.save_every=1", "train.keep_checkpoints=0"], tmp_path)
+    rows = metric_rows(tmp_path)
     assert [rows[s]["skipped"] for s in (1, 2, 3)] == [0.0, 1.0, 0.0]
     assert [rows[s]["bad_steps"] for s in (1, 2, 3)] == [0.0, 1.0, 1.0]
     assert rows[2]["loss"] is None  # NaN is written as null
@@ -264,24 +245,24 @@ def test_a_nan_loss_is_skipped_and_counted(base, tmp_path, nan_steps):
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-1", "checkpoint-3"]
     adam = checkpoint.load_state(tmp_path / "checkpoint-3")["optimizer"]["state"]
     assert {float(s["step"]) for s in adam.values()} == {2.0}
-    assert all(torch.isfinite(w).all() for w in _weights(tmp_path / "checkpoint-3").values())
+    assert all(torch.isfinite(w).all() for w in model_weights(tmp_path / "checkpoint-3").values())
 
 
 def test_repeated_nans_stop_the_run_and_keep_the_last_good_checkpoint(base, tmp_path, nan_steps, caplog):
     nan_steps({3, 4, 5, 6})
     with pytest.raises(SystemExit) as stopped, caplog.at_level("WARNING", logger="grpo_cli"):
-        _run([*base, "train.steps=8", "train.save_every=1", "train.max_bad_steps=3"], tmp_path)
+        run_train([*base, "train.steps=8", "train.save_every=1", "train.max_bad_steps=3"], tmp_path)
     assert stopped.value.code == 1
     assert "stopped: 3 steps in a row had a non-finite loss or gradient" in caplog.text
     assert "train.resume=auto" in caplog.text
-    assert max(_rows(tmp_path)) == 5
+    assert max(metric_rows(tmp_path)) == 5
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-1", "checkpoint-2"]
     assert checkpoint.load_state(tmp_path / "checkpoint-2")["step"] == 2
-    assert all(torch.isfinite(w).all() for w in _weights(tmp_path / "checkpoint-2").values())
+    assert all(torch.isfinite(w).all() for w in model_weights(tmp_path / "checkpoint-2").values())
     # Once the cause is fixed, the run continues from that checkpoint (train.resume=PATH).
     nan_steps(set())
-    _run([*base, "train.steps=3", f"train.resume={tmp_path / 'checkpoint-2'}"], tmp_path)
-    rows = _rows(tmp_path)
+    run_train([*base, "train.steps=3", f"train.resume={tmp_path / 'checkpoint-2'}"], tmp_path)
+    rows = metric_rows(tmp_path)
     assert sorted(rows) == [0, 1, 2, 3] and rows[3]["skipped"] == 0.0 and rows[3]["bad_steps"] == 0.0
 
 
@@ -294,7 +275,7 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups(base, tmp_path
     monkeypatch.setenv("GRPO_TEST_REWARD_LOG", str(log_path))
     overrides = [*base, _rule("half_constant"), "train.steps=3", "algo.dynamic_sampling=true",
                  "algo.max_sampling_rounds=8", "train.log_completions_every=1", "train.eval_problems=3"]  # fmt: skip
-    _run(overrides, tmp_path / "run")
+    run_train(overrides, tmp_path / "run")
     rows = [r for r in read_metrics(tmp_path / "run") if r["step"] > 0]
     # Training rounds score 2 x 4 completions; evaluation calls score 3 x 2 and 3 x 1.
     rounds = [json.loads(line) for line in log_path.read_text().splitlines() if len(json.loads(line)) == 8]
@@ -352,7 +333,7 @@ def test_curves_png_has_the_named_panels(straight):
 def test_a_fresh_start_in_a_run_dir_with_checkpoints_is_refused(base, straight):
     before = (straight / "metrics.jsonl").read_text()
     with pytest.raises(ConfigError, match="train.resume=auto"):
-        _run([*base, "train.steps=6"], straight)
+        run_train([*base, "train.steps=6"], straight)
     assert (straight / "metrics.jsonl").read_text() == before
 
 
@@ -360,7 +341,7 @@ def test_completions_are_logged_with_rewards_advantages_and_overlong_penalty(bas
     # max_new_tokens=4 with a buffer of 2: 2 tokens are free, 3 cost 0.25, 4 (cut off) cost the full 0.5.
     overrides = [*base, "train.steps=2", "train.log_completions_every=2", "algo.overlong_buffer=2",
                  "algo.overlong_penalty=0.5"]  # fmt: skip
-    _run(overrides, tmp_path)
+    run_train(overrides, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2] * 8
     assert set(rows[0]) == {"step", "prompt", "completion", "length", "reward", "rewards", "advantage"}
@@ -383,7 +364,7 @@ def test_full_finetuning_of_bf16_weights_warns_that_small_updates_are_lost(base,
     overrides = [*base, "model.dtype=bfloat16", "train.steps=1", "train.eval_problems=0"]
     overrides += ["lora=default", "lora.r=4"] if lora else []
     with caplog.at_level("WARNING", logger="grpo_cli"):
-        _run(overrides, tmp_path)
+        run_train(overrides, tmp_path)
     warned = [r.getMessage() for r in caplog.records if "rounds that away" in r.getMessage()]
     if lora:
         assert warned == []

@@ -22,19 +22,16 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import full_disk
+from helpers import full_disk, metric_rows, model_weights, run_train
 
 from grpo_cli.cli import compose_config
 from grpo_cli.commands import eval as evaluate
-from grpo_cli.commands import train
 from grpo_cli.commands.validate import validate
 from grpo_cli.config import ConfigError
 from grpo_cli.run import checkpoint, manifest
 from grpo_cli.run.resume import find_resume
-from grpo_cli.run.runlog import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
-TIMING = {"step_time", "gen_time", "tokens_per_s"}
 REWARDS = """
 import zlib
 
@@ -72,27 +69,8 @@ def base(random_model_dir, rewards_dir) -> list[str]:
     ]  # fmt: skip
 
 
-def _run(overrides: list[str], run_dir: Path) -> dict:
-    cfg, _ = compose_config("train", overrides)
-    validate(cfg)
-    return train.run(cfg, str(run_dir))
-
-
-def _rows(run_dir: Path) -> dict[int, dict]:
-    rows = read_metrics(run_dir)
-    steps = [r["step"] for r in rows]
-    assert len(steps) == len(set(steps)), f"duplicate metric rows: {steps}"
-    return {r["step"]: {k: v for k, v in r.items() if k not in TIMING} for r in rows}
-
-
-def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(ckpt / "model.safetensors")
-
-
 def _same_weights(a: Path, b: Path) -> bool:
-    wa, wb = _weights(a), _weights(b)
+    wa, wb = model_weights(a), model_weights(b)
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -100,7 +78,7 @@ def _same_weights(a: Path, b: Path) -> bool:
 def straight(base, tmp_path_factory) -> Path:
     """6 steps without interruption, checkpoints 2, 4 and 6: the reference, and the checkpoints to damage."""
     run_dir = tmp_path_factory.mktemp("straight")
-    _run([*base, "train.steps=6"], run_dir)
+    run_train([*base, "train.steps=6"], run_dir)
     return run_dir
 
 
@@ -137,12 +115,12 @@ def test_resume_past_a_truncated_checkpoint_reproduces_the_uninterrupted_run(
     weights = run_dir / "checkpoint-4" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # what a full disk or an interrupted copy leaves
     with caplog.at_level(logging.WARNING, logger="grpo_cli"):
-        _run([*base, "train.steps=6", "train.resume=auto"], run_dir)
+        run_train([*base, "train.steps=6", "train.resume=auto"], run_dir)
     [passed] = [m for m in caplog.messages if "passing over" in m]
     assert passed.startswith(
         "train.resume=auto: passing over checkpoint-4: model.safetensors: size (1,000 bytes"
     )
-    got, ref = _rows(run_dir), _rows(straight)
+    got, ref = metric_rows(run_dir), metric_rows(straight)
     assert sorted(got) == list(range(7))
     for step in range(3, 7):  # from checkpoint-2 on, as if nothing had happened
         assert got[step] == ref[step], step
@@ -224,7 +202,7 @@ def test_every_file_of_a_lora_checkpoint_damaged_in_turn_is_named_by_resume_and_
     base, random_model_dir, tmp_path, monkeypatch
 ):
     run_dir = tmp_path / "lora"
-    _run(
+    run_train(
         [*base, "lora=default", "lora.r=4", "train.eval_every=0", "train.steps=2", "train.save_every=1"],
         run_dir,
     )
@@ -311,11 +289,11 @@ def test_an_old_checkpoint_without_a_manifest_resumes_with_one_line(base, straig
         (ckpt / manifest.MANIFEST).unlink()
         (ckpt / "config.yaml").write_text((ckpt / "config.yaml").read_text().removeprefix(manifest.MARK))
     with caplog.at_level(logging.WARNING, logger="grpo_cli"):
-        _run([*base, "train.steps=6", "train.resume=auto"], run_dir)
+        run_train([*base, "train.steps=6", "train.resume=auto"], run_dir)
     said = [m for m in caplog.messages if "cannot be verified" in m]
     assert said == [f"{run_dir / 'checkpoint-4'} has no manifest.json (saved before checkpoints had one, or "
                     "made elsewhere): its files cannot be verified"]  # fmt: skip
-    got, ref = _rows(run_dir), _rows(straight)
+    got, ref = metric_rows(run_dir), metric_rows(straight)
     assert got[5] == ref[5] and got[6] == ref[6]
     assert manifest.verify(run_dir / "checkpoint-6").verified  # new checkpoints get their manifest
 
@@ -330,7 +308,7 @@ def test_a_full_disk_mid_save_stops_the_run_and_resume_equals_the_uninterrupted_
     size = (straight / "checkpoint-4" / checkpoint.STATE_FILE).stat().st_size
     full_disk(monkeypatch, checkpoint.STATE_FILE, lambda: size // 2, nth=2)  # the save of step 4, half-way
     with caplog.at_level(logging.ERROR, logger="grpo_cli"), pytest.raises(SystemExit) as stopped:
-        _run([*base, "train.steps=6"], run_dir)
+        run_train([*base, "train.steps=6"], run_dir)
     assert stopped.value.code == checkpoint.SAVE_FAILED_EXIT == 74
     [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
     reason, *resume_lines = record.getMessage().splitlines()
@@ -343,11 +321,11 @@ def test_a_full_disk_mid_save_stops_the_run_and_resume_equals_the_uninterrupted_
     assert not list(run_dir.glob(".tmp-*"))
     assert manifest.verify(run_dir / "checkpoint-2", need=[checkpoint.STATE_FILE]).whole
     assert _same_weights(straight / "checkpoint-2", run_dir / "checkpoint-2")
-    assert max(_rows(run_dir)) == 4  # step 4 was logged before its save failed
+    assert max(metric_rows(run_dir)) == 4  # step 4 was logged before its save failed
 
     monkeypatch.undo()  # space freed
-    _run([*base, "train.steps=6", "train.resume=auto"], run_dir)
-    got, ref = _rows(run_dir), _rows(straight)
+    run_train([*base, "train.steps=6", "train.resume=auto"], run_dir)
+    got, ref = metric_rows(run_dir), metric_rows(straight)
     assert sorted(got) == list(range(7))  # rows 3 and 4 from the failed attempt were dropped, not kept twice
     for step in range(1, 7):
         assert got[step] == ref[step], step
