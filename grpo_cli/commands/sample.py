@@ -12,7 +12,6 @@ Also written to ``<run_dir>/samples.jsonl``, one completion per line (``records`
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from grpo_cli.envs.episode import episode_spec, extra_tokens
 from grpo_cli.models import load_policy
 from grpo_cli.rewards import build_rewarder
 from grpo_cli.rollout.generate import PromptFormat, generate, longest_prompt, score
-from grpo_cli.rollout.record import Rollout, token_record, transcript
+from grpo_cli.rollout.record import Rollout, token_record, token_runs, transcript
 from grpo_cli.run.progress import GenerationProgress
 from grpo_cli.runtime.logs import setup_logging
 from grpo_cli.runtime.rng import seed_everything
@@ -67,10 +66,9 @@ def _shown(ro: Rollout, i: int, tok: Any) -> str | Text:
     if ro.model_mask is None:
         return ro.texts[i].strip()[:200]
     n = int(ro.completion_mask[i].sum())
-    pairs = zip(ro.completion_ids[i, :n].tolist(), ro.model_mask[i, :n].tolist())
     shown = Text()
-    for is_model, run in itertools.groupby(pairs, key=lambda pair: pair[1]):
-        shown.append(tok.decode([t for t, _ in run]), style=None if is_model else "cyan")
+    for is_model, run in token_runs(ro.completion_ids[i, :n].tolist(), ro.model_mask[i, :n].tolist()):
+        shown.append(tok.decode(run), style=None if is_model else "cyan")
     shown.truncate(400)
     return shown
 

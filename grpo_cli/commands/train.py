@@ -26,7 +26,7 @@ from grpo_cli.commands.update import low_precision_warning, make_optimizer, trai
 from grpo_cli.config import ConfigError, TrainConfig, TrainRoot
 from grpo_cli.data import build_prompt, load_rows
 from grpo_cli.engines import build_engine
-from grpo_cli.envs.episode import EpisodeSpec, episode_budget, episode_spec, extra_tokens
+from grpo_cli.envs.episode import episode_budget, episode_spec, extra_tokens
 from grpo_cli.models import Policy, load_policy
 from grpo_cli.rewards import build_rewarder
 from grpo_cli.rollout.batch import PromptOrder, RolloutSetup
@@ -130,44 +130,33 @@ def _build(cfg: TrainRoot, run_path: Path) -> tuple[Trainer, dict[str, Any] | No
     # The run's one environment (its markers checked against the tokenizer before any engine starts).
     spec = episode_spec(cfg.env, policy, cfg.rollout)
     try:
-        return _build_rest(cfg, run_path, world, train_rows, test_rows, resume_from, policy, spec)
+        # Per-rank streams from here (dropout); rollouts have their own per-prompt streams (batch.draw_seed).
+        rng.seed_everything(cfg.seed + world.rank)
+        optimizer, scheduler = make_optimizer(policy, tr)
+        if warning := low_precision_warning(trained_params(optimizer), tr.lr):
+            log.warning(warning)
+        fmt = PromptFormat.of(cfg.data, cfg.model)
+        # After the weights are final (a resume's included): the engine starts with them (vllm: pushed).
+        longest = longest_prompt(policy.tokenizer, train_rows + test_rows, fmt) if _sized(cfg) else 0
+        longest += extra_tokens(cfg.env, cfg.rollout)  # an episode's budget beyond max_new_tokens
+        engine = build_engine(policy, cfg.rollout, cfg.model, cfg.seed, longest, cfg.algo.group_size)
+        rewarder = build_rewarder(cfg.reward)
     except BaseException:
         spec.close()
         raise
-
-
-def _build_rest(
-    cfg: TrainRoot,
-    run_path: Path,
-    world: distributed.World,
-    train_rows: list[dict],
-    test_rows: list[dict],
-    resume_from: Path | None,
-    policy: Policy,
-    spec: EpisodeSpec,
-) -> tuple[Trainer, dict[str, Any] | None]:
-    tr = cfg.train
-    # Per-rank streams from here (dropout); rollouts have their own per-prompt streams (batch.draw_seed).
-    rng.seed_everything(cfg.seed + world.rank)
-    optimizer, scheduler = make_optimizer(policy, tr)
-    if warning := low_precision_warning(trained_params(optimizer), tr.lr):
-        log.warning(warning)
-    fmt = PromptFormat.of(cfg.data, cfg.model)
-    # After the weights are final (a resume's included): the engine starts with them (vllm: pushed).
-    longest = longest_prompt(policy.tokenizer, train_rows + test_rows, fmt) if _sized(cfg) else 0
-    longest += extra_tokens(cfg.env, cfg.rollout)  # an episode's budget beyond max_new_tokens
-    engine = build_engine(policy, cfg.rollout, cfg.model, cfg.seed, longest, cfg.algo.group_size)
-    setup = RolloutSetup(
-        engine, policy, train_rows, fmt, build_rewarder(cfg.reward), cfg.rollout, cfg.algo, cfg.seed, spec
-    )
+    setup = RolloutSetup(engine, policy, train_rows, fmt, rewarder, cfg.rollout, cfg.algo, cfg.seed, spec)
     trainer = Trainer(
         cfg, run_path, setup, PromptOrder(len(train_rows), cfg.seed), optimizer, scheduler,
         StepGuard(tr.max_bad_steps, tr.zero_std_warn), test_rows, OmegaConf.to_yaml(OmegaConf.structured(cfg)),
     )  # fmt: skip
     if resume_from is None:
         return trainer, None
-    state = checkpoint.load_state(resume_from)
-    resume.restore(trainer, state)
+    try:
+        state = checkpoint.load_state(resume_from)
+        resume.restore(trainer, state)
+    except BaseException:
+        _close(trainer)
+        raise
     resume.warn_config_changes(resume_from, trainer.config_yaml)
     log.info("resumed from %s at step %d", resume_from, state["step"])
     return trainer, state

@@ -11,7 +11,6 @@ split over byte-level tokens stay whole.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,7 @@ from grpo_cli.data import build_prompt
 from grpo_cli.engines import Decoding, Engine, Progress
 from grpo_cli.envs.episode import Episode, EpisodeSpec, run_episodes
 from grpo_cli.models import Policy
-from grpo_cli.rollout.record import Rollout, pad_cat
+from grpo_cli.rollout.record import Rollout, pad_cat, token_runs
 
 
 @dataclass(frozen=True)
@@ -117,12 +116,16 @@ def episode_rollout(
     logps = None
     if episodes and all(e.logprobs is not None for e in episodes):
         logps = pad_cat([torch.tensor([e.logprobs], dtype=torch.float32) for e in episodes], 0).to(device)
+    turns = [model_turns(tokenizer, e) for e in episodes] if tools else []
     ro = Rollout(
         prompt_ids=pad_cat([i for i, _ in p_ids], pad, left=True).to(device),
         prompt_mask=pad_cat([m for _, m in p_ids], 0, left=True).to(device),
         completion_ids=ids.to(device),
         completion_mask=mask.to(device),
-        texts=tokenizer.batch_decode(ids.masked_fill(mask == 0, pad), skip_special_tokens=True),
+        # A turn of EOS alone adds no line.
+        texts=["\n".join(t for t in ts if t) for ts in turns]
+        if tools
+        else tokenizer.batch_decode(ids.masked_fill(mask == 0, pad), skip_special_tokens=True),
         rows=[row for row in rows for _ in range(group_size)],
         group_size=group_size,
         engine_logps=logps,
@@ -132,8 +135,6 @@ def episode_rollout(
     ro.model_mask = pad_cat([torch.tensor([e.model or [0]], dtype=torch.long) for e in episodes], 0).to(
         device
     )
-    turns = [model_turns(tokenizer, e) for e in episodes]
-    ro.texts = ["\n".join(t for t in ts if t) for ts in turns]  # a turn of EOS alone adds no line
     ro.episode_texts = {"model_turns": turns, "tool_results": [list(e.results) for e in episodes]}
     ro.episode_stats = {
         "turns": [float(e.turns) for e in episodes],
@@ -148,10 +149,9 @@ def episode_rollout(
 def model_turns(tokenizer: Any, episode: Episode) -> list[str]:
     """The model's turns of ``episode``, each run of sampled ids decoded on its own (special tokens
     dropped): the tool's tokens are not the model's words."""
-    pairs = zip(episode.ids, episode.model)
     return [
-        tokenizer.decode([t for t, _ in run], skip_special_tokens=True)
-        for is_model, run in itertools.groupby(pairs, key=lambda pair: pair[1])
+        tokenizer.decode(run, skip_special_tokens=True)
+        for is_model, run in token_runs(episode.ids, episode.model)
         if is_model
     ]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -144,6 +145,12 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         episode_stats={k: [s for p in parts for s in p.episode_stats[k]] for k in parts[0].episode_stats},
         episode_texts={k: [s for p in parts for s in p.episode_texts[k]] for k in parts[0].episode_texts},
     )
+
+
+def token_runs(ids: Sequence[int], model: Sequence[int]) -> list[tuple[bool, list[int]]]:
+    """``ids`` cut where ``model`` (1: the model sampled the id) changes: (the model's?, the run's ids)."""
+    pairs = zip(ids, model)
+    return [(bool(m), [t for t, _ in run]) for m, run in itertools.groupby(pairs, key=lambda pair: pair[1])]
 
 
 def transcript(ro: Rollout, i: int, tokenizer: Any) -> str:
