@@ -22,6 +22,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("grpo_cli.commands.sample", "show G completions per prompt with rewards and advantages"),
     "eval": ("grpo_cli.commands.eval", "pass@k, maj@k and mean reward of checkpoints"),
 }
+# Not a Hydra command: vLLM's own server with its flags (``grpo serve --help``).
+SERVE = ("grpo_cli.commands.serve", "a generation server for rollout.engine=vllm-server (vLLM's own)")
 # Flags after which Hydra does not run a single job, so there is nothing to pre-validate.
 _NO_PRECHECK = {
     "-m",
@@ -38,8 +40,9 @@ _NO_PRECHECK = {
 
 USAGE = (
     "usage: grpo {train,sample,eval} [key=value ...] [hydra flags]\n"
+    "       grpo serve [--model M] [--port P] [-- vllm flags]\n"
     "       torchrun --nproc_per_node N -m grpo_cli train [key=value ...]   (data-parallel)\n\n"
-    + "\n".join(f"  {name:<8}{desc}" for name, (_, desc) in SUBCOMMANDS.items())
+    + "\n".join(f"  {name:<8}{desc}" for name, (_, desc) in {**SUBCOMMANDS, "serve": SERVE}.items())
     + "\n\ngrpo <command> --help lists its config groups; grpo <command> --cfg job prints its config."
 )
 
@@ -147,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
+    if command == "serve":
+        return importlib.import_module(SERVE[0]).main(rest)
     if command not in SUBCOMMANDS:
         print(f"grpo: unknown subcommand {command!r}\n{USAGE}", file=sys.stderr)
         return 2

@@ -23,7 +23,9 @@ class ConfigError(ValueError):
 
 # The values of the keys whose options are implemented in one place each (the tables are checked
 # against these names by ``commands.validate``).
-ENGINES = ("hf", "vllm")  # rollout.engine
+ENGINES = ("hf", "vllm", "vllm-server")  # rollout.engine
+ENGINE_IS_LEVELS = ("token", "sequence")  # algo.engine_is.level
+ENGINE_IS_MODES = ("truncate", "mask")  # algo.engine_is.mode
 STRATEGIES = ("ddp", "fsdp")  # train.strategy
 
 
@@ -60,6 +62,17 @@ class LoraConfig:
 
 
 @dataclass
+class EngineISConfig:
+    # Importance weight w = pi_old / mu of each token's surrogate, for the engine/trainer mismatch and
+    # (rollout.max_staleness >= 1) for samples drawn by older weights. null: off (w = 1).
+    cap: float | None = None
+    # token: w per token; sequence: one w per completion, exp of the summed log-ratio over its tokens.
+    level: str = "token"
+    # truncate: min(w, cap) (TIS); mask: tokens (or sequences) with w > cap get no loss (MIS).
+    mode: str = "truncate"
+
+
+@dataclass
 class AlgoConfig:
     """The loss family. Field names are the ones ``core.loss.policy_loss`` reads."""
 
@@ -91,9 +104,9 @@ class AlgoConfig:
     overlong_buffer: int = 0
     # Penalty at rollout.max_new_tokens (DAPO: 1.0), reached linearly across the buffer.
     overlong_penalty: float = 1.0
-    # Truncated importance sampling for the engine/trainer mismatch (rollout.engine=vllm): each token's
-    # surrogate is weighted by min(pi_old / pi_engine, cap) (TRL, verl use 2.0); null: off.
-    engine_is_cap: float | None = None
+    # The behaviour-policy correction: pi_old (the trainer's recomputed log-probs, the proximal policy)
+    # over mu (the engine's, which sampled); see EngineISConfig and core/loss.py.
+    engine_is: EngineISConfig = field(default_factory=EngineISConfig)
 
 
 @dataclass
@@ -117,6 +130,13 @@ class RolloutConfig:
     kv_cache_bytes: int | None = None
     # vllm on CUDA: free the engine's weights and KV cache between rollouts (enable_sleep_mode).
     sleep: bool = True
+    # vllm-server: the servers' URLs (`grpo serve`), e.g. [http://10.0.0.2:8000]; groups are spread over them.
+    servers: list[str] = field(default_factory=list)
+    # vllm-server: seconds a server may take to answer one request (a group) or a weight sync.
+    server_timeout: float = 600.0
+    # Rollouts generated ahead while the policy trains: no trained sample was drawn by weights more than
+    # this many optimizer steps old (0: strictly on-policy, generation and update alternate).
+    max_staleness: int = 0
 
 
 @dataclass

@@ -78,3 +78,56 @@ def standin_dir(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("standin") / "qwen2.5-0.5b-2l"
     return build_standin(out, layers=2, data_dir=shared_data_dir(), bpe_vocab=4000, corpus_limit=2000)
+
+
+def start_servers(models: list[str], log_dir: Path, timeout_s: float = 300.0) -> tuple[list[str], list]:
+    """``grpo serve`` (the way docs/engines.md starts them) for each model, on free local ports; their
+    URLs once each answers /health, and the processes. Fails with the log's tail if one dies."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from grpo_cli.engines.server.http import reachable
+
+    procs, urls = [], []
+    for i, model in enumerate(models):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        log = open(log_dir / f"server-{i}.log", "w")  # noqa: SIM115 - closed with the process
+        cmd = [sys.executable, "-m", "grpo_cli", "serve", "--model", model, "--port", str(port)]
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+        urls.append(f"http://127.0.0.1:{port}")
+    deadline = time.monotonic() + timeout_s
+    for (proc, log), url in zip(procs, urls):
+        while reachable(url, 2.0):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop_servers(procs)
+                tail = Path(log.name).read_text()[-2000:]
+                pytest.fail(f"grpo serve at {url} did not come up:\n{tail}")
+            time.sleep(2)
+    return urls, procs
+
+
+def stop_servers(procs: list) -> None:
+    for proc, _ in procs:
+        proc.terminate()
+    for proc, log in procs:
+        try:
+            proc.wait(30)
+        except Exception:  # noqa: BLE001 - a server that ignores SIGTERM is killed
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_servers(tmp_path_factory, tiny_model_path):
+    """Two vLLM servers of the tiny model (vLLM's CPU build), for the session; skipped without vLLM."""
+    from grpo_cli import engines
+
+    if not engines.vllm_available():
+        pytest.skip("vLLM not installed (make install-vllm)")
+    urls, procs = start_servers(["tiny", "tiny"], tmp_path_factory.mktemp("servers"))
+    yield urls
+    stop_servers(procs)

@@ -208,7 +208,7 @@ def _accumulate_gradients(
 def _engine_weights(
     inputs: LossInput, s: slice, old: torch.Tensor, algo: Any, diff: torch.Tensor | None
 ) -> torch.Tensor | None:
-    """Micro-batch ``s``'s engine importance weights (``algo.engine_is_cap``; None when off or when the
+    """Micro-batch ``s``'s engine importance weights (``algo.engine_is``; None when off or when the
     trainer sampled), and |log pi_engine - log pi_old| summed into ``diff`` (when given).
 
     ``old``: [n, T] log pi_old of the micro-batch (the trainer's; with mu = 1 the current log-probs).
@@ -219,9 +219,10 @@ def _engine_weights(
     eng, old, mask = eng[s].to(old.device), old.detach(), inputs.rollout.model_tokens[s].bool()
     if diff is not None:
         diff += torch.stack([torch.where(mask, (old - eng).abs(), 0.0).sum(), mask.sum()]).double().cpu()
-    if algo.engine_is_cap is None:
+    c = algo.engine_is
+    if c.cap is None:
         return None
-    return engine_is_weights(old, eng, mask, algo.engine_is_cap)
+    return engine_is_weights(old, eng, mask, c.cap, c.level, c.mode)
 
 
 def reduce_over_ranks(loss: float, st: LossStats) -> tuple[float, LossStats]:

@@ -12,10 +12,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from grpo_cli.config import ENGINES, STRATEGIES, ConfigError
+from grpo_cli.config import ENGINE_IS_LEVELS, ENGINE_IS_MODES, ENGINES, STRATEGIES, ConfigError
 from grpo_cli.core.loss import AGGREGATIONS, IMPORTANCE_LEVELS, KL_ESTIMATORS, REWARD_SCALES
 from grpo_cli.data.reasoning_gym import check_installed
 from grpo_cli.engines import check_engine
+from grpo_cli.engines.server.http import reachable
 from grpo_cli.envs import ENVS
 from grpo_cli.models import DTYPES, EMBEDDED
 from grpo_cli.models.identity import checkpoint_kind
@@ -32,6 +33,8 @@ def option_choices() -> dict[str, tuple[str, ...]]:
         "algo.scale_rewards": tuple(REWARD_SCALES),
         "model.dtype": ("auto", *DTYPES),
         "rollout.engine": ENGINES,
+        "algo.engine_is.level": ENGINE_IS_LEVELS,
+        "algo.engine_is.mode": ENGINE_IS_MODES,
         "console": ("rich", "plain"),
     }
 
@@ -110,9 +113,35 @@ def _validate_engine(cfg: Any) -> None:
         )
     if ro.kv_cache_bytes is not None and ro.kv_cache_bytes < 1:
         raise ConfigError(f"rollout.kv_cache_bytes={ro.kv_cache_bytes}: must be >= 1 (or null to size it)")
-    cap = cfg.algo.engine_is_cap
-    if cap is not None and not cap > 0:
-        raise ConfigError(f"algo.engine_is_cap={cap}: must be > 0 (or null for off)")
+    eis = cfg.algo.engine_is
+    if eis.cap is not None and not eis.cap > 0:
+        raise ConfigError(f"algo.engine_is.cap={eis.cap}: must be > 0 (or null for off)")
+    _validate_servers(ro)
+
+
+def _validate_servers(ro: Any) -> None:
+    """rollout.engine=vllm-server: its URLs, each answering now (before any model loads)."""
+    if ro.max_staleness < 0:
+        raise ConfigError(f"rollout.max_staleness={ro.max_staleness}: must be >= 0 (0: on-policy)")
+    if ro.engine != "vllm-server":
+        if ro.max_staleness:
+            raise ConfigError(
+                f"rollout.max_staleness={ro.max_staleness} needs rollout.engine=vllm-server (generation "
+                f"overlaps training only where it runs elsewhere); rollout.engine={ro.engine} alternates"
+            )
+        return
+    if not ro.servers:
+        raise ConfigError(
+            "rollout.engine=vllm-server needs rollout.servers: start one with `grpo serve --port 8000` "
+            "and pass rollout.servers='[http://127.0.0.1:8000]'"
+        )
+    if not ro.server_timeout > 0:
+        raise ConfigError(f"rollout.server_timeout={ro.server_timeout}: must be > 0 (seconds)")
+    for url in ro.servers:
+        if not str(url).startswith(("http://", "https://")):
+            raise ConfigError(f"rollout.servers: {url!r} is not an http(s) URL, e.g. http://127.0.0.1:8000")
+        if why := reachable(str(url)):
+            raise ConfigError(f"rollout.servers: {why} (is `grpo serve` running there?)")
 
 
 def _validate_env(env: Any) -> None:

@@ -14,16 +14,20 @@ with
     KL_{i,t}  = k3: pi_ref/pi_theta - log(pi_ref/pi_theta) - 1 (k1 and k2 as options)
     AGG       = one of the three aggregations below (how tokens and completions are averaged).
 
-When another engine sampled the completions (vLLM), its probabilities pi_engine can differ a little
-from the trainer's pi_old (other kernels, other precision). ``engine_is_cap`` = C turns on truncated
-importance sampling (TRL's vllm_importance_sampling_correction, verl's tis): the surrogate of each
-token is weighted by the detached
+When another engine sampled the completions (vLLM), its probabilities mu can differ from the
+trainer's pi_old: other kernels and precision, and with ``rollout.max_staleness`` >= 1 weights up to
+that many steps older. ``engine_is.cap`` = C turns on the correction (TRL's
+vllm_importance_sampling_correction, verl's rollout IS, AReaL's decoupled PPO): the surrogate of
+each token is weighted by the detached
 
-    w_{i,t} = min(pi_old(o_{i,t} | ...) / pi_engine(o_{i,t} | ...), C)                (`engine_is_weights`)
+    w_{i,t} = min(pi_old(o_{i,t} | ...) / mu(o_{i,t} | ...), C)      (level=token, mode=truncate)
+    w_i     = min(prod_t pi_old / mu, C)                              (level=sequence)
+    mode=mask: w where w <= C, else 0 (the token, or the whole completion, gives no loss)
+                                                                       (`engine_is_weights`)
 
-so the term becomes w_{i,t} * min(rho A, clip(rho) A); the KL term is not weighted. pi_old stays the
-trainer's own recomputed log-prob, so the clip keeps its meaning; w only corrects for having sampled
-from pi_engine instead of pi_old.
+so the term becomes w * min(rho A, clip(rho) A); the KL term is not weighted. pi_old is the trainer's
+own recomputed log-prob (the proximal policy: the weights at the start of the step), so the clip keeps
+its trust region around the current policy; w only corrects for having sampled from mu.
 
 Which options reproduce which paper:
 
@@ -209,22 +213,44 @@ def aggregation_units(mask: Tensor, aggregation: str) -> Tensor:
 # ---------------------------------------------------------------------------- engine mismatch
 
 
-def engine_is_weights(old_logps: Tensor, engine_logps: Tensor, mask: Tensor, cap: float) -> Tensor:
-    """Truncated importance weights min(exp(old - engine), cap), detached.
+def engine_is_weights(
+    old_logps: Tensor,
+    engine_logps: Tensor,
+    mask: Tensor,
+    cap: float,
+    level: str = "token",
+    mode: str = "truncate",
+) -> Tensor:
+    """Importance weights w = pi_old / mu of the behaviour policy mu, truncated or masked at C, detached.
 
     Args:
-        old_logps: [B, T] log pi_old (the trainer's log-probs of the sampled tokens).
-        engine_logps: [B, T] log pi_engine (the sampling engine's log-probs of the same tokens).
-        mask: [B, T] bool or 0/1, true on completion tokens; masked positions get weight 1.
-        cap: C > 0, the truncation (TRL and verl default to 2).
+        old_logps: [B, T] log pi_old (the trainer's log-probs of the sampled tokens: the proximal policy).
+        engine_logps: [B, T] log mu (the sampling engine's log-probs of the same tokens, possibly from
+            weights up to ``rollout.max_staleness`` steps older).
+        mask: [B, T] bool or 0/1, true on the model's tokens; masked positions get weight 1.
+        cap: C > 0 (TRL and verl default to 2).
+        level: token (w_{i,t} per token) or sequence (w_i = exp(sum_t log pi_old / mu) over the
+            completion's tokens, the same for each of them).
+        mode: truncate (min(w, C)) or mask (w where w <= C, else 0: no loss from that token or completion).
 
     Returns:
-        [B, T] weights in (0, C], float32 (float64 for float64 inputs), no gradient.
+        [B, T] weights in [0, C], float32 (float64 for float64 inputs), no gradient.
     """
     dtype = torch.promote_types(old_logps.dtype, torch.float32)
     mask = mask.bool()
     log_w = torch.where(mask, old_logps.detach().to(dtype) - engine_logps.detach().to(dtype), 0.0)
-    return log_w.exp().clamp(max=cap)
+    if level == "sequence":
+        log_w = log_w.sum(-1, keepdim=True).expand_as(log_w)
+    elif level != "token":
+        raise ValueError(f"engine_is.level={level!r}: expected one of ['sequence', 'token']")
+    log_cap = torch.tensor(float(cap), dtype=dtype).log()
+    if mode == "truncate":
+        w = log_w.clamp(max=log_cap).exp()  # clamp first: a sequence's summed log-ratio may overflow exp
+    elif mode == "mask":
+        w = torch.where(log_w > log_cap, 0.0, log_w.clamp(max=log_cap).exp())
+    else:
+        raise ValueError(f"engine_is.mode={mode!r}: expected one of ['mask', 'truncate']")
+    return torch.where(mask, w, 1.0)
 
 
 # ---------------------------------------------------------------------------- the loss

@@ -1,5 +1,6 @@
 """Generation engines behind one token-level protocol: ``hf`` (our prefix-shared decoding loop, the
-default) and ``vllm`` (colocated vLLM, weights pushed after every update).
+default), ``vllm`` (colocated vLLM, weights pushed after every update) and ``vllm-server`` (vLLM
+servers of their own, weights broadcast to them after every update: ``engines.server``).
 
     grpo train rollout.engine=vllm               # needs `make install-vllm`
     grpo eval rollout.engine=vllm checkpoint=outputs/run/checkpoint-300
@@ -22,6 +23,7 @@ from __future__ import annotations
 from grpo_cli.config import ENGINES, ConfigError, ModelConfig, RolloutConfig
 from grpo_cli.engines.hf import HFEngine
 from grpo_cli.engines.protocol import Completion, Decoding, Engine, Progress, Request
+from grpo_cli.engines.server import ServerEngine
 from grpo_cli.engines.vllm import VLLMEngine  # imports vllm itself only when an engine starts
 from grpo_cli.models import Policy
 
@@ -64,4 +66,8 @@ def build_engine(
     check_engine(rollout.engine)
     if rollout.engine == "vllm":
         return VLLMEngine.for_policy(policy, rollout, model, seed, longest_prompt, group_size)
+    if rollout.engine == "vllm-server":
+        engine = ServerEngine(policy, rollout.servers, rollout.server_timeout, rollout.server_timeout)
+        engine.sync()  # the servers loaded the model from disk: they sample the policy's weights from here
+        return engine
     return HFEngine(policy, rollout.batch_size)

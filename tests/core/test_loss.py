@@ -409,11 +409,60 @@ def test_bf16_log_probs_are_promoted():
 # ---------------------------------------------------------------------------- engine importance sampling
 
 
-def _engine_weights_loop(old, eng, mask, cap):
-    return [
-        [min(math.exp(o - e), cap) if m else 1.0 for o, e, m in zip(ro, re, rm)]
-        for ro, re, rm in zip(old, eng, mask)
-    ]
+def _engine_weights_loop(old, eng, mask, cap, level="token", mode="truncate"):
+    """w = pi_old / mu per token (or per completion: the product over its tokens), then min(w, C)
+    (truncate) or 0 where w > C (mask); 1 off the mask. Plain floats, one token at a time."""
+    out = []
+    for ro, re, rm in zip(old, eng, mask):
+        seq = math.exp(sum(o - e for o, e, m in zip(ro, re, rm) if m))
+        row = []
+        for o, e, m in zip(ro, re, rm):
+            w = math.exp(o - e) if level == "token" else seq
+            w = min(w, cap) if mode == "truncate" else (0.0 if w > cap else w)
+            row.append(w if m else 1.0)
+        out.append(row)
+    return out
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("mode", ["truncate", "mask"])
+@pytest.mark.parametrize("mu", [1, 2])
+def test_behaviour_correction_loss_and_gradient_match_float64_loop(level, mode, mu):
+    """The corrected loss (w = pi_old / mu per token or per completion, truncated or masked at C) and
+    its gradient equal a per-token float64 loop; mu = 1: pi_old is the current policy (detached),
+    mu = 2: an older one. The cap bites in every case, and masking drops tokens truncation keeps."""
+    cfg = LossConfig(0.2, 0.28, 0.04, "k3", "seq_mean_token_mean", "token")
+    logps, old, ref, adv, mask = _random_batch()
+    gen = torch.Generator().manual_seed(7)
+    behaviour = (logps if mu == 1 else old).detach()
+    # Per completion a shift (so sequence weights spread both sides of C) plus noise per token.
+    eng = behaviour + 0.15 * torch.randn(8, 1, generator=gen, dtype=torch.float64)
+    eng = eng + 0.3 * torch.randn(old.shape, generator=gen, dtype=torch.float64)
+    cap = 1.5
+    w = engine_is_weights(behaviour, eng, mask, cap, level, mode)
+    want = _engine_weights_loop(behaviour.tolist(), eng.tolist(), mask.tolist(), cap, level, mode)
+    assert torch.allclose(w, torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-12)
+    if mode == "truncate":
+        assert (w[mask] == cap).any()
+    else:
+        assert (w[mask] == 0).any() and (w[mask] <= cap).all()
+    logps.requires_grad_()
+    loss, _ = policy_loss(logps, None if mu == 1 else old, ref, adv, mask, cfg, is_weights=w)
+    loss.backward()
+    old_rows = behaviour.tolist()
+    rows = [logps.detach().tolist(), old_rows, ref.tolist(), adv.tolist(), mask.long().tolist()]
+    ref_loss, ref_grad, _ = _reference(*rows, cfg, isw=want)
+    assert abs(loss.item() - ref_loss) < 1e-10
+    assert torch.allclose(logps.grad, torch.tensor(ref_grad, dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+def test_sequence_weights_do_not_overflow():
+    """A long completion's summed log-ratio (here 900) would overflow exp: truncation caps it first."""
+    mask = torch.ones(1, 300, dtype=torch.bool)
+    old, eng = torch.zeros(1, 300), torch.full((1, 300), -3.0)
+    w = engine_is_weights(old, eng, mask, 2.0, "sequence", "truncate")
+    assert torch.equal(w, torch.full_like(w, 2.0))
+    assert torch.equal(engine_is_weights(old, eng, mask, 2.0, "sequence", "mask"), torch.zeros_like(w))
 
 
 def test_engine_is_weights_match_loop_and_are_truncated():

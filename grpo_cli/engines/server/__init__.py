@@ -1,0 +1,212 @@
+"""The ``vllm-server`` engine: generation on vLLM servers of their own (other cores, GPUs or nodes).
+
+    grpo serve --port 8000                                   # one server (vLLM's own, see grpo serve -h)
+    grpo train rollout.engine=vllm-server rollout.servers='[http://127.0.0.1:8000]'
+
+Token ids in and out: each request's prompt goes to ``/v1/completions`` as ids (the later turns of an
+episode too), the sampled ids and their log-probs come back (``return_token_ids``); nothing is
+re-tokenised. Requests are spread over the servers in order (request i to server i mod S); each is
+one HTTP call of n completions with the request's seed, so the same seeds give the same tokens
+whichever server samples them.
+
+Weights (``sync``): the trainer and every server worker form one gloo group (``group``); the trainer
+posts ``grpo_receive`` to each server's ``/collective_rpc`` (our worker extension, ``receiver``) and
+broadcasts each tensor, whole (FSDP ranks gather theirs; LoRA merged, as for colocated vLLM:
+``engines.weights``). Each worker answers the checksum of what it received, which must equal the
+trainer's, and then the server's ``/update_weight_version`` sets the version ``/weight_info``
+reports; anything else raises ``SyncFailed``: a sync is never silently empty. The prefix cache is
+reset after each sync.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from grpo_cli.engines.protocol import Completion, Decoding, Progress, Request
+from grpo_cli.engines.server import group as weight_group
+from grpo_cli.engines.server.http import Server, ServerError, free_port, local_address, reachable
+from grpo_cli.engines.weights import policy_weights
+from grpo_cli.runtime import distributed
+
+log = logging.getLogger("grpo_cli")
+
+SEED_RANGE = 2**62  # vLLM adds the completion index to a request's seed: stay clear of int64 overflow
+
+__all__ = ["ServerEngine", "ServerError", "SyncFailed", "reachable"]
+
+
+class SyncFailed(ServerError):
+    """A weight sync that did not reach a server, or reached it with other bytes than were sent."""
+
+
+class ServerEngine:
+    name = "vllm-server"
+
+    def __init__(self, policy: Any, urls: Sequence[str], timeout_s: float, sync_timeout_s: float):
+        self.policy = policy
+        self.servers = [Server(u, timeout_s) for u in urls]
+        self.sync_timeout_s = sync_timeout_s
+        self.version = 0  # the weight version the servers serve (0: what they loaded from disk)
+        self.group: Any = None
+        self.model_ids = [s.call("/v1/models")["data"][0]["id"] for s in self.servers]
+        self.max_model_len = min(
+            int(s.call("/v1/models")["data"][0].get("max_model_len") or 0) for s in self.servers
+        )
+
+    # ------------------------------------------------------------------ sampling
+
+    def generate(
+        self, requests: Sequence[Request], decoding: Decoding, progress: Progress | None = None
+    ) -> list[list[Completion]]:
+        """requests[i].n completions of each request; all requests in flight at once (the servers batch them)."""
+        bodies = [self._body(i, req, decoding) for i, req in enumerate(requests)]
+        workers = max(1, min(len(bodies), 64))
+        with ThreadPoolExecutor(workers, thread_name_prefix="grpo-gen") as pool:
+            futures = [
+                pool.submit(self.servers[i % len(self.servers)].call, "/v1/completions", body)
+                for i, body in enumerate(bodies)
+            ]
+            answers = [f.result() for f in futures]
+        done = [_completions(a, req.n) for a, req in zip(answers, requests)]
+        if progress is not None:
+            progress(sum(len(g) for g in done), sum(len(c.token_ids) for g in done for c in g))
+        return done
+
+    def _body(self, i: int, req: Request, decoding: Decoding) -> dict[str, Any]:
+        limit = self.max_model_len
+        if limit and len(req.prompt_ids) + req.max_tokens > limit:
+            raise ValueError(
+                f"a prompt of {len(req.prompt_ids)} tokens + {req.max_tokens} new tokens exceeds the "
+                f"servers' max_model_len={limit}; start them with a larger --max-model-len"
+            )
+        seed = req.seed if req.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        greedy = decoding.greedy
+        return {
+            "model": self.model_ids[i % len(self.servers)],
+            "prompt": list(req.prompt_ids),
+            "n": req.n,
+            "max_tokens": req.max_tokens,
+            "temperature": 0.0 if greedy else decoding.temperature,
+            "top_k": 0 if greedy else decoding.top_k,
+            "top_p": 1.0 if greedy else decoding.top_p,
+            "stop_token_ids": list(req.stop_token_ids),
+            "seed": int(seed) % SEED_RANGE,
+            "logprobs": 0,
+            "return_token_ids": True,
+            "skip_special_tokens": False,
+            "logit_bias": {str(t): -100.0 for t in decoding.banned_ids} or None,  # vLLM's floor
+        }
+
+    def score(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[list[float]]:
+        """Each server's log-probs (temperature 1) of tokens ``starts[i]:`` of ``sequences[i]``, each
+        given the tokens before it: [servers][sequences][tokens]. The probe that shows what the
+        servers' weights are (tests, ``scripts/bench_async.py``)."""
+        out = []
+        for s, model in zip(self.servers, self.model_ids):
+            per_server = []
+            for seq, start in zip(sequences, starts):
+                body = {
+                    "model": model,
+                    "prompt": list(seq),
+                    "max_tokens": 1,
+                    "temperature": 1.0,
+                    "prompt_logprobs": 0,
+                    "return_token_ids": True,
+                }
+                rows = s.call("/v1/completions", body)["choices"][0]["prompt_logprobs"]
+                per_server.append([float(rows[j][str(seq[j])]["logprob"]) for j in range(start, len(seq))])
+            out.append(per_server)
+        return out
+
+    # ------------------------------------------------------------------ weights
+
+    def sync(self) -> None:
+        """Broadcast the policy's current weights to every server worker and check they arrived."""
+        weights = [
+            (n, t.contiguous().cpu()) for n, t in policy_weights(self.policy.model)
+        ]  # every rank (FSDP)
+        if distributed.world().is_main:
+            self._push(weights)
+        distributed.barrier()  # no rank samples before the servers hold the new weights
+
+    def _push(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        if self.group is None:
+            self.group = self._join()
+        version = self.version + 1
+        tensors = [[n, str(t.dtype).removeprefix("torch."), list(t.shape)] for n, t in weights]
+        spec = {"tensors": tensors, "version": version}
+        with ThreadPoolExecutor(len(self.servers), thread_name_prefix="grpo-sync") as pool:
+            futures = [pool.submit(s.rpc, "grpo_receive", spec, self.sync_timeout_s) for s in self.servers]
+            for _, t in weights:
+                weight_group.broadcast(self.group, t)
+            answers = [_result(f, s) for f, s in zip(futures, self.servers)]
+        sent = weight_group.checksum([t for _, t in weights])
+        for server, workers in zip(self.servers, answers):
+            for w in workers:
+                if w.get("tensors") != len(weights) or not math.isclose(w["checksum"], sent, rel_tol=1e-9):
+                    raise SyncFailed(
+                        f"{server.url}: the weight sync to version {version} moved other bytes than were "
+                        f"sent ({w.get('tensors')} of {len(weights)} tensors, checksum {w.get('checksum')} "
+                        f"vs {sent})"
+                    )
+        for server in self.servers:
+            server.call("/reset_prefix_cache", {})  # no KV block computed with the old weights is reused
+            server.call("/update_weight_version", {"new_version": str(version)})
+            served = server.call("/weight_info").get("weight_version")
+            if served != str(version):
+                raise SyncFailed(f"{server.url} serves weight version {served!r} after a sync to {version}")
+        self.version = version
+
+    def _join(self) -> Any:
+        """Form the weight group: the trainer rank 0, then each server's workers in order."""
+        sizes = [int(s.call("/get_world_size?include_dp=false")["world_size"]) for s in self.servers]
+        host, port = local_address(self.servers[0]), free_port()
+        size = 1 + sum(sizes)
+        firsts = [1 + sum(sizes[:i]) for i in range(len(sizes))]
+        with ThreadPoolExecutor(len(self.servers), thread_name_prefix="grpo-join") as pool:
+            futures = [
+                pool.submit(
+                    s.rpc,
+                    "grpo_join",
+                    {"host": host, "port": port, "rank": r, "size": size, "timeout": self.sync_timeout_s},
+                    self.sync_timeout_s,
+                )
+                for s, r in zip(self.servers, firsts)
+            ]
+            group = weight_group.join(host, port, 0, size, self.sync_timeout_s)
+            for f, s in zip(futures, self.servers):
+                _result(f, s)
+        log.info("weight group formed: the trainer and %d server worker(s) at %s:%d", size - 1, host, port)
+        return group
+
+    def pause(self) -> None:
+        """Nothing to free: the servers' memory is their own."""
+
+    def close(self) -> None:
+        """The servers keep running (a later run joins them again); the trainer's group is dropped."""
+        self.group = None
+
+
+def _result(future: Any, server: Server) -> Any:
+    try:
+        return future.result()
+    except ServerError as exc:
+        raise SyncFailed(f"weight sync failed: {exc}") from None
+
+
+def _completions(answer: dict[str, Any], n: int) -> list[Completion]:
+    choices = sorted(answer["choices"], key=lambda c: c["index"])
+    if len(choices) != n:
+        raise ServerError(f"a server answered {len(choices)} completions where {n} were asked")
+    out = []
+    for c in choices:
+        ids = list(c["token_ids"])
+        logps = (c.get("logprobs") or {}).get("token_logprobs") or [0.0] * len(ids)
+        out.append(Completion(token_ids=ids, logprobs=[float(x) for x in logps]))
+    return out
