@@ -175,7 +175,14 @@ def full_disk(monkeypatch: Any, name: str, room: Callable[[], int], nth: int = 1
 
 # ---------------------------------------------------------------------------- training runs in-process
 
-TIMING = {"step_time", "gen_time", "tokens_per_s"}  # metrics that differ between equal runs
+TIMING = {
+    "step_time",
+    "gen_time",
+    "tokens_per_s",
+    "idle_time",
+    "gen_idle_time",
+    "gen_wait_time",
+}  # metrics that differ between equal runs
 
 
 def run_train(overrides: list[str], run_dir: Path) -> dict:

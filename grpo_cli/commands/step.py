@@ -18,6 +18,7 @@ import torch
 
 from grpo_cli.commands.update import prepare, update
 from grpo_cli.config import TrainConfig
+from grpo_cli.rollout.ahead import RolloutsAhead
 from grpo_cli.rollout.batch import PromptOrder, RolloutSetup, roll_out_batch, rollout_metrics
 from grpo_cli.rollout.record import Rollout, concat_rollouts
 from grpo_cli.runtime import distributed
@@ -29,18 +30,27 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     tr: TrainConfig,
+    ahead: RolloutsAhead | None = None,
+    step: int = 0,
 ) -> tuple[dict[str, float], Rollout, torch.Tensor]:
-    """One GRPO step on ``setup.policy``.
+    """One GRPO step on ``setup.policy`` (step number ``step``, from 1).
 
-    Returns the step's metrics, and the trained rollout (all ranks') with its advantages [N], for the logs.
+    ``ahead`` (``rollout.max_staleness`` >= 1): the batch comes from the rollouts generated ahead, and
+    the generation of a later one runs during the update. Returns the step's metrics, and the trained
+    rollout (all ranks') with its advantages [N], for the logs.
     """
     policy, algo, temp = setup.policy, setup.algo, setup.rollout.temperature
     t0 = time.perf_counter()
-    batch = roll_out_batch(setup, order, tr.prompts_per_step)
+    if ahead is None:
+        batch, timing = roll_out_batch(setup, order, tr.prompts_per_step), {}
+    else:
+        batch, timing = ahead.take(version=step - 1)
     setup.engine.pause()  # vllm with rollout.sleep on CUDA: its memory back for the update
     t_gen = time.perf_counter() - t0
     inputs = prepare(policy, batch.trained, algo, tr.micro_batch_size, temp)
     stats = update(policy, optimizer, scheduler, inputs, algo, tr, temp)
+    if ahead is not None:
+        timing.update(ahead.finish())  # the weights change only once no generation is in flight
     setup.engine.sync()  # the held-out evaluation and the next rollout sample the updated weights
     dt = time.perf_counter() - t0
     pad = policy.tokenizer.pad_token_id
@@ -51,6 +61,7 @@ def train_step(
         "step_time": dt,
         "gen_time": t_gen,
         "tokens_per_s": float(seen.lengths.sum()) / dt,
+        **timing,
     }
     everyone = seen if not algo.dynamic_sampling else gather_rollout(batch.trained, pad)
     if algo.dynamic_sampling:

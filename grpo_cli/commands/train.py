@@ -26,9 +26,11 @@ from grpo_cli.commands.update import low_precision_warning, make_optimizer, trai
 from grpo_cli.config import ConfigError, TrainConfig, TrainRoot
 from grpo_cli.data import build_prompt, load_rows
 from grpo_cli.engines import build_engine
+from grpo_cli.engines.server import ServerError
 from grpo_cli.envs.episode import episode_budget, episode_spec, extra_tokens
 from grpo_cli.models import Policy, load_policy
 from grpo_cli.rewards import build_rewarder
+from grpo_cli.rollout.ahead import RolloutsAhead
 from grpo_cli.rollout.batch import PromptOrder, RolloutSetup
 from grpo_cli.rollout.generate import PromptFormat, longest_prompt
 from grpo_cli.rollout.record import Rollout, transcript
@@ -40,6 +42,8 @@ from grpo_cli.runtime import distributed, rng
 from grpo_cli.runtime.logs import setup_logging
 
 log = logging.getLogger("grpo_cli")
+
+SERVER_FAILED_EXIT = 75  # EX_TEMPFAIL: start the server again and resume
 
 
 @dataclass
@@ -58,6 +62,8 @@ class Trainer:
     evals: dict[int, dict[str, float]] = field(default_factory=dict)
     # Where held-out generation shows its progress (the console's live panel on rank 0).
     progress: GenerationProgress = field(default_factory=GenerationProgress)
+    # rollout.max_staleness >= 1: the rollouts generated while the policy trains.
+    ahead: RolloutsAhead | None = None
 
     @property
     def policy(self) -> Policy:
@@ -145,10 +151,13 @@ def _build(cfg: TrainRoot, run_path: Path) -> tuple[Trainer, dict[str, Any] | No
         spec.close()
         raise
     setup = RolloutSetup(engine, policy, train_rows, fmt, rewarder, cfg.rollout, cfg.algo, cfg.seed, spec)
+    order = PromptOrder(len(train_rows), cfg.seed)
     trainer = Trainer(
-        cfg, run_path, setup, PromptOrder(len(train_rows), cfg.seed), optimizer, scheduler,
+        cfg, run_path, setup, order, optimizer, scheduler,
         StepGuard(tr.max_bad_steps, tr.zero_std_warn), test_rows, OmegaConf.to_yaml(OmegaConf.structured(cfg)),
     )  # fmt: skip
+    if cfg.rollout.max_staleness:
+        trainer.ahead = RolloutsAhead(setup, order, tr.prompts_per_step, cfg.rollout.max_staleness)
     if resume_from is None:
         return trainer, None
     try:
@@ -196,7 +205,7 @@ def _loop(t: Trainer, logger: Any, stop: checkpoint.GracefulStop, start: int, re
     """Steps ``start + 1 .. train.steps``; raises RunStopped after a signal or too many bad steps."""
     tr = t.cfg.train
     for step in range(start + 1, tr.steps + 1):
-        metrics, ro, advantages = train_step(t.setup, t.order, t.optimizer, t.scheduler, tr)
+        metrics, ro, advantages = train_step(t.setup, t.order, t.optimizer, t.scheduler, tr, t.ahead, step)
         if held_out_due(step, tr):
             t.evals[step] = t.held_out()
             metrics.update(t.evals[step])
@@ -287,6 +296,9 @@ def run(cfg: TrainRoot, run_dir: str, overrides: list[str] | None = None) -> dic
         raise RunStopped(stop_message(reason, run_path, resume_cmd, code)) from None
     except checkpoint.SaveFailed as exc:  # no space left, no permission: stop, keep what was saved
         raise RunStopped(stop_message(str(exc), run_path, resume_cmd, checkpoint.SAVE_FAILED_EXIT)) from None
+    except ServerError as exc:  # a generation server died, hung or refused a sync: stop, keep the checkpoints
+        reason = f"generation server failed: {exc}"
+        raise RunStopped(stop_message(reason, run_path, resume_cmd, SERVER_FAILED_EXIT)) from None
     finally:
         logger.close()
         _close(t)
@@ -297,6 +309,8 @@ def run(cfg: TrainRoot, run_dir: str, overrides: list[str] | None = None) -> dic
 
 def _close(t: Trainer) -> None:
     """Release what the run built: the reward rules' workers, the engine, the environment (once each)."""
+    if t.ahead is not None:
+        t.ahead.close()  # first: its thread uses the rest
     t.setup.rewarder.close()
     t.setup.engine.close()
     t.setup.spec.close()

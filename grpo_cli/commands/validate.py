@@ -116,13 +116,18 @@ def _validate_engine(cfg: Any) -> None:
     eis = cfg.algo.engine_is
     if eis.cap is not None and not eis.cap > 0:
         raise ConfigError(f"algo.engine_is.cap={eis.cap}: must be > 0 (or null for off)")
-    _validate_servers(ro)
+    _validate_servers(ro, cfg.algo)
 
 
-def _validate_servers(ro: Any) -> None:
+def _validate_servers(ro: Any, algo: Any) -> None:
     """rollout.engine=vllm-server: its URLs, each answering now (before any model loads)."""
     if ro.max_staleness < 0:
         raise ConfigError(f"rollout.max_staleness={ro.max_staleness}: must be >= 0 (0: on-policy)")
+    if ro.max_staleness and algo.dynamic_sampling:
+        raise ConfigError(
+            f"rollout.max_staleness={ro.max_staleness} with algo.dynamic_sampling=true: not supported (a "
+            "step's extra sampling rounds would overlap the update); use one or the other"
+        )
     if ro.engine != "vllm-server":
         if ro.max_staleness:
             raise ConfigError(

@@ -42,6 +42,8 @@ def trainer_state(t: Any, optimizer_state: dict | None = None) -> dict[str, Any]
         "evals": t.evals,
         # Every rank's RNG (dropout draws differ per rank); rank r resumes with rng_ranks[r].
         "rng_ranks": distributed.gather_objects(rng.rng_state()),
+        # rollout.max_staleness >= 1: each rank's batches generated ahead, not yet trained on.
+        "ahead_ranks": distributed.gather_objects(t.ahead.state_dict() if t.ahead is not None else []),
     }
 
 
@@ -58,6 +60,23 @@ def restore(t: Any, state: dict[str, Any]) -> None:
     t.order.load_state_dict(state["sampler"])
     t.guard.load_state_dict(state.get("guard", {}))
     t.evals = dict(state.get("evals", {}))
+    _restore_ahead(t, state.get("ahead_ranks") or [])
+
+
+def _restore_ahead(t: Any, ranks: list[list[dict[str, Any]]]) -> None:
+    """The batches generated ahead, each rank its own; none when the run does not generate ahead."""
+    world = distributed.world()
+    if t.ahead is None:
+        if any(ranks) and world.is_main:
+            log.warning("the checkpoint holds batches generated ahead; rollout.max_staleness=0 drops them")
+        return
+    if len(ranks) != world.size:
+        if any(ranks) and world.is_main:
+            log.warning(
+                "the checkpoint was written by another number of ranks: its pending batches are dropped"
+            )
+        return
+    t.ahead.load_state_dict(ranks[world.rank])
 
 
 def find_resume(tr: TrainConfig, run_path: Path) -> Path | None:

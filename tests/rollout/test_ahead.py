@@ -1,0 +1,104 @@
+"""The schedule of rollouts generated ahead (``rollout.max_staleness``), with a stand-in for the
+generation: which weights sample each step's batch, drops, and the checkpoint round trip."""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from grpo_cli.rollout import ahead as ahead_mod
+from grpo_cli.rollout.ahead import RolloutsAhead
+from grpo_cli.rollout.batch import StepBatch
+
+
+class FakeGeneration:
+    """roll_out_batch's stand-in: batch j holds j, and records the weight version live when it ran."""
+
+    def __init__(self, weights: dict, delay: float = 0.0):
+        self.weights, self.delay, self.count = weights, delay, 0
+
+    def __call__(self, setup, order, prompts):
+        self.count += 1
+        j, v = self.count, self.weights["version"]
+        time.sleep(self.delay)
+        ro = SimpleNamespace(completion_ids=torch.full((prompts * 2, 3), j), tag=(j, v))
+        ro.to = lambda device, ro=ro: ro
+        return StepBatch(ro, ro, 1)
+
+
+def _run(monkeypatch, staleness: int, steps: int, delay: float = 0.0, start=None):
+    weights = {"version": 0}
+    gen = FakeGeneration(weights, delay)
+    monkeypatch.setattr(ahead_mod, "roll_out_batch", gen)
+    setup = SimpleNamespace(algo=SimpleNamespace(group_size=2))
+    a = RolloutsAhead(setup, None, 2, staleness)
+    if start is not None:
+        a.load_state_dict(start["pending"])
+        gen.count = start["count"]
+        weights["version"] = start["version"]
+    rows = []
+    for step in range(weights["version"] + 1, weights["version"] + steps + 1):
+        batch, m = a.take(version=step - 1)
+        time.sleep(delay)  # the update
+        m.update(a.finish())
+        weights["version"] = step  # the sync: the servers serve the updated weights
+        rows.append((step, batch.trained.tag, m))
+    state = {"pending": a.state_dict(), "count": gen.count, "version": weights["version"]}
+    a.close()
+    return rows, state
+
+
+@pytest.mark.parametrize("staleness", [1, 2, 3])
+def test_each_step_trains_on_the_batch_sampled_exactly_s_versions_before(monkeypatch, staleness):
+    """Step k trains on batch k, sampled by version max(0, k - 1 - S): the lag is min(k - 1, S), never more."""
+    rows, _ = _run(monkeypatch, staleness, steps=8, delay=0.01)
+    for step, (j, v), m in rows:
+        assert j == step
+        assert v == max(0, step - 1 - staleness)
+        assert m["staleness"] == min(step - 1, staleness) == step - 1 - v
+        assert m["dropped_groups"] == 0
+
+
+def test_generation_overlaps_the_update(monkeypatch):
+    """The next batch is sampled while the step trains: a 0.2 s generation and a 0.2 s update take
+    ~0.2 s per step, not 0.4."""
+    weights = {"version": 0}
+    monkeypatch.setattr(ahead_mod, "roll_out_batch", FakeGeneration(weights, delay=0.2))
+    a = RolloutsAhead(SimpleNamespace(algo=SimpleNamespace(group_size=2)), None, 2, 1)
+    a.take(0)
+    a.finish()
+    t0 = time.perf_counter()
+    for step in range(2, 6):
+        a.take(step - 1)
+        time.sleep(0.2)  # the update
+        m = a.finish()
+        assert m["idle_time"] < 0.1
+    assert (time.perf_counter() - t0) / 4 < 0.3
+    assert threading.active_count() >= 1
+    a.close()
+
+
+def test_checkpointed_pending_batches_resume_the_schedule_exactly(monkeypatch):
+    """Stopping after step 4 and going on from the saved pending batches trains on what the
+    uninterrupted run trained on, with the same lags."""
+    straight, _ = _run(monkeypatch, 2, steps=8)
+    first, state = _run(monkeypatch, 2, steps=4)
+    assert [p["version"] for p in state["pending"]] == [2, 3]
+    rest, _ = _run(monkeypatch, 2, steps=4, start=state)
+    assert [(s, tag, m["staleness"]) for s, tag, m in first + rest] == [
+        (s, tag, m["staleness"]) for s, tag, m in straight
+    ]
+
+
+def test_batches_older_than_the_bound_are_dropped_and_counted(monkeypatch):
+    """Resumed with a smaller max_staleness, the pending batch that would lag more is dropped (its
+    groups counted) and a fresh one sampled in its place."""
+    _, state = _run(monkeypatch, 2, steps=4)  # pending: versions 2 and 3, at version 4
+    rows, _ = _run(monkeypatch, 1, steps=1, start=state)
+    step, (j, v), m = rows[0]
+    assert m["dropped_groups"] == 2  # one batch of 2 prompts
+    assert step - 1 - v <= 1
