@@ -143,8 +143,15 @@ class ServerEngine:
         spec = {"tensors": tensors, "version": version}
         with ThreadPoolExecutor(len(self.servers), thread_name_prefix="grpo-sync") as pool:
             futures = [pool.submit(s.rpc, "grpo_receive", spec, self.sync_timeout_s) for s in self.servers]
-            for _, t in weights:
-                weight_group.broadcast(self.group, t)
+            try:
+                for _, t in weights:
+                    weight_group.broadcast(self.group, t)
+            except RuntimeError as exc:  # gloo: a peer died or timed out mid-broadcast
+                self.group = None  # the next sync forms a new group
+                _first_error(futures, self.servers)
+                raise SyncFailed(
+                    f"weight broadcast to the servers failed: {' '.join(str(exc).split())[:200]}"
+                ) from None
             answers = [_result(f, s) for f, s in zip(futures, self.servers)]
         sent = weight_group.checksum([t for _, t in weights])
         for server, workers in zip(self.servers, answers):
@@ -191,6 +198,13 @@ class ServerEngine:
     def close(self) -> None:
         """The servers keep running (a later run joins them again); the trainer's group is dropped."""
         self.group = None
+
+
+def _first_error(futures: list[Any], servers: list[Server]) -> None:
+    """Raise the first server's own error, when one answered with one (it names the URL)."""
+    for f, s in zip(futures, servers):
+        if f.done():
+            _result(f, s)
 
 
 def _result(future: Any, server: Server) -> Any:

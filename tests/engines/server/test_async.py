@@ -16,7 +16,12 @@ import pytest
 import torch
 from helpers import metric_rows, run_train
 
-pytestmark = pytest.mark.slow
+from grpo_cli import engines
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not engines.vllm_available(), reason="vLLM not installed (make install-vllm)"),
+]
 
 REPO = Path(__file__).resolve().parents[3]
 REWARDS_MODULE = '''
@@ -122,3 +127,35 @@ def test_killed_at_random_moments_and_resumed_equals_the_uninterrupted_run(
     for step in ref:
         assert got[step] == ref[step], step
     assert {got[s]["staleness"] for s in got if s > 1} == {1.0}
+
+
+def test_a_server_that_dies_mid_run_stops_it_with_the_resume_command(tmp_path, rewards_dir):
+    """SIGKILL the (only) server after step 2: the run stops with exit 75 and one error naming the
+    URL and the resume command; the checkpoints written before it are whole and resumable."""
+    from conftest import start_servers, stop_servers
+
+    from grpo_cli.run import checkpoint
+
+    urls, procs = start_servers(["tiny"], tmp_path)
+    try:
+        run_dir = tmp_path / "run"
+        args = [*_base(urls, rewards_dir), "train.steps=30", "train.save_every=1", "rollout.server_timeout=20",
+                f"hydra.run.dir={run_dir}"]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(rewards_dir), os.environ.get("PYTHONPATH", "")]),
+               "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # fmt: skip
+        proc = subprocess.Popen([sys.executable, "-m", "grpo_cli", "train", *args], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        deadline = time.monotonic() + 240
+        while _steps(run_dir) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for p, _ in procs:
+            p.kill()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        stop_servers(procs)
+    assert proc.returncode == 75, out
+    errors = [line for line in out.splitlines() if "generation server failed" in line]
+    assert len(errors) == 1 and urls[0] in errors[0], out
+    assert "train.resume=auto" in out
+    last = checkpoint.list_checkpoints(run_dir)[-1]
+    assert checkpoint.resolve_resume("auto", run_dir) == last
