@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -97,7 +98,11 @@ def start_servers(models: list[str], log_dir: Path, timeout_s: float = 300.0) ->
             port = s.getsockname()[1]
         log = open(log_dir / f"server-{i}.log", "w")  # noqa: SIM115 - closed with the process
         cmd = [sys.executable, "-m", "grpo_cli", "serve", "--model", model, "--port", str(port)]
-        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+        # A session of its own: stopping a server stops its engine process too (a killed API server
+        # alone leaves vLLM's EngineCore running, orphaned).
+        procs.append(
+            (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log)
+        )
         urls.append(f"http://127.0.0.1:{port}")
     deadline = time.monotonic() + timeout_s
     for (proc, log), url in zip(procs, urls):
@@ -110,14 +115,21 @@ def start_servers(models: list[str], log_dir: Path, timeout_s: float = 300.0) ->
     return urls, procs
 
 
-def stop_servers(procs: list) -> None:
+def stop_servers(procs: list, sig: int | None = None) -> None:
+    """SIGTERM (or ``sig``) to each server's process group; SIGKILL to one still up after 30 s."""
+    import os
+    import signal
+
     for proc, _ in procs:
-        proc.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig or signal.SIGTERM)
     for proc, log in procs:
         try:
             proc.wait(30)
         except Exception:  # noqa: BLE001 - a server that ignores SIGTERM is killed
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
         log.close()
 
 
@@ -129,5 +141,17 @@ def tiny_servers(tmp_path_factory, tiny_model_path):
     if not engines.vllm_available():
         pytest.skip("vLLM not installed (make install-vllm)")
     urls, procs = start_servers(["tiny", "tiny"], tmp_path_factory.mktemp("servers"))
+    yield urls
+    stop_servers(procs)
+
+
+@pytest.fixture(scope="session")
+def tools_server(tmp_path_factory):
+    """One vLLM server of the calculator variant (model=tiny-tools), for the session."""
+    from grpo_cli import engines
+
+    if not engines.vllm_available():
+        pytest.skip("vLLM not installed (make install-vllm)")
+    urls, procs = start_servers(["tiny-tools"], tmp_path_factory.mktemp("tools-server"))
     yield urls
     stop_servers(procs)

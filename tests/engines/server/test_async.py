@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -148,8 +149,7 @@ def test_a_server_that_dies_mid_run_stops_it_with_the_resume_command(tmp_path, r
         deadline = time.monotonic() + 240
         while _steps(run_dir) < 2 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        for p, _ in procs:
-            p.kill()
+        stop_servers(procs, signal.SIGKILL)  # the server and its engine, as when its machine dies
         out, _ = proc.communicate(timeout=120)
     finally:
         stop_servers(procs)

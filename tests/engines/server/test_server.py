@@ -139,3 +139,67 @@ def test_bad_server_settings_are_one_line(overrides, match, capsys):
     assert main(["train", *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and match in err[0]
+
+
+@pytest.mark.slow
+def test_calc_episodes_on_the_server_are_token_exact(tools_server):
+    """env=calc model=tiny-tools on the server: each later turn goes out as the earlier ids + the
+    sampled ids + the tool's ids (nothing re-tokenised), and the trainer's log-probs over whole
+    episodes equal the server's on the model's tokens within 1e-3."""
+    from grpo_cli.data import load_rows
+    from grpo_cli.envs.episode import episode_spec
+    from grpo_cli.models.logprobs import grouped_completion_logprobs
+    from grpo_cli.rollout.generate import PromptFormat, generate
+
+    cfg = _cfg(tools_server, "env=calc", "model=tiny-tools", "data=arithmetic", "lora=none", "algo.beta=0.0")
+    policy = load_policy(cfg.model, cfg.lora, beta=0.0)
+    engine = build_engine(policy, cfg.rollout, cfg.model, cfg.seed)
+    spec = episode_spec(cfg.env, policy, cfg.rollout)
+    seen = []
+
+    class Recorder:
+        name = engine.name
+
+        def generate(self, requests, decoding, progress=None):
+            seen.extend(requests)
+            return engine.generate(requests, decoding, progress)
+
+    rows = load_rows(cfg.data, "test")[:8]
+    fmt = PromptFormat.of(cfg.data, cfg.model)
+    ro = generate(Recorder(), policy, rows, fmt, 4, cfg.rollout, seeds=list(range(8)), spec=spec)
+    spec.close()
+    model = ro.model_mask.bool()
+    assert (~model & ro.completion_mask.bool()).any(), "no tool tokens: no episode called the calculator"
+    full = [
+        p[m.bool()].tolist() + c[k.bool()].tolist()
+        for p, m, c, k in zip(ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask)
+    ]
+    later = seen[len(rows) :]
+    assert later, "every episode ended in one turn"
+    for req in later:
+        assert any(f[: len(req.prompt_ids)] == req.prompt_ids for f in full)
+    with torch.no_grad():
+        ours = grouped_completion_logprobs(
+            policy.model, ro.prompt_ids[::4], ro.prompt_mask[::4], ro.completion_ids, ro.completion_mask, 4
+        )
+    assert float((ours[model] - ro.engine_logps[model]).abs().max()) < TOL
+
+
+@pytest.mark.slow
+def test_train_on_two_servers_keeps_them_in_sync_every_step(tiny_servers, tmp_path):
+    """`grpo train rollout.engine=vllm-server` on both servers, full fine-tuning: logprob_diff < 1e-3
+    at every step (the servers sample the weights of the step), and after the run both servers'
+    probe log-probs equal the final checkpoint's."""
+    from helpers import metric_rows, run_train
+
+    from grpo_cli.models import load_policy as load
+
+    servers = "rollout.servers=[" + ",".join(tiny_servers) + "]"
+    run_train(["rollout.engine=vllm-server", servers, "lora=none", "train.steps=6", "train.eval_every=0",
+               "train.eval_at_ends=false", "train.lr=1e-3", "console=plain"], tmp_path)  # fmt: skip
+    rows = metric_rows(tmp_path)
+    assert all(rows[s]["rollout/logprob_diff"] < TOL for s in range(1, 7)), rows
+    cfg = _cfg(tiny_servers, f"model.name_or_path={tmp_path / 'checkpoint-6'}", "lora=none", "algo.beta=0.0")
+    final = load(cfg.model, cfg.lora, beta=0.0)
+    probe = ServerEngine(final, tiny_servers, 60, 60)  # no sync: what the servers hold now
+    assert max(_server_diff(probe, final)) < TOL
