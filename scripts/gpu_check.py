@@ -9,8 +9,12 @@ Checks, each timed, then one table (check, result, seconds, peak GPU memory, tok
 3. ``grpo train model=qwen`` on it: bf16 weights, LoRA, 2 steps of 4 prompts x 8 completions of up to
    128 tokens, GSM8K prompts (``../shared/data`` when present, else generated problems);
 4. ``grpo eval`` of that checkpoint: 32 problems x (4 samples + greedy);
-5. the vLLM engine tests (``pytest -k vllm``) when vllm is installed.
-About 5 minutes on one recent GPU (most of it the stand-in build and model loads); at most 10. Exit
+5. the vLLM engine tests (``pytest -k vllm``) and the server engine's (``tests/engines/server``) when
+   vllm is installed;
+6. the server path on the one GPU: ``grpo serve`` of the stand-in (a third of the GPU's memory) and
+   ``grpo train rollout.engine=vllm-server rollout.max_staleness=1`` against it, 3 steps, weights
+   synced every step (over gloo through host memory: no NCCL group yet), its logprob_diff noted.
+About 7 minutes on one recent GPU (most of it the stand-in build and model loads); at most 10. Exit
 status 1 when a check fails. Without a CUDA device it prints one line saying so and exits 0.
 The stand-in's weights are random: the numbers are speed and memory, never accuracy.
 """
@@ -159,6 +163,52 @@ def _eval(standin: Path, data: Path, checkpoint: Path, out: Path, problems: int 
     )
 
 
+def _server_train(standin: Path, data: Path, run_dir: Path, port: int = 8765) -> Row:
+    """``grpo serve`` on this GPU beside the trainer, and 3 steps of training against it at S = 1."""
+    import signal
+    import urllib.request
+
+    from grpo_cli.run.runlog import read_metrics
+
+    log = (run_dir.parent / "server.log").open("w")
+    cmd = [sys.executable, "-m", "grpo_cli", "serve", "--model", str(standin), "--port", str(port),
+           "--dtype", "bfloat16", "--", "--gpu-memory-utilization", "0.3", "--max-model-len", "2048"]  # fmt: skip
+    server = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    t0 = time.perf_counter()
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.perf_counter() - t0 > 240:
+                    raise RuntimeError(f"grpo serve did not come up; see {log.name}") from None
+                time.sleep(2)
+        args = [
+            "model=qwen", f"model.name_or_path={standin}", "model.dtype=bfloat16", "data=gsm8k",
+            f"data.path={data}", "train.steps=3", "train.prompts_per_step=4", "algo.group_size=8",
+            "rollout.max_new_tokens=128", "train.eval_every=0", "console=plain", "rollout.engine=vllm-server",
+            f"rollout.servers=[http://127.0.0.1:{port}]", "rollout.max_staleness=1", "algo.engine_is.cap=2.0",
+            f"hydra.run.dir={run_dir}",
+        ]  # fmt: skip
+        _reset_peak()
+        out = subprocess.run([sys.executable, "-m", "grpo_cli", "train", *args], cwd=REPO, capture_output=True,
+                             text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+        if out.returncode:
+            raise RuntimeError(out.stdout[-300:] + out.stderr[-300:])
+        rows = read_metrics(run_dir)
+        last = rows[-1]
+        diffs = [r["rollout/logprob_diff"] for r in rows if "rollout/logprob_diff" in r]
+        note = (f"step {last['step_time']:.1f} s, idle {last.get('idle_time', 0):.1f} s, logprob_diff "
+                f"step 1 {diffs[0]:.2g} (on-policy), then up to {max(diffs[1:]):.2g} (1 step stale)")  # fmt: skip
+        return Row("server: grpo serve + train at S=1, 3 steps", True, time.perf_counter() - t0,
+                   None, last["tokens_per_s"], note)  # fmt: skip
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(60)
+        log.close()
+
+
 def _standin(out: Path, layers: int) -> Row:
     from grpo_cli.models.standin import build_standin
 
@@ -224,8 +274,11 @@ def main() -> int:
             rows.append(_guarded("eval", _eval, standin, data, ckpt, tmp / "eval"))
         else:
             rows.append(Row("eval", None, note="no checkpoint from the train check"))
+        if importlib.util.find_spec("vllm") is not None:
+            rows.append(_guarded("server", _server_train, standin, data, tmp / "server-run"))
     if importlib.util.find_spec("vllm") is not None:
         rows.append(_pytest(["-k", "vllm", "tests"], "vLLM engine tests", 300))
+        rows.append(_pytest(["tests/engines/server"], "vLLM server engine tests", 300))
     else:
         rows.append(Row("vLLM engine tests", None, note="vllm not installed"))
     Console().print(_table(rows, f"grpo-cli gpu-check on {device} (torch {torch.__version__})"))

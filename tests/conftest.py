@@ -98,6 +98,10 @@ def start_servers(models: list[str], log_dir: Path, timeout_s: float = 300.0) ->
             port = s.getsockname()[1]
         log = open(log_dir / f"server-{i}.log", "w")  # noqa: SIM115 - closed with the process
         cmd = [sys.executable, "-m", "grpo_cli", "serve", "--model", model, "--port", str(port)]
+        import torch
+
+        if torch.cuda.is_available():  # several servers (and the tests) share one GPU
+            cmd += ["--", "--gpu-memory-utilization", "0.15"]
         # A session of its own: stopping a server stops its engine process too (a killed API server
         # alone leaves vLLM's EngineCore running, orphaned).
         procs.append(
