@@ -159,3 +159,30 @@ def tools_server(tmp_path_factory):
     urls, procs = start_servers(["tiny-tools"], tmp_path_factory.mktemp("tools-server"))
     yield urls
     stop_servers(procs)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's training runs: on a shared 2-core machine, OpenMP threads
+    waiting on each other make the tiny models many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def rule_module(directory: Path, name: str, source: str):
+    """A test's reward rules as module ``name`` in ``directory``, importable here (and by subprocesses
+    given ``directory`` on PYTHONPATH) until the block ends."""
+    import sys
+
+    (directory / f"{name}.py").write_text(source)
+    sys.path.insert(0, str(directory))
+    try:
+        yield directory
+    finally:
+        sys.path.remove(str(directory))
+        sys.modules.pop(name, None)

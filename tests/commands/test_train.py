@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import rule_module
 from helpers import metric_rows, model_weights, run_train
 
 from grpo_cli.cli import compose_config
@@ -28,6 +29,9 @@ from grpo_cli.commands.validate import validate
 from grpo_cli.config import ConfigError
 from grpo_cli.run import checkpoint, guards
 from grpo_cli.run.runlog import read_metrics
+
+# tiny models on a shared machine: OpenMP threads only wait on each other (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[2]
 INJECT = (
@@ -54,25 +58,11 @@ def _rule(name: str) -> str:
     return f"reward.rules=[{{name:{name},_target_:grpo_test_rewards.{name},weight:1.0}}]"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread (OMP_NUM_THREADS=1 for the subprocesses): on a shared 2-core machine, OpenMP
-    threads waiting on each other made these tiny models up to 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def rewards_dir(tmp_path_factory):
     """A directory holding the test's reward rules, on sys.path here and on PYTHONPATH for subprocesses."""
-    path = tmp_path_factory.mktemp("rewards")
-    (path / "grpo_test_rewards.py").write_text(REWARDS_MODULE)
-    sys.path.insert(0, str(path))
-    yield path
-    sys.path.remove(str(path))
-    sys.modules.pop("grpo_test_rewards", None)
+    with rule_module(tmp_path_factory.mktemp("rewards"), "grpo_test_rewards", REWARDS_MODULE) as path:
+        yield path
 
 
 @pytest.fixture(scope="module")

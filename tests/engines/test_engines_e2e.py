@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from grpo_cli import engines
 from grpo_cli.cli import compose_config
@@ -22,6 +21,7 @@ from grpo_cli.run.runlog import read_metrics
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not engines.vllm_available(), reason="vLLM not installed (make install-vllm)"),
+    pytest.mark.usefixtures("one_thread"),
 ]
 
 # As in test_e2e.py: 200 held-out problems x 4 samples, paired before/after, have a standard error of
@@ -30,15 +30,6 @@ pytestmark = [
 STEPS = 100
 MARGIN = 0.06
 NOISE = 0.06
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread, as the other training tests (OpenMP threads spin against a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _train(engine: str, run_dir) -> tuple[float, float]:

@@ -12,12 +12,12 @@ answer right), so the updates are not zero.
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import rule_module
 from helpers import encode_prompts, roll_out
 
 from grpo_cli.cli import compose_config
@@ -51,12 +51,8 @@ def gsm8k_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module", autouse=True)
 def _reward_module(tmp_path_factory):
-    path = tmp_path_factory.mktemp("realmodel-rewards")
-    (path / "realmodel_rewards.py").write_text(REWARDS)
-    sys.path.insert(0, str(path))
-    yield
-    sys.path.remove(str(path))
-    sys.modules.pop("realmodel_rewards", None)
+    with rule_module(tmp_path_factory.mktemp("realmodel-rewards"), "realmodel_rewards", REWARDS):
+        yield
 
 
 def _train_args(standin_dir: Path, gsm8k_dir: Path) -> list[str]:

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import rule_module
 from helpers import full_disk, metric_rows, model_weights, run_train
 
 from grpo_cli.cli import compose_config
@@ -30,6 +31,9 @@ from grpo_cli.commands.validate import validate
 from grpo_cli.config import ConfigError
 from grpo_cli.run import checkpoint, manifest
 from grpo_cli.run.resume import find_resume
+
+# tiny models on a shared machine: OpenMP threads only wait on each other (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[2]
 REWARDS = """
@@ -40,23 +44,11 @@ def noisy(completions, rows):
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared machine: OpenMP threads only wait on each other
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def rewards_dir(tmp_path_factory) -> Path:
     """Holds the test's reward rule: on sys.path here, on PYTHONPATH for subprocesses."""
-    rewards = tmp_path_factory.mktemp("rewards")
-    (rewards / "grpo_damage_rewards.py").write_text(REWARDS)
-    sys.path.insert(0, str(rewards))
-    yield rewards
-    sys.path.remove(str(rewards))
-    sys.modules.pop("grpo_damage_rewards", None)
+    with rule_module(tmp_path_factory.mktemp("rewards"), "grpo_damage_rewards", REWARDS) as path:
+        yield path
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import rule_module, start_servers, stop_servers
 from helpers import metric_rows, run_train
 
 from grpo_cli import engines
@@ -22,6 +22,7 @@ from grpo_cli import engines
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not engines.vllm_available(), reason="vLLM not installed (make install-vllm)"),
+    pytest.mark.usefixtures("one_thread"),
 ]
 
 REPO = Path(__file__).resolve().parents[3]
@@ -36,20 +37,8 @@ def slow_noisy(completions, rows):
 
 @pytest.fixture(scope="module")
 def rewards_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("rewards")
-    (path / "grpo_async_rewards.py").write_text(REWARDS_MODULE)
-    sys.path.insert(0, str(path))
-    yield path
-    sys.path.remove(str(path))
-    sys.modules.pop("grpo_async_rewards", None)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with rule_module(tmp_path_factory.mktemp("rewards"), "grpo_async_rewards", REWARDS_MODULE) as path:
+        yield path
 
 
 def _base(urls, rewards_dir) -> list[str]:
@@ -133,7 +122,6 @@ def test_killed_at_random_moments_and_resumed_equals_the_uninterrupted_run(
 def test_a_server_that_dies_mid_run_stops_it_with_the_resume_command(tmp_path, rewards_dir):
     """SIGKILL the (only) server after step 2: the run stops with exit 75 and one error naming the
     URL and the resume command; the checkpoints written before it are whole and resumable."""
-    from conftest import start_servers, stop_servers
 
     from grpo_cli.run import checkpoint
 
