@@ -114,3 +114,28 @@ def test_demo_tools_splits_problems_by_whether_precedence_matters():
     assert not demo.hard("Calculate 9 - 2 - 3")
     args = demo.parse_args([])
     assert (args.seeds, args.steps, args.problems) == ([0, 1, 2], 200, 200)
+
+
+def test_bench_async_learn_runs_hf_and_each_staleness_at_the_demo_settings(monkeypatch, capsys, tmp_path):
+    """--learn: the default demo (no step or batch override) on hf and on the server at each S, the
+    held-out numbers read from each run's first and last evaluation."""
+    bench = load_script("bench_async")
+    calls = []
+
+    def fake_train(overrides, run_dir):
+        calls.append(overrides)
+        gain = 0.1 if "rollout.engine=vllm-server" in overrides else 0.2
+        return [
+            {"step": 0, "eval/accuracy": 0.25, "eval/accuracy_greedy": 0.6},
+            {"step": 300, "eval/accuracy": 0.25 + gain, "eval/accuracy_greedy": 0.7, "staleness": 1.0},
+        ]
+
+    monkeypatch.setattr(bench, "grpo_train", fake_train)
+    bench.learn("http://127.0.0.1:1", bench.parse_args(["--learn", "--staleness", "0", "2"]), tmp_path)
+    assert [o for o in calls[0] if o.startswith("rollout.")] == []  # hf: the demo as `make demo` runs it
+    assert [o for o in calls[2] if o.startswith("rollout.max_staleness")] == ["rollout.max_staleness=2"]
+    assert not any(o.startswith(("train.steps", "train.prompts_per_step")) for c in calls for o in c)
+    lines = capsys.readouterr().out.splitlines()
+    hf, s2 = next(ln for ln in lines if ln.startswith("hf")), next(ln for ln in lines if "S=2" in ln)
+    assert "0.250 -> 0.450" in hf and "+0.000" in hf
+    assert "0.250 -> 0.350" in s2 and "-0.100" in s2
