@@ -27,6 +27,7 @@ embedded tiny model) the per-call cost of intercepting ``F.linear`` outweighs th
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 import torch
@@ -54,6 +55,25 @@ def _kernel() -> Any | None:
 def _packer() -> Any | None:
     """oneDNN's weight reorder for ``_linear_pointwise``, or None where this torch build lacks it."""
     return getattr(getattr(torch.ops, "mkldnn", None), "_reorder_linear_weight", None)
+
+
+@functools.cache
+def supported(dtype: torch.dtype) -> bool:
+    """Whether this CPU runs the kernel (and the reorder) in ``dtype``: oneDNN's bfloat16 path needs
+    AVX-512 (bw, vl, dq) or AVX-NE-CONVERT, and raises on an AVX2-only CPU. Probed once on a small
+    product, since torch reports the CPU's capability but not oneDNN's per-dtype requirements."""
+    kernel, packer = _kernel(), _packer()
+    if kernel is None or dtype not in DTYPES:
+        return False
+    w, x = torch.ones(16, 16, dtype=dtype), torch.ones(2, 16, dtype=dtype)
+    try:
+        with torch.no_grad():
+            kernel(x, w, None, "none", [], "")
+            if packer is not None:
+                kernel(x, packer(w, 2), None, "none", [], "")
+    except RuntimeError:
+        return False
+    return True
 
 
 class _OneDNNLinear(TorchFunctionMode):
@@ -89,7 +109,7 @@ def _eligible(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
     tensors = (x, w) if b is None else (x, w, b)
     return (
         not torch.is_grad_enabled()  # the oneDNN op has no backward
-        and w.dtype in DTYPES
+        and supported(w.dtype)
         and all(type(t) in _PLAIN and t.dtype == w.dtype and t.device.type == "cpu" for t in tensors)
         and w.dim() == 2
         and w.is_contiguous()
@@ -103,7 +123,7 @@ def fast_linears(model: Any, rows: int = 1, steps: int = 0) -> contextlib.Abstra
     ``rows``: the decode batch, oneDNN's hint for the packed layout; ``steps``: the forward passes
     the context will see, which decides whether packing pays (``PACK_MIN_STEPS``). A no-op context
     when the model is not float32 or bfloat16 on CPU, its output embedding is small, or this torch
-    build has no oneDNN linear op.
+    build has no oneDNN linear op, or this CPU cannot run it in the model's dtype (``supported``).
     """
     kernel = _kernel()
     get_head = getattr(model, "get_output_embeddings", None)
@@ -113,7 +133,7 @@ def fast_linears(model: Any, rows: int = 1, steps: int = 0) -> contextlib.Abstra
         kernel is None
         or not isinstance(weight, torch.Tensor)
         or weight.device.type != "cpu"
-        or weight.dtype not in DTYPES
+        or not supported(weight.dtype)
         or weight.numel() < MIN_HEAD_ELEMENTS
     ):
         return contextlib.nullcontext()

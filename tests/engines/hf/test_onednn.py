@@ -28,6 +28,8 @@ def counted(monkeypatch):
     """Route every model through oneDNN (no size floor) and count the kernel's calls."""
     calls = []
     inner = onednn._kernel()
+    for dtype in onednn.DTYPES:
+        onednn.supported(dtype)  # probed (and cached) on the real kernel, outside the count
     monkeypatch.setattr(onednn, "MIN_HEAD_ELEMENTS", 0)
     monkeypatch.setattr(onednn, "_kernel", lambda: lambda *a: calls.append(a[0].shape) or inner(*a))
     return calls
@@ -58,6 +60,27 @@ def test_not_used_for_small_heads_or_other_dtypes(model_and_tok):
     assert isinstance(onednn.fast_linears(holder), contextlib.nullcontext)
 
 
+def test_a_dtype_this_cpu_cannot_run_keeps_the_default_kernels(monkeypatch):
+    """oneDNN's bf16 linear raises on an AVX2-only CPU: there the model decodes with the default
+    kernels instead of failing (a kernel that raises stands in for such a CPU)."""
+
+    def raising(*args):
+        raise RuntimeError(
+            "bf16 path needs the cpu support avx_ne_convert or avx512bw, avx512vl and avx512dq"
+        )
+
+    monkeypatch.setattr(onednn, "_kernel", lambda: raising)
+    onednn.supported.cache_clear()
+    try:
+        head = torch.nn.Linear(4, onednn.MIN_HEAD_ELEMENTS // 4 + 1, bias=False, dtype=torch.bfloat16)
+        holder = torch.nn.Module()
+        holder.get_output_embeddings = lambda: head
+        assert not onednn.supported(torch.bfloat16)
+        assert isinstance(onednn.fast_linears(holder), contextlib.nullcontext)
+    finally:
+        onednn.supported.cache_clear()
+
+
 @pytest.mark.skipif(onednn._packer() is None, reason="this torch build has no oneDNN weight reorder")
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_packed_weights_match_a_float64_reference_and_follow_in_place_updates(
@@ -65,6 +88,8 @@ def test_packed_weights_match_a_float64_reference_and_follow_in_place_updates(
 ):
     """Packed: the product of the weight as it is now, within the dtype's rounding (bf16 keeps 8
     bits: 2e-2 relative to outputs of ~|7|), at row counts other than the packing hint."""
+    if not onednn.supported(dtype):
+        pytest.skip(f"this CPU has no oneDNN {dtype} linear (bf16 needs AVX-512 or AVX-NE-CONVERT)")
     monkeypatch.setattr(onednn, "MIN_PACK_ELEMENTS", 0)
     gen = torch.Generator().manual_seed(0)
     layer = torch.nn.Linear(48, 300, dtype=dtype)
