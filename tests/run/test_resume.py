@@ -35,6 +35,7 @@ def _trainer(lockstep: bool = False) -> SimpleNamespace:
         guard=StepGuard(max_bad_steps=5, zero_std_warn=0.9),
         evals={},
         policy=SimpleNamespace(lockstep=lockstep, wrapper=None),
+        ahead=None,  # rollout.max_staleness=0: no batches generated ahead
     )
 
 
