@@ -119,6 +119,9 @@ class RolloutConfig:
     top_p: float = 1.0
     # 0 disables top-k.
     top_k: int = 0
+    # After temperature, drop tokens whose probability is below min_p x the most likely one's (vLLM's
+    # order: min_p, then top-k, top-p); 0.0 disables. Both engines; docs/configuration.md#sampling.
+    min_p: float = 0.0
     # Completions decoded together at most (a multiple of group_size keeps groups whole).
     batch_size: int = 256
     # Who samples: hf (the trainer's model, our prefix-shared loop) or vllm (colocated vLLM, weights

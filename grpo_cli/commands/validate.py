@@ -76,6 +76,8 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"rollout.top_p={ro.top_p}: must be in (0, 1]")
     if ro.top_k < 0:
         raise ConfigError(f"rollout.top_k={ro.top_k}: must be >= 0 (0 disables)")
+    if not 0 <= ro.min_p <= 1:
+        raise ConfigError(f"rollout.min_p={ro.min_p}: must be in [0, 1] (0 disables)")
     _validate_engine(cfg)
     _validate_env(cfg.env)
     if hasattr(cfg, "train"):
