@@ -47,7 +47,7 @@ def train_step(
         batch, timing = ahead.take(version=step - 1)
     setup.engine.pause()  # vllm with rollout.sleep on CUDA: its memory back for the update
     t_gen = time.perf_counter() - t0
-    inputs = prepare(policy, batch.trained, algo, tr.micro_batch_size, temp)
+    inputs = prepare(policy, batch.trained, algo, tr.micro_batch_size, temp, tr.steps_per_generation)
     stats = update(policy, optimizer, scheduler, inputs, algo, tr, temp)
     if ahead is not None:
         timing.update(ahead.finish())  # the weights change only once no generation is in flight
