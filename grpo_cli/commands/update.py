@@ -5,8 +5,8 @@ the optimizer and its schedule.
     stats = update(policy, optimizer, scheduler, inputs, algo, train, temperature)   # mu x k optimizer steps
 
 One step (one rollout batch) makes mu = ``algo.num_iterations`` passes over its batch; each pass makes
-k = ``train.steps_per_generation`` optimizer steps, one per mini-batch of 1/k of the groups (consecutive
-whole groups, the same split in every pass; the prompt order is already shuffled). pi_old is the
+k = ``train.steps_per_generation`` optimizer steps, one per mini-batch of 1/k of the groups (whole
+groups, strided: ``mini_batch_rows``; the same split in every pass). pi_old is the
 policy that sampled: its log-probs are taken once, before the first optimizer step, whenever mu > 1 or
 k > 1, so the first mini-batch's ratios are 1 and later ones move. Each optimizer step's loss is
 normalised by its own mini-batch's units (tokens or completions, every rank's). The schedule steps once
@@ -51,6 +51,15 @@ class LossInput:
     loss_mask: torch.Tensor  # [N, T]
     ref_logps: torch.Tensor | None  # [N, T]
     old_logps: torch.Tensor | None  # [N, T]
+
+    def select(self, rows: torch.Tensor) -> LossInput:
+        """The rows ``rows`` [n] (whole groups): one mini-batch."""
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[rows.to(t.device)]
+
+        tensors = (self.advantages, self.loss_mask, self.ref_logps, self.old_logps)
+        return LossInput(self.rollout.select(rows), *(pick(t) for t in tensors))
 
 
 def advantages_for(
@@ -104,25 +113,44 @@ def micro_logps(runner: Callable[..., Any], rollout: Rollout, s: slice, temperat
     )
 
 
-def mini_batches(n: int, groups: int, k: int, micro: int) -> list[tuple[slice, list[slice]]]:
-    """``k`` consecutive mini-batches of ``groups / k`` whole groups each of the ``n`` rows, each with
-    its micro-batches of at most ``micro`` rows: [(mini-batch, [micro-batch, ...]), ...]."""
+def mini_batch_rows(groups: int, group_size: int, k: int) -> list[torch.Tensor] | None:
+    """The rows [n] of each of ``k`` mini-batches of this rank's ``groups`` groups: group l goes to
+    mini-batch l mod k. None for k = 1 (the whole batch, as before the option).
+
+    Strided, not consecutive: a rank holds consecutive groups of the step (k divides its count), so
+    global group g lands in mini-batch g mod k on any number of ranks, and each optimizer step sees the
+    same groups whether the batch is split over 1 rank or 8.
+    """
     if groups % k:
         raise ValueError(f"train.steps_per_generation={k} must divide the {groups} groups of the batch")
-    size = n // k
-    if size == 0:
-        return [(slice(0, 0), [])]
+    if k == 1:
+        return None
     return [
-        (slice(a, a + size), [slice(a + s.start, a + s.stop) for s in micro_batches(size, micro)])
-        for a in range(0, n, size)
+        torch.tensor([g * group_size + j for g in range(m, groups, k) for j in range(group_size)])
+        for m in range(k)
     ]
 
 
 @torch.no_grad()
 def _logps_no_grad(
-    runner: Callable[..., Any], rollout: Rollout, temperature: float, parts: list[slice]
+    runner: Callable[..., Any], rollout: Rollout, temperature: float, micro: int
 ) -> torch.Tensor:
-    return torch.cat([micro_logps(runner, rollout, s, temperature) for s in parts])
+    n = rollout.completion_ids.size(0)
+    return torch.cat([micro_logps(runner, rollout, s, temperature) for s in micro_batches(n, micro)])
+
+
+def _mini_batch_logps(
+    runner: Callable[..., Any], rollout: Rollout, temp: float, micro: int, rows: list[torch.Tensor] | None
+) -> torch.Tensor:
+    """``_logps_no_grad`` over each mini-batch's rows, cut into micro-batches as ``update`` cuts them, so
+    the first mini-batch's pi_old equals its current log-probs bit for bit (ratio exactly 1)."""
+    if rows is None:
+        return _logps_no_grad(runner, rollout, temp, micro)
+    parts = [_logps_no_grad(runner, rollout.select(r), temp, micro) for r in rows]
+    out = parts[0].new_empty(rollout.completion_ids.size(0), parts[0].size(1))  # [N, T]
+    for r, lp in zip(rows, parts):
+        out[r.to(out.device)] = lp
+    return out
 
 
 def prepare(
@@ -132,20 +160,18 @@ def prepare(
     k > 1).
 
     ``micro``: completions per forward pass; ``temp``: the sampling temperature the log-probs use;
-    ``k``: mini-batches (``train.steps_per_generation``). The passes cut the rows exactly as ``update``
-    will, so pi_old equals the first mini-batch's current log-probs bit for bit (ratio exactly 1).
+    ``k``: mini-batches (``train.steps_per_generation``).
     """
     adv, judged = advantages_for(rollout, algo.group_size, algo.scale_rewards)
     device = policy.device
     loss_mask = rollout.model_tokens.bool() & judged[:, None]  # tool tokens: no loss, no KL, not counted
-    n = rollout.completion_ids.size(0)
-    parts = [s for _, micros in mini_batches(n, n // algo.group_size, k, micro) for s in micros]
+    rows = mini_batch_rows(rollout.completion_ids.size(0) // algo.group_size, algo.group_size, k)
     ref = old = None
     if algo.beta > 0:
         with reference(policy) as ref_runner:
-            ref = _logps_no_grad(ref_runner, rollout, temp, parts)
+            ref = _mini_batch_logps(ref_runner, rollout, temp, micro, rows)
     if algo.num_iterations > 1 or k > 1:
-        old = _logps_no_grad(policy.run, rollout, temp, parts)
+        old = _mini_batch_logps(policy.run, rollout, temp, micro, rows)
     return LossInput(rollout, adv.to(device), loss_mask.to(device), ref, old)
 
 
@@ -168,22 +194,22 @@ def update(
     the rank losses add up to the global loss, and the wrappers' gradient average is undone by
     scaling each rank's loss by the world size before ``backward``.
     """
-    n, G = inputs.rollout.completion_ids.size(0), algo.group_size
-    minis = mini_batches(n, n // G, tr.steps_per_generation, tr.micro_batch_size)
+    G = algo.group_size
+    rows = mini_batch_rows(inputs.rollout.completion_ids.size(0) // G, G, tr.steps_per_generation)
+    minis = [inputs] if rows is None else [inputs.select(r) for r in rows]
     # Each mini-batch's units (tokens or completions, every rank's), counted as policy_loss counts them.
     denoms = [
-        max(float(distributed.all_sum(aggregation_units(inputs.loss_mask[m], algo.aggregation))), 1.0)
-        for m, _ in minis
+        max(float(distributed.all_sum(aggregation_units(m.loss_mask, algo.aggregation))), 1.0) for m in minis
     ]
     params = trained_params(optimizer)
     skipped, steps = False, []
     engine_diff = torch.zeros(2, dtype=torch.float64)  # sum |engine - trainer| over tokens, tokens
     for it in range(algo.num_iterations):
         steps = []
-        for (_, parts), denom in zip(minis, denoms):
+        for mini, denom in zip(minis, denoms):
             diff = engine_diff if it == 0 else None
-            loss, parts_stats = _accumulate_gradients(policy, inputs, algo, parts, temp, denom, diff)
-            loss, step_stats = reduce_over_ranks(loss, combine_stats(parts_stats))
+            loss, parts = _accumulate_gradients(policy, mini, algo, tr.micro_batch_size, temp, denom, diff)
+            loss, step_stats = reduce_over_ranks(loss, combine_stats(parts))
             grad_norm = distributed.clip_grad_norm(params, tr.max_grad_norm)
             finite = math.isfinite(grad_norm) and math.isfinite(loss)
             if finite:
@@ -224,17 +250,19 @@ def _accumulate_gradients(
     policy: Policy,
     inputs: LossInput,
     algo: AlgoConfig,
-    parts: list[slice],
+    micro: int,
     temp: float,
     denom: float,
     engine_diff: torch.Tensor | None = None,
 ) -> tuple[float, list[LossStats]]:
-    """Forward and backward over the micro-batches ``parts`` of one mini-batch; this rank's loss (its
-    share of the mini-batch's global loss) and the statistics of each micro-batch.
+    """Forward and backward over micro-batches of ``micro`` completions of ``inputs`` (one mini-batch);
+    this rank's loss (its share of the mini-batch's global loss) and the statistics of each micro-batch.
 
     ``engine_diff``: where to add |log pi_engine - log pi_old| summed over tokens, and the token count.
     """
     world = distributed.world()
+    n = inputs.rollout.completion_ids.size(0)
+    parts = micro_batches(n, micro)
     total, stats = 0.0, []
     for i, s in enumerate(parts):
         # Gradients cross ranks once per optimizer step, after the last micro-batch.
