@@ -3,7 +3,7 @@ model replaced by rule-based rewards):
 
     batch  = roll_out_batch(...)      # draw prompts, roll out G completions each from pi_old, score them
     inputs = prepare(...)             # A_i = (r_i - mean) / std per group; log-probs under pi_ref, pi_old
-    stats  = update(...)              # mu optimizer steps, each over micro-batches: loss, backward, step
+    stats  = update(...)              # mu x k optimizer steps (k mini-batches), each over micro-batches
     metrics = rollout metrics + loss statistics + timings
 
 Held-out evaluation and checkpoints are the caller's (``commands.train``), not the step's.
