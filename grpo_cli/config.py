@@ -119,6 +119,9 @@ class RolloutConfig:
     top_p: float = 1.0
     # 0 disables top-k.
     top_k: int = 0
+    # After temperature, drop tokens whose probability is below min_p x the most likely one's (vLLM's
+    # order: min_p, then top-k, top-p); 0.0 disables. Both engines; docs/configuration.md#sampling.
+    min_p: float = 0.0
     # Completions decoded together at most (a multiple of group_size keeps groups whole).
     batch_size: int = 256
     # Who samples: hf (the trainer's model, our prefix-shared loop) or vllm (colocated vLLM, weights
@@ -221,6 +224,7 @@ class TrainConfig:
     prompts_per_step: int = 16
     # AdamW learning rate (suits LoRA; full fine-tuning of larger models wants ~1e-6).
     lr: float = 3e-4
+    # Linear warm-up over this many steps (from lr / (warmup_steps + 1)), then train.lr_schedule.
     warmup_steps: int = 10
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -248,6 +252,14 @@ class TrainConfig:
     # Run trackers, a list (or one name): jsonl (metrics.jsonl, always written), tensorboard, wandb,
     # mlflow; each but jsonl is an optional extra (grpo_cli/run/trackers.py, docs/trackers.md).
     logger: Any = field(default_factory=lambda: ["jsonl"])
+    # After warm-up: constant, or linear / cosine decay to lr * min_lr_ratio at train.steps (TRL's
+    # lr_scheduler_type, verl's min_lr_ratio); the schedule counts steps (rollout batches).
+    lr_schedule: str = "constant"
+    # The decay's floor, a fraction of lr (linear / cosine only).
+    min_lr_ratio: float = 0.0
+    # k optimizer steps per rollout batch, each on 1/k of its groups (TRL's steps_per_generation); must
+    # divide the step's groups (per rank). pi_old is the sampling policy throughout; see update.py.
+    steps_per_generation: int = 1
     # Under torchrun with several ranks: ddp (each rank holds the model) or fsdp (full fine-tuning,
     # parameters, gradients and optimizer state sharded). A single process ignores it.
     strategy: str = "ddp"

@@ -98,3 +98,33 @@ def test_readme_documents_every_data_group_with_no_repository_internal_paths():
     assert "grpo-cli[datasets]" in section and "data.test_size" in section and "data.test_path" in section
     for option in _options("data"):
         assert "../shared" not in (conf_dir() / "data" / f"{option}.yaml").read_text(), option
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["train.prompts_per_step=4", "train.steps_per_generation=3"], "train.steps_per_generation=3"),
+        (["train.steps_per_generation=0"], "train.steps_per_generation=0"),
+        (["train.lr_schedule=step"], "choose one of: constant, linear, cosine"),
+        (["train.min_lr_ratio=1.5"], "train.min_lr_ratio"),
+        (["rollout.min_p=-0.1"], "rollout.min_p"),
+        (["rollout.min_p=2"], "rollout.min_p"),
+    ],
+)
+def test_mini_batches_schedule_and_min_p_are_checked_in_one_line(overrides, needle):
+    cfg, _ = compose_config("train", overrides)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_steps_per_generation_must_divide_each_ranks_groups(monkeypatch):
+    """Under torchrun each rank splits its own share: 8 prompts on 4 ranks are 2 groups per rank."""
+    ok, _ = compose_config("train", ["train.prompts_per_step=8", "train.steps_per_generation=2"])
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    validate(ok)
+    cfg, _ = compose_config("train", ["train.prompts_per_step=8", "train.steps_per_generation=4"])
+    with pytest.raises(ConfigError, match="divide the 2 groups of a step per rank"):
+        validate(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    validate(cfg)  # 8 groups in one process: 4 mini-batches of 2

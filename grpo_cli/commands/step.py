@@ -3,7 +3,7 @@ model replaced by rule-based rewards):
 
     batch  = roll_out_batch(...)      # draw prompts, roll out G completions each from pi_old, score them
     inputs = prepare(...)             # A_i = (r_i - mean) / std per group; log-probs under pi_ref, pi_old
-    stats  = update(...)              # mu optimizer steps, each over micro-batches: loss, backward, step
+    stats  = update(...)              # mu x k optimizer steps (k mini-batches), each over micro-batches
     metrics = rollout metrics + loss statistics + timings
 
 Held-out evaluation and checkpoints are the caller's (``commands.train``), not the step's.
@@ -47,7 +47,7 @@ def train_step(
         batch, timing = ahead.take(version=step - 1)
     setup.engine.pause()  # vllm with rollout.sleep on CUDA: its memory back for the update
     t_gen = time.perf_counter() - t0
-    inputs = prepare(policy, batch.trained, algo, tr.micro_batch_size, temp)
+    inputs = prepare(policy, batch.trained, algo, tr.micro_batch_size, temp, tr.steps_per_generation)
     stats = update(policy, optimizer, scheduler, inputs, algo, tr, temp)
     if ahead is not None:
         timing.update(ahead.finish())  # the weights change only once no generation is in flight

@@ -1,8 +1,17 @@
 """The GRPO update on a scored rollout: advantages, the loss input, micro-batched forward/backward,
 the optimizer and its schedule.
 
-    inputs = prepare(policy, rollout, algo, micro_batch_size, temperature)   # A_i, mask, pi_ref / pi_old
-    stats = update(policy, optimizer, scheduler, inputs, algo, train, temperature)   # mu optimizer steps
+    inputs = prepare(policy, rollout, algo, micro_batch_size, temperature, k)   # A_i, mask, pi_ref / pi_old
+    stats = update(policy, optimizer, scheduler, inputs, algo, train, temperature)   # mu x k optimizer steps
+
+One step (one rollout batch) makes mu = ``algo.num_iterations`` passes over its batch; each pass makes
+k = ``train.steps_per_generation`` optimizer steps, one per mini-batch of 1/k of the groups (whole
+groups, strided: ``mini_batch_rows``; the same split in every pass). pi_old is the
+policy that sampled: its log-probs are taken once, before the first optimizer step, whenever mu > 1 or
+k > 1, so the first mini-batch's ratios are 1 and later ones move. Each optimizer step's loss is
+normalised by its own mini-batch's units (tokens or completions, every rank's). The schedule steps once
+per rollout batch, as verl's does: ``train.steps``, the warm-up, the decay, the logs, checkpoints and
+``rollout.max_staleness``'s versions all count rollout batches; mu = k = 1 is one optimizer step each.
 
 No I/O and no run state: ``commands.step`` calls these once per step, a test calls them on a rollout
 it built. Log-probs run each group's prompt through the model once per micro-batch and its G
@@ -25,6 +34,7 @@ from grpo_cli.core.loss import (
     group_advantages,
     policy_loss,
 )
+from grpo_cli.core.schedule import schedule
 from grpo_cli.core.stats import STAT_COMBINE, LossStats, combine_stats
 from grpo_cli.models import Policy, reference
 from grpo_cli.models.logprobs import grouped_completion_logprobs
@@ -41,6 +51,15 @@ class LossInput:
     loss_mask: torch.Tensor  # [N, T]
     ref_logps: torch.Tensor | None  # [N, T]
     old_logps: torch.Tensor | None  # [N, T]
+
+    def select(self, rows: torch.Tensor) -> LossInput:
+        """The rows ``rows`` [n] (whole groups): one mini-batch."""
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[rows.to(t.device)]
+
+        tensors = (self.advantages, self.loss_mask, self.ref_logps, self.old_logps)
+        return LossInput(self.rollout.select(rows), *(pick(t) for t in tensors))
 
 
 def advantages_for(
@@ -94,6 +113,24 @@ def micro_logps(runner: Callable[..., Any], rollout: Rollout, s: slice, temperat
     )
 
 
+def mini_batch_rows(groups: int, group_size: int, k: int) -> list[torch.Tensor] | None:
+    """The rows [n] of each of ``k`` mini-batches of this rank's ``groups`` groups: group l goes to
+    mini-batch l mod k. None for k = 1 (the whole batch, as before the option).
+
+    Strided, not consecutive: a rank holds consecutive groups of the step (k divides its count), so
+    global group g lands in mini-batch g mod k on any number of ranks, and each optimizer step sees the
+    same groups whether the batch is split over 1 rank or 8.
+    """
+    if groups % k:
+        raise ValueError(f"train.steps_per_generation={k} must divide the {groups} groups of the batch")
+    if k == 1:
+        return None
+    return [
+        torch.tensor([g * group_size + j for g in range(m, groups, k) for j in range(group_size)])
+        for m in range(k)
+    ]
+
+
 @torch.no_grad()
 def _logps_no_grad(
     runner: Callable[..., Any], rollout: Rollout, temperature: float, micro: int
@@ -102,20 +139,39 @@ def _logps_no_grad(
     return torch.cat([micro_logps(runner, rollout, s, temperature) for s in micro_batches(n, micro)])
 
 
-def prepare(policy: Policy, rollout: Rollout, algo: AlgoConfig, micro: int, temp: float) -> LossInput:
-    """Advantages, loss mask, and the no-grad log-probs under pi_ref (beta > 0) and pi_old (mu > 1).
+def _mini_batch_logps(
+    runner: Callable[..., Any], rollout: Rollout, temp: float, micro: int, rows: list[torch.Tensor] | None
+) -> torch.Tensor:
+    """``_logps_no_grad`` over each mini-batch's rows, cut into micro-batches as ``update`` cuts them, so
+    the first mini-batch's pi_old equals its current log-probs bit for bit (ratio exactly 1)."""
+    if rows is None:
+        return _logps_no_grad(runner, rollout, temp, micro)
+    parts = [_logps_no_grad(runner, rollout.select(r), temp, micro) for r in rows]
+    out = parts[0].new_empty(rollout.completion_ids.size(0), parts[0].size(1))  # [N, T]
+    for r, lp in zip(rows, parts):
+        out[r.to(out.device)] = lp
+    return out
 
-    ``micro``: completions per forward pass; ``temp``: the sampling temperature the log-probs use.
+
+def prepare(
+    policy: Policy, rollout: Rollout, algo: AlgoConfig, micro: int, temp: float, k: int = 1
+) -> LossInput:
+    """Advantages, loss mask, and the no-grad log-probs under pi_ref (beta > 0) and pi_old (mu > 1 or
+    k > 1).
+
+    ``micro``: completions per forward pass; ``temp``: the sampling temperature the log-probs use;
+    ``k``: mini-batches (``train.steps_per_generation``).
     """
     adv, judged = advantages_for(rollout, algo.group_size, algo.scale_rewards)
     device = policy.device
     loss_mask = rollout.model_tokens.bool() & judged[:, None]  # tool tokens: no loss, no KL, not counted
+    rows = mini_batch_rows(rollout.completion_ids.size(0) // algo.group_size, algo.group_size, k)
     ref = old = None
     if algo.beta > 0:
         with reference(policy) as ref_runner:
-            ref = _logps_no_grad(ref_runner, rollout, temp, micro)
-    if algo.num_iterations > 1:
-        old = _logps_no_grad(policy.run, rollout, temp, micro)
+            ref = _mini_batch_logps(ref_runner, rollout, temp, micro, rows)
+    if algo.num_iterations > 1 or k > 1:
+        old = _mini_batch_logps(policy.run, rollout, temp, micro, rows)
     return LossInput(rollout, adv.to(device), loss_mask.to(device), ref, old)
 
 
@@ -128,40 +184,66 @@ def update(
     tr: TrainConfig,
     temp: float,
 ) -> dict[str, float]:
-    """mu optimizer steps on ``inputs``; returns the statistics of the last iteration over the whole
-    step's batch, micro-batches and ranks combined as ``core.stats`` declares.
+    """mu passes of k optimizer steps on ``inputs`` (module docstring), then one schedule step; returns
+    the statistics of the last pass over the whole step's batch: micro-batches and ranks combined as
+    ``core.stats`` declares, mini-batches by ``combine_mini_batches``.
 
-    An iteration whose loss or gradient norm is not finite is not applied (``skipped`` = 1).
+    An optimizer step whose loss or gradient norm is not finite is not applied (``skipped`` = 1).
 
     With several ranks ``inputs`` is this rank's share: the denominator counts every rank's units, so
     the rank losses add up to the global loss, and the wrappers' gradient average is undone by
     scaling each rank's loss by the world size before ``backward``.
     """
-    # The whole step's units (tokens or completions, every rank's), counted as policy_loss counts them.
-    denom = max(float(distributed.all_sum(aggregation_units(inputs.loss_mask, algo.aggregation))), 1.0)
+    G = algo.group_size
+    rows = mini_batch_rows(inputs.rollout.completion_ids.size(0) // G, G, tr.steps_per_generation)
+    minis = [inputs] if rows is None else [inputs.select(r) for r in rows]
+    # Each mini-batch's units (tokens or completions, every rank's), counted as policy_loss counts them.
+    denoms = [
+        max(float(distributed.all_sum(aggregation_units(m.loss_mask, algo.aggregation))), 1.0) for m in minis
+    ]
     params = trained_params(optimizer)
-    stats: dict[str, float] = {}
-    skipped = False
+    skipped, steps = False, []
     engine_diff = torch.zeros(2, dtype=torch.float64)  # sum |engine - trainer| over tokens, tokens
     for it in range(algo.num_iterations):
-        diff = engine_diff if it == 0 else None
-        loss, parts = _accumulate_gradients(policy, inputs, algo, tr.micro_batch_size, temp, denom, diff)
-        loss, step_stats = reduce_over_ranks(loss, combine_stats(parts))
-        totals = {"loss": loss, **step_stats.to_dict()}
-        grad_norm = distributed.clip_grad_norm(params, tr.max_grad_norm)
-        finite = math.isfinite(grad_norm) and math.isfinite(totals["loss"])
-        if finite:
-            optimizer.step()
-        skipped = skipped or not finite
-        optimizer.zero_grad(set_to_none=True)
-        stats = {**totals, "grad_norm": grad_norm}
+        steps = []
+        for mini, denom in zip(minis, denoms):
+            diff = engine_diff if it == 0 else None
+            loss, parts = _accumulate_gradients(policy, mini, algo, tr.micro_batch_size, temp, denom, diff)
+            loss, step_stats = reduce_over_ranks(loss, combine_stats(parts))
+            grad_norm = distributed.clip_grad_norm(params, tr.max_grad_norm)
+            finite = math.isfinite(grad_norm) and math.isfinite(loss)
+            if finite:
+                optimizer.step()
+            skipped = skipped or not finite
+            optimizer.zero_grad(set_to_none=True)
+            steps.append((loss, step_stats, grad_norm))
     scheduler.step()
+    stats = combine_mini_batches(steps, denoms)
     if inputs.rollout.engine_logps is not None:
         total, tokens = distributed.all_sum(engine_diff).tolist()
         stats["rollout/logprob_diff"] = total / max(tokens, 1.0)
     stats["skipped"] = float(skipped)
     stats["lr"] = scheduler.get_last_lr()[0]
     return stats
+
+
+def combine_mini_batches(
+    steps: list[tuple[float, LossStats, float]], denoms: list[float]
+) -> dict[str, float]:
+    """One pass's statistics from its mini-batch steps (loss, stats, grad norm) and their denominators.
+
+    The loss and loss/policy are weighted by each mini-batch's share of the units, so they read as the
+    whole batch's mean (its ratios taken as each step saw them); counts add up, ratio extrema are the
+    extrema; grad_norm is the mean over the pass's optimizer steps. One mini-batch: its values unchanged.
+    """
+    if len(steps) == 1:
+        loss, st, grad_norm = steps[0]
+        return {"loss": loss, **st.to_dict(), "grad_norm": grad_norm}
+    shares = [d / sum(denoms) for d in denoms]
+    parts = [st._replace(policy_loss=st.policy_loss * w) for (_, st, _), w in zip(steps, shares)]
+    loss = sum(step[0] * w for step, w in zip(steps, shares))
+    grad_norm = sum(step[2] for step in steps) / len(steps)
+    return {"loss": loss, **combine_stats(parts).to_dict(), "grad_norm": grad_norm}
 
 
 def _accumulate_gradients(
@@ -173,8 +255,8 @@ def _accumulate_gradients(
     denom: float,
     engine_diff: torch.Tensor | None = None,
 ) -> tuple[float, list[LossStats]]:
-    """Forward and backward over micro-batches of ``micro`` completions; this rank's loss (its share of
-    the global loss) and the statistics of each micro-batch.
+    """Forward and backward over micro-batches of ``micro`` completions of ``inputs`` (one mini-batch);
+    this rank's loss (its share of the mini-batch's global loss) and the statistics of each micro-batch.
 
     ``engine_diff``: where to add |log pi_engine - log pi_old| summed over tokens, and the token count.
     """
@@ -271,7 +353,7 @@ def make_optimizer(policy: Policy, tr: TrainConfig) -> tuple[torch.optim.Optimiz
         weight_decay=tr.weight_decay,
         fused=fusable(params) or None,
     )
-    return opt, schedule(opt, tr.warmup_steps)
+    return opt, schedule(opt, tr.warmup_steps, tr.lr_schedule, tr.steps, tr.min_lr_ratio)
 
 
 def fusable(params: list[torch.Tensor]) -> bool:
@@ -299,12 +381,4 @@ def low_precision_warning(params: list[torch.Tensor], lr: float) -> str | None:
         f"full fine-tuning updates {name} weights in place: AdamW moves a weight by about train.lr={lr:g} "
         f"per step, and {name} rounds that away for every weight larger than {bound:.2g}; "
         "use LoRA (float32 adapters) or model.dtype=float32 (docs/configuration.md#bfloat16)"
-    )
-
-
-def schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> Any:
-    """Linear warm-up over ``warmup_steps`` optimizer steps, then the constant learning rate."""
-    warm = max(warmup_steps, 0)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / (warm + 1)) if warm else 1.0
     )

@@ -14,6 +14,7 @@ from typing import Any
 
 from grpo_cli.config import ENGINE_IS_LEVELS, ENGINE_IS_MODES, ENGINES, STRATEGIES, ConfigError
 from grpo_cli.core.loss import AGGREGATIONS, IMPORTANCE_LEVELS, KL_ESTIMATORS, REWARD_SCALES
+from grpo_cli.core.schedule import LR_SCHEDULES
 from grpo_cli.data.reasoning_gym import check_installed
 from grpo_cli.engines import check_engine
 from grpo_cli.engines.server.http import reachable
@@ -76,6 +77,8 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"rollout.top_p={ro.top_p}: must be in (0, 1]")
     if ro.top_k < 0:
         raise ConfigError(f"rollout.top_k={ro.top_k}: must be >= 0 (0 disables)")
+    if not 0 <= ro.min_p <= 1:
+        raise ConfigError(f"rollout.min_p={ro.min_p}: must be in [0, 1] (0 disables)")
     _validate_engine(cfg)
     _validate_env(cfg.env)
     if hasattr(cfg, "train"):
@@ -89,6 +92,7 @@ def validate(cfg: Any) -> None:
         if tr.micro_batch_size < 1:
             raise ConfigError(f"train.micro_batch_size={tr.micro_batch_size}: must be >= 1")
         _validate_robustness(cfg)
+        _validate_updates_per_batch(tr)
     test_size = cfg.data.test_size
     if test_size < 0 or (test_size >= 1 and test_size != int(test_size)):
         raise ConfigError(
@@ -162,6 +166,24 @@ def _validate_env(env: Any) -> None:
         raise ConfigError(f"env.timeout_s={env.timeout_s}: must be > 0")
     if env.on_error not in ("observe", "end"):
         raise ConfigError(f"env.on_error={env.on_error!r} is not allowed; choose one of: observe, end")
+
+
+def _validate_updates_per_batch(tr: Any) -> None:
+    """train.steps_per_generation, train.lr_schedule and train.min_lr_ratio (issue #30)."""
+    if tr.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(
+            f"train.lr_schedule={tr.lr_schedule!r} is not allowed; choose one of: {', '.join(LR_SCHEDULES)}"
+        )
+    if not 0 <= tr.min_lr_ratio <= 1:
+        raise ConfigError(f"train.min_lr_ratio={tr.min_lr_ratio}: must be in [0, 1] (a fraction of train.lr)")
+    k, ranks = tr.steps_per_generation, max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    groups = tr.prompts_per_step // ranks  # each rank splits its own share (the rank check comes later)
+    if k < 1 or groups % k:
+        per_rank = f" per rank ({ranks} ranks)" if ranks > 1 else ""
+        raise ConfigError(
+            f"train.steps_per_generation={k}: must be >= 1 and divide the {groups} groups of a "
+            f"step{per_rank} (train.prompts_per_step={tr.prompts_per_step}): each optimizer step takes whole groups"
+        )
 
 
 def _validate_robustness(cfg: Any) -> None:

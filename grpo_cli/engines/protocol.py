@@ -35,10 +35,13 @@ class Decoding:
     logprobs: bool = False
     # Token ids never sampled (a tool's result markers: a result cannot be forged).
     banned_ids: tuple[int, ...] = ()
+    # After temperature, tokens below min_p x the top token's probability are dropped; 0.0: off.
+    min_p: float = 0.0
 
     @classmethod
     def of(cls, rollout: RolloutConfig, greedy: bool = False, temperature: float | None = None) -> Decoding:
-        return cls(temperature or rollout.temperature, rollout.top_k, rollout.top_p, greedy)
+        t = temperature or rollout.temperature
+        return cls(t, rollout.top_k, rollout.top_p, greedy, min_p=rollout.min_p)
 
 
 @dataclass

@@ -19,11 +19,11 @@ the machine's memory on CPU, 90% of the GPU on CUDA). ``rollout.sleep`` (CUDA on
 backend has no sleep mode) frees the engine's weights and KV cache between rollouts
 (``enable_sleep_mode``, level 2) and wakes it for the next weight push.
 
-Sampling follows the hf engine: temperature, top-k, top-p, max_new_tokens, stop at EOS, one seed per
-prompt (its G completions take seeds s, s+1, ... inside vLLM). The same seeds give the same tokens on
+Sampling follows the hf engine: temperature, min-p, top-k, top-p, max_new_tokens, stop at EOS, one
+seed per prompt (its G completions take seeds s, s+1, ... inside vLLM). The same seeds give the same tokens on
 CPU, so a resumed run samples what the uninterrupted one sampled; the streams are vLLM's own, so
 the tokens differ from the hf engine's (same distribution). Log-probs come back after temperature,
-top-k and top-p (``logprobs_mode="processed_logprobs"``): the distribution actually sampled.
+min-p, top-k and top-p (``logprobs_mode="processed_logprobs"``): the distribution actually sampled.
 """
 
 from __future__ import annotations
@@ -163,6 +163,7 @@ class VLLMEngine:
                     temperature=0.0 if decoding.greedy else decoding.temperature,
                     top_k=0 if decoding.greedy else decoding.top_k,
                     top_p=1.0 if decoding.greedy else decoding.top_p,
+                    min_p=0.0 if decoding.greedy else decoding.min_p,
                     max_tokens=req.max_tokens,
                     stop_token_ids=list(req.stop_token_ids),
                     seed=int(seed) % SEED_RANGE,

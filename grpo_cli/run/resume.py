@@ -109,12 +109,22 @@ def warn_config_changes(resume_from: Path, config_yaml: str) -> None:
     """Warn when the resumed run's settings differ from the checkpoint's (beyond ``RESUME_FREE_KEYS``)."""
     saved = resume_from / "config.yaml"
     old_yaml = saved.read_text() if saved.is_file() else ""
-    changes = checkpoint.config_changes(old_yaml, config_yaml, RESUME_FREE_KEYS) if old_yaml else []
+    free = RESUME_FREE_KEYS
+    if _lr_decays(config_yaml):  # train.steps is the decay's horizon: changing it changes every lr after
+        free = tuple(k for k in free if k != "train.steps")
+    changes = checkpoint.config_changes(old_yaml, config_yaml, free) if old_yaml else []
     if changes:
         log.warning(
             "resuming with changed settings (metrics will differ from an uninterrupted run): %s",
             "; ".join(changes),
         )
+
+
+def _lr_decays(config_yaml: str) -> bool:
+    from omegaconf import OmegaConf
+
+    train = OmegaConf.create(config_yaml).get("train") or {}
+    return train.get("lr_schedule", "constant") != "constant"
 
 
 def rank_rng(state: dict[str, Any], world: distributed.World) -> dict[str, Any]:

@@ -365,3 +365,36 @@ def test_full_finetuning_of_bf16_weights_warns_that_small_updates_are_lost(base,
                           "(docs/configuration.md#bfloat16)"]  # fmt: skip
     (row,) = [r for r in read_metrics(tmp_path) if r["step"] == 1]
     assert math.isfinite(row["loss"]) and row["grad_norm"] > 0 and row["skipped"] == 0.0
+
+
+def test_mini_batches_with_a_cosine_schedule_resume_exactly_after_a_crash(base, tmp_path, monkeypatch):
+    """train.steps_per_generation=2 (one group per optimizer step) and a cosine decay: a run that dies
+    after step 5's update (checkpoints every 2 steps) and is resumed with train.resume=auto logs every
+    step's metrics, lr included, equal to the uninterrupted run's, and ends on the same weights."""
+    args = [
+        *base, "train.steps=6", "train.save_every=2", "train.eval_every=0", "train.steps_per_generation=2",
+        "train.lr_schedule=cosine", "train.min_lr_ratio=0.1", "train.warmup_steps=1",
+    ]  # fmt: skip
+    run_train(args, tmp_path / "straight")
+    real = train._log_step
+
+    def dies_at_step_5(t, logger, step, *rest):
+        if step == 5:
+            raise RuntimeError("killed")
+        return real(t, logger, step, *rest)
+
+    monkeypatch.setattr(train, "_log_step", dies_at_step_5)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_train(args, tmp_path / "resumed")
+    monkeypatch.setattr(train, "_log_step", real)
+    assert checkpoint.list_checkpoints(tmp_path / "resumed")[-1].name == "checkpoint-4"
+    run_train([*args, "train.resume=auto"], tmp_path / "resumed")
+    ref, got = metric_rows(tmp_path / "straight"), metric_rows(tmp_path / "resumed")
+    assert sorted(got) == list(range(1, 7)) and got == ref
+    _assert_same_weights(tmp_path / "straight" / "checkpoint-6", tmp_path / "resumed" / "checkpoint-6")
+    # What was compared moves: the lr decays every step after warm-up, the second mini-batch's ratios
+    # leave 1, and rewards vary.
+    lrs = [ref[s]["lr"] for s in range(1, 7)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] == pytest.approx(1e-2 * 0.1)
+    assert all(ref[s]["ratio/max"] > 1.0 or ref[s]["ratio/min"] < 1.0 for s in range(1, 7))
+    assert len({ref[s]["reward"] for s in range(1, 7)}) > 1

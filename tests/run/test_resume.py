@@ -199,3 +199,14 @@ def test_a_single_rng_checkpoint_serves_every_rank():
     [state] = _states(1)
     assert rank_rng({"rng": state}, World()) is state
     assert rank_rng({"rng": state, "rng_ranks": None}, World(rank=1, size=2)) is state
+
+
+def test_a_decaying_schedule_warns_when_train_steps_changes(tmp_path, caplog):
+    """train.steps is free to change on resume, except under a decay: it sets the decay's horizon."""
+    ckpt = _checkpoint(tmp_path, 3)
+    decaying = OLD_YAML.replace("steps: 3\n", "steps: 3\n  lr_schedule: cosine\n")
+    (ckpt / "config.yaml").write_text(decaying)
+    with caplog.at_level(logging.WARNING, logger="grpo_cli"):
+        warn_config_changes(ckpt, decaying.replace("steps: 3", "steps: 9"))
+    [record] = caplog.records
+    assert "train.steps: 3 -> 9" in record.message

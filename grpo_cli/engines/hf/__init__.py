@@ -62,6 +62,7 @@ class HFEngine:
             generators=generators,
             synced=policy.lockstep,
             banned=decoding.banned_ids,
+            min_p=decoding.min_p,
         )
         logps = None
         if decoding.logprobs:  # at the sampling temperature, unfiltered

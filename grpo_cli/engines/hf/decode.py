@@ -7,8 +7,9 @@ with the KV cache and stops as soon as every sequence has produced EOS; rows tha
 leave the decoding batch (their KV rows dropped) once a quarter of it has finished, so a long tail
 of completions does not pay for the short ones.
 
-Sampling applies temperature, then top-k, then top-p: the order and the filtering rules of
-``model.generate``'s warpers. Without per-prompt seeds the draw is ``torch.multinomial`` on the
+Sampling applies temperature, then min-p (``rollout.min_p``, off by default), then top-k, then top-p:
+``model.generate``'s warpers' rules, in vLLM's order (``generate`` applies min-p after top-p; the two
+orders differ only when min-p and top-p are both on). Without per-prompt seeds the draw is ``torch.multinomial`` on the
 float32 probabilities from the global RNG, so for the same logits and RNG state the same tokens come
 out as from ``generate``. With seeds (training) each group's uniforms come from its own generator,
 drawn once per rollout, and every step's tokens are one inverse-CDF lookup for the whole batch: the
@@ -32,10 +33,18 @@ from grpo_cli.models.logprobs import cache_arg, output_cache, positions
 from grpo_cli.runtime.distributed import all_ranks
 
 
-def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Temperature, top-k, top-p on [B, V] float32 logits, as ``generate``'s warpers do."""
+def filter_logits(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float = 0.0
+) -> torch.Tensor:
+    """Temperature, min-p, top-k, top-p on [B, V] float32 logits, as ``generate``'s warpers and vLLM's
+    sampler do (min-p in vLLM's place: before top-k and top-p)."""
     if temperature != 1.0:
         logits = logits / temperature
+    if min_p > 0.0:
+        # vLLM's rule, in float32 as it computes it: p < min_p * max p is dropped (the top token never is).
+        probs = logits.softmax(-1)
+        floor = probs.amax(-1, keepdim=True) * torch.tensor(min_p, dtype=probs.dtype, device=probs.device)
+        logits = logits.masked_fill(probs < floor, float("-inf"))
     if top_k > 0:
         k = min(top_k, logits.size(-1))
         kth = torch.topk(logits, k, dim=-1).values[..., -1:]
@@ -75,6 +84,7 @@ def sample_group(
     generators: Sequence[torch.Generator] | None = None,
     synced: bool = False,
     banned: Sequence[int] = (),
+    min_p: float = 0.0,
 ):
     """Sample G completions for each of P left-padded prompts.
 
@@ -104,7 +114,8 @@ def sample_group(
         tokens = []
         for step in range(max_new_tokens):
             u = None if uniforms is None else uniforms[step]
-            tok = _draw(logits, u, greedy, (temperature, top_k, top_p), banned).masked_fill(done, pad_id)
+            warp = (temperature, top_k, top_p, min_p)
+            tok = _draw(logits, u, greedy, warp, banned).masked_fill(done, pad_id)
             tokens.append(tok)
             done = done | torch.isin(tok, eos)
             n_done = int(done.sum())  # the one host sync of a decode step
@@ -153,11 +164,11 @@ def _draw(
     logits: torch.Tensor,
     u: torch.Tensor | None,
     greedy: bool,
-    warp: tuple[float, int, float],
+    warp: tuple[float, int, float, float],
     banned: Sequence[int] = (),
 ) -> torch.Tensor:
     """The next token [N] of every row from logits [N, V]: argmax, or a draw by uniforms u [N] or the
-    global RNG, after temperature, top-k, top-p (``warp``); ``banned`` ids are never drawn."""
+    global RNG, after ``filter_logits`` (``warp``: its arguments); ``banned`` ids are never drawn."""
     if banned:
         logits = logits.index_fill(-1, torch.as_tensor(banned, device=logits.device), float("-inf"))
     if greedy:

@@ -95,6 +95,7 @@ class ServerEngine:
             "temperature": 0.0 if greedy else decoding.temperature,
             "top_k": 0 if greedy else decoding.top_k,
             "top_p": 1.0 if greedy else decoding.top_p,
+            "min_p": 0.0 if greedy else decoding.min_p,
             "stop_token_ids": list(req.stop_token_ids),
             "seed": int(seed) % SEED_RANGE,
             "logprobs": 0,

@@ -6,7 +6,12 @@ import pytest
 import torch
 from helpers import encode_prompts
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from grpo_cli.engines.hf.decode import filter_logits, sample_group
 from grpo_cli.models.logprobs import completion_logprobs
@@ -86,9 +91,9 @@ def _sample_with_logprobs(*args, **kwargs):
 
     real, seen = rollout.filter_logits, []
 
-    def recording(logits, temperature, top_k, top_p):
+    def recording(logits, temperature, top_k, top_p, min_p=0.0):
         seen.append(torch.log_softmax(logits / temperature, -1))
-        return real(logits, temperature, top_k, top_p)
+        return real(logits, temperature, top_k, top_p, min_p)
 
     rollout.filter_logits = recording
     try:
@@ -202,3 +207,100 @@ def test_dropping_finished_rows_changes_no_token(model_and_tok, monkeypatch, see
     torch.testing.assert_close(a_lp[m], b_lp[m], atol=1e-5, rtol=1e-5)
     lengths = a_mask.sum(1)
     assert lengths.min() < lengths.max()  # ragged: rows were dropped while others decoded on
+
+
+# ---------------------------------------------------------------------------- min-p (rollout.min_p)
+
+
+def _min_p_support(logits: torch.Tensor, temperature: float, min_p: float) -> torch.Tensor:
+    """The tokens min-p keeps [B, V], from the rule in float64: p_i >= min_p * max_j p_j after temperature."""
+    p = torch.softmax(logits.double() / temperature, -1)
+    return p >= min_p * p.amax(-1, keepdim=True)
+
+
+def test_min_p_keeps_a_probe_distributions_tokens_above_the_fraction_of_the_top_one():
+    # p = [0.40, 0.25, 0.15, 0.10, 0.06, 0.04]; min_p 0.2: the floor is 0.08, so 0.06 and 0.04 go.
+    logits = torch.tensor([[0.40, 0.25, 0.15, 0.10, 0.06, 0.04]]).log()
+    got = filter_logits(logits, 1.0, 0, 1.0, 0.2)
+    assert torch.isfinite(got).tolist() == [[True, True, True, True, False, False]]
+    assert torch.equal(got[:, :4], logits[:, :4])  # the kept logits untouched: renormalised by softmax
+    # temperature first: at 2.0 the probabilities flatten (p ~ sqrt), the floor keeps all but the last
+    assert torch.isfinite(filter_logits(logits, 2.0, 0, 1.0, 0.35)).tolist() == [[True] * 5 + [False]]
+    assert torch.equal(
+        _min_p_support(logits, 2.0, 0.35), torch.isfinite(filter_logits(logits, 2.0, 0, 1.0, 0.35))
+    )
+
+
+@pytest.mark.parametrize("temperature,min_p", [(1.0, 0.05), (0.7, 0.2), (1.5, 0.5), (1.3, 1.0)])
+def test_min_p_support_is_the_float64_rule_and_generates_warper(temperature, min_p):
+    """On random logits the kept support equals the float64 rule and transformers' MinPLogitsWarper
+    (with top-k, which commutes with it); the most likely token is always kept."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(8, 273, generator=gen) * 3
+    p = torch.softmax(logits.double() / temperature, -1)
+    top = p.amax(-1, keepdim=True)
+    near = (((p - min_p * top).abs() < 1e-6) & (p < top)).any()  # the top token is kept at any min_p
+    assert not near, "a probability on the floor: the float32/float64 comparison could differ"
+    got = filter_logits(logits, temperature, 0, 1.0, min_p)
+    assert torch.equal(torch.isfinite(got), _min_p_support(logits, temperature, min_p))
+    assert torch.isfinite(got).sum(-1).min() >= 1
+    assert (~torch.isfinite(got)).any()  # the probe removes something
+    theirs = MinPLogitsWarper(min_p)(
+        None, TopKLogitsWarper(40)(None, TemperatureLogitsWarper(temperature)(None, logits.clone()))
+    )
+    ours = filter_logits(logits, temperature, 40, 1.0, min_p)
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+
+
+def test_min_p_zero_changes_nothing():
+    logits = torch.randn(4, 100) * 2
+    for warp in [(1.0, 0, 1.0), (0.7, 10, 0.9)]:
+        assert torch.equal(filter_logits(logits, *warp, 0.0), filter_logits(logits, *warp))
+
+
+def test_seeded_min_p_sampling_is_reproducible_and_stays_in_the_kept_support(tiny_model_path):
+    """The seeded inverse-CDF path with min-p on the embedded tiny model (a random model's flat
+    distributions would keep everything): the same seeds give the same tokens, every sampled token is
+    inside the support min-p kept at its step, and the filter did remove tokens there."""
+    from grpo_cli.engines.hf import decode
+    from grpo_cli.engines.hf.decode import prompt_generators
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
+    ids, mask = encode_prompts(tok, PROMPTS, False, torch.device("cpu"))
+    real, kept = decode.filter_logits, []
+
+    def recording(*args):
+        out = real(*args)
+        kept.append(torch.isfinite(out))
+        return out
+
+    def draw(record: bool):
+        gens = prompt_generators([11, 12, 13], torch.device("cpu"))
+        decode.filter_logits = recording if record else real
+        try:
+            return sample_group(model, ids, mask, 4, 10, 0, 0, temperature=1.4, generators=gens, min_p=0.1)
+        finally:
+            decode.filter_logits = real
+
+    (a, a_mask), (b, b_mask) = draw(True), draw(False)
+    assert torch.equal(a, b) and torch.equal(a_mask, b_mask)
+    for t in range(a.size(1)):
+        live = a_mask[:, t].bool()
+        assert kept[t][live].gather(1, a[live, t, None]).all(), t
+    assert min(float((~k).float().mean()) for k in kept) > 0.01  # min-p removed tokens at every step
+
+
+def test_inverse_cdf_draws_follow_the_min_p_filtered_distribution():
+    from grpo_cli.engines.hf.decode import _inverse_cdf
+
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 60, generator=gen) * 2
+    probs = filter_logits(logits, 1.2, 0, 1.0, 0.1).softmax(-1)
+    n = 100_000
+    toks = _inverse_cdf(probs.repeat_interleave(n, 0), torch.rand(2 * n, generator=gen)).view(2, n)
+    for r in range(2):
+        freq = torch.bincount(toks[r], minlength=60).double() / n
+        p = probs[r].double()
+        assert (p == 0).sum() > 10 and (freq[p == 0] == 0).all()
+        assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-12).all()

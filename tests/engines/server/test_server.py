@@ -203,3 +203,16 @@ def test_train_on_two_servers_keeps_them_in_sync_every_step(tiny_servers, tmp_pa
     final = load(cfg.model, cfg.lora, beta=0.0)
     probe = ServerEngine(final, tiny_servers, 60, 60)  # no sync: what the servers hold now
     assert max(_server_diff(probe, final)) < TOL
+
+
+def test_the_request_body_carries_min_p_off_for_greedy():
+    """rollout.min_p goes to vLLM's server in the request body (its ``min_p``), 0 for greedy decoding."""
+    from grpo_cli.engines import Decoding, Request
+    from grpo_cli.engines.server import ServerEngine
+
+    engine = ServerEngine.__new__(ServerEngine)  # no server: only the body is built
+    engine.servers, engine.model_ids, engine.max_model_len = [None], ["m"], 0
+    req = Request([5, 6], 4, 8, (0,), seed=3)
+    assert engine._body(0, req, Decoding(temperature=0.9, min_p=0.25))["min_p"] == 0.25
+    assert engine._body(0, req, Decoding(min_p=0.25, greedy=True))["min_p"] == 0.0
+    assert engine._body(0, req, Decoding())["min_p"] == 0.0
