@@ -19,12 +19,8 @@ from typing import Any
 import torch
 
 from grpo_cli.config import AlgoConfig, TrainConfig
-from grpo_cli.core.loss import (
-    aggregation_units,
-    engine_is_weights,
-    group_advantages,
-    policy_loss,
-)
+from grpo_cli.core.advantages import advantages
+from grpo_cli.core.loss import aggregation_units, engine_is_weights, entropy_threshold, policy_loss
 from grpo_cli.core.stats import STAT_COMBINE, LossStats, combine_stats
 from grpo_cli.models import Policy, reference
 from grpo_cli.models.logprobs import grouped_completion_logprobs
@@ -41,12 +37,18 @@ class LossInput:
     loss_mask: torch.Tensor  # [N, T]
     ref_logps: torch.Tensor | None  # [N, T]
     old_logps: torch.Tensor | None  # [N, T]
+    # [N] bool: completions the seq_mean_* denominators count (all but the truncated ones under
+    # algo.mask_truncated; unjudged ones count, as in TRL). None: every row.
+    counted: torch.Tensor | None = None
+    # [N, T] bool: the tokens that get the policy-gradient term (algo.top_entropy_quantile < 1). None: all.
+    pg_mask: torch.Tensor | None = None
 
 
 def advantages_for(
-    rollout: Rollout, group_size: int, scale_rewards: str
+    rollout: Rollout, group_size: int, scale_rewards: str, estimator: str = "group"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Advantages [N] and the judged flag [N]; unjudged rewards take their group's judged mean.
+    """Advantages [N] (``algo.advantage`` = ``estimator``: group or rloo) and the judged flag [N];
+    unjudged rewards take their group's judged mean.
 
     ``scale_rewards=batch`` divides by the std of the whole step's rewards, every rank's included.
     """
@@ -59,9 +61,9 @@ def advantages_for(
         everyone = distributed.gather_objects(filled)
         mine = distributed.world().rank
         start = sum(len(x) for x in everyone[:mine])
-        adv = group_advantages(torch.cat(everyone), group_size, scale=scale_rewards)
+        adv = advantages(torch.cat(everyone), group_size, estimator, scale_rewards)
         return adv[start : start + len(filled)], judged.view(-1)
-    return group_advantages(filled, group_size, scale=scale_rewards), judged.view(-1)
+    return advantages(filled, group_size, estimator, scale_rewards), judged.view(-1)
 
 
 def micro_batches(n: int, size: int) -> list[slice]:
@@ -69,8 +71,11 @@ def micro_batches(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def micro_logps(runner: Callable[..., Any], rollout: Rollout, s: slice, temperature: float) -> torch.Tensor:
-    """Log-probs [n, T] of the completions in ``s``, each group's prompt run through the model once.
+def micro_logps(
+    runner: Callable[..., Any], rollout: Rollout, s: slice, temperature: float, entropy: str | None = None
+) -> Any:
+    """Log-probs [n, T] of the completions in ``s``, each group's prompt run through the model once;
+    with ``entropy`` ("metric" or "grad") the pair (log-probs, entropies [n, T]) from the same pass.
 
     ``runner``: ``Policy.run`` or a reference runner (``models.reference``). A micro-batch may start
     or end inside a group: its prompts are those of the groups it touches.
@@ -91,32 +96,72 @@ def micro_logps(runner: Callable[..., Any], rollout: Rollout, s: slice, temperat
         rollout.completion_mask[s],
         temperature=temperature,
         prompt_index=index,
+        entropy=entropy,
     )
 
 
 @torch.no_grad()
 def _logps_no_grad(
-    runner: Callable[..., Any], rollout: Rollout, temperature: float, micro: int
-) -> torch.Tensor:
+    runner: Callable[..., Any], rollout: Rollout, temperature: float, micro: int, entropy: bool = False
+) -> Any:
+    """Log-probs [N, T] without gradient; with ``entropy`` the pair (log-probs, entropies [N, T])."""
     n = rollout.completion_ids.size(0)
-    return torch.cat([micro_logps(runner, rollout, s, temperature) for s in micro_batches(n, micro)])
+    kind = "metric" if entropy else None
+    parts = [micro_logps(runner, rollout, s, temperature, kind) for s in micro_batches(n, micro)]
+    if not entropy:
+        return torch.cat(parts)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def prepare(policy: Policy, rollout: Rollout, algo: AlgoConfig, micro: int, temp: float) -> LossInput:
     """Advantages, loss mask, and the no-grad log-probs under pi_ref (beta > 0) and pi_old (mu > 1).
 
     ``micro``: completions per forward pass; ``temp``: the sampling temperature the log-probs use.
+    ``algo.mask_truncated``: truncated completions leave the loss mask and the counted rows.
+    ``algo.top_entropy_quantile`` < 1: the high-entropy tokens, by pi_old's entropies from the no-grad
+    pass (an extra forward when mu = 1), one threshold for the whole step (every rank's tokens).
     """
-    adv, judged = advantages_for(rollout, algo.group_size, algo.scale_rewards)
+    adv, judged = advantages_for(rollout, algo.group_size, algo.scale_rewards, algo.advantage)
     device = policy.device
     loss_mask = rollout.model_tokens.bool() & judged[:, None]  # tool tokens: no loss, no KL, not counted
-    ref = old = None
+    counted = None
+    if algo.mask_truncated:
+        if rollout.truncated is None:
+            raise ValueError("algo.mask_truncated needs the rollout's truncated flags (Rollout.truncated)")
+        counted = ~rollout.truncated.bool().to(loss_mask.device)
+        loss_mask = loss_mask & counted[:, None]  # no loss, no KL, no token in any denominator
+    ref = old = pg_mask = None
     if algo.beta > 0:
         with reference(policy) as ref_runner:
             ref = _logps_no_grad(ref_runner, rollout, temp, micro)
-    if algo.num_iterations > 1:
+    if algo.top_entropy_quantile < 1:
+        old, ent = _logps_no_grad(policy.run, rollout, temp, micro, entropy=True)
+        pg_mask = high_entropy_tokens(ent, loss_mask.to(ent.device), algo.top_entropy_quantile)
+        old = old if algo.num_iterations > 1 else None  # mu = 1: pi_old is the detached pi_theta
+    elif algo.num_iterations > 1:
         old = _logps_no_grad(policy.run, rollout, temp, micro)
-    return LossInput(rollout, adv.to(device), loss_mask.to(device), ref, old)
+    counted = None if counted is None else counted.to(device)
+    return LossInput(rollout, adv.to(device), loss_mask.to(device), ref, old, counted, pg_mask)
+
+
+# Relative tolerance under which two entropies are one value (see high_entropy_tokens): above float32's
+# rounding of a value recomputed in another batch shape (~1e-7), below real differences between contexts.
+ENTROPY_TIE = 1e-5
+
+
+def high_entropy_tokens(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
+    """[N, T] bool: tokens of ``mask`` whose entropy is at or above the (1 - quantile) quantile of
+    every rank's masked tokens (``core.loss.entropy_threshold``), so a split over ranks or
+    micro-batches selects the same tokens as the whole step would."""
+    values = entropy[mask].double().cpu()
+    if distributed.world().enabled:
+        values = torch.cat(distributed.gather_objects(values))
+    threshold = entropy_threshold(values, quantile)
+    # Ties are common: the G completions of a group share their first token's context, so its entropy
+    # is one value G times, but computed in other micro-batch or rank shapes it differs in the last
+    # bits; a strict >= would then split the tie by rounding. Values within ENTROPY_TIE count as equal.
+    slack = ENTROPY_TIE * max(1.0, abs(float(threshold)))
+    return mask & (entropy.double() >= threshold.to(entropy.device) - slack)
 
 
 def update(
@@ -138,7 +183,8 @@ def update(
     scaling each rank's loss by the world size before ``backward``.
     """
     # The whole step's units (tokens or completions, every rank's), counted as policy_loss counts them.
-    denom = max(float(distributed.all_sum(aggregation_units(inputs.loss_mask, algo.aggregation))), 1.0)
+    units = aggregation_units(inputs.loss_mask, algo.aggregation, rows=inputs.counted)
+    denom = max(float(distributed.all_sum(units)), 1.0)
     params = trained_params(optimizer)
     stats: dict[str, float] = {}
     skipped = False
@@ -185,7 +231,9 @@ def _accumulate_gradients(
     for i, s in enumerate(parts):
         # Gradients cross ranks once per optimizer step, after the last micro-batch.
         with distributed.grad_sync(policy.wrapper, enabled=i == len(parts) - 1):
-            logps = micro_logps(policy.run, inputs.rollout, s, temp)
+            # The entropy comes from the same pass (logged every step); a gradient only for a bonus.
+            kind = "grad" if algo.entropy_coef else "metric"
+            logps, entropy = micro_logps(policy.run, inputs.rollout, s, temp, kind)
             old = None if inputs.old_logps is None else inputs.old_logps[s]
             ref = None if inputs.ref_logps is None else inputs.ref_logps[s]
             weights = _engine_weights(inputs, s, logps if old is None else old, algo, engine_diff)
@@ -198,6 +246,8 @@ def _accumulate_gradients(
                 algo,
                 denominator=denom,
                 is_weights=weights,
+                entropy=entropy,
+                pg_mask=None if inputs.pg_mask is None else inputs.pg_mask[s],
             )
             (loss * world.size).backward()
         stats.append(st)

@@ -300,9 +300,8 @@ def policy_loss(
         denominator: None normalises locally (this batch's tokens for token_mean, its rows for
             the seq_mean_* modes). Otherwise the unit count over the full batch (all
             micro-batches, all ranks; see `aggregation_units`), so micro-batch losses add up
-            exactly to the full-batch loss. A fully masked row adds nothing to the loss but
-            counts as a completion in the seq_mean_* modes (as in TRL) unless the caller's
-            denominator leaves it out.
+            exactly to the full-batch loss. A fully masked row adds nothing to the loss but counts
+            as a completion in the seq_mean_* modes (as in TRL) unless the denominator leaves it out.
         is_weights: [B, T] detached weights of each token's surrogate (`engine_is_weights`); None: 1.
         entropy: [B, T] H of pi_theta per token (`core.logprobs.token_logprobs`), logged when given;
             it must carry its gradient when entropy_coef > 0.
@@ -313,17 +312,13 @@ def policy_loss(
         (loss, stats): loss a 0-dim tensor in float32 (float64 for float64 inputs).
     """
     beta, coef = float(cfg.beta), float(getattr(cfg, "entropy_coef", 0.0))
-    if beta > 0 and ref_logps is None:
-        raise ValueError(f"beta={beta} > 0 needs ref_logps (log-probs under pi_ref); pass them or set beta=0")
     if coef and entropy is None:
         raise ValueError(f"entropy_coef={coef} needs the entropy of each token; pass entropy=")
     dtype = torch.promote_types(logps.dtype, torch.float32)  # never compute the loss in bf16
     mask = mask.bool()
     weights = mask.to(dtype)
-    surrogate, kl, clips, ratio_values, ratio_mask = _terms(
-        logps, old_logps, ref_logps, advantages, mask, cfg
-    )
-    surrogate = surrogate if is_weights is None else surrogate * is_weights.detach().to(dtype)
+    terms = _terms(logps, old_logps, ref_logps, advantages, mask, cfg, is_weights)
+    surrogate, kl, clips, ratio_values, ratio_mask = terms
     policy_mask = mask if pg_mask is None else mask & pg_mask.bool()
     ent = torch.zeros_like(kl) if entropy is None else torch.where(mask, entropy.to(dtype), 0.0)
     aggregate = _choice(AGGREGATIONS, cfg.aggregation, "aggregation")
@@ -339,11 +334,13 @@ def policy_loss(
     return loss_sum / denominator, stats
 
 
-def _terms(
-    logps, old_logps, ref_logps, advantages, mask, cfg
-) -> tuple[Tensor, Tensor, tuple, Tensor, Tensor]:
+def _terms(logps, old_logps, ref_logps, advantages, mask, cfg, is_weights) -> tuple:
     """Per token [B, T]: the objective's surrogate, the KL estimate (0 when beta = 0), the clip masks
     (low, high, cap); and the ratio's values and mask over its units (for the statistics)."""
+    if float(cfg.beta) > 0 and ref_logps is None:
+        raise ValueError(
+            f"beta={cfg.beta} > 0 needs ref_logps (log-probs under pi_ref); pass them or set beta=0"
+        )
     dtype = torch.promote_types(logps.dtype, torch.float32)
     logps = logps.to(dtype)
     # pi_old and pi_ref are constants of the objective: no gradient reaches them.
@@ -355,6 +352,8 @@ def _terms(
     objective = _choice(OBJECTIVES, getattr(cfg, "objective", "clip"), "objective")
     adv = advantages.to(dtype)[:, None]  # [B, 1]
     surrogate, *clips = objective(ratio, adv, cfg, mask, torch.where(mask, logps, 0.0))
+    if is_weights is not None:
+        surrogate = surrogate * is_weights.detach().to(dtype)
     kl = torch.zeros_like(logps)  # beta == 0: no reference pass, no KL term
     if float(cfg.beta) > 0:
         log_r = torch.where(mask, ref_logps.detach().to(dtype) - logps, 0.0)  # log pi_ref / pi_theta
