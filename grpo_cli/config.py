@@ -90,8 +90,22 @@ class AlgoConfig:
     aggregation: str = "seq_mean_token_mean"
     # token: one ratio per token; sequence: GSPO's length-normalised sequence ratio.
     importance_level: str = "token"
+    # Advantage baseline: group (mean of the group, GRPO) or rloo (mean of the other G-1, RLOO arXiv 2402.14740).
+    advantage: str = "group"
     # Advantage scale: group (std of the group), batch (std of the batch), none (Dr. GRPO).
     scale_rewards: str = "group"
+    # Surrogate: clip (PPO/GRPO) or cispo (MiniMax-M1 arXiv 2506.13585: clipped detached weight x log-prob).
+    objective: str = "clip"
+    # Dual-clip bound c > 1 on rho for A < 0 (Ye et al. arXiv 1912.09729; verl clip_ratio_c 3.0); null: off.
+    clip_ratio_c: float | None = None
+    # Two-sided clip: upper bound on rho for A < 0, > 1 + epsilon_high (INTELLECT-2 arXiv 2505.07291; TRL delta); null: off.
+    delta: float | None = None
+    # Entropy bonus: loss -= entropy_coef * entropy, aggregated like the policy term (verl entropy_coeff); 0: off.
+    entropy_coef: float = 0.0
+    # Policy gradient only on tokens at or above this top fraction of the step's entropies (arXiv 2506.01939: 0.2); 1: all.
+    top_entropy_quantile: float = 1.0
+    # Completions that hit the token budget without EOS get no loss and count in no denominator (TRL mask_truncated_completions).
+    mask_truncated: bool = False
     # mu: policy updates per rollout batch (GRPO iterations); 1 keeps training on-policy.
     num_iterations: int = 1
     # Dr. GRPO's constant divisor; null means rollout.max_new_tokens.

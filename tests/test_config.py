@@ -61,6 +61,26 @@ def test_algo_presets_differ_where_their_papers_do():
     )
     assert dr.algo.scale_rewards == "none" and dr.algo.aggregation == "seq_mean_token_sum_norm"
     assert gspo.algo.importance_level == "sequence"
+    cispo, _ = compose_config("train", ["algo=cispo"])
+    assert cispo.algo.objective == "cispo" and cispo.algo.beta == 0.0
+    assert cispo.algo.aggregation == "token_mean" and cispo.algo.epsilon == 1.0  # no lower bound
+    validate(cispo)  # epsilon = 1 is allowed: the weight's lower bound is 0
+
+
+def test_the_new_algo_keys_default_to_off_and_land_typed():
+    cfg, _ = compose_config("train")
+    a = cfg.algo
+    assert (a.advantage, a.objective, a.clip_ratio_c, a.delta) == ("group", "clip", None, None)
+    assert (a.entropy_coef, a.top_entropy_quantile, a.mask_truncated) == (0.0, 1.0, False)
+    cfg, _ = compose_config(
+        "train",
+        ["algo.advantage=rloo", "algo.clip_ratio_c=3", "algo.delta=4", "algo.entropy_coef=0.001",
+         "algo.top_entropy_quantile=0.2", "algo.mask_truncated=true"],
+    )  # fmt: skip
+    validate(cfg)
+    a = cfg.algo
+    assert a.advantage == "rloo" and a.clip_ratio_c == 3.0 and isinstance(a.delta, float)
+    assert a.entropy_coef == 0.001 and a.top_entropy_quantile == 0.2 and a.mask_truncated is True
 
 
 @pytest.mark.parametrize(
@@ -71,6 +91,13 @@ def test_algo_presets_differ_where_their_papers_do():
         ("algo.beta=-0.1", "algo.beta"),
         ("train.prompts_per_step=0", "train.prompts_per_step"),
         ("algo.aggregation=mean", "seq_mean_token_mean"),
+        ("algo.advantage=ppo", "algo.advantage"),
+        ("algo.objective=sapo", "algo.objective"),
+        ("algo.clip_ratio_c=0.9", "algo.clip_ratio_c"),
+        ("algo.delta=1.1", "algo.delta"),  # not above 1 + epsilon_high = 1.2
+        ("algo.entropy_coef=-0.01", "algo.entropy_coef"),
+        ("algo.top_entropy_quantile=0", "algo.top_entropy_quantile"),
+        ("algo.top_entropy_quantile=1.5", "algo.top_entropy_quantile"),
         ("model.name_or_path=/no/such/model", "no such directory"),
     ],
 )
@@ -79,6 +106,13 @@ def test_validate_rejects_bad_values_with_the_key(override, needle):
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cispo_refuses_the_clip_objectives_bounds():
+    cfg, _ = compose_config("train", ["algo=cispo", "algo.clip_ratio_c=3"])
+    with pytest.raises(ConfigError, match="algo.objective=cispo") as err:
+        validate(cfg)
+    assert "\n" not in str(err.value)
 
 
 def test_uncached_hub_id_offline_says_how_to_use_local_weights(monkeypatch):

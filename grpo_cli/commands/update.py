@@ -28,12 +28,8 @@ from typing import Any
 import torch
 
 from grpo_cli.config import AlgoConfig, TrainConfig
-from grpo_cli.core.loss import (
-    aggregation_units,
-    engine_is_weights,
-    group_advantages,
-    policy_loss,
-)
+from grpo_cli.core.advantages import advantages
+from grpo_cli.core.loss import aggregation_units, engine_is_weights, entropy_threshold, policy_loss
 from grpo_cli.core.schedule import schedule
 from grpo_cli.core.stats import STAT_COMBINE, LossStats, combine_stats
 from grpo_cli.models import Policy, reference
@@ -51,6 +47,11 @@ class LossInput:
     loss_mask: torch.Tensor  # [N, T]
     ref_logps: torch.Tensor | None  # [N, T]
     old_logps: torch.Tensor | None  # [N, T]
+    # [N] bool: completions the seq_mean_* denominators count (all but the truncated ones under
+    # algo.mask_truncated; unjudged ones count, as in TRL). None: every row.
+    counted: torch.Tensor | None = None
+    # [N, T] bool: the tokens that get the policy-gradient term (algo.top_entropy_quantile < 1). None: all.
+    pg_mask: torch.Tensor | None = None
 
     def select(self, rows: torch.Tensor) -> LossInput:
         """The rows ``rows`` [n] (whole groups): one mini-batch."""
@@ -58,14 +59,22 @@ class LossInput:
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[rows.to(t.device)]
 
-        tensors = (self.advantages, self.loss_mask, self.ref_logps, self.old_logps)
+        tensors = (
+            self.advantages,
+            self.loss_mask,
+            self.ref_logps,
+            self.old_logps,
+            self.counted,
+            self.pg_mask,
+        )
         return LossInput(self.rollout.select(rows), *(pick(t) for t in tensors))
 
 
 def advantages_for(
-    rollout: Rollout, group_size: int, scale_rewards: str
+    rollout: Rollout, group_size: int, scale_rewards: str, estimator: str = "group"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Advantages [N] and the judged flag [N]; unjudged rewards take their group's judged mean.
+    """Advantages [N] (``algo.advantage`` = ``estimator``: group or rloo) and the judged flag [N];
+    unjudged rewards take their group's judged mean.
 
     ``scale_rewards=batch`` divides by the std of the whole step's rewards, every rank's included.
     """
@@ -78,9 +87,9 @@ def advantages_for(
         everyone = distributed.gather_objects(filled)
         mine = distributed.world().rank
         start = sum(len(x) for x in everyone[:mine])
-        adv = group_advantages(torch.cat(everyone), group_size, scale=scale_rewards)
+        adv = advantages(torch.cat(everyone), group_size, estimator, scale_rewards)
         return adv[start : start + len(filled)], judged.view(-1)
-    return group_advantages(filled, group_size, scale=scale_rewards), judged.view(-1)
+    return advantages(filled, group_size, estimator, scale_rewards), judged.view(-1)
 
 
 def micro_batches(n: int, size: int) -> list[slice]:
@@ -88,8 +97,11 @@ def micro_batches(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def micro_logps(runner: Callable[..., Any], rollout: Rollout, s: slice, temperature: float) -> torch.Tensor:
-    """Log-probs [n, T] of the completions in ``s``, each group's prompt run through the model once.
+def micro_logps(
+    runner: Callable[..., Any], rollout: Rollout, s: slice, temperature: float, entropy: str | None = None
+) -> Any:
+    """Log-probs [n, T] of the completions in ``s``, each group's prompt run through the model once;
+    with ``entropy`` ("metric" or "grad") the pair (log-probs, entropies [n, T]) from the same pass.
 
     ``runner``: ``Policy.run`` or a reference runner (``models.reference``). A micro-batch may start
     or end inside a group: its prompts are those of the groups it touches.
@@ -110,6 +122,7 @@ def micro_logps(runner: Callable[..., Any], rollout: Rollout, s: slice, temperat
         rollout.completion_mask[s],
         temperature=temperature,
         prompt_index=index,
+        entropy=entropy,
     )
 
 
@@ -133,24 +146,39 @@ def mini_batch_rows(groups: int, group_size: int, k: int) -> list[torch.Tensor] 
 
 @torch.no_grad()
 def _logps_no_grad(
-    runner: Callable[..., Any], rollout: Rollout, temperature: float, micro: int
-) -> torch.Tensor:
+    runner: Callable[..., Any], rollout: Rollout, temperature: float, micro: int, entropy: bool = False
+) -> Any:
+    """Log-probs [N, T] without gradient; with ``entropy`` the pair (log-probs, entropies [N, T])."""
     n = rollout.completion_ids.size(0)
-    return torch.cat([micro_logps(runner, rollout, s, temperature) for s in micro_batches(n, micro)])
+    kind = "metric" if entropy else None
+    parts = [micro_logps(runner, rollout, s, temperature, kind) for s in micro_batches(n, micro)]
+    if not entropy:
+        return torch.cat(parts)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def _mini_batch_logps(
-    runner: Callable[..., Any], rollout: Rollout, temp: float, micro: int, rows: list[torch.Tensor] | None
-) -> torch.Tensor:
+    runner: Callable[..., Any],
+    rollout: Rollout,
+    temp: float,
+    micro: int,
+    rows: list[torch.Tensor] | None,
+    entropy: bool = False,
+) -> Any:
     """``_logps_no_grad`` over each mini-batch's rows, cut into micro-batches as ``update`` cuts them, so
-    the first mini-batch's pi_old equals its current log-probs bit for bit (ratio exactly 1)."""
+    the first mini-batch's pi_old equals its current log-probs bit for bit (ratio exactly 1). With
+    ``entropy`` the pair (log-probs [N, T], entropies [N, T])."""
     if rows is None:
-        return _logps_no_grad(runner, rollout, temp, micro)
-    parts = [_logps_no_grad(runner, rollout.select(r), temp, micro) for r in rows]
-    out = parts[0].new_empty(rollout.completion_ids.size(0), parts[0].size(1))  # [N, T]
-    for r, lp in zip(rows, parts):
-        out[r.to(out.device)] = lp
-    return out
+        return _logps_no_grad(runner, rollout, temp, micro, entropy)
+    parts = [_logps_no_grad(runner, rollout.select(r), temp, micro, entropy) for r in rows]
+    pairs = parts if entropy else [(p,) for p in parts]
+    outs = []
+    for i in range(len(pairs[0])):
+        out = pairs[0][i].new_empty(rollout.completion_ids.size(0), pairs[0][i].size(1))  # [N, T]
+        for r, pair in zip(rows, pairs):
+            out[r.to(out.device)] = pair[i]
+        outs.append(out)
+    return tuple(outs) if entropy else outs[0]
 
 
 def prepare(
@@ -161,18 +189,54 @@ def prepare(
 
     ``micro``: completions per forward pass; ``temp``: the sampling temperature the log-probs use;
     ``k``: mini-batches (``train.steps_per_generation``).
+    ``algo.mask_truncated``: truncated completions leave the loss mask and the counted rows.
+    ``algo.top_entropy_quantile`` < 1: the high-entropy tokens, by pi_old's entropies from the no-grad
+    pass (an extra forward when mu = k = 1), one threshold for the whole step (every rank's tokens and
+    every mini-batch), fixed before the step's first optimizer step.
     """
-    adv, judged = advantages_for(rollout, algo.group_size, algo.scale_rewards)
+    adv, judged = advantages_for(rollout, algo.group_size, algo.scale_rewards, algo.advantage)
     device = policy.device
     loss_mask = rollout.model_tokens.bool() & judged[:, None]  # tool tokens: no loss, no KL, not counted
+    counted = None
+    if algo.mask_truncated:
+        if rollout.truncated is None:
+            raise ValueError("algo.mask_truncated needs the rollout's truncated flags (Rollout.truncated)")
+        counted = ~rollout.truncated.bool().to(loss_mask.device)
+        loss_mask = loss_mask & counted[:, None]  # no loss, no KL, no token in any denominator
     rows = mini_batch_rows(rollout.completion_ids.size(0) // algo.group_size, algo.group_size, k)
-    ref = old = None
+    needs_old = algo.num_iterations > 1 or k > 1
+    ref = old = pg_mask = None
     if algo.beta > 0:
         with reference(policy) as ref_runner:
             ref = _mini_batch_logps(ref_runner, rollout, temp, micro, rows)
-    if algo.num_iterations > 1 or k > 1:
+    if algo.top_entropy_quantile < 1:
+        old, ent = _mini_batch_logps(policy.run, rollout, temp, micro, rows, entropy=True)
+        pg_mask = high_entropy_tokens(ent, loss_mask.to(ent.device), algo.top_entropy_quantile)
+        old = old if needs_old else None  # mu = k = 1: pi_old is the detached pi_theta
+    elif needs_old:
         old = _mini_batch_logps(policy.run, rollout, temp, micro, rows)
-    return LossInput(rollout, adv.to(device), loss_mask.to(device), ref, old)
+    counted = None if counted is None else counted.to(device)
+    return LossInput(rollout, adv.to(device), loss_mask.to(device), ref, old, counted, pg_mask)
+
+
+# Relative tolerance under which two entropies are one value (see high_entropy_tokens): above float32's
+# rounding of a value recomputed in another batch shape (~1e-7), below real differences between contexts.
+ENTROPY_TIE = 1e-5
+
+
+def high_entropy_tokens(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
+    """[N, T] bool: tokens of ``mask`` whose entropy is at or above the (1 - quantile) quantile of
+    every rank's masked tokens (``core.loss.entropy_threshold``), so a split over ranks or
+    micro-batches selects the same tokens as the whole step would."""
+    values = entropy[mask].double().cpu()
+    if distributed.world().enabled:
+        values = torch.cat(distributed.gather_objects(values))
+    threshold = entropy_threshold(values, quantile)
+    # Ties are common: the G completions of a group share their first token's context, so its entropy
+    # is one value G times, but computed in other micro-batch or rank shapes it differs in the last
+    # bits; a strict >= would then split the tie by rounding. Values within ENTROPY_TIE count as equal.
+    slack = ENTROPY_TIE * max(1.0, abs(float(threshold)))
+    return mask & (entropy.double() >= threshold.to(entropy.device) - slack)
 
 
 def update(
@@ -199,7 +263,8 @@ def update(
     minis = [inputs] if rows is None else [inputs.select(r) for r in rows]
     # Each mini-batch's units (tokens or completions, every rank's), counted as policy_loss counts them.
     denoms = [
-        max(float(distributed.all_sum(aggregation_units(m.loss_mask, algo.aggregation))), 1.0) for m in minis
+        max(float(distributed.all_sum(aggregation_units(m.loss_mask, algo.aggregation, rows=m.counted))), 1.0)
+        for m in minis
     ]
     params = trained_params(optimizer)
     skipped, steps = False, []
@@ -267,7 +332,9 @@ def _accumulate_gradients(
     for i, s in enumerate(parts):
         # Gradients cross ranks once per optimizer step, after the last micro-batch.
         with distributed.grad_sync(policy.wrapper, enabled=i == len(parts) - 1):
-            logps = micro_logps(policy.run, inputs.rollout, s, temp)
+            # The entropy comes from the same pass (logged every step); a gradient only for a bonus.
+            kind = "grad" if algo.entropy_coef else "metric"
+            logps, entropy = micro_logps(policy.run, inputs.rollout, s, temp, kind)
             old = None if inputs.old_logps is None else inputs.old_logps[s]
             ref = None if inputs.ref_logps is None else inputs.ref_logps[s]
             weights = _engine_weights(inputs, s, logps if old is None else old, algo, engine_diff)
@@ -280,6 +347,8 @@ def _accumulate_gradients(
                 algo,
                 denominator=denom,
                 is_weights=weights,
+                entropy=entropy,
+                pg_mask=None if inputs.pg_mask is None else inputs.pg_mask[s],
             )
             (loss * world.size).backward()
         stats.append(st)

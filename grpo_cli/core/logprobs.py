@@ -90,6 +90,7 @@ def token_logprobs(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     return_entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """log softmax(hidden @ weight.T / temperature) at `targets`, chunked over rows.
 
@@ -102,7 +103,10 @@ def token_logprobs(
             ``default_chunk_size(V, hidden.dtype, hidden.device)``. The extra memory is one
             float32 [chunk_size, V] buffer, a second one transiently for bf16 inputs or
             return_entropy, plus the weight gradient when it is trained.
-        return_entropy: also return the entropy of each row's distribution (detached).
+        return_entropy: also return the entropy of each row's distribution at `temperature`.
+        entropy_grad: the entropy carries its gradient (an entropy bonus in the loss); otherwise it
+            is detached, a metric. With a frozen weight this forms a second [B*T, H] direction in
+            forward (one more [chunk, V] x [V, H] product per chunk).
 
     Returns:
         logps [B, T] in float32 (float64 for float64 inputs), and entropy [B, T] if asked.
@@ -117,9 +121,16 @@ def token_logprobs(
     if chunk_size < 1 or temperature <= 0:
         raise ValueError(f"chunk_size={chunk_size} and temperature={temperature} must be positive")
     logps, entropy = _ChunkedLogprobs.apply(
-        hidden, weight, targets, float(temperature), chunk_size, return_entropy
+        hidden, weight, targets, float(temperature), chunk_size, return_entropy or entropy_grad, entropy_grad
     )
-    return (logps, entropy) if return_entropy else logps
+    return (logps, entropy) if return_entropy or entropy_grad else logps
+
+
+def _entropy_grad(p: Tensor, entropy: Tensor, grad_entropy: Tensor, temperature: float) -> Tensor:
+    """d(g * H) / d(h W^T) for rows of probabilities p [n, w] (a slice of the vocabulary): with
+    H = -sum_v p_v log p_v and z = h W^T / temperature, dH/dz_v = -p_v (log p_v + H)."""
+    out = torch.special.xlogy(p, p).add_(p * entropy[:, None])  # xlogy: 0 log 0 = 0
+    return out.mul_(-grad_entropy[:, None] / temperature)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -196,7 +207,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk_size, return_entropy):
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size, return_entropy, entropy_grad):
         flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # [N, H], [N]
         (n, vocab), dtype = (flat_h.shape[0], weight.shape[0]), _compute_dtype(hidden.dtype)
         logps, lse = flat_h.new_empty(n, dtype=dtype), flat_h.new_empty(n, dtype=dtype)
@@ -206,6 +217,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         ctx.tiles = _backward_tiles(n, vocab, chunk_size)
         keep_last = ctx.needs_input_grad[1] and ctx.tiles[1] == vocab  # backward in whole chunks
         grad_dir = torch.empty_like(flat_h) if eager else None  # d logp / d h per row
+        ent_dir = torch.empty_like(flat_h) if eager and entropy_grad else None  # d H / d h per row
         for start in range(0, n, chunk_size):
             rows = slice(start, start + chunk_size)
             z = _logits_(buf, flat_h[rows], weight, temperature)
@@ -213,34 +225,48 @@ class _ChunkedLogprobs(torch.autograd.Function):
             logps[rows], lse[rows] = _log_softmax_at_(z, flat_t[rows], normalise)
             if return_entropy:
                 entropy[rows] = -torch.special.xlogy(z, z).sum(dim=1)  # xlogy: 0 log 0 = 0
+            if ent_dir is not None:  # before z is overwritten by the log-prob's gradient below
+                ones = torch.ones_like(lse[rows])
+                ent_dir[rows] = _entropy_grad(z, entropy[rows], ones, temperature).to(weight.dtype) @ weight
             if eager:
                 ones = torch.ones_like(lse[rows])
                 grad_dir[rows] = _softmax_grad_(z, flat_t[rows], ones, temperature).to(weight.dtype) @ weight
-        ctx.save_for_backward(flat_h, weight, flat_t, lse, grad_dir)
+        ctx.save_for_backward(
+            flat_h, weight, flat_t, lse, grad_dir, ent_dir, entropy if entropy_grad else None
+        )
         ctx.kept = buf if keep_last else None  # not saved: backward overwrites it
         ctx.shape, ctx.temperature = hidden.shape, temperature
         entropy = entropy.view(targets.shape) if return_entropy else entropy
-        ctx.mark_non_differentiable(entropy)  # a metric: no gradient flows back through it
+        if not entropy_grad:
+            ctx.mark_non_differentiable(entropy)  # a metric: no gradient flows back through it
         return logps.view(targets.shape), entropy
 
     @staticmethod
-    def backward(ctx, grad_logps, _grad_entropy):
-        flat_h, weight, flat_t, lse, grad_dir = ctx.saved_tensors
+    def backward(ctx, grad_logps, grad_entropy):
+        flat_h, weight, flat_t, lse, grad_dir, ent_dir, entropy = ctx.saved_tensors
         kept, ctx.kept = ctx.kept, None  # the last chunk's softmax, good for one backward only
         g = grad_logps.reshape(-1).to(lse.dtype)  # [N]
-        if grad_dir is not None:  # frozen weight: d logp / d h was formed in forward
-            return (g[:, None] * grad_dir).to(flat_h.dtype).view(ctx.shape), None, None, None, None, None
+        g_ent = None if entropy is None or grad_entropy is None else grad_entropy.reshape(-1).to(lse.dtype)
+        none = (None,) * 5
+        if grad_dir is not None:  # frozen weight: d logp / d h (and d H / d h) were formed in forward
+            grad_h = g[:, None] * grad_dir
+            if g_ent is not None:
+                grad_h += g_ent[:, None] * ent_dir
+            return (grad_h.to(flat_h.dtype).view(ctx.shape), None, *none)
         need_h, need_w = ctx.needs_input_grad[:2]
+        ent = None if g_ent is None else (entropy, g_ent)
         grad_h, grad_w = _tiled_grads(
-            flat_h, weight, flat_t, lse, g, ctx.temperature, ctx.tiles, kept, need_h
+            flat_h, weight, flat_t, lse, g, ctx.temperature, ctx.tiles, kept, need_h, ent
         )
         grad_h = grad_h.to(flat_h.dtype).view(ctx.shape) if need_h else None
         grad_w = grad_w.to(weight.dtype) if need_w else None
-        return grad_h, grad_w, None, None, None, None
+        return (grad_h, grad_w, *none)
 
 
-def _tiled_grads(flat_h, weight, flat_t, lse, g, temperature, tiles, kept, need_h):
+def _tiled_grads(flat_h, weight, flat_t, lse, g, temperature, tiles, kept, need_h, ent=None):
     """grad_h [N, H] (if `need_h`) and grad_w [V, H], a [rows, width] tile of the logits at a time.
+
+    `ent`: (entropy [N], its upstream gradient [N]) when the entropy carries a gradient, else None.
 
     Each tile is recomputed from `lse`, or for the last rows taken from `kept`. The weight is
     trained here (a frozen one took forward's eager path). Both sums are in the compute dtype, at
@@ -259,7 +285,10 @@ def _tiled_grads(flat_h, weight, flat_t, lse, g, temperature, tiles, kept, need_
             tile = buf.view(-1)[: h.shape[0] * w.shape[0]].view(h.shape[0], w.shape[0])
             if kept is None or not last:
                 tile = _logits_(tile, h, w, temperature).sub_(lse[block, None]).exp_()
+            extra = None if ent is None else _entropy_grad(tile, ent[0][block], ent[1][block], temperature)
             grad_logits = _softmax_grad_(tile, flat_t[block], g[block], temperature, v0)  # [rows, w]
+            if extra is not None:
+                grad_logits += extra
             if need_h:
                 _add_product_(grad_h[block], grad_logits, w, first=v0 == 0)
             _add_product_(grad_w[v0 : v0 + width], grad_logits.t(), h, first=last)

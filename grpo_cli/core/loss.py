@@ -4,14 +4,29 @@ For a prompt q the old policy pi_old samples a group of G completions o_1..o_G w
 Every token t of completion o_i gets the completion's advantage A_i and a ratio rho_{i,t}; the
 loss is the negative of
 
-    J(theta) = AGG_{i,t} [ min(rho_{i,t} A_i, clip(rho_{i,t}, 1 - epsilon, 1 + epsilon_high) A_i)
-                           - beta * KL_{i,t}(pi_theta || pi_ref) ]
+    J(theta) = AGG_{i,t} [ m_{i,t} * S_{i,t} - beta * KL_{i,t}(pi_theta || pi_ref) + c_H * H_{i,t} ]
 
 with
-    A_i       = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + eps)          (`group_advantages`)
+    A_i       = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + eps), or RLOO's leave-one-out baseline
+                                                                        (`core.advantages`)
     rho_{i,t} = pi_theta(o_{i,t} | q, o_{i,<t}) / pi_old(o_{i,t} | q, o_{i,<t})    (importance_level=token)
               = exp(mean_t log(pi_theta / pi_old))  for every t of o_i         (importance_level=sequence)
+    S_{i,t}   = the objective's surrogate (``objective``, ``OBJECTIVES``):
+        clip:  min(rho A, clip(rho, 1 - epsilon, 1 + epsilon_high) A)                 (PPO / GRPO)
+               except where rho > C and A < 0: there C * A (a constant), with
+               C = clip_ratio_c (dual-clip, Ye et al. 2020, arXiv 1912.09729; verl's clip_ratio_c)
+                 = delta (two-sided clip, INTELLECT-2 arXiv 2505.07291; TRL's delta)
+               (the smaller of the two when both are set; both cut the gradient of that token)
+        cispo: sg(clip(rho, 1 - epsilon, 1 + epsilon_high)) * A * log pi_theta       (CISPO, MiniMax-M1
+               arXiv 2506.13585: the weight is clipped and detached, so a clipped token keeps the
+               gradient w A grad log pi where PPO's clip gives it none)
     KL_{i,t}  = k3: pi_ref/pi_theta - log(pi_ref/pi_theta) - 1 (k1 and k2 as options)
+    H_{i,t}   = entropy of pi_theta(. | q, o_{i,<t}) at the sampling temperature; c_H = entropy_coef
+                (verl's entropy_coeff), 0 by default
+    m_{i,t}   = 1, or with top_entropy_quantile = rho_H < 1 only the tokens whose entropy is at or above
+                the (1 - rho_H) quantile of the step's tokens ("Beyond the 80/20 rule", arXiv 2506.01939;
+                TRL's top_entropy_quantile): the others get no policy-gradient term (KL and entropy
+                terms still apply, denominators unchanged). `entropy_threshold` finds the quantile.
     AGG       = one of the three aggregations below (how tokens and completions are averaged).
 
 When another engine sampled the completions (vLLM), its probabilities mu can differ from the
@@ -25,9 +40,9 @@ each token is weighted by the detached
     mode=mask: w where w <= C, else 0 (the token, or the whole completion, gives no loss)
                                                                        (`engine_is_weights`)
 
-so the term becomes w * min(rho A, clip(rho) A); the KL term is not weighted. pi_old is the trainer's
-own recomputed log-prob (the proximal policy: the weights at the start of the step), so the clip keeps
-its trust region around the current policy; w only corrects for having sampled from mu.
+so the term becomes w * S; the KL term is not weighted. pi_old is the trainer's own recomputed
+log-prob (the proximal policy: the weights at the start of the step), so the clip keeps its trust
+region around the current policy; w only corrects for having sampled from mu.
 
 Which options reproduce which paper:
 
@@ -39,14 +54,21 @@ Which options reproduce which paper:
   max_completion_length as the constant divisor, beta=0.
 - GSPO (arXiv 2507.18071): importance_level="sequence" (one length-normalised ratio per
   completion, clipped once; the gradient reaches every token of the completion through it).
+- CISPO (arXiv 2506.13585): objective="cispo", aggregation="token_mean", beta=0, epsilon=1 (no lower
+  bound on the weight, as the paper), epsilon_high tuned (conf/algo/cispo.yaml).
+- Dual-clip PPO (arXiv 1912.09729): clip_ratio_c=3; two-sided GRPO (INTELLECT-2): delta=4.
 
-What it leaves out: PPO's value function (GRPO has none), dual-clip, entropy bonuses and CISPO.
-`policy_loss` returns the loss to minimise (-J) and a `LossStats` record of detached sums, counts and
-extrema (`core.stats`: how each combines over micro-batches and ranks).
+The dual-clip and delta rows coincide in value whenever the bound exceeds 1 + epsilon_high (delta
+must: ``commands.validate``); both are kept, each under the name users bring from verl or TRL.
+
+What it leaves out: PPO's value function (GRPO has none) and a learned or adaptive entropy
+coefficient. `policy_loss` returns the loss to minimise (-J) and a `LossStats` record of detached
+sums, counts and extrema (`core.stats`: how each combines over micro-batches and ranks).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -54,12 +76,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from grpo_cli.core.advantages import ADVANTAGES, REWARD_SCALES, group_advantages, rloo_advantages
+from grpo_cli.core.objectives import OBJECTIVES
 from grpo_cli.core.stats import LOGGED_STATS, STAT_COMBINE, LossStats, combine_stats, loss_stats
 
 __all__ = [
+    "ADVANTAGES",
     "AGGREGATIONS",
     "IMPORTANCE_LEVELS",
     "KL_ESTIMATORS",
+    "OBJECTIVES",
     "REWARD_SCALES",
     "LossConfig",
     "LOGGED_STATS",
@@ -68,8 +94,10 @@ __all__ = [
     "aggregation_units",
     "combine_stats",
     "engine_is_weights",
+    "entropy_threshold",
     "group_advantages",
     "policy_loss",
+    "rloo_advantages",
 ]
 
 
@@ -85,46 +113,10 @@ class LossConfig:
     aggregation: str = "seq_mean_token_mean"  # | "token_mean" | "seq_mean_token_sum_norm"
     importance_level: str = "token"  # | "sequence" (GSPO)
     max_completion_length: int | None = None  # Dr. GRPO's constant divisor
-
-
-# ---------------------------------------------------------------------------- advantages
-
-
-def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
-    """A_i = (r_i - mean of its group) / (std + eps), std unbiased.
-
-    Args:
-        rewards: [N] with N = num_groups * G, the G completions of a prompt contiguous.
-        group_size: G.
-        scale: "group" divides by the group's std (GRPO), "batch" by the std of all N rewards
-            (mean still per group), "none" only centres (Dr. GRPO).
-        eps: keeps a group whose rewards are all equal at 0 instead of 0/0.
-
-    Returns:
-        [N] advantages, floating dtype of `rewards` (float32 for integer rewards).
-    """
-    if scale not in REWARD_SCALES:
-        raise ValueError(f"scale={scale!r}: expected one of {sorted(REWARD_SCALES)}")
-    if group_size < 1 or rewards.numel() % group_size:
-        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    if not rewards.is_floating_point():
-        rewards = rewards.float()
-    grouped = rewards.reshape(-1, group_size)  # [num_groups, G]
-    centred = grouped - grouped.mean(dim=1, keepdim=True)
-    return (centred / REWARD_SCALES[scale](grouped, eps)).reshape(-1)
-
-
-def _unbiased_std(x: Tensor, dim: int | None = None) -> Tensor:
-    # A single reward has no spread: 0 rather than torch.std's NaN for one sample.
-    n = x.numel() if dim is None else x.shape[dim]
-    return x.std(dim=dim, keepdim=dim is not None) if n > 1 else x.new_zeros(())
-
-
-REWARD_SCALES: dict[str, Callable[[Tensor, float], Tensor | float]] = {
-    "group": lambda grouped, eps: _unbiased_std(grouped, dim=1) + eps,
-    "batch": lambda grouped, eps: _unbiased_std(grouped) + eps,
-    "none": lambda grouped, eps: 1.0,
-}
+    objective: str = "clip"  # | "cispo" (MiniMax-M1)
+    clip_ratio_c: float | None = None  # dual-clip bound for A < 0 (Ye et al. 2020; verl 3.0); None: off
+    delta: float | None = None  # two-sided clip, upper bound for A < 0 (INTELLECT-2; TRL); None: off
+    entropy_coef: float = 0.0  # entropy bonus c_H (verl's entropy_coeff); 0: none
 
 
 # ---------------------------------------------------------------------------- KL estimators
@@ -198,16 +190,19 @@ AGGREGATIONS = {
 }
 
 
-def aggregation_units(mask: Tensor, aggregation: str) -> Tensor:
+def aggregation_units(mask: Tensor, aggregation: str, rows: Tensor | None = None) -> Tensor:
     """Normalising units in `mask` [B, T] for `aggregation`: masked tokens for token_mean,
-    completions (rows, fully masked ones included) for the seq_mean_* modes.
+    completions for the seq_mean_* modes: every row (fully masked ones included, as TRL counts an
+    unjudged completion), or with `rows` [B] bool only the rows it marks (``algo.mask_truncated``
+    leaves truncated completions out of every denominator).
 
     Sum this over micro-batches and ranks to get the `denominator` of `policy_loss`.
     """
     if aggregation == "token_mean":
         return mask.sum().to(torch.float32)
     _choice(AGGREGATIONS, aggregation, "aggregation")
-    return torch.tensor(float(mask.shape[0]), device=mask.device)
+    count = float(mask.shape[0]) if rows is None else float(rows.sum())
+    return torch.tensor(count, device=mask.device)
 
 
 # ---------------------------------------------------------------------------- engine mismatch
@@ -253,6 +248,28 @@ def engine_is_weights(
     return torch.where(mask, w, 1.0)
 
 
+# ---------------------------------------------------------------------------- entropy
+
+
+def entropy_threshold(entropy: Tensor, quantile: float) -> Tensor:
+    """The (1 - quantile) quantile of `entropy` [n] (linear interpolation, as ``torch.quantile``),
+    so that the tokens with entropy >= it are the top `quantile` fraction ("Beyond the 80/20 rule").
+
+    Sorting rather than ``torch.quantile``, which refuses more than 2^24 values (a step's tokens can
+    be more). -inf for quantile >= 1 (every token) or no values.
+    """
+    if not 0 < quantile <= 1:
+        raise ValueError(f"top_entropy_quantile={quantile}: must be in (0, 1]")
+    n = entropy.numel()
+    if quantile >= 1 or n == 0:
+        return entropy.new_tensor(-math.inf)
+    values = entropy.reshape(-1).sort().values
+    pos = (1.0 - quantile) * (n - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, n - 1)
+    return values[lo] + (pos - lo) * (values[hi] - values[lo])
+
+
 # ---------------------------------------------------------------------------- the loss
 
 
@@ -265,8 +282,10 @@ def policy_loss(
     cfg: Any,
     denominator: float | Tensor | None = None,
     is_weights: Tensor | None = None,
+    entropy: Tensor | None = None,
+    pg_mask: Tensor | None = None,
 ) -> tuple[Tensor, LossStats]:
-    """The clipped surrogate plus beta * KL, aggregated: the loss -J(theta) to minimise.
+    """The surrogate, minus beta * KL, plus the entropy bonus, aggregated: the loss -J(theta) to minimise.
 
     Args:
         logps: [B, T] log pi_theta of the sampled tokens (carries the gradient).
@@ -276,61 +295,70 @@ def policy_loss(
         mask: [B, T] bool or 0/1, true on completion tokens. Masked-out positions may hold any
             value (even inf/NaN): they are replaced before use, never multiplied by zero.
         cfg: epsilon, epsilon_high, beta, kl_estimator, aggregation, importance_level,
-            max_completion_length (see `LossConfig`).
+            max_completion_length, and optionally objective, clip_ratio_c, delta, entropy_coef
+            (see `LossConfig`; a missing optional one takes its default there).
         denominator: None normalises locally (this batch's tokens for token_mean, its rows for
             the seq_mean_* modes). Otherwise the unit count over the full batch (all
             micro-batches, all ranks; see `aggregation_units`), so micro-batch losses add up
-            exactly to the full-batch loss. A fully masked row adds nothing to the loss but
-            counts as a completion in the seq_mean_* modes (as in TRL).
+            exactly to the full-batch loss. A fully masked row adds nothing to the loss but counts
+            as a completion in the seq_mean_* modes (as in TRL) unless the denominator leaves it out.
         is_weights: [B, T] detached weights of each token's surrogate (`engine_is_weights`); None: 1.
+        entropy: [B, T] H of pi_theta per token (`core.logprobs.token_logprobs`), logged when given;
+            it must carry its gradient when entropy_coef > 0.
+        pg_mask: [B, T] bool, the tokens that get the surrogate (top_entropy_quantile's high-entropy
+            tokens); None: every token of `mask`.
 
     Returns:
         (loss, stats): loss a 0-dim tensor in float32 (float64 for float64 inputs).
     """
-    beta = float(cfg.beta)
-    if beta > 0 and ref_logps is None:
-        raise ValueError(f"beta={beta} > 0 needs ref_logps (log-probs under pi_ref); pass them or set beta=0")
+    beta, coef = float(cfg.beta), float(getattr(cfg, "entropy_coef", 0.0))
+    if coef and entropy is None:
+        raise ValueError(f"entropy_coef={coef} needs the entropy of each token; pass entropy=")
     dtype = torch.promote_types(logps.dtype, torch.float32)  # never compute the loss in bf16
     mask = mask.bool()
     weights = mask.to(dtype)
+    terms = _terms(logps, old_logps, ref_logps, advantages, mask, cfg, is_weights)
+    surrogate, kl, clips, ratio_values, ratio_mask = terms
+    policy_mask = mask if pg_mask is None else mask & pg_mask.bool()
+    ent = torch.zeros_like(kl) if entropy is None else torch.where(mask, entropy.to(dtype), 0.0)
+    aggregate = _choice(AGGREGATIONS, cfg.aggregation, "aggregation")
+    # DeepSeekMath puts beta * KL inside the per-token sum, so it is aggregated like the surrogate;
+    # the entropy bonus likewise (verl adds it with the policy term's aggregation).
+    per_token = torch.where(policy_mask, -surrogate, 0.0) + torch.where(mask, beta * kl - coef * ent, 0.0)
+    loss_sum, units = aggregate(per_token, weights, cfg)
+    if denominator is None:
+        denominator = units.clamp(min=1)  # an empty batch gives 0, not 0/0
+    with torch.no_grad():
+        policy = aggregate(torch.where(policy_mask, -surrogate, 0.0), weights, cfg)[0] / denominator
+    stats = loss_stats(policy, kl, *clips, ratio_values, ratio_mask, weights, ent.detach())
+    return loss_sum / denominator, stats
+
+
+def _terms(logps, old_logps, ref_logps, advantages, mask, cfg, is_weights) -> tuple:
+    """Per token [B, T]: the objective's surrogate, the KL estimate (0 when beta = 0), the clip masks
+    (low, high, cap); and the ratio's values and mask over its units (for the statistics)."""
+    if float(cfg.beta) > 0 and ref_logps is None:
+        raise ValueError(
+            f"beta={cfg.beta} > 0 needs ref_logps (log-probs under pi_ref); pass them or set beta=0"
+        )
+    dtype = torch.promote_types(logps.dtype, torch.float32)
     logps = logps.to(dtype)
     # pi_old and pi_ref are constants of the objective: no gradient reaches them.
     old_logps = logps.detach() if old_logps is None else old_logps.detach().to(dtype)
     # torch.where, not a product with the mask: padding may hold -inf and inf * 0 is NaN.
     log_ratio = torch.where(mask, logps - old_logps, 0.0)
     importance = _choice(IMPORTANCE_LEVELS, cfg.importance_level, "importance_level")
-    ratio, ratio_values, ratio_mask = importance(log_ratio, weights)
+    ratio, ratio_values, ratio_mask = importance(log_ratio, mask.to(dtype))
+    objective = _choice(OBJECTIVES, getattr(cfg, "objective", "clip"), "objective")
     adv = advantages.to(dtype)[:, None]  # [B, 1]
-    surrogate, clip_low, clip_high = _clipped_surrogate(ratio, adv, cfg, mask)
-    surrogate = surrogate if is_weights is None else surrogate * is_weights.detach().to(dtype)
+    surrogate, *clips = objective(ratio, adv, cfg, mask, torch.where(mask, logps, 0.0))
+    if is_weights is not None:
+        surrogate = surrogate * is_weights.detach().to(dtype)
     kl = torch.zeros_like(logps)  # beta == 0: no reference pass, no KL term
-    if beta > 0:
+    if float(cfg.beta) > 0:
         log_r = torch.where(mask, ref_logps.detach().to(dtype) - logps, 0.0)  # log pi_ref / pi_theta
         kl = _choice(KL_ESTIMATORS, cfg.kl_estimator, "kl_estimator")(log_r)
-    aggregate = _choice(AGGREGATIONS, cfg.aggregation, "aggregation")
-    # DeepSeekMath puts beta * KL inside the per-token sum, so it is aggregated like the surrogate.
-    loss_sum, units = aggregate(torch.where(mask, beta * kl - surrogate, 0.0), weights, cfg)
-    if denominator is None:
-        denominator = units.clamp(min=1)  # an empty batch gives 0, not 0/0
-    with torch.no_grad():
-        policy = aggregate(torch.where(mask, -surrogate, 0.0), weights, cfg)[0] / denominator
-    stats = loss_stats(policy, kl, clip_low, clip_high, ratio_values, ratio_mask, weights)
-    return loss_sum / denominator, stats
-
-
-def _clipped_surrogate(ratio: Tensor, adv: Tensor, cfg: Any, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """min(rho A, clip(rho) A) per token, [B, T], and where each side of the clip is active.
-
-    Written as a choice rather than torch.min: torch.min splits the gradient at ties, and the
-    choice makes plain that the clip bites only on the side the advantage points to.
-    """
-    low = 1.0 - cfg.epsilon
-    high = 1.0 + (cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high)
-    clip_low = (ratio < low) & (adv < 0) & mask  # min picks the constant (1 - eps) A
-    clip_high = (ratio > high) & (adv > 0) & mask  # min picks the constant (1 + eps_high) A
-    clipped = torch.where(clip_low, low, torch.where(clip_high, high, ratio))
-    # The constants carry no gradient: the ratio is cut off from the loss where the clip bites.
-    return clipped * adv, clip_low, clip_high
+    return surrogate, kl, tuple(clips), ratio_values, ratio_mask
 
 
 def _choice(table: dict[str, Any], key: str, name: str) -> Any:

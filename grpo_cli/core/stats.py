@@ -30,12 +30,14 @@ class LossStats(NamedTuple):
     policy_loss: Tensor  # -AGG[min(rho A, clip(rho) A)] with the global denominator
     kl_sum: Tensor  # sum of the per-token KL estimate over masked tokens (0 when beta == 0)
     clip_low: Tensor  # tokens with rho < 1 - epsilon and A < 0 (clip active)
-    clip_high: Tensor  # tokens with rho > 1 + epsilon_high and A > 0 (clip active)
+    clip_high: Tensor  # tokens with rho > 1 + epsilon_high and A > 0 (clip active; cispo: any A)
+    clip_cap: Tensor  # tokens with rho > C (clip_ratio_c or delta) and A < 0 (cut to C * A)
     ratio_sum: Tensor  # sum of rho over the ratio's units
     ratio_units: Tensor  # tokens (token level) or completions (sequence level) with a ratio
     ratio_min: Tensor  # +inf when there is none
     ratio_max: Tensor  # -inf when there is none
     tokens: Tensor  # number of masked tokens
+    entropy_sum: Tensor  # sum of the per-token entropy over masked tokens (0 when not given)
 
     def to_dict(self) -> dict[str, float]:
         """The logged statistics (``LOGGED_STATS``); this is where the values move to the host."""
@@ -49,11 +51,13 @@ STAT_COMBINE: dict[str, str] = {
     "kl_sum": "sum",
     "clip_low": "sum",
     "clip_high": "sum",
+    "clip_cap": "sum",
     "ratio_sum": "sum",
     "ratio_units": "sum",
     "ratio_min": "min",
     "ratio_max": "max",
     "tokens": "sum",
+    "entropy_sum": "sum",
 }
 
 
@@ -72,10 +76,12 @@ LOGGED_STATS: dict[str, tuple[str, Callable[[dict[str, float]], float]]] = {
     "kl": ("token-weighted mean", _per("kl_sum", "tokens")),
     "clip/low_frac": ("token-weighted mean", _per("clip_low", "tokens")),
     "clip/high_frac": ("token-weighted mean", _per("clip_high", "tokens")),
+    "clip/cap_frac": ("token-weighted mean", _per("clip_cap", "tokens")),
     "ratio/mean": ("mean over the ratio's units", _per("ratio_sum", "ratio_units")),
     "ratio/min": ("min", _extremum("ratio_min")),
     "ratio/max": ("max", _extremum("ratio_max")),
     "tokens": ("sum", lambda v: v["tokens"]),
+    "entropy": ("token-weighted mean", _per("entropy_sum", "tokens")),
 }
 
 
@@ -105,12 +111,14 @@ def loss_stats(
     kl: Tensor,
     clip_low: Tensor,
     clip_high: Tensor,
+    clip_cap: Tensor,
     ratio: Tensor,
     ratio_mask: Tensor,
     weights: Tensor,
+    entropy: Tensor,
 ) -> LossStats:
     """The statistics of one batch from the loss's per-token terms ([B, T] each; ``ratio`` and
-    ``ratio_mask`` over the ratio's units)."""
+    ``ratio_mask`` over the ratio's units; ``entropy`` 0 where not computed)."""
     # +-inf outside the mask: the neutral elements of min and max (no host sync, no NaN).
     ratio_min = (
         torch.where(ratio_mask, ratio, torch.inf).amin() if ratio.numel() else ratio.new_tensor(torch.inf)
@@ -123,9 +131,11 @@ def loss_stats(
         kl_sum=(kl * weights).sum().detach(),
         clip_low=clip_low.sum().to(weights.dtype),
         clip_high=clip_high.sum().to(weights.dtype),
+        clip_cap=clip_cap.sum().to(weights.dtype),
         ratio_sum=torch.where(ratio_mask, ratio, 0.0).sum().detach(),
         ratio_units=ratio_mask.sum().to(weights.dtype),
         ratio_min=ratio_min.detach(),
         ratio_max=ratio_max.detach(),
         tokens=weights.sum(),
+        entropy_sum=(entropy * weights).sum().detach(),
     )

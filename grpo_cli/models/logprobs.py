@@ -43,11 +43,14 @@ def completion_logprobs(
     attention_mask: torch.Tensor,
     prompt_len: int,
     temperature: float = 1.0,
-) -> torch.Tensor:
+    entropy: str | None = None,
+) -> Any:
     """log pi(o_t | q, o_<t) for every completion token, without [B, T, V] logits.
 
     input_ids, attention_mask: [B, S], the left-padded prompt (``prompt_len`` columns) followed by
-    the completion. Returns logps [B, S - prompt_len] float32.
+    the completion. Returns logps [B, S - prompt_len] float32; with ``entropy`` "metric" (detached) or
+    "grad" (differentiable, for an entropy bonus) the pair (logps, entropy [B, S - prompt_len]) from
+    the same pass (``core.logprobs.token_logprobs``).
     """
     decoder = model.get_decoder()
     hidden = decoder(
@@ -59,7 +62,22 @@ def completion_logprobs(
     # The hidden state at position t predicts token t + 1.
     hidden = hidden[:, prompt_len - 1 : -1]
     weight = model.get_output_embeddings().weight  # [V, H]
-    return token_logprobs(hidden, weight, input_ids[:, prompt_len:], temperature=temperature)
+    return _head(hidden, weight, input_ids[:, prompt_len:], temperature, entropy)
+
+
+def _head(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: str | None
+) -> Any:
+    if entropy not in (None, "metric", "grad"):
+        raise ValueError(f"entropy={entropy!r}: expected None, 'metric' or 'grad'")
+    return token_logprobs(
+        hidden,
+        weight,
+        targets,
+        temperature=temperature,
+        return_entropy=entropy is not None,
+        entropy_grad=entropy == "grad",
+    )
 
 
 def _shareable_cache(cache: Any, prompt_len: int) -> bool:
@@ -98,7 +116,8 @@ def grouped_completion_logprobs(
     group_size: int | None = None,
     temperature: float = 1.0,
     prompt_index: torch.Tensor | None = None,
-) -> torch.Tensor:
+    entropy: str | None = None,
+) -> Any:
     """``completion_logprobs`` with each distinct prompt run through the decoder once, not once per completion.
 
     prompt_ids, prompt_mask: [P, L] left-padded, one row per group; completion_ids, completion_mask:
@@ -106,7 +125,8 @@ def grouped_completion_logprobs(
     ``i // group_size``: N = P * G rows, group p is rows [p*G, (p+1)*G)). The prompt pass keeps its
     key/value cache, which is expanded to the N completions (differentiably: the gradients of all G
     completions flow into the one prompt pass) and attended to by the completion pass. Returns what
-    ``completion_logprobs`` on the concatenated sequences returns, up to float rounding.
+    ``completion_logprobs`` on the concatenated sequences returns, up to float rounding (with
+    ``entropy``, the pair of log-probs and entropies).
 
     Falls back to the full-sequence path when the cache cannot be shared: gradient checkpointing in
     training mode (transformers drops the cache there), or a cache other than a plain DynamicCache.
@@ -118,7 +138,7 @@ def grouped_completion_logprobs(
     def full_path():
         ids = torch.cat([prompt_ids[prompt_index], completion_ids], 1)
         mask = torch.cat([prompt_mask[prompt_index], completion_mask], 1)
-        return completion_logprobs(model, ids, mask, L, temperature)
+        return completion_logprobs(model, ids, mask, L, temperature, entropy)
 
     if getattr(decoder, "gradient_checkpointing", False) and decoder.training:
         return full_path()
@@ -142,4 +162,4 @@ def grouped_completion_logprobs(
     # The prompt's last hidden state predicts the first completion token; completion t predicts t + 1.
     hidden = torch.cat([out.last_hidden_state[prompt_index, -1:], hidden[:, :-1]], 1)
     weight = model.get_output_embeddings().weight  # [V, H]
-    return token_logprobs(hidden, weight, completion_ids, temperature=temperature)
+    return _head(hidden, weight, completion_ids, temperature, entropy)

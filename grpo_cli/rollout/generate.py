@@ -129,6 +129,7 @@ def episode_rollout(
         rows=[row for row in rows for _ in range(group_size)],
         group_size=group_size,
         engine_logps=logps,
+        truncated=torch.tensor([e.truncated for e in episodes], dtype=torch.bool, device=device),
     )
     if not tools:
         return ro

@@ -33,6 +33,9 @@ class Rollout:
     engine_logps: torch.Tensor | None = None  # [N, T] the engine's token log-probs (vllm; None: hf)
     # [N, T] 1 on tokens the model sampled, 0 on tool tokens (multi-turn); None: every completion token.
     model_mask: torch.Tensor | None = None
+    # [N] bool: the completion (episode) hit its token budget (or turn limit) without ending by itself
+    # (no EOS); ``algo.mask_truncated`` leaves these out of the loss. None: not recorded (hand-built).
+    truncated: torch.Tensor | None = None
     # Per completion, of multi-turn episodes: turns, tool_calls, tool_errors, truncated, tool_tokens.
     episode_stats: dict[str, list[float]] = field(default_factory=dict)
     # Per completion, of multi-turn episodes: model_turns (the model's turns as text), tool_results.
@@ -83,6 +86,7 @@ class Rollout:
             reward_counts=set(self.reward_counts),
             engine_logps=None if self.engine_logps is None else self.engine_logps[idx],
             model_mask=None if self.model_mask is None else self.model_mask[idx],
+            truncated=None if self.truncated is None else self.truncated[idx.to(self.truncated.device)],
             episode_stats={k: [v[i] for i in pick] for k, v in self.episode_stats.items()},
             episode_texts={k: [v[i] for i in pick] for k, v in self.episode_texts.items()},
         )
@@ -142,6 +146,9 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         model_mask=None
         if any(p.model_mask is None for p in parts)
         else pad_cat([p.model_mask for p in parts], 0),
+        truncated=None
+        if any(p.truncated is None for p in parts)
+        else torch.cat([p.truncated for p in parts]),
         episode_stats={k: [s for p in parts for s in p.episode_stats[k]] for k in parts[0].episode_stats},
         episode_texts={k: [s for p in parts for s in p.episode_texts[k]] for k in parts[0].episode_texts},
     )

@@ -17,6 +17,7 @@ PANELS: dict[str, tuple[str, ...]] = {
     "reward": ("reward", "eval/reward"),
     "accuracy": ("accuracy", "eval/accuracy", "eval/accuracy_greedy"),
     "kl": ("kl",),
+    "entropy": ("entropy",),
     "clip fraction": ("clip/low_frac", "clip/high_frac"),
     "completion length": ("completion_len",),
     "step time (s)": ("step_time",),
@@ -47,9 +48,13 @@ def write_curves(rows: Sequence[dict[str, Any]], path: str | Path, title: str = 
         from matplotlib.figure import Figure
     except ImportError:
         return False
-    fig = Figure(figsize=(12, 6.5))
+    cols = -(-len(PANELS) // 2)  # two rows
+    fig = Figure(figsize=(4 * cols, 6.5))
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 3, sharex=True).ravel()
+    grid = fig.subplots(2, cols, sharex=True).ravel()
+    for ax in grid[len(PANELS) :]:  # an odd count leaves the last slot empty
+        fig.delaxes(ax)
+    axes = grid[: len(PANELS)]
     for ax, (name, keys) in zip(axes, PANELS.items()):
         ax.set_title(name)
         for key in keys:
@@ -62,8 +67,10 @@ def write_curves(rows: Sequence[dict[str, Any]], path: str | Path, title: str = 
         if len(ax.lines) > 1:
             ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
-    for ax in axes[3:]:
-        ax.set_xlabel("step")
+    for i, ax in enumerate(axes):
+        if i + cols >= len(axes):  # nothing below it: label its step axis
+            ax.set_xlabel("step")
+            ax.xaxis.set_tick_params(labelbottom=True)
     if title:
         fig.suptitle(title)
     # Fixed margins: matplotlib's layout engines would double the time to write the file.

@@ -6,7 +6,7 @@ Files in the run directory:
   step's batch: step, prompt, completion, length (tokens), reward, per-rule rewards, advantage;
 - ``tb/``, ``wandb/``, ``mlflow.db`` + ``mlartifacts/``, ``trackers.json``: the run trackers that
   ``train.logger`` selects besides JSONL (``run.trackers``);
-- ``curves.png``: reward, accuracy, KL, clip fraction, completion length and step time against step
+- ``curves.png``: reward, accuracy, KL, entropy, clip fraction, completion length and step time against step
   (``run.plots``; needs matplotlib).
 
 On resume the rows after the checkpoint's step are dropped first, so a resumed run never holds a
@@ -43,6 +43,7 @@ CONSOLE_KEYS = {
     "reward": "reward",
     "accuracy": "acc",
     "kl": "kl",
+    "entropy": "ent",
     "loss": "loss",
     "completion_len": "len",
     "step_time": "s/step",

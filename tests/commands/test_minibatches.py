@@ -11,10 +11,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_update import REWARDS_4, TOL, RecordingSGD, _cfg, _plain_logps, _policy, _rollout
+from test_update import (
+    NEW_OPTIONS,
+    REWARDS_4,
+    TOL,
+    RecordingSGD,
+    _cfg,
+    _plain_logps,
+    _plain_logps_entropy,
+    _policy,
+    _rollout,
+)
 
 from grpo_cli.commands import update as update_module
 from grpo_cli.commands.update import micro_batches, mini_batch_rows, prepare, schedule, update
+from grpo_cli.core.loss import aggregation_units, policy_loss
 from grpo_cli.runtime import distributed
 
 LR = 0.5
@@ -140,14 +151,54 @@ def test_mu_passes_over_k_mini_batches_keep_the_sampling_policy_as_pi_old(monkey
     assert stats["skipped"] == 0.0
 
 
-def _k2_stats(rows: list[int] | None = None) -> dict[str, float]:
+def test_the_issue30_options_hold_per_mini_batch():
+    """k = 2 with truncated rows masked, the top half of the entropies and an entropy bonus: the token
+    set is the one k = 1 picks (one threshold per step, fixed before the first optimizer step), and
+    step 1's gradient is mini-batch 1's loss with its own counted rows (truncated ones out) as the
+    denominator, to 1e-10 against a full-softmax forward put through ``policy_loss``."""
+    algo = {**NEW_OPTIONS, "max_completion_length": 6}
+    policy, rollout = _policy(), _rollout(REWARDS_4)
+    cfg = _cfg(micro=3, algo=algo, steps_per_generation=2)
+    t = cfg.rollout.temperature
+    whole = prepare(policy, rollout, cfg.algo, 3, t, 1)
+    inputs = prepare(policy, rollout, cfg.algo, 3, t, 2)
+    assert torch.equal(inputs.pg_mask, whole.pg_mask) and torch.equal(inputs.counted, whole.counted)
+    first = mini_batch_rows(4, 4, 2)[0]
+    mini = inputs.select(first)
+    units = aggregation_units(mini.loss_mask, cfg.algo.aggregation, rows=mini.counted)
+    assert units < first.numel()  # a truncated row sits in mini-batch 1: the test can tell
+    logps, entropy = _plain_logps_entropy(policy.model, rollout.select(first))
+    want, _ = policy_loss(
+        logps,
+        None,
+        None,
+        mini.advantages,
+        mini.loss_mask,
+        cfg.algo,
+        units,
+        entropy=entropy,
+        pg_mask=mini.pg_mask,
+    )
+    policy.model.zero_grad(set_to_none=True)
+    want.backward()
+    want_grads = [p.grad.clone() for p in policy.model.parameters()]
+    policy.model.zero_grad(set_to_none=True)
+    opt = RecordingSGD(policy.model.parameters(), lr=LR)
+    stats = update(policy, opt, schedule(opt, 0), inputs, cfg.algo, cfg.train, t)
+    assert len(opt.seen) == 2
+    for got, w in zip(opt.seen[0], want_grads):
+        assert torch.allclose(got, w, rtol=0, atol=TOL)
+    assert stats["tokens"] == float(inputs.loss_mask.sum()) and stats["entropy"] > 0
+
+
+def _k2_stats(rows: list[int] | None = None, algo: dict | None = None) -> dict[str, float]:
     """``update``'s statistics with k = 2, mu = 2, beta 0.04 and a narrow clip, on ``rows`` (default all)."""
     policy, rollout = _policy(ref=True), _rollout(REWARDS_4)
     if rows is not None:
         rollout = rollout.select(rows)
     if distributed.world().enabled:
         policy.wrapper = distributed.wrap(policy.model, "ddp")
-    cfg = _cfg(micro=3, beta=0.04, mu=2, steps_per_generation=2)
+    cfg = _cfg(micro=3, beta=0.04, mu=2, algo=algo, steps_per_generation=2)
     cfg.algo.epsilon = 0.02
     opt = RecordingSGD(policy.model.parameters(), lr=LR)
     inputs = prepare(policy, rollout, cfg.algo, 3, cfg.rollout.temperature, 2)
@@ -163,7 +214,9 @@ def _rank_k2(rank: int, port: int, out: str) -> None:
     distributed.init()
     try:
         half = len(REWARDS_4) // 2
-        stats = _k2_stats(list(range(rank * half, (rank + 1) * half)))
+        rows = list(range(rank * half, (rank + 1) * half))
+        stats = _k2_stats(rows)
+        stats.update({f"new/{k}": v for k, v in _k2_stats(rows, NEW_OPTIONS).items()})
         with open(f"{out}.{rank}", "w") as fh:
             json.dump(stats, fh)
     finally:
@@ -184,6 +237,7 @@ def test_mini_batches_hold_the_same_groups_on_one_rank_and_on_two(tmp_path):
         port = sock.getsockname()[1]
     mp.spawn(_rank_k2, args=(port, str(tmp_path / "stats")), nprocs=2, join=True)
     one = _k2_stats()
+    one.update({f"new/{k}": v for k, v in _k2_stats(None, NEW_OPTIONS).items()})
     assert one["ratio/min"] < 1.0 < one["ratio/max"] and one["clip/low_frac"] + one["clip/high_frac"] > 0
     for rank in (0, 1):
         two = json.loads((tmp_path / f"stats.{rank}").read_text())

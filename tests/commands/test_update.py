@@ -27,6 +27,7 @@ from grpo_cli.commands.update import (
     update,
 )
 from grpo_cli.config import AlgoConfig, RolloutConfig, TrainConfig
+from grpo_cli.core.loss import aggregation_units, policy_loss
 from grpo_cli.models import Policy
 from grpo_cli.rollout.record import Rollout
 from grpo_cli.runtime import distributed
@@ -100,6 +101,7 @@ def _rollout(rewards: list[float] = REWARDS, seed: int = 0) -> Rollout:
     c_mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
     c_ids = torch.randint(2, VOCAB, (len(rewards), T), generator=gen)
     c_ids = torch.where(c_mask.bool(), c_ids, 0)  # pad after the end
+    truncated = lengths == T  # the ones that used the whole budget count as cut off (no EOS)
     return Rollout(
         prompt_ids=p_ids.repeat_interleave(G, 0),
         prompt_mask=p_mask.repeat_interleave(G, 0),
@@ -109,12 +111,20 @@ def _rollout(rewards: list[float] = REWARDS, seed: int = 0) -> Rollout:
         rows=[{}] * len(rewards),
         group_size=G,
         rewards=torch.tensor(rewards, dtype=torch.float32),
+        truncated=truncated,
     )
 
 
-def _cfg(micro: int = N, beta: float = 0.0, mu: int = 1, aggregation: str = "seq_mean_token_mean", **train):
+def _cfg(
+    micro: int = N,
+    beta: float = 0.0,
+    mu: int = 1,
+    aggregation: str = "seq_mean_token_mean",
+    algo: dict | None = None,
+    **train,
+):
     return SimpleNamespace(
-        algo=AlgoConfig(group_size=G, beta=beta, num_iterations=mu, aggregation=aggregation),
+        algo=AlgoConfig(group_size=G, beta=beta, num_iterations=mu, aggregation=aggregation, **(algo or {})),
         train=TrainConfig(micro_batch_size=micro, max_grad_norm=1e9, warmup_steps=0, **train),
         rollout=RolloutConfig(temperature=TEMPERATURE),
     )
@@ -331,9 +341,9 @@ def test_prepare_makes_reference_and_old_logprobs_only_when_needed(beta, mu):
 # ---------------------------------------------------------------------------- update
 
 
-def _grads_and_stats(micro, beta, aggregation):
+def _grads_and_stats(micro, beta, aggregation, algo=None):
     policy, rollout = _policy(ref=beta > 0), _rollout()
-    cfg = _cfg(micro=micro, beta=beta, aggregation=aggregation)
+    cfg = _cfg(micro=micro, beta=beta, aggregation=aggregation, algo=algo)
     inputs = _prepare(policy, rollout, cfg)
     opt = RecordingSGD(policy.model.parameters(), lr=0.0)  # lr 0: record the gradients, move nothing
     stats = _update(policy, opt, schedule(opt, 0), inputs, cfg)
@@ -449,13 +459,123 @@ def test_engine_logprob_diff_is_the_mean_gap_over_completion_tokens():
     )
 
 
+# ---------------------------------------------------------------------------- issue 30 options
+
+
+def _plain_logps_entropy(model, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference log-probs and entropies [N, T] from one full forward and the full softmax."""
+    ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
+    mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], 1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    L = rollout.prompt_ids.size(1)
+    lp = torch.log_softmax(logits[:, L - 1 : -1] / TEMPERATURE, -1)
+    entropy = -(lp.exp() * lp).sum(-1)
+    return lp.gather(-1, rollout.completion_ids[..., None]).squeeze(-1), entropy
+
+
+OPTION_SETS = {
+    "entropy_bonus": {"entropy_coef": 0.05},
+    "top_entropy": {"top_entropy_quantile": 0.4},
+    "mask_truncated": {"mask_truncated": True},
+    "rloo_cispo": {"advantage": "rloo", "objective": "cispo", "epsilon": 1.0},
+    "all": {"entropy_coef": 0.05, "top_entropy_quantile": 0.4, "mask_truncated": True, "advantage": "rloo"},
+}
+
+
+@pytest.mark.parametrize("aggregation", ["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"])
+@pytest.mark.parametrize("options", list(OPTION_SETS))
+def test_new_options_micro_batched_equal_the_full_batch_reference(options, aggregation):
+    """Micro-batches of 1, 3 and N with each issue-30 option give the loss and gradient of one plain
+    full-sequence forward (full softmax for the entropy) put through ``policy_loss`` once over the
+    whole batch, to 1e-10: the entropy quantile is one threshold per step, truncated rows are in no
+    denominator, the entropy bonus's gradient flows through the chunked head."""
+    algo = {**OPTION_SETS[options], "max_completion_length": 6}
+    policy, rollout = _policy(), _rollout()
+    cfg = _cfg(aggregation=aggregation, algo=algo)
+    inputs = _prepare(policy, rollout, cfg)
+    logps, entropy = _plain_logps_entropy(policy.model, rollout)
+    rows = inputs.counted
+    units = aggregation_units(inputs.loss_mask, aggregation, rows=rows)
+    want_loss, _ = policy_loss(
+        logps,
+        None,
+        None,
+        inputs.advantages,
+        inputs.loss_mask,
+        cfg.algo,
+        units,
+        entropy=entropy,
+        pg_mask=inputs.pg_mask,
+    )
+    want_loss.backward()
+    want_grads = [p.grad.clone() for p in policy.model.parameters()]
+    for micro in (1, 3, N):
+        _, _, _, grads, stats = _grads_and_stats(micro, 0.0, aggregation, algo)
+        assert stats["loss"] == pytest.approx(want_loss.item(), abs=TOL), micro
+        for got, want in zip(grads, want_grads):
+            assert torch.allclose(got, want, rtol=0, atol=TOL), micro
+        with torch.no_grad():  # the logged entropy: mean over the loss's tokens
+            m = inputs.loss_mask
+            assert stats["entropy"] == pytest.approx((entropy[m].sum() / m.sum()).item(), abs=1e-10)
+
+
+def test_mask_truncated_removes_truncated_rows_from_the_loss_and_every_denominator():
+    rollout = _rollout()
+    assert 0 < int(rollout.truncated.sum()) < N  # the builder cuts some rows (those at the budget)
+    inputs = _prepare(_policy(), rollout, _cfg(algo={"mask_truncated": True}))
+    trunc = rollout.truncated
+    assert not inputs.loss_mask[trunc].any()
+    assert torch.equal(inputs.counted, ~trunc)
+    keep = ~trunc & (torch.arange(N) != 6)
+    assert torch.equal(inputs.loss_mask[keep], rollout.completion_mask[keep].bool())
+    # advantages still come from the whole group (TRL does the same): off, they are identical
+    plain = _prepare(_policy(), rollout, _cfg())
+    assert torch.equal(plain.advantages, inputs.advantages) and plain.counted is None
+    assert aggregation_units(inputs.loss_mask, "seq_mean_token_mean", rows=inputs.counted) == N - int(
+        trunc.sum()
+    )
+    rollout.truncated = None
+    with pytest.raises(ValueError, match="truncated"):
+        _prepare(_policy(), rollout, _cfg(algo={"mask_truncated": True}))
+
+
+def test_top_entropy_tokens_are_the_same_for_any_micro_batch_size_and_their_quantile():
+    policy, rollout = _policy(), _rollout()
+    masks = [
+        _prepare(policy, rollout, _cfg(micro=m, algo={"top_entropy_quantile": 0.3})).pg_mask
+        for m in (1, 3, N)
+    ]
+    assert all(torch.equal(masks[0], m) for m in masks[1:])
+    inputs = _prepare(policy, rollout, _cfg(algo={"top_entropy_quantile": 0.3}))
+    with torch.no_grad():
+        _, entropy = _plain_logps_entropy(policy.model, rollout)
+    values = entropy[inputs.loss_mask]
+    threshold = torch.quantile(values, 0.7)
+    assert torch.equal(
+        inputs.pg_mask, inputs.loss_mask & (entropy >= threshold - 1e-5 * max(1.0, threshold.item()))
+    )
+    # the G completions of a group share their first token's context: one entropy, in or out together
+    first = inputs.pg_mask[:, 0].view(-1, G) | ~inputs.loss_mask[:, 0].view(-1, G)
+    assert (first.all(1) | ~(inputs.pg_mask[:, 0].view(-1, G)).any(1)).all()
+    kept = int(inputs.pg_mask.sum())
+    assert abs(kept - 0.3 * values.numel()) <= 1 and inputs.old_logps is None  # mu = 1: pi_old is pi_theta
+    assert _prepare(policy, rollout, _cfg()).pg_mask is None  # 1.0: no pass, every token
+
+
 # ---------------------------------------------------------------------------- statistics that add up
 
 # Four groups (two per rank in the two-rank test); the unjudged row keeps a hole in the loss mask.
 REWARDS_4 = [*REWARDS, 1.0, 0.0, 0.5, 0.0]
 
 
-def _step_stats(micro: int, rewards: list[float], rows: list[int] | None = None) -> dict[str, float]:
+# The issue-30 options together: an entropy bonus, the top half of the entropies, truncated rows out.
+NEW_OPTIONS = {"entropy_coef": 0.01, "top_entropy_quantile": 0.5, "mask_truncated": True, "advantage": "rloo"}
+
+
+def _step_stats(
+    micro: int, rewards: list[float], rows: list[int] | None = None, algo: dict | None = None
+) -> dict[str, float]:
     """The statistics ``update`` logs after mu = 2 iterations (SGD, lr 0.5: the second iteration's
     ratios are off 1 and clip), beta 0.04 (a KL), over the rows ``rows`` of the rollout (default all)."""
     policy, rollout = _policy(ref=True), _rollout(rewards)
@@ -463,22 +583,26 @@ def _step_stats(micro: int, rewards: list[float], rows: list[int] | None = None)
         rollout = rollout.select(rows)
     if distributed.world().enabled:
         policy.wrapper = distributed.wrap(policy.model, "ddp")
-    cfg = _cfg(micro=micro, beta=0.04, mu=2)
+    cfg = _cfg(micro=micro, beta=0.04, mu=2, algo=algo)
     cfg.algo.epsilon = 0.02  # a narrow clip, so that both clip fractions are non-zero
     opt = RecordingSGD(policy.model.parameters(), lr=0.5)
     return _update(policy, opt, schedule(opt, 0), _prepare(policy, rollout, cfg), cfg)
 
 
-def test_every_logged_statistic_is_the_same_for_any_micro_batch_size():
+@pytest.mark.parametrize("algo", [None, NEW_OPTIONS], ids=["default", "issue30"])
+def test_every_logged_statistic_is_the_same_for_any_micro_batch_size(algo):
     """Micro-batches of 1, 3 (splitting groups) and N give the same statistics in float64: loss/policy
-    sums (averaging it logged a third of its value with 3 micro-batches), kl and the clip fractions
-    are token-weighted, ratio/min and ratio/max are extrema, tokens is the step's count."""
-    whole = _step_stats(N, REWARDS)
+    sums (averaging it logged a third of its value with 3 micro-batches), kl, entropy and the clip
+    fractions are token-weighted, ratio/min and ratio/max are extrema, tokens is the step's count."""
+    whole = _step_stats(N, REWARDS, algo=algo)
     assert whole["clip/low_frac"] > 0 and whole["clip/high_frac"] > 0 and whole["kl"] > 0
-    assert whole["ratio/min"] < 1.0 < whole["ratio/max"]
-    assert whole["tokens"] == float(_rollout().completion_mask[torch.arange(N) != 6].sum())
+    assert whole["ratio/min"] < 1.0 < whole["ratio/max"] and whole["entropy"] > 0
+    kept = torch.arange(N) != 6
+    if algo:  # mask_truncated: the truncated rows (those at the budget) left the token count
+        kept &= ~_rollout().truncated
+    assert whole["tokens"] == float(_rollout().completion_mask[kept].sum())
     for micro in (1, 3):
-        got = _step_stats(micro, REWARDS)
+        got = _step_stats(micro, REWARDS, algo=algo)
         assert got.keys() == whole.keys()
         for key, value in whole.items():
             assert got[key] == pytest.approx(value, abs=1e-9), (micro, key)
@@ -495,6 +619,7 @@ def _rank_stats(rank: int, port: int, out: str) -> None:
         half = len(REWARDS_4) // 2
         rows = list(range(rank * half, (rank + 1) * half))
         stats = _step_stats(3, REWARDS_4, rows)
+        stats.update({f"new/{k}": v for k, v in _step_stats(3, REWARDS_4, rows, NEW_OPTIONS).items()})
         with open(f"{out}.{rank}", "w") as fh:
             json.dump(stats, fh)
     finally:
@@ -514,6 +639,8 @@ def test_every_logged_statistic_is_the_same_on_one_rank_and_on_two(tmp_path):
         port = sock.getsockname()[1]
     mp.spawn(_rank_stats, args=(port, str(tmp_path / "stats")), nprocs=2, join=True)
     one = _step_stats(N, REWARDS_4)
+    # the entropy quantile over every rank's tokens, truncated rows out of every rank's denominator
+    one.update({f"new/{k}": v for k, v in _step_stats(N, REWARDS_4, None, NEW_OPTIONS).items()})
     for rank in (0, 1):
         two = json.loads((tmp_path / f"stats.{rank}").read_text())
         assert two.keys() == one.keys()

@@ -45,6 +45,32 @@ def test_values_and_gradients_match_naive_float64(chunk_size, temperature, train
         torch.testing.assert_close(ours_w.grad, naive_w.grad, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 4, 21, 1024])  # 1 and 4: backward in vocabulary slices
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("train_weight", [True, False])
+def test_entropy_gradient_matches_naive_float64(chunk_size, temperature, train_weight):
+    """entropy_grad=True: d(u . logp + v . H) w.r.t. hidden (and the trained weight) equals autograd
+    through the full [B, T, V] softmax, to 1e-12 in float64 (an entropy bonus in the loss)."""
+    hidden, weight, targets = _inputs()
+    ours_h, ours_w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(train_weight)
+    naive_h, naive_w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(train_weight)
+    logps, entropy = token_logprobs(ours_h, ours_w, targets, temperature, chunk_size, entropy_grad=True)
+    expected, expected_entropy = _naive(naive_h, naive_w, targets, temperature)
+    assert entropy.requires_grad
+    torch.testing.assert_close(entropy, expected_entropy, rtol=0, atol=1e-12)
+    gen = torch.Generator().manual_seed(3)
+    u = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+    v = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+    ((logps * u).sum() + (entropy * v).sum()).backward()
+    ((expected * u).sum() + (expected_entropy * v).sum()).backward()
+    torch.testing.assert_close(ours_h.grad, naive_h.grad, rtol=0, atol=1e-12)
+    if train_weight:
+        torch.testing.assert_close(ours_w.grad, naive_w.grad, rtol=0, atol=1e-12)
+    # the entropy term is not a rounding error next to the log-prob's: without it the gradient differs
+    only_logp = torch.autograd.grad((_naive(naive_h, naive_w, targets, temperature)[0] * u).sum(), naive_h)[0]
+    assert (only_logp - naive_h.grad).abs().max() > 1e-3
+
+
 def test_default_chunk_size_follows_the_vocabulary():
     # Qwen2.5's vocabulary: the floor's rows (311 MB of float32, inside the CPU budget), bf16 inputs
     # too (softmax in float32); in float64 the floor's rows would pass the budget, which wins;

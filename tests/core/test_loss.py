@@ -17,6 +17,7 @@ from grpo_cli.core.loss import (
     aggregation_units,
     combine_stats,
     engine_is_weights,
+    entropy_threshold,
     group_advantages,
     policy_loss,
 )
@@ -145,16 +146,38 @@ def _kl_and_grad(estimator, x):
     return math.exp(x) - x - 1.0, -(math.exp(x) - 1.0)
 
 
-def _reference(logp, old, ref, adv, mask, cfg, isw=None):
+def _surrogate(r, a, lp, cfg):
+    """(S, dS/dr, dS/dlogp directly) of one token, from the papers' formulas written plainly."""
+    lo, hi = 1 - cfg.epsilon, 1 + (cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high)
+    clipped = min(max(r, lo), hi)
+    if getattr(cfg, "objective", "clip") == "cispo":  # sg(clip(r)) * A * log pi: a weight, no d/dr
+        return clipped * a * lp, 0.0, clipped * a
+    delta, c = getattr(cfg, "delta", None), getattr(cfg, "clip_ratio_c", None)
+    # (value, d value / d r): the unclipped term, capped at delta (two-sided, INTELLECT-2 / TRL) ...
+    first = (r * a, a) if delta is None or r <= delta else (delta * a, 0.0)
+    # ... against the clipped one (PPO), whose derivative is a only inside the range
+    second = (clipped * a, a if lo <= r <= hi else 0.0)
+    value, d_r = min(first, second, key=lambda v: v[0])
+    if c is not None and a < 0 and c * a > value:  # dual-clip (Ye et al. 2020): max(., c A) for A < 0
+        value, d_r = c * a, 0.0
+    return value, d_r, 0.0
+
+
+def _reference(logp, old, ref, adv, mask, cfg, isw=None, ent=None, pg=None):
     """Loss, d loss / d logp and stats, one completion and one token at a time.
 
-    ``isw``: per-token weights of the surrogate (engine importance sampling), 1 when None.
+    ``isw``: per-token weights of the surrogate (engine importance sampling), 1 when None. ``ent``:
+    per-token entropies (the bonus -entropy_coef * H; d loss / d H in ``stats["d_entropy"]``).
+    ``pg``: per-token 0/1, the tokens that get the surrogate (top_entropy_quantile), all when None.
     """
     B, T = len(logp), len(logp[0])
     lo, hi = 1 - cfg.epsilon, 1 + (cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high)
+    cispo = getattr(cfg, "objective", "clip") == "cispo"
+    caps = [x for x in (getattr(cfg, "clip_ratio_c", None), getattr(cfg, "delta", None)) if x is not None]
+    cap, coef = min(caps, default=math.inf), getattr(cfg, "entropy_coef", 0.0)
     total_tokens = sum(map(sum, mask))
-    loss, grad = 0.0, [[0.0] * T for _ in range(B)]
-    kl_sum, n_low, n_high, ratios = 0.0, 0, 0, []
+    loss, grad, d_ent = 0.0, [[0.0] * T for _ in range(B)], [[0.0] * T for _ in range(B)]
+    kl_sum, ent_sum, n_low, n_high, n_cap, ratios = 0.0, 0.0, 0, 0, 0, []
     for i in range(B):
         toks = [t for t in range(T) if mask[i][t]]
         if cfg.aggregation == "token_mean":
@@ -172,22 +195,27 @@ def _reference(logp, old, ref, adv, mask, cfg, isw=None):
             r = seq_r if cfg.importance_level == "sequence" else math.exp(logp[i][t] - old[i][t])
             if cfg.importance_level == "token":
                 ratios.append(r)
-            clipped = min(max(r, lo), hi)
-            unclipped_wins = r * a <= clipped * a
-            n_low += r < lo and a < 0
-            n_high += r > hi and a > 0
+            n_low += r < lo and (a < 0 or cispo)
+            n_high += r > hi and (a > 0 or cispo)
+            n_cap += r > cap and a < 0 and not cispo
             iw = 1.0 if isw is None else isw[i][t]
-            loss -= w * iw * min(r * a, clipped * a)
-            d_surr = -a * iw if unclipped_wins else 0.0  # d(-w min(...)) / d r
+            on = 1.0 if pg is None else float(pg[i][t])
+            value, d_r, d_lp = _surrogate(r, a, logp[i][t], cfg)
+            loss -= w * iw * on * value
+            grad[i][t] -= w * iw * on * d_lp
             if cfg.importance_level == "token":
-                grad[i][t] += w * d_surr * r  # d r / d logp = r
+                grad[i][t] -= w * iw * on * d_r * r  # d r / d logp = r
             else:
-                d_seq += w * d_surr
+                d_seq -= w * iw * on * d_r
             if cfg.beta > 0:
                 kl, d_kl = _kl_and_grad(cfg.kl_estimator, ref[i][t] - logp[i][t])
                 loss += w * cfg.beta * kl
                 grad[i][t] += w * cfg.beta * d_kl
                 kl_sum += kl
+            if ent is not None:
+                loss -= w * coef * ent[i][t]
+                d_ent[i][t] = -w * coef
+                ent_sum += ent[i][t]
         for t in toks:  # s_i = exp(mean_t (logp - old)): d s_i / d logp_t = s_i / L_i
             grad[i][t] += d_seq * seq_r / len(toks)
     n = max(total_tokens, 1)
@@ -195,7 +223,9 @@ def _reference(logp, old, ref, adv, mask, cfg, isw=None):
     stats.update(
         {"ratio/mean": sum(ratios) / len(ratios), "ratio/min": min(ratios), "ratio/max": max(ratios)}
     )
-    stats["tokens"] = float(total_tokens)
+    stats.update({"tokens": float(total_tokens), "clip/cap_frac": n_cap / n, "entropy": ent_sum / n})
+    if ent is not None:
+        stats["d_entropy"] = d_ent
     return loss, grad, stats
 
 
@@ -376,10 +406,12 @@ def test_stats_are_detached_scalars_with_metric_names():
         "kl",
         "clip/low_frac",
         "clip/high_frac",
+        "clip/cap_frac",
         "ratio/mean",
         "ratio/min",
         "ratio/max",
         "tokens",
+        "entropy",
     ]
     assert stats.tokens.item() == mask.sum().item()
 
@@ -391,7 +423,13 @@ def test_reads_any_config_object_and_rejects_unknown_options():
         policy_loss(logps, old, ref, adv, mask, duck)[0].item()
         == policy_loss(logps, old, ref, adv, mask, LossConfig())[0].item()
     )
-    for field, bad in [("aggregation", "mean"), ("importance_level", "group"), ("kl_estimator", "k4")]:
+    bad_values = [
+        ("aggregation", "mean"),
+        ("importance_level", "group"),
+        ("kl_estimator", "k4"),
+        ("objective", "ppo"),
+    ]
+    for field, bad in bad_values:
         with pytest.raises(ValueError, match=field):
             policy_loss(logps, old, ref, adv, mask, SimpleNamespace(**{**vars(duck), field: bad}))
     with pytest.raises(ValueError, match="max_completion_length"):
@@ -497,3 +535,182 @@ def test_engine_is_weights_scale_each_tokens_surrogate_like_the_loop(level):
     assert torch.allclose(logps.grad, torch.tensor(ref_grad, dtype=torch.float64), rtol=0, atol=1e-10)
     plain, _ = policy_loss(logps.detach(), old, ref, adv, mask, cfg)
     assert abs(plain.item() - loss.item()) > 1e-3  # the weights change the loss
+
+
+# ---------------------------------------------------------------------------- issue 30: CISPO, dual-clip,
+# two-sided delta, entropy bonus and top-entropy tokens
+
+VARIANTS = {  # name -> the LossConfig fields it sets
+    "dual_clip": {"clip_ratio_c": 1.6},  # low enough that the random batch's ratios reach it
+    "delta": {"delta": 1.5},
+    "dual_clip_and_delta": {"clip_ratio_c": 1.9, "delta": 1.5},
+    "cispo": {"objective": "cispo", "epsilon": 1.0},
+    "cispo_bounded": {"objective": "cispo", "epsilon": 0.2},
+}
+
+
+def _entropy_and_pg(B=8, T=T_MAX, seed=4):
+    gen = torch.Generator().manual_seed(seed)
+    ent = torch.rand(B, T, generator=gen, dtype=torch.float64) * 2
+    return ent, ent >= 0.8  # about 60 % of the tokens get the policy gradient
+
+
+@pytest.mark.parametrize("entropy_coef,top_entropy", [(0.0, False), (0.05, False), (0.05, True)])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("aggregation", AGGS)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_new_options_match_loop_reference(variant, aggregation, level, beta, entropy_coef, top_entropy):
+    """Each new row of the objective table, with every aggregation, ratio level and KL weight, with and
+    without the entropy bonus and the top-entropy token mask: loss, d loss / d logp, d loss / d H and the
+    statistics equal the float64 loop's."""
+    fields = {"epsilon": 0.2, "epsilon_high": 0.28, **VARIANTS[variant]}
+    cfg = LossConfig(
+        beta=beta, aggregation=aggregation, importance_level=level, max_completion_length=T_MAX + 3,
+        entropy_coef=entropy_coef, **fields,
+    )  # fmt: skip
+    logps, old, ref, adv, mask = _random_batch()
+    ent, pg = _entropy_and_pg()
+    logps.requires_grad_()
+    ent.requires_grad_()
+    pg = pg if top_entropy else None
+    loss, stats = policy_loss(logps, old, ref, adv, mask, cfg, entropy=ent, pg_mask=pg)
+    loss.backward()
+    rows = [x.tolist() for x in (logps.detach(), old, ref, adv, mask.long())]
+    pg_rows = None if pg is None else pg.long().tolist()
+    ref_loss, ref_grad, ref_stats = _reference(*rows, cfg, ent=ent.detach().tolist(), pg=pg_rows)
+    assert abs(loss.item() - ref_loss) < 1e-10
+    assert torch.allclose(logps.grad, torch.tensor(ref_grad, dtype=torch.float64), rtol=0, atol=1e-10)
+    d_ent = torch.tensor(ref_stats.pop("d_entropy"), dtype=torch.float64)
+    assert torch.allclose(ent.grad, d_ent, rtol=0, atol=1e-12)
+    got = stats.to_dict()
+    for name, value in ref_stats.items():
+        assert got[name] == pytest.approx(value, abs=1e-10), name
+    assert got["entropy"] > 0
+    if level == "token" and variant.startswith(("dual", "delta")):
+        assert got["clip/cap_frac"] > 0  # the negative-advantage bound bites somewhere
+
+
+def test_worked_dual_clip_and_delta_bound_negative_advantages():
+    # 2.0/0.5 = 4.0, A=-1: PPO's min(-4.0, clip(4.0) * -1 = -1.2) = -4.0, gradient alive;
+    #   dual-clip c=3: max(-4.0, 3 * -1) = -3.0 (constant: no gradient);
+    #   delta=3: min(min(4.0, 3) * -1, -1.2) = -3.0, the same value (delta > 1 + epsilon_high).
+    # 1.0/0.5 = 2.0, A=-1: min(-2.0, -1.2) = -2.0 under all three (below the bound): d/dlogp of -S = 2/2
+    # token_mean loss = -(S1 + S2) / 2
+    loss, stats, grad = _one_token_rows([2.0, 1.0], [0.5, 0.5], [-1.0, -1.0], epsilon=0.2)
+    assert loss.item() == pytest.approx((4.0 + 2.0) / 2, abs=1e-12)
+    assert grad.tolist() == pytest.approx([4.0 / 2, 2.0 / 2], abs=1e-12)  # d(-r A / 2) / dlogp = -r A / 2
+    for bound in ({"clip_ratio_c": 3.0}, {"delta": 3.0}):
+        loss, stats, grad = _one_token_rows([2.0, 1.0], [0.5, 0.5], [-1.0, -1.0], epsilon=0.2, **bound)
+        assert loss.item() == pytest.approx((3.0 + 2.0) / 2, abs=1e-12)
+        assert grad.tolist() == pytest.approx([0.0, 2.0 / 2], abs=1e-12)
+        assert stats.to_dict()["clip/cap_frac"] == pytest.approx(0.5)
+    # the seed's ratios are untouched by either bound: 1.8 -> 1.2 (A>0), 0.4 -> 0.8 (A<0), 1.4 -> 1.2
+    loss, _, _ = _one_token_rows([0.9, 0.2, 0.7], [0.5] * 3, [1.0, -1.0, 1.0], epsilon=0.2, clip_ratio_c=3.0)
+    assert loss.item() == pytest.approx(-1.6 / 3, abs=1e-12)
+
+
+def test_cispo_gives_gradient_to_a_clipped_token_where_grpo_gives_none():
+    # The seed's 0.9/0.5 = 1.8 with A=+1 at epsilon 0.2: GRPO's clip picks the constant 1.2 A: gradient 0.
+    # CISPO: S = sg(clip(1.8, 0, 1.2)) * A * log pi = 1.2 * log 0.9; d(-S)/dlogp = -1.2 (one token).
+    _, _, grpo_grad = _one_token_rows([0.9], [0.5], [1.0], epsilon=0.2)
+    loss, stats, cispo_grad = _one_token_rows(
+        [0.9], [0.5], [1.0], epsilon=1.0, epsilon_high=0.2, objective="cispo"
+    )
+    assert grpo_grad.tolist() == [0.0]
+    assert cispo_grad.tolist() == pytest.approx([-1.2], abs=1e-12)
+    assert loss.item() == pytest.approx(-1.2 * math.log(0.9), abs=1e-12)
+    assert stats.to_dict()["clip/high_frac"] == 1.0
+    # and 0.2/0.5 = 0.4 with A=-1: epsilon 1 sets no lower bound (weight 0.4), epsilon 0.2 lifts it to 0.8
+    _, _, free = _one_token_rows([0.2], [0.5], [-1.0], epsilon=1.0, epsilon_high=0.2, objective="cispo")
+    _, _, floor = _one_token_rows([0.2], [0.5], [-1.0], epsilon=0.2, objective="cispo")
+    assert free.tolist() == pytest.approx([0.4]) and floor.tolist() == pytest.approx([0.8])
+
+
+def test_entropy_coef_without_entropy_raises():
+    logps, old, _, adv, mask = _random_batch()
+    with pytest.raises(ValueError, match="entropy"):
+        policy_loss(logps, old, None, adv, mask, LossConfig(beta=0.0, entropy_coef=0.01))
+
+
+@pytest.mark.parametrize("variant", ["plain", *VARIANTS])
+@pytest.mark.parametrize("aggregation,level", list(itertools.product(AGGS, LEVELS)))
+def test_new_options_micro_batches_add_up_and_rows_leave_the_denominator(variant, aggregation, level):
+    """With the entropy bonus, the top-entropy mask (fixed per step, sliced per micro-batch) and each
+    new objective, ragged micro-batches with the whole batch's denominator give the full batch's loss
+    and gradients. Rows left out of the loss (mask_truncated) leave every denominator: the loss equals
+    that of the batch without them."""
+    fields = {"epsilon_high": 0.28, **VARIANTS.get(variant, {})}
+    cfg = LossConfig(
+        aggregation=aggregation, importance_level=level, max_completion_length=12, entropy_coef=0.05, **fields
+    )
+    logps, old, ref, adv, mask = _random_batch(B=7, seed=1)
+    ent, pg = _entropy_and_pg(B=7)
+    full_in, full_ent = logps.clone().requires_grad_(), ent.clone().requires_grad_()
+    full, _ = policy_loss(full_in, old, ref, adv, mask, cfg, entropy=full_ent, pg_mask=pg)
+    full.backward()
+    parts = [slice(0, 3), slice(3, 4), slice(4, 7)]
+    denominator = sum(aggregation_units(mask[p], aggregation) for p in parts)
+    micro_in, micro_ent = logps.clone().requires_grad_(), ent.clone().requires_grad_()
+    total = sum(
+        policy_loss(
+            micro_in[p],
+            old[p],
+            ref[p],
+            adv[p],
+            mask[p],
+            cfg,
+            denominator,
+            entropy=micro_ent[p],
+            pg_mask=pg[p],
+        )[0]
+        for p in parts
+    )
+    total.backward()
+    assert abs(total.item() - full.item()) < 1e-12
+    assert torch.allclose(micro_in.grad, full_in.grad, rtol=0, atol=1e-12)
+    assert torch.allclose(micro_ent.grad, full_ent.grad, rtol=0, atol=1e-12)
+    # rows 1 and 5 truncated: masked out and not counted == the batch of the other five rows
+    keep = torch.tensor([True, False, True, True, True, False, True])
+    cut_mask = mask & keep[:, None]
+    units = aggregation_units(cut_mask, aggregation, rows=keep)
+    cut = policy_loss(logps, old, ref, adv, cut_mask, cfg, units, entropy=ent, pg_mask=pg)[0]
+    alone = policy_loss(
+        logps[keep], old[keep], ref[keep], adv[keep], mask[keep], cfg, entropy=ent[keep], pg_mask=pg[keep]
+    )[0]
+    assert abs(cut.item() - alone.item()) < 1e-12
+    # without rows=, the seq_mean modes would still count the two rows: a different loss
+    if aggregation != "token_mean":
+        assert units.item() == 5 and aggregation_units(cut_mask, aggregation).item() == 7
+
+
+def _quantile_loop(values, q):
+    """torch.quantile's linear interpolation, written out: position q (n - 1) in the sorted values."""
+    xs = sorted(values)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (pos - lo) * (xs[hi] - xs[lo])
+
+
+@pytest.mark.parametrize("rho", [0.2, 0.5, 0.8, 0.999])
+@pytest.mark.parametrize("n", [1, 2, 7, 100])
+def test_entropy_threshold_is_the_quantile_and_keeps_the_top_fraction(rho, n):
+    gen = torch.Generator().manual_seed(n)
+    values = torch.rand(n, generator=gen, dtype=torch.float64)
+    threshold = entropy_threshold(values, rho)
+    assert threshold.item() == pytest.approx(_quantile_loop(values.tolist(), 1 - rho), abs=1e-15)
+    assert threshold.item() == pytest.approx(torch.quantile(values, 1 - rho).item(), abs=1e-15)
+    kept = int((values >= threshold).sum())
+    # the top rho fraction, up to one token of interpolation
+    assert abs(kept - rho * n) <= 1 + 1e-9 and kept >= 1
+
+
+def test_entropy_threshold_edges():
+    v = torch.tensor([0.3, 0.1, 0.2])
+    assert entropy_threshold(v, 1.0).item() == -math.inf  # every token
+    assert entropy_threshold(v[:0], 0.2).item() == -math.inf
+    assert entropy_threshold(torch.tensor([0.5, 0.5, 0.5, 0.5]), 0.2).item() == 0.5  # ties: all kept
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="top_entropy_quantile"):
+            entropy_threshold(v, bad)

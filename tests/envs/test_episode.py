@@ -175,6 +175,23 @@ def test_the_rollout_keeps_tool_tokens_out_of_the_loss_and_its_counts(tok):
     assert ro.episode_texts == {"model_turns": [["1+1", "2"]] * 2, "tool_results": [["2"]] * 2}
 
 
+@pytest.mark.parametrize("tools", [True, False])
+def test_the_rollout_records_which_completions_hit_the_budget_without_eos(tok, tools):
+    """``Rollout.truncated`` (what algo.mask_truncated reads) for a single turn and for episodes: an
+    answer ending in EOS is not truncated, one the budget cut is; select and concat keep it aligned."""
+    answer = ids(tok, "12") + [tok.eos_token_id]
+    long = ids(tok, "1 2 3 4 5 6 7 8 9 10 11 12")
+    rows, prompts = [{"id": "0"}, {"id": "1"}], [ids(tok, "q"), ids(tok, "r")]
+    eps = [
+        *run_episodes(Scripted([answer]), spec(tok, budget=8), prompts[:1], rows[:1], 1, Decoding(), [0]),
+        *run_episodes(Scripted([long]), spec(tok, budget=8), prompts[1:], rows[1:], 1, Decoding(), [1]),
+    ]
+    ro = episode_rollout(tok, rows, prompts, eps, 1, torch.device("cpu"), tools)
+    assert ro.truncated.tolist() == [False, True]
+    assert ro.select([1, 0]).truncated.tolist() == [True, False]
+    assert bool(ro.completion_ids[1, ro.lengths[1] - 1] != tok.eos_token_id)
+
+
 def test_a_tool_text_holding_control_strings_is_plain_text_inside_the_framing(tok):
     """The calculator's error names its markers: they come back as characters, and the observation's
     marker ids are exactly the framing's one <result> and one </result>."""

@@ -47,6 +47,9 @@ def test_concat_rollouts_repads_and_merges_metrics():
     assert both.completion_mask[:2].tolist() == [[1, 1, 0, 0]] * 2
     assert both.rewards.tolist() == [1.0, 0.0, 0.0, 0.0] and both.per_rule["r"] == [1.0, 0.0, 0.0, 0.0]
     assert both.reward_metrics == {"reward/r": 0.5, "reward/r/errors": 2.0, "reward/unjudged": 0.0}
+    assert both.truncated is None  # not recorded by the parts: not made up
+    a.truncated, b.truncated = torch.tensor([True, False]), torch.tensor([False, True])
+    assert concat_rollouts([a, b], pad_id=0).truncated.tolist() == [True, False, False, True]
 
 
 def test_overlong_penalty_is_dapos_linear_ramp():
