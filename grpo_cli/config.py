@@ -246,6 +246,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     # Completions per forward/backward pass; gradients accumulate over the step's batch.
     micro_batch_size: int = 64
+    # > 0: micro-batches of at most this many tokens (prompts once per group, completions unpadded),
+    # packed side by side in one row with attention kept inside each sequence; replaces
+    # micro_batch_size. 0: off (padded micro-batches of micro_batch_size completions).
+    micro_batch_tokens: int = 0
     save_every: int = 0
     # Held-out evaluation at step 0, every eval_every steps and at the last step; 0: none at all.
     eval_every: int = 100

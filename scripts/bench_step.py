@@ -69,7 +69,8 @@ class Clock:
 
 def timed_step(t: Any, clock: Clock) -> None:
     """One GRPO step (mu = 1, no dynamic sampling), phase by phase."""
-    from grpo_cli.commands.update import micro_batches, micro_logps, prepare
+    from grpo_cli.commands.passes import MicroBatching, micro_logps
+    from grpo_cli.commands.update import prepare
     from grpo_cli.core.loss import aggregation_units, policy_loss
     from grpo_cli.rollout.batch import draw_seed
     from grpo_cli.rollout.generate import generate, score
@@ -81,14 +82,17 @@ def timed_step(t: Any, clock: Clock) -> None:
     G = cfg.algo.group_size
     ro = clock.run("generate", generate, s.engine, policy, picked, s.fmt, G, cfg.rollout, seeds=seeds)
     ro = clock.run("reward", score, ro, s.rewarder)
-    micro, temp = cfg.train.micro_batch_size, cfg.rollout.temperature
+    micro, temp = (
+        MicroBatching(cfg.train.micro_batch_size, cfg.train.micro_batch_tokens),
+        cfg.rollout.temperature,
+    )
     inputs = clock.run("reference", prepare, policy, ro, cfg.algo, micro, temp)
     denom = max(float(aggregation_units(inputs.loss_mask, cfg.algo.aggregation)), 1.0)
-    # The training loop's own micro-batching and prefix-shared log-prob pass, phase by phase.
-    for s in micro_batches(len(ro.texts), cfg.train.micro_batch_size):
+    # The training loop's own micro-batching (padded or packed) and log-prob pass, phase by phase.
+    for s in micro.plan(ro):
 
-        def forward(s: slice = s) -> torch.Tensor:
-            logps = micro_logps(policy.run, ro, s, cfg.rollout.temperature)
+        def forward(s: slice | torch.Tensor = s) -> torch.Tensor:
+            logps = micro_logps(policy.run, ro, s, cfg.rollout.temperature, packed=bool(micro.tokens))
             ref = None if inputs.ref_logps is None else inputs.ref_logps[s]
             args = (inputs.advantages[s], inputs.loss_mask[s], cfg.algo)
             return policy_loss(logps, None, ref, *args, denominator=denom)[0]

@@ -61,6 +61,10 @@ BETA = 0.04
 # shape -> prompts per step, G, new tokens
 SHAPES = {"tiny": (8, 8, 8), "qwen2.5-0.5b": (2, 8, 128)}
 LORA = {"r": 16, "alpha": 32}
+# --lengths skewed: each step's 16 completions cut to these lengths on both sides (8 of 32 tokens, 6 of
+# 128, 2 of 512: GSM8K-style reasoning with two runaways), a fixed list, so the update sees the same mix.
+SKEWED = [32, 128, 32, 512, 32, 128, 32, 128] * 2
+HOOKS = REPO / "scripts" / "bench_hooks"
 DTYPES = ("float32", "bfloat16")  # --dtype: model.dtype on our side, dtype= and bf16= on TRL's
 MATH_RULE = {"name": "math", "_target_": "grpo_cli.rewards.math.MathReward", "weight": 1.0}
 
@@ -79,11 +83,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights on both sides (see above)")
     p.add_argument("--ours-python", default=str(REPO / ".venv" / "bin" / "python"))
     p.add_argument("--trl-python", default=str(REPO / ".venv-bench" / "bin" / "python"))
+    p.add_argument(
+        "--lengths",
+        choices=["full", "skewed"],
+        default="full",
+        help="full: every completion runs max_new_tokens (random weights); skewed: cut to SKEWED, "
+        "max_new_tokens 512 (--shape qwen2.5-0.5b)",
+    )
+    p.add_argument("--tokens", type=int, default=0, help="ours: train.micro_batch_tokens (0: padded)")
     p.add_argument("--child", choices=["trl"], help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=["full", "lora"], default="lora", help=argparse.SUPPRESS)
     p.add_argument("--json-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.prompts, args.group_size, args.new_tokens = SHAPES[args.shape]
+    if args.lengths == "skewed":
+        if args.prompts * args.group_size != len(SKEWED):
+            p.error(f"--lengths skewed needs {len(SKEWED)} completions a step (--shape qwen2.5-0.5b)")
+        args.new_tokens = max(SKEWED)
     return args
 
 
@@ -101,13 +117,14 @@ def model_path(args: argparse.Namespace) -> str:
     return str(Path(args.model_dir).resolve())
 
 
-def run_child(cmd: list[str], log_path: Path) -> int:
+def run_child(cmd: list[str], log_path: Path, extra_env: dict[str, str] | None = None) -> int:
     """Run ``cmd`` to completion; returns its peak RSS in MiB (raises if it failed)."""
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        **(extra_env or {}),
     }
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -143,6 +160,7 @@ def ours_overrides(mode: str, args: argparse.Namespace, run_dir: Path) -> list[s
         f"train.eval_problems={8 if args.shape == 'tiny' else 0}",  # no held-out pass at real shapes: minutes, outside step_time
         "train.log_completions_every=0",
         "console=plain",
+        f"train.micro_batch_tokens={args.tokens}",
         f"hydra.run.dir={run_dir}",
     ]
 
@@ -150,7 +168,10 @@ def ours_overrides(mode: str, args: argparse.Namespace, run_dir: Path) -> list[s
 def run_ours(mode: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     run_dir = work / f"ours-{mode}-{time.monotonic_ns()}"
     cmd = [args.ours_python, "-m", "grpo_cli", "train", *ours_overrides(mode, args, run_dir)]
-    rss = run_child(cmd, work / f"{run_dir.name}.log")
+    hook = {}
+    if args.lengths == "skewed":  # scripts/bench_hooks/sitecustomize.py cuts the completions
+        hook = {"PYTHONPATH": str(HOOKS), "GRPO_BENCH_LENGTHS": ",".join(map(str, SKEWED))}
+    rss = run_child(cmd, work / f"{run_dir.name}.log", hook)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     kept = [r for r in rows if r.get("step_time") is not None and r["step"] > args.warmup]
     tokens = [r["completion_len"] * args.prompts * args.group_size for r in kept]
@@ -167,7 +188,7 @@ def run_trl(mode: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     out = work / f"trl-{mode}-{time.monotonic_ns()}.json"
     cmd = [args.trl_python, __file__, "--child", "trl", "--mode", mode, "--json-out", str(out)]
     cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--lr", str(args.lr)]
-    cmd += ["--dtype", args.dtype]
+    cmd += ["--dtype", args.dtype, "--lengths", args.lengths]
     cmd += ["--shape", args.shape, *(["--model-dir", args.model_dir] if args.model_dir else [])]
     rss = run_child(cmd, out.with_suffix(".log"))
     return {**json.loads(out.read_text()), "rss_mib": rss}
@@ -235,16 +256,26 @@ def trl_config(mode: str, args: argparse.Namespace, out_dir: str) -> Any:
     )
 
 
-def timed_generate(model: Any, gen_times: list[float]) -> None:
-    """Wrap ``model.generate`` (instance attribute) to time every call TRL makes."""
+def timed_generate(model: Any, gen_times: list[float], cut: tuple[list[int], int, int] | None = None) -> None:
+    """Wrap ``model.generate`` (instance attribute) to time every call TRL makes; with ``cut`` (lengths,
+    EOS id, pad id), row b's completion ends with EOS at ``lengths[b % len(lengths)]`` tokens, as
+    ``--lengths`` cuts ours."""
     inner = model.generate
 
     def generate(*a: Any, **kw: Any) -> Any:
         t0 = time.perf_counter()
         try:
-            return inner(*a, **kw)
+            out = inner(*a, **kw)
         finally:
             gen_times.append(time.perf_counter() - t0)
+        if cut is not None:
+            lengths, eos, pad = cut
+            prompt_len = (kw.get("input_ids") if "input_ids" in kw else a[0]).size(1)
+            for b in range(out.size(0)):
+                end = prompt_len + lengths[b % len(lengths)]
+                out[b, end - 1] = eos
+                out[b, end:] = pad
+        return out
 
     model.generate = generate
 
@@ -292,7 +323,9 @@ def trl_child(args: argparse.Namespace) -> None:
             callbacks=[StepTimer()],
         )
         gen_times: list[float] = []
-        timed_generate(trainer.model, gen_times)
+        tok = load_tokenizer(path)
+        cut = (SKEWED, tok.eos_token_id, tok.pad_token_id) if args.lengths == "skewed" else None
+        timed_generate(trainer.model, gen_times, cut)
         trainer.train()
     total_tokens_per_call = counter["tokens"] / max(len(gen_times), 1)
     result = {

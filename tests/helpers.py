@@ -211,3 +211,41 @@ def model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(ckpt / "model.safetensors")
+
+
+def float64_qwen2(vocab: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> Any:
+    """A 2-layer, 16-dim Qwen2 with wide random weights (log-probs far from uniform, gradients far
+    from 0), in training mode; in float64 its RMSNorm stays in float64 (``_rms_norm_in_dtype``)."""
+    from types import MethodType
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.3,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
+    model = Qwen2ForCausalLM(config).to(dtype).train()
+    if dtype == torch.float64:
+        for module in model.modules():
+            if type(module).__name__ == "Qwen2RMSNorm":
+                module.forward = MethodType(_rms_norm_in_dtype, module)
+    return model
+
+
+def _rms_norm_in_dtype(self: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """Qwen2RMSNorm without its detour through float32 (it casts its input to float32 whatever the
+    dtype): with it, gradients summed in different orders (a prompt shared by G completions, or
+    one per completion) differ by ~1e-7, and no float64 comparison could go below that."""
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden * torch.rsqrt(variance + self.variance_epsilon))

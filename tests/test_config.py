@@ -90,6 +90,7 @@ def test_the_new_algo_keys_default_to_off_and_land_typed():
         ("algo.epsilon=1.5", "algo.epsilon"),
         ("algo.beta=-0.1", "algo.beta"),
         ("train.prompts_per_step=0", "train.prompts_per_step"),
+        ("train.micro_batch_tokens=-1", "train.micro_batch_tokens"),
         ("algo.aggregation=mean", "seq_mean_token_mean"),
         ("algo.advantage=ppo", "algo.advantage"),
         ("algo.objective=sapo", "algo.objective"),

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from grpo_cli.commands.passes import MicroBatching
 from grpo_cli.commands.update import prepare, update
 from grpo_cli.config import TrainConfig
 from grpo_cli.rollout.ahead import RolloutsAhead
@@ -47,7 +48,8 @@ def train_step(
         batch, timing = ahead.take(version=step - 1)
     setup.engine.pause()  # vllm with rollout.sleep on CUDA: its memory back for the update
     t_gen = time.perf_counter() - t0
-    inputs = prepare(policy, batch.trained, algo, tr.micro_batch_size, temp, tr.steps_per_generation)
+    micro = MicroBatching(tr.micro_batch_size, tr.micro_batch_tokens)
+    inputs = prepare(policy, batch.trained, algo, micro, temp, tr.steps_per_generation)
     stats = update(policy, optimizer, scheduler, inputs, algo, tr, temp)
     if ahead is not None:
         timing.update(ahead.finish())  # the weights change only once no generation is in flight

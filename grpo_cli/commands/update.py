@@ -21,19 +21,18 @@ completions on the shared key/value cache (``models.logprobs.grouped_completion_
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from grpo_cli.commands.passes import MicroBatching, micro_logps, mini_batch_logps, mini_batch_rows
 from grpo_cli.config import AlgoConfig, TrainConfig
 from grpo_cli.core.advantages import advantages
 from grpo_cli.core.loss import aggregation_units, engine_is_weights, entropy_threshold, policy_loss
 from grpo_cli.core.schedule import schedule
 from grpo_cli.core.stats import STAT_COMBINE, LossStats, combine_stats
 from grpo_cli.models import Policy, reference
-from grpo_cli.models.logprobs import grouped_completion_logprobs
 from grpo_cli.rollout.record import Rollout
 from grpo_cli.runtime import distributed
 
@@ -92,103 +91,14 @@ def advantages_for(
     return advantages(filled, group_size, estimator, scale_rewards), judged.view(-1)
 
 
-def micro_batches(n: int, size: int) -> list[slice]:
-    """Consecutive slices of at most ``size`` of ``range(n)``."""
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-def micro_logps(
-    runner: Callable[..., Any], rollout: Rollout, s: slice, temperature: float, entropy: str | None = None
-) -> Any:
-    """Log-probs [n, T] of the completions in ``s``, each group's prompt run through the model once;
-    with ``entropy`` ("metric" or "grad") the pair (log-probs, entropies [n, T]) from the same pass.
-
-    ``runner``: ``Policy.run`` or a reference runner (``models.reference``). A micro-batch may start
-    or end inside a group: its prompts are those of the groups it touches.
-    """
-    G = rollout.group_size
-    first, last = s.start // G, (s.stop - 1) // G
-    prompt_rows = slice(first * G, last * G + 1, G)  # one row per group touched by s
-    index = torch.arange(s.start, s.stop, device=rollout.prompt_ids.device) // G - first
-    prompt_ids, prompt_mask = rollout.prompt_ids[prompt_rows], rollout.prompt_mask[prompt_rows]
-    if not torch.equal(prompt_ids[index], rollout.prompt_ids[s]):  # not laid out in groups: no sharing
-        prompt_ids, prompt_mask = rollout.prompt_ids[s], rollout.prompt_mask[s]
-        index = torch.arange(s.stop - s.start, device=index.device)
-    return runner(
-        grouped_completion_logprobs,
-        prompt_ids,
-        prompt_mask,
-        rollout.completion_ids[s],
-        rollout.completion_mask[s],
-        temperature=temperature,
-        prompt_index=index,
-        entropy=entropy,
-    )
-
-
-def mini_batch_rows(groups: int, group_size: int, k: int) -> list[torch.Tensor] | None:
-    """The rows [n] of each of ``k`` mini-batches of this rank's ``groups`` groups: group l goes to
-    mini-batch l mod k. None for k = 1 (the whole batch, as before the option).
-
-    Strided, not consecutive: a rank holds consecutive groups of the step (k divides its count), so
-    global group g lands in mini-batch g mod k on any number of ranks, and each optimizer step sees the
-    same groups whether the batch is split over 1 rank or 8.
-    """
-    if groups % k:
-        raise ValueError(f"train.steps_per_generation={k} must divide the {groups} groups of the batch")
-    if k == 1:
-        return None
-    return [
-        torch.tensor([g * group_size + j for g in range(m, groups, k) for j in range(group_size)])
-        for m in range(k)
-    ]
-
-
-@torch.no_grad()
-def _logps_no_grad(
-    runner: Callable[..., Any], rollout: Rollout, temperature: float, micro: int, entropy: bool = False
-) -> Any:
-    """Log-probs [N, T] without gradient; with ``entropy`` the pair (log-probs, entropies [N, T])."""
-    n = rollout.completion_ids.size(0)
-    kind = "metric" if entropy else None
-    parts = [micro_logps(runner, rollout, s, temperature, kind) for s in micro_batches(n, micro)]
-    if not entropy:
-        return torch.cat(parts)
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
-
-def _mini_batch_logps(
-    runner: Callable[..., Any],
-    rollout: Rollout,
-    temp: float,
-    micro: int,
-    rows: list[torch.Tensor] | None,
-    entropy: bool = False,
-) -> Any:
-    """``_logps_no_grad`` over each mini-batch's rows, cut into micro-batches as ``update`` cuts them, so
-    the first mini-batch's pi_old equals its current log-probs bit for bit (ratio exactly 1). With
-    ``entropy`` the pair (log-probs [N, T], entropies [N, T])."""
-    if rows is None:
-        return _logps_no_grad(runner, rollout, temp, micro, entropy)
-    parts = [_logps_no_grad(runner, rollout.select(r), temp, micro, entropy) for r in rows]
-    pairs = parts if entropy else [(p,) for p in parts]
-    outs = []
-    for i in range(len(pairs[0])):
-        out = pairs[0][i].new_empty(rollout.completion_ids.size(0), pairs[0][i].size(1))  # [N, T]
-        for r, pair in zip(rows, pairs):
-            out[r.to(out.device)] = pair[i]
-        outs.append(out)
-    return tuple(outs) if entropy else outs[0]
-
-
 def prepare(
-    policy: Policy, rollout: Rollout, algo: AlgoConfig, micro: int, temp: float, k: int = 1
+    policy: Policy, rollout: Rollout, algo: AlgoConfig, micro: int | MicroBatching, temp: float, k: int = 1
 ) -> LossInput:
     """Advantages, loss mask, and the no-grad log-probs under pi_ref (beta > 0) and pi_old (mu > 1 or
     k > 1).
 
-    ``micro``: completions per forward pass; ``temp``: the sampling temperature the log-probs use;
-    ``k``: mini-batches (``train.steps_per_generation``).
+    ``micro``: completions per forward pass (or a ``MicroBatching``); ``temp``: the sampling temperature
+    the log-probs use; ``k``: mini-batches (``train.steps_per_generation``).
     ``algo.mask_truncated``: truncated completions leave the loss mask and the counted rows.
     ``algo.top_entropy_quantile`` < 1: the high-entropy tokens, by pi_old's entropies from the no-grad
     pass (an extra forward when mu = k = 1), one threshold for the whole step (every rank's tokens and
@@ -208,13 +118,13 @@ def prepare(
     ref = old = pg_mask = None
     if algo.beta > 0:
         with reference(policy) as ref_runner:
-            ref = _mini_batch_logps(ref_runner, rollout, temp, micro, rows)
+            ref = mini_batch_logps(ref_runner, rollout, temp, micro, rows)
     if algo.top_entropy_quantile < 1:
-        old, ent = _mini_batch_logps(policy.run, rollout, temp, micro, rows, entropy=True)
+        old, ent = mini_batch_logps(policy.run, rollout, temp, micro, rows, entropy=True)
         pg_mask = high_entropy_tokens(ent, loss_mask.to(ent.device), algo.top_entropy_quantile)
         old = old if needs_old else None  # mu = k = 1: pi_old is the detached pi_theta
     elif needs_old:
-        old = _mini_batch_logps(policy.run, rollout, temp, micro, rows)
+        old = mini_batch_logps(policy.run, rollout, temp, micro, rows)
     counted = None if counted is None else counted.to(device)
     return LossInput(rollout, adv.to(device), loss_mask.to(device), ref, old, counted, pg_mask)
 
@@ -266,6 +176,7 @@ def update(
         max(float(distributed.all_sum(aggregation_units(m.loss_mask, algo.aggregation, rows=m.counted))), 1.0)
         for m in minis
     ]
+    micro = MicroBatching(tr.micro_batch_size, tr.micro_batch_tokens)
     params = trained_params(optimizer)
     skipped, steps = False, []
     engine_diff = torch.zeros(2, dtype=torch.float64)  # sum |engine - trainer| over tokens, tokens
@@ -273,7 +184,7 @@ def update(
         steps = []
         for mini, denom in zip(minis, denoms):
             diff = engine_diff if it == 0 else None
-            loss, parts = _accumulate_gradients(policy, mini, algo, tr.micro_batch_size, temp, denom, diff)
+            loss, parts = _accumulate_gradients(policy, mini, algo, micro, temp, denom, diff)
             loss, step_stats = reduce_over_ranks(loss, combine_stats(parts))
             grad_norm = distributed.clip_grad_norm(params, tr.max_grad_norm)
             finite = math.isfinite(grad_norm) and math.isfinite(loss)
@@ -315,26 +226,26 @@ def _accumulate_gradients(
     policy: Policy,
     inputs: LossInput,
     algo: AlgoConfig,
-    micro: int,
+    micro: int | MicroBatching,
     temp: float,
     denom: float,
     engine_diff: torch.Tensor | None = None,
 ) -> tuple[float, list[LossStats]]:
-    """Forward and backward over micro-batches of ``micro`` completions of ``inputs`` (one mini-batch);
+    """Forward and backward over the micro-batches ``micro`` plans for ``inputs`` (one mini-batch);
     this rank's loss (its share of the mini-batch's global loss) and the statistics of each micro-batch.
 
     ``engine_diff``: where to add |log pi_engine - log pi_old| summed over tokens, and the token count.
     """
     world = distributed.world()
-    n = inputs.rollout.completion_ids.size(0)
-    parts = micro_batches(n, micro)
+    micro = MicroBatching.of(micro)
+    parts = micro.plan(inputs.rollout)
     total, stats = 0.0, []
     for i, s in enumerate(parts):
         # Gradients cross ranks once per optimizer step, after the last micro-batch.
         with distributed.grad_sync(policy.wrapper, enabled=i == len(parts) - 1):
             # The entropy comes from the same pass (logged every step); a gradient only for a bonus.
             kind = "grad" if algo.entropy_coef else "metric"
-            logps, entropy = micro_logps(policy.run, inputs.rollout, s, temp, kind)
+            logps, entropy = micro_logps(policy.run, inputs.rollout, s, temp, kind, bool(micro.tokens))
             old = None if inputs.old_logps is None else inputs.old_logps[s]
             ref = None if inputs.ref_logps is None else inputs.ref_logps[s]
             weights = _engine_weights(inputs, s, logps if old is None else old, algo, engine_diff)
@@ -357,7 +268,7 @@ def _accumulate_gradients(
 
 
 def _engine_weights(
-    inputs: LossInput, s: slice, old: torch.Tensor, algo: Any, diff: torch.Tensor | None
+    inputs: LossInput, s: slice | torch.Tensor, old: torch.Tensor, algo: Any, diff: torch.Tensor | None
 ) -> torch.Tensor | None:
     """Micro-batch ``s``'s engine importance weights (``algo.engine_is``; None when off or when the
     trainer sampled), and |log pi_engine - log pi_old| summed into ``diff`` (when given).

@@ -95,6 +95,10 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"train.lr={tr.lr}: must be > 0")
         if tr.micro_batch_size < 1:
             raise ConfigError(f"train.micro_batch_size={tr.micro_batch_size}: must be >= 1")
+        if tr.micro_batch_tokens < 0:
+            raise ConfigError(
+                f"train.micro_batch_tokens={tr.micro_batch_tokens}: must be >= 0 (0: micro_batch_size completions)"
+            )
         _validate_robustness(cfg)
         _validate_updates_per_batch(tr)
     test_size = cfg.data.test_size

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from grpo_cli.core.logprobs import token_logprobs
+from grpo_cli.core.packing import completion_rows, pack_sequences
 
 
 @functools.cache
@@ -163,3 +164,111 @@ def grouped_completion_logprobs(
     hidden = torch.cat([out.last_hidden_state[prompt_index, -1:], hidden[:, :-1]], 1)
     weight = model.get_output_embeddings().weight  # [V, H]
     return _head(hidden, weight, completion_ids, temperature, entropy)
+
+
+# Attention implementations that take a prepared [B, 1, Q, K] mask; the others (flash-attention's
+# variable-length kernels) find the sequences of a packed row from its restarting position ids.
+MASKED_ATTENTION = ("sdpa", "eager")
+
+
+def packed_completion_logprobs(
+    model: Any,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    prompt_index: torch.Tensor,
+    temperature: float = 1.0,
+    entropy: str | None = None,
+    layout: str | None = None,
+) -> Any:
+    """``grouped_completion_logprobs`` with the completions packed side by side, no padding between them.
+
+    Shapes as ``grouped_completion_logprobs``: prompts [P, L] left-padded, completions [n, T]
+    right-padded, completion i continuing prompt ``prompt_index[i]``. ``layout`` (None: by the model's
+    attention implementation): "rows" for sdpa and eager, each prompt through the decoder once and the
+    completions in rows as wide as the longest (``core.packing.completion_rows``), reading their
+    prompts from its key/value cache through a prepared mask; "sequences" otherwise, one row of
+    prompt + completion sequences with restarting position ids and no mask, which transformers turns
+    into variable-length attention (``core.packing.pack_sequences``). Returns log-probs [n, T] float32
+    (0 past each completion's end), with ``entropy`` the entropies [n, T] too; the head runs on the
+    completions' tokens only.
+    """
+    implementation = getattr(model.config, "_attn_implementation", None) or "eager"
+    layout = layout or ("rows" if implementation in MASKED_ATTENTION else "sequences")
+    weight = model.get_output_embeddings().weight  # [V, H]
+    decoder = model.get_decoder()
+    if layout == "sequences":
+        seq = pack_sequences(prompt_ids, prompt_mask, completion_ids, completion_mask, prompt_index)
+        hidden = decoder(
+            input_ids=seq.input_ids[None], position_ids=seq.position_ids[None], use_cache=False
+        ).last_hidden_state[0]  # [S, H]
+        predictor, valid = seq.predictor, seq.valid
+    else:
+        hidden, predictor, valid = _row_hidden(
+            decoder,
+            prompt_ids,
+            prompt_mask,
+            completion_ids,
+            completion_mask,
+            prompt_index,
+            implementation,
+            weight.dtype,
+        )
+    out = _head(hidden[predictor[valid]][None], weight, completion_ids[valid][None], temperature, entropy)
+    n, T = completion_ids.shape
+
+    def unpack(values: torch.Tensor) -> torch.Tensor:  # [1, M] -> [n, T], zeros past each end
+        full = values.new_zeros(n, T)
+        full[valid] = values[0]
+        return full
+
+    return unpack(out) if entropy is None else (unpack(out[0]), unpack(out[1]))
+
+
+def _row_hidden(
+    decoder: Any,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    prompt_index: torch.Tensor,
+    implementation: str,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The "rows" layout: hidden states [P + R * W, H] (each prompt's last, then the rows'), and the
+    predictor and valid maps of ``core.packing.completion_rows``."""
+    rows = completion_rows(prompt_mask, completion_ids, completion_mask, prompt_index)
+    out = decoder(
+        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions(prompt_mask), use_cache=True
+    )
+    cache = output_cache(out)
+    if not _shareable_cache(cache, prompt_ids.size(1)):
+        raise RuntimeError(
+            "train.micro_batch_tokens: this model's key/value cache cannot be shared by packed rows"
+        )
+    for (
+        layer
+    ) in cache.layers:  # [P, h, L, d] -> [R, h, K * L, d]: each row's prompts; indexing, so differentiable
+        layer.keys, layer.values = (_gather_prefix(t, rows.prefix_index) for t in (layer.keys, layer.values))
+    mask = rows.allowed[:, None]  # [R, 1, W, K * L + W], True: attend
+    if implementation == "eager":  # eager adds its mask to the scores
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(dtype).min
+        )
+    hidden = decoder(
+        input_ids=rows.input_ids,
+        attention_mask=mask,
+        position_ids=rows.position_ids,
+        use_cache=True,
+        **{cache_arg(): cache},
+    ).last_hidden_state  # [R, W, H]
+    source = torch.cat([out.last_hidden_state[:, -1], hidden.flatten(0, 1)])  # [P + R * W, H]
+    return source, rows.predictor, rows.valid
+
+
+def _gather_prefix(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[P, h, L, d] key or value states -> [R, h, K * L, d], column c of row r from prompt column index[r, c]."""
+    P, h, L, d = states.shape
+    flat = states.transpose(1, 2).reshape(P * L, h, d)
+    return flat[index].transpose(1, 2)

@@ -24,7 +24,8 @@ from test_update import (
 )
 
 from grpo_cli.commands import update as update_module
-from grpo_cli.commands.update import micro_batches, mini_batch_rows, prepare, schedule, update
+from grpo_cli.commands.passes import micro_batches, mini_batch_rows
+from grpo_cli.commands.update import prepare, schedule, update
 from grpo_cli.core.loss import aggregation_units, policy_loss
 from grpo_cli.runtime import distributed
 

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import copy
 import math
-from types import MethodType, SimpleNamespace
+from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from helpers import float64_qwen2
+from transformers import Qwen2ForCausalLM
 
+from grpo_cli.commands.passes import micro_batches
 from grpo_cli.commands.update import (
     advantages_for,
     fusable,
     low_precision_warning,
     make_optimizer,
-    micro_batches,
     prepare,
     schedule,
     update,
@@ -44,34 +45,7 @@ TOL = 1e-10
 
 
 def _model(seed: int = 0) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        initializer_range=0.3,  # wide weights: log-probs far from uniform, gradients far from 0
-        tie_word_embeddings=True,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=None,
-    )
-    model = Qwen2ForCausalLM(config).double().train()
-    for module in model.modules():
-        if type(module).__name__ == "Qwen2RMSNorm":
-            module.forward = MethodType(_rms_norm_in_float64, module)
-    return model
-
-
-def _rms_norm_in_float64(self, hidden: torch.Tensor) -> torch.Tensor:
-    """Qwen2RMSNorm without its detour through float32 (it casts its input to float32 whatever the
-    dtype): with it, gradients summed in different orders (a prompt shared by G completions, or
-    one per completion) differ by ~1e-7, and no float64 comparison could go below that."""
-    variance = hidden.pow(2).mean(-1, keepdim=True)
-    return self.weight * (hidden * torch.rsqrt(variance + self.variance_epsilon))
+    return float64_qwen2(VOCAB, seed)
 
 
 def _policy(ref: bool = False) -> Policy:

@@ -394,3 +394,20 @@ def test_sigterm_to_torchrun_saves_on_every_rank_and_prints_a_torchrun_resume_co
     assert (run / f"checkpoint-{last}" / "trainer_state.pt").is_file(), said[-3000:]
     assert f"stopped by SIGTERM after step {last}" in said
     assert "torchrun --nnodes=1 --nproc_per_node=2 -m grpo_cli train" in said
+
+
+@pytest.mark.slow
+def test_packed_micro_batches_on_two_fsdp_processes_match_one(tmp_path, tiny_initial):
+    """train.micro_batch_tokens under FSDP (every forward gathers weights, so both ranks must make the
+    same number of packed passes): the 2-process run is the 1-process run, and both have the padded
+    run's losses to float32 rounding."""
+    args = [*ARGS, "lora=none", "algo.scale_rewards=batch"]
+    packed = [*args, "train.micro_batch_tokens=40"]
+    _ok(_grpo(args, tmp_path / "padded"))
+    _ok(_grpo(packed, tmp_path / "one"))
+    _ok(_grpo([*packed, "train.strategy=fsdp", "train.save_every=3"], tmp_path / "two", nproc=2))
+    _assert_same_run(tmp_path / "one", tmp_path / "two", tiny_initial)
+    padded, one = _steps(tmp_path / "padded"), _steps(tmp_path / "one")
+    for step in padded:
+        assert abs(padded[step]["loss"] - one[step]["loss"]) <= LOSS_ATOL, step
+        assert one[step]["grad_norm"] == pytest.approx(padded[step]["grad_norm"], rel=GRAD_NORM_RTOL), step
