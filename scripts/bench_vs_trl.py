@@ -6,6 +6,8 @@
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_vs_trl.py --dtype bfloat16 --modes lora --steps 5 --repeats 1
     .venv/bin/python scripts/bench_vs_trl.py --shape qwen2.5-0.5b --model-dir /tmp/qwen-standin-4 \
         --steps 2 --warmup 1 --repeats 1                                  # real shapes, ~1 h on 2 busy cores
+    .venv/bin/python scripts/bench_vs_trl.py --shape qwen2.5-0.5b --model-dir /tmp/qwen-standin-4 --modes lora \
+        --steps 2 --warmup 1 --repeats 1 --lengths skewed --tokens 4096   # a realistic length mix, ~35 min
 
 This script installs nothing: TRL lives in the separate environment ``make bench-env`` makes
 (``.venv-bench``: torch, this package, trl), so the project's own environment never depends on it.
@@ -39,6 +41,12 @@ step time is the median over all kept steps of all rounds, peak RSS the largest 
 (``os.wait4`` on the child: its own peak, or a reaped grandchild's if larger). Rollout tokens/s is
 completion tokens over generation time (``gen_time`` for ours; a wrapper around ``model.generate`` for
 TRL). Targets (issue 8): step-time ratio ours / TRL <= 0.5 and peak-RSS ratio <= 1.0 in both modes.
+
+``--lengths skewed`` (real shapes): both sides generate 512 tokens and each step's 16 completions are
+cut to one fixed list (``SKEWED``: 8 x 32, 6 x 128, 2 x 512 tokens): TRL's generations get EOS at the
+cut, ours are cut by ``scripts/bench_hooks/sitecustomize.py``. ``--tokens N`` runs ours with
+``train.micro_batch_tokens=N`` (packed micro-batches). Targets (issue 29), LoRA float32 with
+``--tokens 4096``: step time <= 0.35, peak RSS <= 0.5.
 """
 
 from __future__ import annotations

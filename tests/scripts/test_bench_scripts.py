@@ -139,3 +139,64 @@ def test_bench_async_learn_runs_hf_and_each_staleness_at_the_demo_settings(monke
     hf, s2 = next(ln for ln in lines if ln.startswith("hf")), next(ln for ln in lines if "S=2" in ln)
     assert "0.250 -> 0.450" in hf and "+0.000" in hf
     assert "0.250 -> 0.350" in s2 and "-0.100" in s2
+
+
+def test_skewed_lengths_are_the_issue_mix_and_packing_reaches_our_side(bench_vs_trl, tmp_path):
+    """--lengths skewed: per step 8 x 32, 6 x 128, 2 x 512 tokens, max_new_tokens 512 on both sides."""
+    from grpo_cli.cli import compose_config
+
+    skewed = bench_vs_trl.SKEWED
+    assert sorted(skewed) == [32] * 8 + [128] * 6 + [512] * 2
+    args = bench_vs_trl.parse_args(
+        ["--shape", "qwen2.5-0.5b", "--model-dir", str(tmp_path), "--lengths", "skewed", "--tokens", "4096"]
+    )
+    args.path = str(tmp_path)
+    overrides = [o for o in bench_vs_trl.ours_overrides("lora", args, tmp_path) if not o.startswith("hydra.")]
+    cfg, _ = compose_config("train", overrides)
+    assert cfg.rollout.max_new_tokens == 512 and cfg.train.micro_batch_tokens == 4096
+    with pytest.raises(SystemExit):  # the tiny shape has 64 completions a step, not the list's 16
+        bench_vs_trl.parse_args(["--lengths", "skewed"])
+
+
+def test_trls_generations_end_at_the_skewed_lengths(bench_vs_trl):
+    """TRL's side: row b gets EOS at its length and padding after, which TRL's completion mask reads."""
+    prompt = torch.full((16, 3), 9)
+
+    class Model:
+        def generate(self, input_ids):
+            return torch.cat([input_ids, torch.full((16, 512), 7)], 1)
+
+    model, times = Model(), []
+    bench_vs_trl.timed_generate(model, times, (bench_vs_trl.SKEWED, 1, 0))
+    out = model.generate(input_ids=prompt)[:, 3:]
+    first_eos = (out == 1).int().argmax(1) + 1
+    assert first_eos.tolist() == bench_vs_trl.SKEWED and len(times) == 1
+    assert all((row[n:] == 0).all() for row, n in zip(out, bench_vs_trl.SKEWED))
+
+
+def test_our_bench_hook_cuts_completions_to_the_same_list(monkeypatch):
+    """scripts/bench_hooks/sitecustomize.py, loaded with GRPO_BENCH_LENGTHS set, cuts the hf engine's output."""
+    import importlib.util
+
+    from grpo_cli.engines import hf
+    from grpo_cli.engines.protocol import Completion
+
+    monkeypatch.setattr(
+        hf.HFEngine, "generate", lambda self, r, d, p=None: [[Completion(list(range(600)))] * 1 for _ in r]
+    )
+    monkeypatch.setenv("GRPO_BENCH_LENGTHS", "32,128")
+    path = Path(__file__).resolve().parents[2] / "scripts" / "bench_hooks" / "sitecustomize.py"
+    spec = importlib.util.spec_from_file_location("bench_hook", path)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    groups = hf.HFEngine.generate(None, [0, 1, 2], None)
+    assert [len(g[0].token_ids) for g in groups] == [32, 128, 32]
+
+
+def test_bench_packing_builds_the_issue_mix_with_real_prompt_lengths():
+    bench = load_script("bench_packing")
+    assert sorted(bench.MIXES["skewed"]) == [32] * 8 + [128] * 6 + [512] * 2
+    args = bench.parse_args([])
+    policy, rollout = bench.build(args, "skewed")
+    assert rollout.completion_mask.sum(1).tolist() == bench.MIXES["skewed"]
+    assert rollout.prompt_mask[:: bench.G].sum(1).tolist() == list(bench.PROMPT_LENGTHS)
+    assert policy.is_lora
