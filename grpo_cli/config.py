@@ -247,7 +247,7 @@ class TrainConfig:
     # Completions per forward/backward pass; gradients accumulate over the step's batch.
     micro_batch_size: int = 64
     # > 0: micro-batches of at most this many tokens (prompts once per group, completions unpadded),
-    # packed side by side in one row with attention kept inside each sequence; replaces
+    # packed side by side with attention kept inside each sequence; replaces
     # micro_batch_size. 0: off (padded micro-batches of micro_batch_size completions).
     micro_batch_tokens: int = 0
     save_every: int = 0

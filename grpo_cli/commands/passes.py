@@ -31,7 +31,7 @@ def micro_batches(n: int, size: int) -> list[slice]:
 class MicroBatching:
     """How a (mini-)batch is cut for its forward passes: ``size`` completions per micro-batch
     (``train.micro_batch_size``), or, with ``tokens`` > 0 (``train.micro_batch_tokens``), micro-batches
-    of at most that many tokens packed side by side in one row (``core.packing``)."""
+    of at most that many tokens, their completions packed side by side without padding (``core.packing``)."""
 
     size: int
     tokens: int = 0
@@ -72,7 +72,7 @@ def micro_logps(
 ) -> Any:
     """Log-probs [n, T] of the completions ``s`` (a slice or rows [n]), each group's prompt run through the
     model once; with ``entropy`` ("metric" or "grad") the pair (log-probs, entropies [n, T]) from the same
-    pass. ``packed``: the sequences side by side in one row, no padding
+    pass. ``packed``: the completions side by side, no padding between them
     (``models.logprobs.packed_completion_logprobs``).
 
     ``runner``: ``Policy.run`` or a reference runner (``models.reference``). A micro-batch may start
