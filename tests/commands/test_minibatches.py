@@ -17,8 +17,8 @@ from test_update import (
     TOL,
     RecordingSGD,
     _cfg,
+    _options_reference,
     _plain_logps,
-    _plain_logps_entropy,
     _policy,
     _rollout,
 )
@@ -26,7 +26,7 @@ from test_update import (
 from grpo_cli.commands import update as update_module
 from grpo_cli.commands.passes import micro_batches, mini_batch_rows
 from grpo_cli.commands.update import prepare, schedule, update
-from grpo_cli.core.loss import aggregation_units, policy_loss
+from grpo_cli.core.loss import aggregation_units
 from grpo_cli.runtime import distributed
 
 LR = 0.5
@@ -168,22 +168,8 @@ def test_the_issue30_options_hold_per_mini_batch():
     mini = inputs.select(first)
     units = aggregation_units(mini.loss_mask, cfg.algo.aggregation, rows=mini.counted)
     assert units < first.numel()  # a truncated row sits in mini-batch 1: the test can tell
-    logps, entropy = _plain_logps_entropy(policy.model, rollout.select(first))
-    want, _ = policy_loss(
-        logps,
-        None,
-        None,
-        mini.advantages,
-        mini.loss_mask,
-        cfg.algo,
-        units,
-        entropy=entropy,
-        pg_mask=mini.pg_mask,
-    )
     policy.model.zero_grad(set_to_none=True)
-    want.backward()
-    want_grads = [p.grad.clone() for p in policy.model.parameters()]
-    policy.model.zero_grad(set_to_none=True)
+    _, want_grads, _ = _options_reference(policy.model, rollout.select(first), mini, cfg.algo, units)
     opt = RecordingSGD(policy.model.parameters(), lr=LR)
     stats = update(policy, opt, schedule(opt, 0), inputs, cfg.algo, cfg.train, t)
     assert len(opt.seen) == 2

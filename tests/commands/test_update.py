@@ -448,6 +448,27 @@ def _plain_logps_entropy(model, rollout: Rollout) -> tuple[torch.Tensor, torch.T
     return lp.gather(-1, rollout.completion_ids[..., None]).squeeze(-1), entropy
 
 
+def _options_reference(model, rollout: Rollout, inputs, algo, units: float):
+    """``policy_loss`` once over ``inputs`` (the rows of ``rollout``) on the full-softmax forward, its
+    gradients taken and the model's grads cleared again: (loss, grads, entropy [N, T])."""
+    logps, entropy = _plain_logps_entropy(model, rollout)
+    loss, _ = policy_loss(
+        logps,
+        None,
+        None,
+        inputs.advantages,
+        inputs.loss_mask,
+        algo,
+        units,
+        entropy=entropy,
+        pg_mask=inputs.pg_mask,
+    )
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return loss, grads, entropy.detach()
+
+
 OPTION_SETS = {
     "entropy_bonus": {"entropy_coef": 0.05},
     "top_entropy": {"top_entropy_quantile": 0.4},
@@ -468,22 +489,8 @@ def test_new_options_micro_batched_equal_the_full_batch_reference(options, aggre
     policy, rollout = _policy(), _rollout()
     cfg = _cfg(aggregation=aggregation, algo=algo)
     inputs = _prepare(policy, rollout, cfg)
-    logps, entropy = _plain_logps_entropy(policy.model, rollout)
-    rows = inputs.counted
-    units = aggregation_units(inputs.loss_mask, aggregation, rows=rows)
-    want_loss, _ = policy_loss(
-        logps,
-        None,
-        None,
-        inputs.advantages,
-        inputs.loss_mask,
-        cfg.algo,
-        units,
-        entropy=entropy,
-        pg_mask=inputs.pg_mask,
-    )
-    want_loss.backward()
-    want_grads = [p.grad.clone() for p in policy.model.parameters()]
+    units = aggregation_units(inputs.loss_mask, aggregation, rows=inputs.counted)
+    want_loss, want_grads, entropy = _options_reference(policy.model, rollout, inputs, cfg.algo, units)
     for micro in (1, 3, N):
         _, _, _, grads, stats = _grads_and_stats(micro, 0.0, aggregation, algo)
         assert stats["loss"] == pytest.approx(want_loss.item(), abs=TOL), micro
