@@ -249,3 +249,34 @@ def _rms_norm_in_dtype(self: Any, hidden: torch.Tensor) -> torch.Tensor:
     one per completion) differ by ~1e-7, and no float64 comparison could go below that."""
     variance = hidden.pow(2).mean(-1, keepdim=True)
     return self.weight * (hidden * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def _gloo_rank(rank: int, port: int, fn: Callable[[int], dict], out: str) -> None:
+    import json
+
+    from grpo_cli.runtime import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    distributed.init()
+    try:
+        result = fn(rank)
+        Path(f"{out}.{rank}").write_text(json.dumps(result))
+    finally:
+        distributed.shutdown()
+
+
+def on_two_gloo_ranks(fn: Callable[[int], dict], tmp_path: Path) -> list[dict]:
+    """``fn(rank)`` run in two spawned processes joined in one gloo group (one thread each); the two
+    JSON-able dicts it returns, rank 0's first. ``fn`` must be a module-level function (it is pickled)."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = str(tmp_path / "rank")
+    mp.spawn(_gloo_rank, args=(port, fn, out), nprocs=2, join=True)
+    return [json.loads(Path(f"{out}.{rank}").read_text()) for rank in (0, 1)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import on_two_gloo_ranks
 from test_update import (
     NEW_OPTIONS,
     REWARDS_4,
@@ -192,42 +193,23 @@ def _k2_stats(rows: list[int] | None = None, algo: dict | None = None) -> dict[s
     return update(policy, opt, schedule(opt, 0), inputs, cfg.algo, cfg.train, cfg.rollout.temperature)
 
 
-def _rank_k2(rank: int, port: int, out: str) -> None:
-    import json
-    import os
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
-    torch.set_num_threads(1)
-    distributed.init()
-    try:
-        half = len(REWARDS_4) // 2
-        rows = list(range(rank * half, (rank + 1) * half))
-        stats = _k2_stats(rows)
-        stats.update({f"new/{k}": v for k, v in _k2_stats(rows, NEW_OPTIONS).items()})
-        with open(f"{out}.{rank}", "w") as fh:
-            json.dump(stats, fh)
-    finally:
-        distributed.shutdown()
+def _rank_k2(rank: int) -> dict[str, float]:
+    half = len(REWARDS_4) // 2
+    rows = list(range(rank * half, (rank + 1) * half))
+    stats = _k2_stats(rows)
+    stats.update({f"new/{k}": v for k, v in _k2_stats(rows, NEW_OPTIONS).items()})
+    return stats
 
 
 @pytest.mark.slow
 def test_mini_batches_hold_the_same_groups_on_one_rank_and_on_two(tmp_path):
     """Rank 0 holds groups 0, 1 and rank 1 groups 2, 3; each rank's mini-batch 1 is its first group,
     so the global mini-batch 1 is groups 0 and 2 as on one process: the statistics agree to 1e-9."""
-    import json
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_rank_k2, args=(port, str(tmp_path / "stats")), nprocs=2, join=True)
+    ranks = on_two_gloo_ranks(_rank_k2, tmp_path)
     one = _k2_stats()
     one.update({f"new/{k}": v for k, v in _k2_stats(None, NEW_OPTIONS).items()})
     assert one["ratio/min"] < 1.0 < one["ratio/max"] and one["clip/low_frac"] + one["clip/high_frac"] > 0
-    for rank in (0, 1):
-        two = json.loads((tmp_path / f"stats.{rank}").read_text())
+    for rank, two in enumerate(ranks):
         assert two.keys() == one.keys()
         for key, value in one.items():
             assert two[key] == pytest.approx(value, abs=1e-9), (rank, key)

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import float64_qwen2
+from helpers import float64_qwen2, on_two_gloo_ranks
 from transformers import Qwen2ForCausalLM
 
 from grpo_cli.commands.passes import micro_batches
@@ -589,41 +589,22 @@ def test_every_logged_statistic_is_the_same_for_any_micro_batch_size(algo):
             assert got[key] == pytest.approx(value, abs=1e-9), (micro, key)
 
 
-def _rank_stats(rank: int, port: int, out: str) -> None:
-    import json
-    import os
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
-    torch.set_num_threads(1)
-    distributed.init()
-    try:
-        half = len(REWARDS_4) // 2
-        rows = list(range(rank * half, (rank + 1) * half))
-        stats = _step_stats(3, REWARDS_4, rows)
-        stats.update({f"new/{k}": v for k, v in _step_stats(3, REWARDS_4, rows, NEW_OPTIONS).items()})
-        with open(f"{out}.{rank}", "w") as fh:
-            json.dump(stats, fh)
-    finally:
-        distributed.shutdown()
+def _rank_stats(rank: int) -> dict[str, float]:
+    half = len(REWARDS_4) // 2
+    rows = list(range(rank * half, (rank + 1) * half))
+    stats = _step_stats(3, REWARDS_4, rows)
+    stats.update({f"new/{k}": v for k, v in _step_stats(3, REWARDS_4, rows, NEW_OPTIONS).items()})
+    return stats
 
 
 @pytest.mark.slow
 def test_every_logged_statistic_is_the_same_on_one_rank_and_on_two(tmp_path):
     """Two gloo ranks, each with two of the four groups, log what one process logs on all four."""
-    import json
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_rank_stats, args=(port, str(tmp_path / "stats")), nprocs=2, join=True)
+    ranks = on_two_gloo_ranks(_rank_stats, tmp_path)
     one = _step_stats(N, REWARDS_4)
     # the entropy quantile over every rank's tokens, truncated rows out of every rank's denominator
     one.update({f"new/{k}": v for k, v in _step_stats(N, REWARDS_4, None, NEW_OPTIONS).items()})
-    for rank in (0, 1):
-        two = json.loads((tmp_path / f"stats.{rank}").read_text())
+    for rank, two in enumerate(ranks):
         assert two.keys() == one.keys()
         for key, value in one.items():
             assert two[key] == pytest.approx(value, abs=1e-9), (rank, key)
