@@ -34,12 +34,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench_vs_trl, when imported by a test
+
+from bench_vs_trl import SKEWED  # noqa: E402  (one length mix for both benchmarks)
 
 G = 8
 PROMPT_LENGTHS = (60, 90)
 MIXES = {
     # per group of 8: 4 x 32, 3 x 128, 1 x 512 (both groups alike): 8 x 32, 6 x 128, 2 x 512 a step
-    "skewed": [32, 128, 32, 512, 32, 128, 32, 128] * 2,
+    "skewed": SKEWED,
     "uniform": [128] * 16,
 }
 

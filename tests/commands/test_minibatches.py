@@ -169,7 +169,6 @@ def test_the_issue30_options_hold_per_mini_batch():
     mini = inputs.select(first)
     units = aggregation_units(mini.loss_mask, cfg.algo.aggregation, rows=mini.counted)
     assert units < first.numel()  # a truncated row sits in mini-batch 1: the test can tell
-    policy.model.zero_grad(set_to_none=True)
     _, want_grads, _ = _options_reference(policy.model, rollout.select(first), mini, cfg.algo, units)
     opt = RecordingSGD(policy.model.parameters(), lr=LR)
     stats = update(policy, opt, schedule(opt, 0), inputs, cfg.algo, cfg.train, t)

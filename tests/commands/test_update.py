@@ -450,7 +450,8 @@ def _plain_logps_entropy(model, rollout: Rollout) -> tuple[torch.Tensor, torch.T
 
 def _options_reference(model, rollout: Rollout, inputs, algo, units: float):
     """``policy_loss`` once over ``inputs`` (the rows of ``rollout``) on the full-softmax forward, its
-    gradients taken and the model's grads cleared again: (loss, grads, entropy [N, T])."""
+    gradients taken from cleared grads and cleared again after: (loss, grads, entropy [N, T])."""
+    model.zero_grad(set_to_none=True)
     logps, entropy = _plain_logps_entropy(model, rollout)
     loss, _ = policy_loss(
         logps,

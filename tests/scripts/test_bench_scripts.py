@@ -182,7 +182,7 @@ def test_our_bench_hook_cuts_completions_to_the_same_list(monkeypatch):
     from grpo_cli.engines.protocol import Completion
 
     monkeypatch.setattr(
-        hf.HFEngine, "generate", lambda self, r, d, p=None: [[Completion(list(range(600)))] * 1 for _ in r]
+        hf.HFEngine, "generate", lambda self, r, d, p=None: [[Completion(list(range(600)))] for _ in r]
     )
     monkeypatch.setenv("GRPO_BENCH_LENGTHS", "32,128")
     path = Path(__file__).resolve().parents[2] / "scripts" / "bench_hooks" / "sitecustomize.py"
