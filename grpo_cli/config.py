@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 # against these names by ``commands.validate``).
 ENGINES = ("hf", "vllm", "vllm-server")  # rollout.engine
 ENGINE_IS_LEVELS = ("token", "sequence")  # algo.engine_is.level
-ENGINE_IS_MODES = ("truncate", "mask")  # algo.engine_is.mode
+ENGINE_IS_MODES = ("truncate", "mask", "reject")  # algo.engine_is.mode
 STRATEGIES = ("ddp", "fsdp")  # train.strategy
 
 
@@ -68,8 +68,13 @@ class EngineISConfig:
     cap: float | None = None
     # token: w per token; sequence: one w per completion, exp of the summed log-ratio over its tokens.
     level: str = "token"
-    # truncate: min(w, cap) (TIS); mask: tokens (or sequences) with w > cap get no loss (MIS).
+    # truncate: clip(w, low, cap) (TIS); mask: no loss where w is outside [low, cap] (MIS; IcePop); reject: see statistic.
     mode: str = "truncate"
+    # Lower bound on w: with mode=mask a two-sided mask (IcePop, Ring-1T arXiv 2510.18855; TRL clip_min); null: none.
+    low: float | None = None
+    # mode=reject (level=sequence): a completion whose statistic of log pi_old/mu (sum, geo_mean, mean_k3;
+    # verl's rollout_rs seq_sum_k1, seq_mean_k1, seq_mean_k3) is outside [low, cap] leaves the step's loss.
+    statistic: str = "sum"
 
 
 @dataclass
@@ -90,12 +95,27 @@ class AlgoConfig:
     aggregation: str = "seq_mean_token_mean"
     # token: one ratio per token; sequence: GSPO's length-normalised sequence ratio.
     importance_level: str = "token"
-    # Advantage baseline: group (mean of the group, GRPO) or rloo (mean of the other G-1, RLOO arXiv 2402.14740).
+    # Advantage: group (GRPO), rloo (arXiv 2402.14740), opo (2505.23585), passk (2505.15201), reinforce_pp(_baseline) (2501.03262).
     advantage: str = "group"
+    # k of algo.advantage=passk, 2 <= k <= group_size; null: group_size (verl grpo_passk, arXiv 2503.19595).
+    passk_k: int | None = None
     # Advantage scale: group (std of the group), batch (std of the batch), none (Dr. GRPO).
     scale_rewards: str = "group"
-    # Surrogate: clip (PPO/GRPO) or cispo (MiniMax-M1 arXiv 2506.13585: clipped detached weight x log-prob).
+    # Surrogate (arXiv): clip (PPO/GRPO), cispo 2506.13585, sapo 2511.20347, gpg 2504.02546, clip_cov / kl_cov 2505.22617, geo_mean (GMPO) 2507.20673.
     objective: str = "clip"
+    # SAPO's gate temperature for A > 0 (arXiv 2511.20347: 1.0; verl tau_pos).
+    tau_pos: float = 1.0
+    # SAPO's gate temperature for A <= 0 (arXiv 2511.20347: 1.05; verl tau_neg).
+    tau_neg: float = 1.05
+    # Clip-Cov: fraction of the step's tokens cut out of the gradient (arXiv 2505.22617; verl 2e-4).
+    clip_cov_ratio: float = 0.0002
+    # Clip-Cov: candidates have clip_cov_lb < Cov(log pi, A) < clip_cov_ub (verl 1.0 and 5.0).
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    # KL-Cov: fraction of the step's tokens, those of largest covariance, given the |log rho| penalty (verl 2e-4).
+    kl_cov_ratio: float = 0.0002
+    # KL-Cov: weight of that penalty (arXiv 2505.22617; verl ppo_kl_coef 0.1).
+    ppo_kl_coef: float = 0.1
     # Dual-clip bound c > 1 on rho for A < 0 (Ye et al. arXiv 1912.09729; verl clip_ratio_c 3.0); null: off.
     clip_ratio_c: float | None = None
     # Two-sided clip: upper bound on rho for A < 0, > 1 + epsilon_high (INTELLECT-2 arXiv 2505.07291; TRL delta); null: off.

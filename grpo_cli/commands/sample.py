@@ -5,7 +5,7 @@
 
 With ``env=`` an episode's turns are shown whole, the tool's answers in cyan.
 The table per prompt is GRPO's first two steps made visible: the group's rewards, their mean and
-std, and A_i as ``core.advantages`` computes it for training (``algo.advantage``: group or rloo).
+std, and A_i as ``core.advantages`` computes it for training (``algo.advantage``).
 Also written to ``<run_dir>/samples.jsonl``, one completion per line (``records``), with its
 ``token_ids`` and ``model_mask`` for checking what the model sampled.
 """
@@ -118,7 +118,7 @@ def run(cfg: SampleRoot, run_dir: str) -> list[dict[str, Any]]:
                 engine.close()
     finally:
         spec.close()
-    advantages, _ = advantages_for(ro, G, cfg.algo.scale_rewards, cfg.algo.advantage)
+    advantages, _ = advantages_for(ro, G, cfg.algo.scale_rewards, cfg.algo.advantage, cfg.algo.passk_k)
     console = Console()
     for g, prompt in enumerate(prompts):
         console.print(_table(ro, advantages, g, prompt, policy.tokenizer))

@@ -49,7 +49,7 @@ def train_step(
     setup.engine.pause()  # vllm with rollout.sleep on CUDA: its memory back for the update
     t_gen = time.perf_counter() - t0
     micro = MicroBatching(tr.micro_batch_size, tr.micro_batch_tokens)
-    inputs = prepare(policy, batch.trained, algo, micro, temp, tr.steps_per_generation)
+    inputs = prepare(policy, batch.trained, algo, micro, temp, tr.steps_per_generation, seed=step)
     stats = update(policy, optimizer, scheduler, inputs, algo, tr, temp)
     if ahead is not None:
         timing.update(ahead.finish())  # the weights change only once no generation is in flight

@@ -27,9 +27,11 @@ from typing import Any
 import torch
 
 from grpo_cli.commands.passes import MicroBatching, micro_logps, mini_batch_logps, mini_batch_rows
+from grpo_cli.commands.selections import needs_pi_old, select
 from grpo_cli.config import AlgoConfig, TrainConfig
-from grpo_cli.core.advantages import advantages
-from grpo_cli.core.loss import aggregation_units, engine_is_weights, entropy_threshold, policy_loss
+from grpo_cli.core.advantages import BATCH_ESTIMATORS, advantages
+from grpo_cli.core.loss import aggregation_units, policy_loss
+from grpo_cli.core.mismatch import engine_is_weights
 from grpo_cli.core.schedule import schedule
 from grpo_cli.core.stats import STAT_COMBINE, LossStats, combine_stats
 from grpo_cli.models import Policy, reference
@@ -51,6 +53,10 @@ class LossInput:
     counted: torch.Tensor | None = None
     # [N, T] bool: the tokens that get the policy-gradient term (algo.top_entropy_quantile < 1). None: all.
     pg_mask: torch.Tensor | None = None
+    # [N, T] bool: the covariance-selected tokens (algo.objective=clip_cov / kl_cov). None: none.
+    cov_mask: torch.Tensor | None = None
+    # [N] bool: the completions algo.engine_is mode=reject took out of the step. None: none.
+    rejected: torch.Tensor | None = None
 
     def select(self, rows: torch.Tensor) -> LossInput:
         """The rows ``rows`` [n] (whole groups): one mini-batch."""
@@ -65,46 +71,57 @@ class LossInput:
             self.old_logps,
             self.counted,
             self.pg_mask,
+            self.cov_mask,
+            self.rejected,
         )
         return LossInput(self.rollout.select(rows), *(pick(t) for t in tensors))
 
 
 def advantages_for(
-    rollout: Rollout, group_size: int, scale_rewards: str, estimator: str = "group"
+    rollout: Rollout, group_size: int, scale_rewards: str, estimator: str = "group", k: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Advantages [N] (``algo.advantage`` = ``estimator``: group or rloo) and the judged flag [N];
-    unjudged rewards take their group's judged mean.
+    """Advantages [N] (``algo.advantage`` = ``estimator``, ``core.advantages``; ``k``: passk's) and the
+    judged flag [N]; unjudged rewards take their group's judged mean and weigh 0 where completions are
+    weighed by their tokens (opo, reinforce_pp*: the model tokens of judged completions).
 
-    ``scale_rewards=batch`` divides by the std of the whole step's rewards, every rank's included.
+    ``scale_rewards=batch`` and the reinforce_pp estimators take the whole step's statistics, every
+    rank's rewards included.
     """
     rewards = rollout.rewards.view(-1, group_size)
     judged = rollout.judged.view(-1, group_size)
     count = judged.sum(1, keepdim=True)
     group_mean = torch.where(judged, rewards, 0.0).sum(1, keepdim=True) / count.clamp(min=1)
     filled = torch.where(judged, rewards, group_mean).view(-1)
-    if scale_rewards == "batch" and distributed.world().enabled:
-        everyone = distributed.gather_objects(filled)
+    lengths = (rollout.model_tokens.bool() & judged.view(-1, 1)).sum(1).to(filled.dtype)  # [N]
+    if (scale_rewards == "batch" or estimator in BATCH_ESTIMATORS) and distributed.world().enabled:
+        everyone, sizes = distributed.gather_objects(filled), distributed.gather_objects(lengths)
         mine = distributed.world().rank
         start = sum(len(x) for x in everyone[:mine])
-        adv = advantages(torch.cat(everyone), group_size, estimator, scale_rewards)
+        adv = advantages(torch.cat(everyone), group_size, estimator, scale_rewards, torch.cat(sizes), k)
         return adv[start : start + len(filled)], judged.view(-1)
-    return advantages(filled, group_size, estimator, scale_rewards), judged.view(-1)
+    return advantages(filled, group_size, estimator, scale_rewards, lengths, k), judged.view(-1)
 
 
 def prepare(
-    policy: Policy, rollout: Rollout, algo: AlgoConfig, micro: int | MicroBatching, temp: float, k: int = 1
+    policy: Policy,
+    rollout: Rollout,
+    algo: AlgoConfig,
+    micro: int | MicroBatching,
+    temp: float,
+    k: int = 1,
+    seed: int = 0,
 ) -> LossInput:
     """Advantages, loss mask, and the no-grad log-probs under pi_ref (beta > 0) and pi_old (mu > 1 or
-    k > 1).
+    k > 1, or for the step's selections).
 
     ``micro``: completions per forward pass (or a ``MicroBatching``); ``temp``: the sampling temperature
-    the log-probs use; ``k``: mini-batches (``train.steps_per_generation``).
+    the log-probs use; ``k``: mini-batches (``train.steps_per_generation``); ``seed``: Clip-Cov's draw.
     ``algo.mask_truncated``: truncated completions leave the loss mask and the counted rows.
-    ``algo.top_entropy_quantile`` < 1: the high-entropy tokens, by pi_old's entropies from the no-grad
-    pass (an extra forward when mu = k = 1), one threshold for the whole step (every rank's tokens and
-    every mini-batch), fixed before the step's first optimizer step.
+    ``commands.selections``: the rejected completions, the high-entropy tokens and the covariance-selected
+    tokens, from pi_old's no-grad pass (an extra forward when mu = k = 1), fixed for the whole step
+    (every rank's tokens and every mini-batch) before its first optimizer step.
     """
-    adv, judged = advantages_for(rollout, algo.group_size, algo.scale_rewards, algo.advantage)
+    adv, judged = advantages_for(rollout, algo.group_size, algo.scale_rewards, algo.advantage, algo.passk_k)
     device = policy.device
     loss_mask = rollout.model_tokens.bool() & judged[:, None]  # tool tokens: no loss, no KL, not counted
     counted = None
@@ -115,38 +132,19 @@ def prepare(
         loss_mask = loss_mask & counted[:, None]  # no loss, no KL, no token in any denominator
     rows = mini_batch_rows(rollout.completion_ids.size(0) // algo.group_size, algo.group_size, k)
     needs_old = algo.num_iterations > 1 or k > 1
-    ref = old = pg_mask = None
+    ref = old = ent = None
     if algo.beta > 0:
         with reference(policy) as ref_runner:
             ref = mini_batch_logps(ref_runner, rollout, temp, micro, rows)
     if algo.top_entropy_quantile < 1:
         old, ent = mini_batch_logps(policy.run, rollout, temp, micro, rows, entropy=True)
-        pg_mask = high_entropy_tokens(ent, loss_mask.to(ent.device), algo.top_entropy_quantile)
-        old = old if needs_old else None  # mu = k = 1: pi_old is the detached pi_theta
-    elif needs_old:
+    elif needs_old or needs_pi_old(algo, rollout):
         old = mini_batch_logps(policy.run, rollout, temp, micro, rows)
-    counted = None if counted is None else counted.to(device)
-    return LossInput(rollout, adv.to(device), loss_mask.to(device), ref, old, counted, pg_mask)
-
-
-# Relative tolerance under which two entropies are one value (see high_entropy_tokens): above float32's
-# rounding of a value recomputed in another batch shape (~1e-7), below real differences between contexts.
-ENTROPY_TIE = 1e-5
-
-
-def high_entropy_tokens(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
-    """[N, T] bool: tokens of ``mask`` whose entropy is at or above the (1 - quantile) quantile of
-    every rank's masked tokens (``core.loss.entropy_threshold``), so a split over ranks or
-    micro-batches selects the same tokens as the whole step would."""
-    values = entropy[mask].double().cpu()
-    if distributed.world().enabled:
-        values = torch.cat(distributed.gather_objects(values))
-    threshold = entropy_threshold(values, quantile)
-    # Ties are common: the G completions of a group share their first token's context, so its entropy
-    # is one value G times, but computed in other micro-batch or rank shapes it differs in the last
-    # bits; a strict >= would then split the tie by rounding. Values within ENTROPY_TIE count as equal.
-    slack = ENTROPY_TIE * max(1.0, abs(float(threshold)))
-    return mask & (entropy.double() >= threshold.to(entropy.device) - slack)
+    sel = select(rollout, algo, old, ent, adv, loss_mask, counted, seed)
+    old = old if needs_old else None  # mu = k = 1: pi_old is the detached pi_theta
+    counted = None if sel.counted is None else sel.counted.to(device)
+    on = (sel.pg_mask, sel.cov_mask, sel.rejected)
+    return LossInput(rollout, adv.to(device), sel.loss_mask.to(device), ref, old, counted, *on)
 
 
 def update(
@@ -198,6 +196,11 @@ def update(
     if inputs.rollout.engine_logps is not None:
         total, tokens = distributed.all_sum(engine_diff).tolist()
         stats["rollout/logprob_diff"] = total / max(tokens, 1.0)
+    if inputs.rejected is not None:
+        rejected, rows = distributed.all_sum(
+            torch.tensor([float(inputs.rejected.sum()), len(inputs.rejected)])
+        )
+        stats["engine_is/rejected_frac"] = float(rejected / rows.clamp(min=1))
     stats["skipped"] = float(skipped)
     stats["lr"] = scheduler.get_last_lr()[0]
     return stats
@@ -260,6 +263,7 @@ def _accumulate_gradients(
                 is_weights=weights,
                 entropy=entropy,
                 pg_mask=None if inputs.pg_mask is None else inputs.pg_mask[s],
+                cov_mask=None if inputs.cov_mask is None else inputs.cov_mask[s],
             )
             (loss * world.size).backward()
         stats.append(st)
@@ -282,9 +286,9 @@ def _engine_weights(
     if diff is not None:
         diff += torch.stack([torch.where(mask, (old - eng).abs(), 0.0).sum(), mask.sum()]).double().cpu()
     c = algo.engine_is
-    if c.cap is None:
+    if c.cap is None or c.mode == "reject":  # reject: the step's completions were chosen in prepare
         return None
-    return engine_is_weights(old, eng, mask, c.cap, c.level, c.mode)
+    return engine_is_weights(old, eng, mask, c.cap, c.level, c.mode, c.low)
 
 
 def reduce_over_ranks(loss: float, st: LossStats) -> tuple[float, LossStats]:

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from grpo_cli.commands.validate_algo import validate_algo, validate_engine_is
 from grpo_cli.config import ENGINE_IS_LEVELS, ENGINE_IS_MODES, ENGINES, STRATEGIES, ConfigError
 from grpo_cli.core.loss import (
     ADVANTAGES,
@@ -21,6 +22,7 @@ from grpo_cli.core.loss import (
     OBJECTIVES,
     REWARD_SCALES,
 )
+from grpo_cli.core.mismatch import SEQUENCE_STATISTICS
 from grpo_cli.core.schedule import LR_SCHEDULES
 from grpo_cli.data.reasoning_gym import check_installed
 from grpo_cli.engines import check_engine
@@ -45,6 +47,7 @@ def option_choices() -> dict[str, tuple[str, ...]]:
         "rollout.engine": ENGINES,
         "algo.engine_is.level": ENGINE_IS_LEVELS,
         "algo.engine_is.mode": ENGINE_IS_MODES,
+        "algo.engine_is.statistic": tuple(SEQUENCE_STATISTICS),
         "console": ("rich", "plain"),
     }
 
@@ -67,7 +70,7 @@ def validate(cfg: Any) -> None:
         raise ConfigError(
             f"algo.group_size={algo.group_size}: must be >= 2 (advantages compare within a group)"
         )
-    _validate_loss(algo)
+    validate_algo(algo)
     if algo.num_iterations < 1:
         raise ConfigError(f"algo.num_iterations={algo.num_iterations}: must be >= 1")
     ro = cfg.rollout
@@ -115,36 +118,6 @@ def validate(cfg: Any) -> None:
     check_model_path(cfg.model.name_or_path)
 
 
-def _validate_loss(algo: Any) -> None:
-    """The loss keys' ranges: clip bounds, KL and entropy weights, the entropy quantile."""
-    if not 0 < algo.epsilon <= 1:
-        raise ConfigError(f"algo.epsilon={algo.epsilon}: must be in (0, 1] (1: no lower bound on the ratio)")
-    if algo.epsilon_high is not None and not algo.epsilon_high > 0:
-        raise ConfigError(f"algo.epsilon_high={algo.epsilon_high}: must be > 0 (or null for epsilon)")
-    if algo.beta < 0:
-        raise ConfigError(f"algo.beta={algo.beta}: must be >= 0")
-    high = 1 + (algo.epsilon if algo.epsilon_high is None else algo.epsilon_high)
-    if algo.clip_ratio_c is not None and not algo.clip_ratio_c > 1:
-        raise ConfigError(
-            f"algo.clip_ratio_c={algo.clip_ratio_c}: must be > 1 (dual-clip, e.g. 3.0; or null for off)"
-        )
-    if algo.delta is not None and not algo.delta > high:
-        raise ConfigError(
-            f"algo.delta={algo.delta}: must be > 1 + epsilon_high = {high:g} (e.g. 4.0; or null for off)"
-        )
-    if algo.objective != "clip" and (algo.clip_ratio_c is not None or algo.delta is not None):
-        raise ConfigError(
-            f"algo.clip_ratio_c / algo.delta bound the clip objective; algo.objective={algo.objective} "
-            "has no such bound: set them to null"
-        )
-    if not algo.entropy_coef >= 0:
-        raise ConfigError(f"algo.entropy_coef={algo.entropy_coef}: must be >= 0 (0: no entropy bonus)")
-    if not 0 < algo.top_entropy_quantile <= 1:
-        raise ConfigError(
-            f"algo.top_entropy_quantile={algo.top_entropy_quantile}: must be in (0, 1] (1: every token)"
-        )
-
-
 def _validate_engine(cfg: Any) -> None:
     """The generation engine's keys; rollout.engine=vllm without vLLM names the make target."""
     ro = cfg.rollout
@@ -155,9 +128,7 @@ def _validate_engine(cfg: Any) -> None:
         )
     if ro.kv_cache_bytes is not None and ro.kv_cache_bytes < 1:
         raise ConfigError(f"rollout.kv_cache_bytes={ro.kv_cache_bytes}: must be >= 1 (or null to size it)")
-    eis = cfg.algo.engine_is
-    if eis.cap is not None and not eis.cap > 0:
-        raise ConfigError(f"algo.engine_is.cap={eis.cap}: must be > 0 (or null for off)")
+    validate_engine_is(cfg.algo.engine_is)
     _validate_servers(ro, cfg.algo)
 
 

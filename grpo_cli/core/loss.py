@@ -7,7 +7,7 @@ loss is the negative of
     J(theta) = AGG_{i,t} [ m_{i,t} * S_{i,t} - beta * KL_{i,t}(pi_theta || pi_ref) + c_H * H_{i,t} ]
 
 with
-    A_i       = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + eps), or RLOO's leave-one-out baseline
+    A_i       = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + eps), or RLOO, REINFORCE++, OPO, pass@k
                                                                         (`core.advantages`)
     rho_{i,t} = pi_theta(o_{i,t} | q, o_{i,<t}) / pi_old(o_{i,t} | q, o_{i,<t})    (importance_level=token)
               = exp(mean_t log(pi_theta / pi_old))  for every t of o_i         (importance_level=sequence)
@@ -20,6 +20,9 @@ with
         cispo: sg(clip(rho, 1 - epsilon, 1 + epsilon_high)) * A * log pi_theta       (CISPO, MiniMax-M1
                arXiv 2506.13585: the weight is clipped and detached, so a clipped token keeps the
                gradient w A grad log pi where PPO's clip gives it none)
+        sapo, gpg, clip_cov, kl_cov, geo_mean: SAPO's soft gate, GPG's plain A log pi, Clip-Cov and
+               KL-Cov on the covariance-selected tokens (`core.covariance`), GMPO's geometric mean of
+               the clipped token ratios (`core.objectives` has each formula and its paper)
     KL_{i,t}  = k3: pi_ref/pi_theta - log(pi_ref/pi_theta) - 1 (k1 and k2 as options)
     H_{i,t}   = entropy of pi_theta(. | q, o_{i,<t}) at the sampling temperature; c_H = entropy_coef
                 (verl's entropy_coeff), 0 by default
@@ -29,20 +32,12 @@ with
                 terms still apply, denominators unchanged). `entropy_threshold` finds the quantile.
     AGG       = one of the three aggregations below (how tokens and completions are averaged).
 
-When another engine sampled the completions (vLLM), its probabilities mu can differ from the
-trainer's pi_old: other kernels and precision, and with ``rollout.max_staleness`` >= 1 weights up to
-that many steps older. ``engine_is.cap`` = C turns on the correction (TRL's
-vllm_importance_sampling_correction, verl's rollout IS, AReaL's decoupled PPO): the surrogate of
-each token is weighted by the detached
-
-    w_{i,t} = min(pi_old(o_{i,t} | ...) / mu(o_{i,t} | ...), C)      (level=token, mode=truncate)
-    w_i     = min(prod_t pi_old / mu, C)                              (level=sequence)
-    mode=mask: w where w <= C, else 0 (the token, or the whole completion, gives no loss)
-                                                                       (`engine_is_weights`)
-
-so the term becomes w * S; the KL term is not weighted. pi_old is the trainer's own recomputed
-log-prob (the proximal policy: the weights at the start of the step), so the clip keeps its trust
-region around the current policy; w only corrects for having sampled from mu.
+When another engine sampled the completions (vLLM), ``algo.engine_is`` weights each token's surrogate
+by a detached w from pi_old / mu (mu: the engine's probabilities), truncated at a cap or masked outside
+[low, cap], or rejects whole completions (``core.mismatch``): the term becomes w * S; the KL term is
+not weighted. pi_old is the trainer's own recomputed log-prob (the proximal policy: the weights at the
+start of the step), so the clip keeps its trust region around the current policy; w only corrects for
+having sampled from mu.
 
 Which options reproduce which paper:
 
@@ -57,6 +52,10 @@ Which options reproduce which paper:
 - CISPO (arXiv 2506.13585): objective="cispo", aggregation="token_mean", beta=0, epsilon=1 (no lower
   bound on the weight, as the paper), epsilon_high tuned (conf/algo/cispo.yaml).
 - Dual-clip PPO (arXiv 1912.09729): clip_ratio_c=3; two-sided GRPO (INTELLECT-2): delta=4.
+- SAPO (arXiv 2511.20347): objective="sapo", tau_pos=1, tau_neg=1.05, seq_mean_token_mean, beta=0
+  (conf/algo/sapo.yaml); GMPO (arXiv 2507.20673): objective="geo_mean", epsilon=epsilon_high=0.4 in
+  log space, beta=0 (conf/algo/gmpo.yaml); GPG (arXiv 2504.02546): objective="gpg"; Clip-Cov and
+  KL-Cov (arXiv 2505.22617): objective="clip_cov" / "kl_cov" with verl's ratios and bounds.
 
 The dual-clip and delta rows coincide in value whenever the bound exceeds 1 + epsilon_high (delta
 must: ``commands.validate``); both are kept, each under the name users bring from verl or TRL.
@@ -77,7 +76,7 @@ import torch
 from torch import Tensor
 
 from grpo_cli.core.advantages import ADVANTAGES, REWARD_SCALES, group_advantages, rloo_advantages
-from grpo_cli.core.objectives import OBJECTIVES
+from grpo_cli.core.objectives import OBJECTIVES, TOKEN_LEVEL_OBJECTIVES, Terms
 from grpo_cli.core.stats import LOGGED_STATS, STAT_COMBINE, LossStats, combine_stats, loss_stats
 
 __all__ = [
@@ -93,7 +92,6 @@ __all__ = [
     "STAT_COMBINE",
     "aggregation_units",
     "combine_stats",
-    "engine_is_weights",
     "entropy_threshold",
     "group_advantages",
     "policy_loss",
@@ -117,6 +115,9 @@ class LossConfig:
     clip_ratio_c: float | None = None  # dual-clip bound for A < 0 (Ye et al. 2020; verl 3.0); None: off
     delta: float | None = None  # two-sided clip, upper bound for A < 0 (INTELLECT-2; TRL); None: off
     entropy_coef: float = 0.0  # entropy bonus c_H (verl's entropy_coeff); 0: none
+    tau_pos: float = 1.0  # SAPO's gate temperature for A > 0
+    tau_neg: float = 1.05  # SAPO's gate temperature for A <= 0
+    ppo_kl_coef: float = 0.1  # KL-Cov's penalty weight on the selected tokens (verl)
 
 
 # ---------------------------------------------------------------------------- KL estimators
@@ -205,49 +206,6 @@ def aggregation_units(mask: Tensor, aggregation: str, rows: Tensor | None = None
     return torch.tensor(count, device=mask.device)
 
 
-# ---------------------------------------------------------------------------- engine mismatch
-
-
-def engine_is_weights(
-    old_logps: Tensor,
-    engine_logps: Tensor,
-    mask: Tensor,
-    cap: float,
-    level: str = "token",
-    mode: str = "truncate",
-) -> Tensor:
-    """Importance weights w = pi_old / mu of the behaviour policy mu, truncated or masked at C, detached.
-
-    Args:
-        old_logps: [B, T] log pi_old (the trainer's log-probs of the sampled tokens: the proximal policy).
-        engine_logps: [B, T] log mu (the sampling engine's log-probs of the same tokens, possibly from
-            weights up to ``rollout.max_staleness`` steps older).
-        mask: [B, T] bool or 0/1, true on the model's tokens; masked positions get weight 1.
-        cap: C > 0 (TRL and verl default to 2).
-        level: token (w_{i,t} per token) or sequence (w_i = exp(sum_t log pi_old / mu) over the
-            completion's tokens, the same for each of them).
-        mode: truncate (min(w, C)) or mask (w where w <= C, else 0: no loss from that token or completion).
-
-    Returns:
-        [B, T] weights in [0, C], float32 (float64 for float64 inputs), no gradient.
-    """
-    dtype = torch.promote_types(old_logps.dtype, torch.float32)
-    mask = mask.bool()
-    log_w = torch.where(mask, old_logps.detach().to(dtype) - engine_logps.detach().to(dtype), 0.0)
-    if level == "sequence":
-        log_w = log_w.sum(-1, keepdim=True).expand_as(log_w)
-    elif level != "token":
-        raise ValueError(f"engine_is.level={level!r}: expected one of ['sequence', 'token']")
-    log_cap = torch.tensor(float(cap), dtype=dtype).log()
-    if mode == "truncate":
-        w = log_w.clamp(max=log_cap).exp()  # clamp first: a sequence's summed log-ratio may overflow exp
-    elif mode == "mask":
-        w = torch.where(log_w > log_cap, 0.0, log_w.clamp(max=log_cap).exp())
-    else:
-        raise ValueError(f"engine_is.mode={mode!r}: expected one of ['mask', 'truncate']")
-    return torch.where(mask, w, 1.0)
-
-
 # ---------------------------------------------------------------------------- entropy
 
 
@@ -284,6 +242,7 @@ def policy_loss(
     is_weights: Tensor | None = None,
     entropy: Tensor | None = None,
     pg_mask: Tensor | None = None,
+    cov_mask: Tensor | None = None,
 ) -> tuple[Tensor, LossStats]:
     """The surrogate, minus beta * KL, plus the entropy bonus, aggregated: the loss -J(theta) to minimise.
 
@@ -294,47 +253,47 @@ def policy_loss(
         advantages: [B] A_i, one per completion.
         mask: [B, T] bool or 0/1, true on completion tokens. Masked-out positions may hold any
             value (even inf/NaN): they are replaced before use, never multiplied by zero.
-        cfg: epsilon, epsilon_high, beta, kl_estimator, aggregation, importance_level,
-            max_completion_length, and optionally objective, clip_ratio_c, delta, entropy_coef
-            (see `LossConfig`; a missing optional one takes its default there).
-        denominator: None normalises locally (this batch's tokens for token_mean, its rows for
-            the seq_mean_* modes). Otherwise the unit count over the full batch (all
-            micro-batches, all ranks; see `aggregation_units`), so micro-batch losses add up
-            exactly to the full-batch loss. A fully masked row adds nothing to the loss but counts
-            as a completion in the seq_mean_* modes (as in TRL) unless the denominator leaves it out.
-        is_weights: [B, T] detached weights of each token's surrogate (`engine_is_weights`); None: 1.
+        cfg: the `LossConfig` fields (any object with them; a missing optional one takes its default).
+        denominator: None normalises locally (this batch's tokens, or rows for seq_mean_*); else the
+            unit count over the full batch (all micro-batches and ranks; `aggregation_units`), so
+            micro-batch losses add up exactly to the full-batch loss. A fully masked row adds nothing
+            but counts as a completion in seq_mean_* (as in TRL) unless the denominator leaves it out.
+        is_weights: [B, T] detached weights of each token's surrogate (`core.mismatch`); None: 1.
         entropy: [B, T] H of pi_theta per token (`core.logprobs.token_logprobs`), logged when given;
             it must carry its gradient when entropy_coef > 0.
         pg_mask: [B, T] bool, the tokens that get the surrogate (top_entropy_quantile's high-entropy
             tokens); None: every token of `mask`.
+        cov_mask: [B, T] bool, the covariance-selected tokens of clip_cov / kl_cov (`core.covariance`).
 
     Returns:
         (loss, stats): loss a 0-dim tensor in float32 (float64 for float64 inputs).
     """
-    beta, coef = float(cfg.beta), float(getattr(cfg, "entropy_coef", 0.0))
+    coef = float(getattr(cfg, "entropy_coef", 0.0))
     if coef and entropy is None:
         raise ValueError(f"entropy_coef={coef} needs the entropy of each token; pass entropy=")
     dtype = torch.promote_types(logps.dtype, torch.float32)  # never compute the loss in bf16
     mask = mask.bool()
     weights = mask.to(dtype)
-    terms = _terms(logps, old_logps, ref_logps, advantages, mask, cfg, is_weights)
+    selected = mask & (torch.zeros_like(mask) if cov_mask is None else cov_mask.bool())
+    terms = _terms(logps, old_logps, ref_logps, advantages, mask, cfg, is_weights, selected)
     surrogate, kl, clips, ratio_values, ratio_mask = terms
     policy_mask = mask if pg_mask is None else mask & pg_mask.bool()
     ent = torch.zeros_like(kl) if entropy is None else torch.where(mask, entropy.to(dtype), 0.0)
     aggregate = _choice(AGGREGATIONS, cfg.aggregation, "aggregation")
     # DeepSeekMath puts beta * KL inside the per-token sum, so it is aggregated like the surrogate;
     # the entropy bonus likewise (verl adds it with the policy term's aggregation).
-    per_token = torch.where(policy_mask, -surrogate, 0.0) + torch.where(mask, beta * kl - coef * ent, 0.0)
-    loss_sum, units = aggregate(per_token, weights, cfg)
+    kl_ent = torch.where(mask, float(cfg.beta) * kl - coef * ent, 0.0)
+    loss_sum, units = aggregate(torch.where(policy_mask, -surrogate, 0.0) + kl_ent, weights, cfg)
     if denominator is None:
         denominator = units.clamp(min=1)  # an empty batch gives 0, not 0/0
     with torch.no_grad():
         policy = aggregate(torch.where(policy_mask, -surrogate, 0.0), weights, cfg)[0] / denominator
-    stats = loss_stats(policy, kl, *clips, ratio_values, ratio_mask, weights, ent.detach())
+        masked = mask & (torch.zeros_like(mask) if is_weights is None else is_weights == 0)  # w = 0
+    stats = loss_stats(policy, kl, *clips, ratio_values, ratio_mask, weights, ent.detach(), selected, masked)
     return loss_sum / denominator, stats
 
 
-def _terms(logps, old_logps, ref_logps, advantages, mask, cfg, is_weights) -> tuple:
+def _terms(logps, old_logps, ref_logps, advantages, mask, cfg, is_weights, selected) -> tuple:
     """Per token [B, T]: the objective's surrogate, the KL estimate (0 when beta = 0), the clip masks
     (low, high, cap); and the ratio's values and mask over its units (for the statistics)."""
     if float(cfg.beta) > 0 and ref_logps is None:
@@ -350,8 +309,11 @@ def _terms(logps, old_logps, ref_logps, advantages, mask, cfg, is_weights) -> tu
     importance = _choice(IMPORTANCE_LEVELS, cfg.importance_level, "importance_level")
     ratio, ratio_values, ratio_mask = importance(log_ratio, mask.to(dtype))
     objective = _choice(OBJECTIVES, getattr(cfg, "objective", "clip"), "objective")
+    if cfg.importance_level != "token" and getattr(cfg, "objective", "clip") in TOKEN_LEVEL_OBJECTIVES:
+        raise ValueError(f"objective={cfg.objective} works on token ratios: importance_level must be token")
     adv = advantages.to(dtype)[:, None]  # [B, 1]
-    surrogate, *clips = objective(ratio, adv, cfg, mask, torch.where(mask, logps, 0.0))
+    terms = Terms(ratio, log_ratio, adv, mask, torch.where(mask, logps, 0.0), selected)
+    surrogate, *clips = objective(terms, cfg)
     if is_weights is not None:
         surrogate = surrogate * is_weights.detach().to(dtype)
     kl = torch.zeros_like(logps)  # beta == 0: no reference pass, no KL term

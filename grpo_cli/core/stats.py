@@ -38,6 +38,8 @@ class LossStats(NamedTuple):
     ratio_max: Tensor  # -inf when there is none
     tokens: Tensor  # number of masked tokens
     entropy_sum: Tensor  # sum of the per-token entropy over masked tokens (0 when not given)
+    cov_tokens: Tensor  # tokens chosen by the covariance (clip_cov: cut out; kl_cov: penalised)
+    is_masked: Tensor  # tokens whose engine weight (algo.engine_is mode=mask) is 0: no loss from them
 
     def to_dict(self) -> dict[str, float]:
         """The logged statistics (``LOGGED_STATS``); this is where the values move to the host."""
@@ -58,6 +60,8 @@ STAT_COMBINE: dict[str, str] = {
     "ratio_max": "max",
     "tokens": "sum",
     "entropy_sum": "sum",
+    "cov_tokens": "sum",
+    "is_masked": "sum",
 }
 
 
@@ -82,6 +86,8 @@ LOGGED_STATS: dict[str, tuple[str, Callable[[dict[str, float]], float]]] = {
     "ratio/max": ("max", _extremum("ratio_max")),
     "tokens": ("sum", lambda v: v["tokens"]),
     "entropy": ("token-weighted mean", _per("entropy_sum", "tokens")),
+    "clip/cov_frac": ("token-weighted mean", _per("cov_tokens", "tokens")),
+    "engine_is/masked_frac": ("token-weighted mean", _per("is_masked", "tokens")),
 }
 
 
@@ -94,12 +100,14 @@ def combine_stats(parts: list[LossStats]) -> LossStats:
 
 # The update's other statistics (``commands.update``): "loss" is a sum (each part has the global
 # denominator); grad_norm is taken once after the ranks' gradients are reduced; rollout/logprob_diff
-# is token-weighted (sums over ranks, then divided); skipped is 1 if any iteration was skipped; lr is
-# the schedule's, the same on every rank.
+# is token-weighted (sums over ranks, then divided); engine_is/rejected_frac is completion-weighted
+# (the rejected and all completions summed over ranks, then divided; taken once per step); skipped is 1
+# if any iteration was skipped; lr is the schedule's, the same on every rank.
 UPDATE_STATS: dict[str, str] = {
     "loss": "sum",
     "grad_norm": "global",
     "rollout/logprob_diff": "token-weighted mean",
+    "engine_is/rejected_frac": "completion-weighted mean",
     "skipped": "max",
     "lr": "global",
 }
@@ -116,9 +124,12 @@ def loss_stats(
     ratio_mask: Tensor,
     weights: Tensor,
     entropy: Tensor,
+    selected: Tensor,
+    masked: Tensor,
 ) -> LossStats:
     """The statistics of one batch from the loss's per-token terms ([B, T] each; ``ratio`` and
-    ``ratio_mask`` over the ratio's units; ``entropy`` 0 where not computed)."""
+    ``ratio_mask`` over the ratio's units; ``entropy`` 0 where not computed; ``selected`` and ``masked``
+    bool: the covariance-selected tokens and those the engine weights mask)."""
     # +-inf outside the mask: the neutral elements of min and max (no host sync, no NaN).
     ratio_min = (
         torch.where(ratio_mask, ratio, torch.inf).amin() if ratio.numel() else ratio.new_tensor(torch.inf)
@@ -138,4 +149,6 @@ def loss_stats(
         ratio_max=ratio_max.detach(),
         tokens=weights.sum(),
         entropy_sum=(entropy * weights).sum().detach(),
+        cov_tokens=selected.sum().to(weights.dtype),
+        is_masked=masked.sum().to(weights.dtype),
     )

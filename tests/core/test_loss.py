@@ -16,11 +16,11 @@ from grpo_cli.core.loss import (
     LossStats,
     aggregation_units,
     combine_stats,
-    engine_is_weights,
     entropy_threshold,
     group_advantages,
     policy_loss,
 )
+from grpo_cli.core.mismatch import engine_is_weights
 
 AGGS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
 LEVELS = ("token", "sequence")
@@ -146,12 +146,33 @@ def _kl_and_grad(estimator, x):
     return math.exp(x) - x - 1.0, -(math.exp(x) - 1.0)
 
 
-def _surrogate(r, a, lp, cfg):
-    """(S, dS/dr, dS/dlogp directly) of one token, from the papers' formulas written plainly."""
+def _sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def _surrogate(r, a, lp, cfg, x=0.0, sel=False):
+    """(S, dS/dr, dS/dlogp directly) of one token, from the papers' formulas written plainly.
+
+    ``x`` = log pi_theta - log pi_old of the token, ``sel``: covariance-selected (clip_cov, kl_cov).
+    """
     lo, hi = 1 - cfg.epsilon, 1 + (cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high)
     clipped = min(max(r, lo), hi)
-    if getattr(cfg, "objective", "clip") == "cispo":  # sg(clip(r)) * A * log pi: a weight, no d/dr
+    objective = getattr(cfg, "objective", "clip")
+    if objective == "cispo":  # sg(clip(r)) * A * log pi: a weight, no d/dr
         return clipped * a * lp, 0.0, clipped * a
+    if objective == "sapo":  # 4/tau sigmoid(tau (r - 1)) A, tau by the sign of A; d/dr = 4 s (1 - s) A
+        tau = cfg.tau_pos if a > 0 else cfg.tau_neg
+        sig = _sigmoid(tau * (r - 1))
+        return 4 / tau * sig * a, 4 * sig * (1 - sig) * a, 0.0
+    if objective == "gpg":  # A log pi, no ratio
+        return a * lp, 0.0, a
+    if objective == "kl_cov":  # r A, minus coef |x| on the selected tokens; d|x|/dlogp = sign(x)
+        if not sel:
+            return r * a, a, 0.0
+        sign = (x > 0) - (x < 0)
+        return r * a - cfg.ppo_kl_coef * abs(x), a, -cfg.ppo_kl_coef * sign
+    if objective == "clip_cov" and sel:  # cut out: no value, no gradient
+        return 0.0, 0.0, 0.0
     delta, c = getattr(cfg, "delta", None), getattr(cfg, "clip_ratio_c", None)
     # (value, d value / d r): the unclipped term, capped at delta (two-sided, INTELLECT-2 / TRL) ...
     first = (r * a, a) if delta is None or r <= delta else (delta * a, 0.0)
@@ -163,21 +184,54 @@ def _surrogate(r, a, lp, cfg):
     return value, d_r, 0.0
 
 
-def _reference(logp, old, ref, adv, mask, cfg, isw=None, ent=None, pg=None):
+def _geo_mean_sequence(xs, a, cfg):
+    """GMPO for one completion: (S_i, [d S_i / d x_t]) with S_i = A exp(mean_t x'_t), x'_t the token's
+    log-ratio clipped to [-epsilon, epsilon_high] only where sgn(A) x_t exceeds the bound (PPO's rule in
+    log space); sgn(A) = 0 makes every x'_t 0."""
+    lo, hi = cfg.epsilon, cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
+    kept, slope = [], []
+    for x in xs:
+        if a == 0:
+            kept.append(0.0), slope.append(0.0)
+        elif a > 0 and x > hi:
+            kept.append(hi), slope.append(0.0)
+        elif a < 0 and x < -lo:
+            kept.append(-lo), slope.append(0.0)
+        else:
+            kept.append(x), slope.append(1.0)
+    s_i = a * math.exp(sum(kept) / max(len(xs), 1))
+    return s_i, [s_i * d / len(xs) for d in slope]
+
+
+def _clip_counts(r, x, a, cfg):
+    """(low, high, cap) clip indicators of one token for the statistics, per objective."""
+    objective = getattr(cfg, "objective", "clip")
+    lo, hi = 1 - cfg.epsilon, 1 + (cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high)
+    if objective == "geo_mean":  # in log space
+        e_lo, e_hi = cfg.epsilon, cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
+        return (x < -e_lo and a < 0), (x > e_hi and a > 0), False
+    if objective in ("sapo", "gpg", "kl_cov"):
+        return False, False, False
+    if objective == "cispo":
+        return r < lo, r > hi, False
+    caps = [v for v in (getattr(cfg, "clip_ratio_c", None), getattr(cfg, "delta", None)) if v is not None]
+    return (r < lo and a < 0), (r > hi and a > 0), (r > min(caps, default=math.inf) and a < 0)
+
+
+def _reference(logp, old, ref, adv, mask, cfg, isw=None, ent=None, pg=None, sel=None):
     """Loss, d loss / d logp and stats, one completion and one token at a time.
 
     ``isw``: per-token weights of the surrogate (engine importance sampling), 1 when None. ``ent``:
     per-token entropies (the bonus -entropy_coef * H; d loss / d H in ``stats["d_entropy"]``).
     ``pg``: per-token 0/1, the tokens that get the surrogate (top_entropy_quantile), all when None.
+    ``sel``: per-token 0/1, the covariance-selected tokens (clip_cov / kl_cov), none when None.
     """
     B, T = len(logp), len(logp[0])
-    lo, hi = 1 - cfg.epsilon, 1 + (cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high)
-    cispo = getattr(cfg, "objective", "clip") == "cispo"
-    caps = [x for x in (getattr(cfg, "clip_ratio_c", None), getattr(cfg, "delta", None)) if x is not None]
-    cap, coef = min(caps, default=math.inf), getattr(cfg, "entropy_coef", 0.0)
+    geo = getattr(cfg, "objective", "clip") == "geo_mean"
+    coef = getattr(cfg, "entropy_coef", 0.0)
     total_tokens = sum(map(sum, mask))
     loss, grad, d_ent = 0.0, [[0.0] * T for _ in range(B)], [[0.0] * T for _ in range(B)]
-    kl_sum, ent_sum, n_low, n_high, n_cap, ratios = 0.0, 0.0, 0, 0, 0, []
+    kl_sum, ent_sum, n_low, n_high, n_cap, n_sel, n_masked, ratios = 0.0, 0.0, 0, 0, 0, 0, 0, []
     for i in range(B):
         toks = [t for t in range(T) if mask[i][t]]
         if cfg.aggregation == "token_mean":
@@ -189,24 +243,32 @@ def _reference(logp, old, ref, adv, mask, cfg, isw=None, ent=None, pg=None):
         seq_r = math.exp(sum(logp[i][t] - old[i][t] for t in toks) / max(len(toks), 1))
         if cfg.importance_level == "sequence" and toks:
             ratios.append(seq_r)
-        d_seq = 0.0  # d loss / d s_i, collected over the tokens of completion i
+        if geo:
+            geo_s, geo_d = _geo_mean_sequence([logp[i][t] - old[i][t] for t in toks], adv[i], cfg)
+        d_seq, geo_weight = 0.0, 0.0  # d loss / d s_i (GSPO); sum of the weights S_i gets (GMPO)
         for t in toks:
-            a = adv[i]
-            r = seq_r if cfg.importance_level == "sequence" else math.exp(logp[i][t] - old[i][t])
+            a, x = adv[i], logp[i][t] - old[i][t]
+            r = seq_r if cfg.importance_level == "sequence" else math.exp(x)
             if cfg.importance_level == "token":
                 ratios.append(r)
-            n_low += r < lo and (a < 0 or cispo)
-            n_high += r > hi and (a > 0 or cispo)
-            n_cap += r > cap and a < 0 and not cispo
+            low, high, cap = _clip_counts(r, x, a, cfg)
+            n_low, n_high, n_cap = n_low + low, n_high + high, n_cap + cap
             iw = 1.0 if isw is None else isw[i][t]
+            n_masked += iw == 0
             on = 1.0 if pg is None else float(pg[i][t])
-            value, d_r, d_lp = _surrogate(r, a, logp[i][t], cfg)
-            loss -= w * iw * on * value
-            grad[i][t] -= w * iw * on * d_lp
-            if cfg.importance_level == "token":
-                grad[i][t] -= w * iw * on * d_r * r  # d r / d logp = r
+            chosen = bool(sel is not None and sel[i][t])
+            n_sel += chosen
+            if geo:
+                loss -= w * iw * on * geo_s
+                geo_weight += w * iw * on
             else:
-                d_seq -= w * iw * on * d_r
+                value, d_r, d_lp = _surrogate(r, a, logp[i][t], cfg, x, chosen)
+                loss -= w * iw * on * value
+                grad[i][t] -= w * iw * on * d_lp
+                if cfg.importance_level == "token":
+                    grad[i][t] -= w * iw * on * d_r * r  # d r / d logp = r
+                else:
+                    d_seq -= w * iw * on * d_r
             if cfg.beta > 0:
                 kl, d_kl = _kl_and_grad(cfg.kl_estimator, ref[i][t] - logp[i][t])
                 loss += w * cfg.beta * kl
@@ -216,14 +278,17 @@ def _reference(logp, old, ref, adv, mask, cfg, isw=None, ent=None, pg=None):
                 loss -= w * coef * ent[i][t]
                 d_ent[i][t] = -w * coef
                 ent_sum += ent[i][t]
-        for t in toks:  # s_i = exp(mean_t (logp - old)): d s_i / d logp_t = s_i / L_i
+        for k, t in enumerate(toks):  # s_i = exp(mean_t (logp - old)): d s_i / d logp_t = s_i / L_i
             grad[i][t] += d_seq * seq_r / len(toks)
+            if geo:
+                grad[i][t] -= geo_weight * geo_d[k]
     n = max(total_tokens, 1)
     stats = {"kl": kl_sum / n, "clip/low_frac": n_low / n, "clip/high_frac": n_high / n}
     stats.update(
         {"ratio/mean": sum(ratios) / len(ratios), "ratio/min": min(ratios), "ratio/max": max(ratios)}
     )
     stats.update({"tokens": float(total_tokens), "clip/cap_frac": n_cap / n, "entropy": ent_sum / n})
+    stats.update({"clip/cov_frac": n_sel / n, "engine_is/masked_frac": n_masked / n})
     if ent is not None:
         stats["d_entropy"] = d_ent
     return loss, grad, stats
@@ -412,6 +477,8 @@ def test_stats_are_detached_scalars_with_metric_names():
         "ratio/max",
         "tokens",
         "entropy",
+        "clip/cov_frac",
+        "engine_is/masked_frac",
     ]
     assert stats.tokens.item() == mask.sum().item()
 
@@ -546,7 +613,21 @@ VARIANTS = {  # name -> the LossConfig fields it sets
     "dual_clip_and_delta": {"clip_ratio_c": 1.9, "delta": 1.5},
     "cispo": {"objective": "cispo", "epsilon": 1.0},
     "cispo_bounded": {"objective": "cispo", "epsilon": 0.2},
+    # issue 44
+    "sapo": {"objective": "sapo", "tau_pos": 1.0, "tau_neg": 1.05},
+    "sapo_steep": {"objective": "sapo", "tau_pos": 3.0, "tau_neg": 0.5},
+    "gpg": {"objective": "gpg"},
+    "clip_cov": {"objective": "clip_cov"},
+    "kl_cov": {"objective": "kl_cov", "ppo_kl_coef": 0.3},
+    "geo_mean": {"objective": "geo_mean", "epsilon": 0.4, "epsilon_high": 0.4},
+    "geo_mean_narrow": {"objective": "geo_mean", "epsilon": 0.1, "epsilon_high": 0.2},
 }
+TOKEN_ONLY = ("clip_cov", "kl_cov", "geo_mean")  # written for token ratios (validate refuses sequence)
+
+
+def _cov_mask(B=8, T=T_MAX, seed=9):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(B, T, generator=gen) < 0.3  # stands in for core.covariance's choice
 
 
 def _entropy_and_pg(B=8, T=T_MAX, seed=4):
@@ -555,11 +636,18 @@ def _entropy_and_pg(B=8, T=T_MAX, seed=4):
     return ent, ent >= 0.8  # about 60 % of the tokens get the policy gradient
 
 
+def _cases(variants):
+    """(variant, aggregation, level) for every pair the config allows (no sequence level for TOKEN_ONLY)."""
+    return [
+        (v, agg, level)
+        for v, agg, level in itertools.product(variants, AGGS, LEVELS)
+        if not (level == "sequence" and v.startswith(TOKEN_ONLY))
+    ]
+
+
 @pytest.mark.parametrize("entropy_coef,top_entropy", [(0.0, False), (0.05, False), (0.05, True)])
 @pytest.mark.parametrize("beta", [0.0, 0.04])
-@pytest.mark.parametrize("level", LEVELS)
-@pytest.mark.parametrize("aggregation", AGGS)
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant,aggregation,level", _cases(VARIANTS))
 def test_new_options_match_loop_reference(variant, aggregation, level, beta, entropy_coef, top_entropy):
     """Each new row of the objective table, with every aggregation, ratio level and KL weight, with and
     without the entropy bonus and the top-entropy token mask: loss, d loss / d logp, d loss / d H and the
@@ -570,15 +658,20 @@ def test_new_options_match_loop_reference(variant, aggregation, level, beta, ent
         entropy_coef=entropy_coef, **fields,
     )  # fmt: skip
     logps, old, ref, adv, mask = _random_batch()
+    adv[5] = 0.0  # A = 0: GMPO's sign is 0, SAPO's tau the negative one
     ent, pg = _entropy_and_pg()
     logps.requires_grad_()
     ent.requires_grad_()
     pg = pg if top_entropy else None
-    loss, stats = policy_loss(logps, old, ref, adv, mask, cfg, entropy=ent, pg_mask=pg)
+    sel = _cov_mask() if variant.startswith(("clip_cov", "kl_cov")) else None
+    loss, stats = policy_loss(logps, old, ref, adv, mask, cfg, entropy=ent, pg_mask=pg, cov_mask=sel)
     loss.backward()
     rows = [x.tolist() for x in (logps.detach(), old, ref, adv, mask.long())]
     pg_rows = None if pg is None else pg.long().tolist()
-    ref_loss, ref_grad, ref_stats = _reference(*rows, cfg, ent=ent.detach().tolist(), pg=pg_rows)
+    sel_rows = None if sel is None else sel.long().tolist()
+    ref_loss, ref_grad, ref_stats = _reference(
+        *rows, cfg, ent=ent.detach().tolist(), pg=pg_rows, sel=sel_rows
+    )
     assert abs(loss.item() - ref_loss) < 1e-10
     assert torch.allclose(logps.grad, torch.tensor(ref_grad, dtype=torch.float64), rtol=0, atol=1e-10)
     d_ent = torch.tensor(ref_stats.pop("d_entropy"), dtype=torch.float64)
@@ -589,6 +682,10 @@ def test_new_options_match_loop_reference(variant, aggregation, level, beta, ent
     assert got["entropy"] > 0
     if level == "token" and variant.startswith(("dual", "delta")):
         assert got["clip/cap_frac"] > 0  # the negative-advantage bound bites somewhere
+    if variant.startswith("geo_mean"):
+        assert got["clip/low_frac"] > 0 and got["clip/high_frac"] > 0  # the log-space clip bites both sides
+    if sel is not None:
+        assert 0 < got["clip/cov_frac"] < 1
 
 
 def test_worked_dual_clip_and_delta_bound_negative_advantages():
@@ -633,8 +730,7 @@ def test_entropy_coef_without_entropy_raises():
         policy_loss(logps, old, None, adv, mask, LossConfig(beta=0.0, entropy_coef=0.01))
 
 
-@pytest.mark.parametrize("variant", ["plain", *VARIANTS])
-@pytest.mark.parametrize("aggregation,level", list(itertools.product(AGGS, LEVELS)))
+@pytest.mark.parametrize("variant,aggregation,level", _cases(["plain", *VARIANTS]))
 def test_new_options_micro_batches_add_up_and_rows_leave_the_denominator(variant, aggregation, level):
     """With the entropy bonus, the top-entropy mask (fixed per step, sliced per micro-batch) and each
     new objective, ragged micro-batches with the whole batch's denominator give the full batch's loss
@@ -646,8 +742,9 @@ def test_new_options_micro_batches_add_up_and_rows_leave_the_denominator(variant
     )
     logps, old, ref, adv, mask = _random_batch(B=7, seed=1)
     ent, pg = _entropy_and_pg(B=7)
+    sel = _cov_mask(B=7)
     full_in, full_ent = logps.clone().requires_grad_(), ent.clone().requires_grad_()
-    full, _ = policy_loss(full_in, old, ref, adv, mask, cfg, entropy=full_ent, pg_mask=pg)
+    full, _ = policy_loss(full_in, old, ref, adv, mask, cfg, entropy=full_ent, pg_mask=pg, cov_mask=sel)
     full.backward()
     parts = [slice(0, 3), slice(3, 4), slice(4, 7)]
     denominator = sum(aggregation_units(mask[p], aggregation) for p in parts)
@@ -663,6 +760,7 @@ def test_new_options_micro_batches_add_up_and_rows_leave_the_denominator(variant
             denominator,
             entropy=micro_ent[p],
             pg_mask=pg[p],
+            cov_mask=sel[p],
         )[0]
         for p in parts
     )
@@ -674,10 +772,11 @@ def test_new_options_micro_batches_add_up_and_rows_leave_the_denominator(variant
     keep = torch.tensor([True, False, True, True, True, False, True])
     cut_mask = mask & keep[:, None]
     units = aggregation_units(cut_mask, aggregation, rows=keep)
-    cut = policy_loss(logps, old, ref, adv, cut_mask, cfg, units, entropy=ent, pg_mask=pg)[0]
+    cut = policy_loss(logps, old, ref, adv, cut_mask, cfg, units, entropy=ent, pg_mask=pg, cov_mask=sel)[0]
     alone = policy_loss(
-        logps[keep], old[keep], ref[keep], adv[keep], mask[keep], cfg, entropy=ent[keep], pg_mask=pg[keep]
-    )[0]
+        logps[keep], old[keep], ref[keep], adv[keep], mask[keep], cfg, entropy=ent[keep], pg_mask=pg[keep],
+        cov_mask=sel[keep],
+    )[0]  # fmt: skip
     assert abs(cut.item() - alone.item()) < 1e-12
     # without rows=, the seq_mean modes would still count the two rows: a different loss
     if aggregation != "token_mean":
