@@ -64,7 +64,7 @@ def describe_error(exc: BaseException) -> str:
     """One line for a Hydra/OmegaConf composition error: the key, what was wrong, what is allowed."""
     import re
 
-    from grpo_cli.config import conf_dir
+    from grpo_cli.config import conf_dir, renamed
 
     chain = []
     while exc is not None:
@@ -72,6 +72,8 @@ def describe_error(exc: BaseException) -> str:
         exc = exc.__cause__ or exc.__context__
     for err in chain:
         key = getattr(err, "full_key", None)
+        if line := renamed(key):  # an old key in a YAML file of the user's
+            return line
         if key:
             first = str(err).splitlines()[0]
             return f"{key}: {first}"
@@ -155,10 +157,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in SUBCOMMANDS:
         print(f"grpo: unknown subcommand {command!r}\n{USAGE}", file=sys.stderr)
         return 2
-    from grpo_cli.config import register
+    from grpo_cli.config import override_key, register, renamed
 
     register()
-    error = precheck(command, rest)
+    # An old key's successor named at once, sweeps included (precheck does not compose those).
+    error = next((line for a in rest if (line := renamed(override_key(a)))), None) or precheck(command, rest)
     if error:
         print(f"grpo {command}: error: {error}", file=sys.stderr)
         return 2

@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from grpo_cli.rollout.batch import PromptOrder, RolloutSetup, StepBatch, roll_out_batch
+from grpo_cli.rollout.batch import BatchSource, StepBatch, roll_out_batch
 
 
 @dataclass
@@ -40,8 +40,8 @@ class Pending:
 class RolloutsAhead:
     """The S batches ahead of training and the one in flight; ``take`` and ``finish`` bracket an update."""
 
-    def __init__(self, setup: RolloutSetup, order: PromptOrder, prompts_per_step: int, staleness: int):
-        self.setup, self.order, self.prompts, self.staleness = setup, order, prompts_per_step, staleness
+    def __init__(self, source: BatchSource, staleness: int):
+        self.source, self.staleness = source, staleness
         self.pending: deque[Pending] = deque()
         self.flight: Future | None = None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="grpo-ahead")
@@ -49,7 +49,7 @@ class RolloutsAhead:
 
     def _generate(self, version: int) -> Pending:
         t0 = time.perf_counter()
-        batch = roll_out_batch(self.setup, self.order, self.prompts)
+        batch = roll_out_batch(self.source)
         return Pending(batch, version, time.perf_counter() - t0)
 
     def take(self, version: int) -> tuple[StepBatch, dict[str, float]]:
@@ -59,7 +59,7 @@ class RolloutsAhead:
         dropped, t_sync = 0, 0.0
         while self.pending and version - self.pending[0].version > self.staleness:
             dropped += (
-                self.pending.popleft().batch.trained.completion_ids.size(0) // self.setup.algo.group_size
+                self.pending.popleft().batch.trained.completion_ids.size(0) // self.source.algo.group_size
             )
         t0 = time.perf_counter()
         while len(self.pending) < self.staleness:  # the run's first steps (or after drops): fill up now

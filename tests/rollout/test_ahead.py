@@ -20,22 +20,30 @@ class FakeGeneration:
 
     def __init__(self, weights: dict, delay: float = 0.0):
         self.weights, self.delay, self.count = weights, delay, 0
+        self.started = threading.Event()  # set as a generation starts, with the thread it runs on
+        self.thread: str | None = None
 
-    def __call__(self, setup, order, prompts):
+    def __call__(self, source):
         self.count += 1
+        self.thread = threading.current_thread().name
+        self.started.set()
         j, v = self.count, self.weights["version"]
         time.sleep(self.delay)
-        ro = SimpleNamespace(completion_ids=torch.full((prompts * 2, 3), j), tag=(j, v))
+        ro = SimpleNamespace(completion_ids=torch.full((source.prompts_per_step * 2, 3), j), tag=(j, v))
         ro.to = lambda device, ro=ro: ro
         return StepBatch(ro, ro, 1)
+
+
+def _source() -> SimpleNamespace:
+    """What RolloutsAhead reads of its BatchSource: G = 2, 2 prompts a step."""
+    return SimpleNamespace(algo=SimpleNamespace(group_size=2), prompts_per_step=2)
 
 
 def _run(monkeypatch, staleness: int, steps: int, delay: float = 0.0, start=None):
     weights = {"version": 0}
     gen = FakeGeneration(weights, delay)
     monkeypatch.setattr(ahead_mod, "roll_out_batch", gen)
-    setup = SimpleNamespace(algo=SimpleNamespace(group_size=2))
-    a = RolloutsAhead(setup, None, 2, staleness)
+    a = RolloutsAhead(_source(), staleness)
     if start is not None:
         a.load_state_dict(start["pending"])
         gen.count = start["count"]
@@ -64,22 +72,27 @@ def test_each_step_trains_on_the_batch_sampled_exactly_s_versions_before(monkeyp
 
 
 def test_generation_overlaps_the_update(monkeypatch):
-    """The next batch is sampled while the step trains: a 0.2 s generation and a 0.2 s update take
-    ~0.2 s per step, not 0.4."""
-    weights = {"version": 0}
-    monkeypatch.setattr(ahead_mod, "roll_out_batch", FakeGeneration(weights, delay=0.2))
-    a = RolloutsAhead(SimpleNamespace(algo=SimpleNamespace(group_size=2)), None, 2, 1)
-    a.take(0)
-    a.finish()
-    t0 = time.perf_counter()
-    for step in range(2, 6):
-        a.take(step - 1)
-        time.sleep(0.2)  # the update
-        m = a.finish()
-        assert m["idle_time"] < 0.1
-    assert (time.perf_counter() - t0) / 4 < 0.3
-    assert threading.active_count() >= 1
-    a.close()
+    """The next batch is sampled while the step trains: after take() its generation starts on the
+    background thread without waiting for finish(), and finish() hands that very batch on."""
+    gen = FakeGeneration({"version": 0})
+    monkeypatch.setattr(ahead_mod, "roll_out_batch", gen)
+    a = RolloutsAhead(_source(), 1)
+    try:
+        a.take(0)  # fills the one pending batch in this thread, then launches the next
+        a.finish()
+        for step in range(2, 5):
+            gen.started.clear()
+            a.take(step - 1)
+            # "The update": nothing calls finish() until the generation has started by itself (a
+            # schedule that generated only inside finish() would never set the event).
+            assert gen.started.wait(timeout=60), "the next batch's generation did not start during the update"
+            assert gen.thread.startswith("grpo-ahead")
+            before = gen.count
+            a.finish()
+            assert gen.count == before  # finish() waited for it; it generated nothing more
+            assert a.pending[-1].batch.trained.tag[0] == before  # and queued exactly that batch
+    finally:
+        a.close()
 
 
 def test_checkpointed_pending_batches_resume_the_schedule_exactly(monkeypatch):

@@ -31,14 +31,9 @@ class FakeModel:
 
 
 def _save(run: Path, step: int, text: str = "weights", keep: int = 2, fail: bool = False) -> Path:
+    model, tokenizer = FakeModel(text, fail), FakeModel("tok", name="tokenizer.txt")
     return checkpoint.save(
-        run,
-        step,
-        FakeModel(text, fail),
-        FakeModel("tok", name="tokenizer.txt"),
-        {"sampler": {"pos": step}},
-        "a: 1\n",
-        keep,
+        run, step, checkpoint.Saved(model, tokenizer, {"prompt_order": {"pos": step}}, "a: 1\n"), keep
     )
 
 
@@ -47,7 +42,7 @@ def test_save_writes_everything_and_keeps_the_newest(tmp_path):
         _save(tmp_path, step)
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-4"]
     state = checkpoint.load_state(tmp_path / "checkpoint-4")
-    assert state["step"] == 4 and state["sampler"] == {"pos": 4}
+    assert state["step"] == 4 and state["prompt_order"] == {"pos": 4}
     assert set(state["rng"]) >= {"python", "numpy", "torch"}
     # The config as given, after the line that says this checkpoint has a manifest (run.manifest).
     assert (tmp_path / "checkpoint-4" / "config.yaml").read_text() == manifest.MARK + "a: 1\n"

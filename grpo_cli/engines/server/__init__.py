@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from grpo_cli.engines.protocol import Completion, Decoding, Progress, Request
+from grpo_cli.engines.protocol import Completion, Decoding, Progress, Request, vllm_seed
 from grpo_cli.engines.server import group as weight_group
 from grpo_cli.engines.server.http import Server, ServerError, free_port, local_address, reachable
 from grpo_cli.engines.weights import policy_weights
@@ -36,7 +36,6 @@ from grpo_cli.runtime import distributed
 
 log = logging.getLogger("grpo_cli")
 
-SEED_RANGE = 2**62  # vLLM adds the completion index to a request's seed: stay clear of int64 overflow
 
 __all__ = ["ServerEngine", "ServerError", "SyncFailed", "reachable"]
 
@@ -85,7 +84,6 @@ class ServerEngine:
                 f"a prompt of {len(req.prompt_ids)} tokens + {req.max_tokens} new tokens exceeds the "
                 f"servers' max_model_len={limit}; start them with a larger --max-model-len"
             )
-        seed = req.seed if req.seed is not None else int(torch.randint(0, 2**62, ()).item())
         greedy = decoding.greedy
         return {
             "model": self.model_ids[i % len(self.servers)],
@@ -97,7 +95,7 @@ class ServerEngine:
             "top_p": 1.0 if greedy else decoding.top_p,
             "min_p": 0.0 if greedy else decoding.min_p,
             "stop_token_ids": list(req.stop_token_ids),
-            "seed": int(seed) % SEED_RANGE,
+            "seed": vllm_seed(req.seed),
             "logprobs": 0,
             "return_token_ids": True,
             "skip_special_tokens": False,
