@@ -45,7 +45,7 @@ def train_step(
     if ahead is None:
         batch, timing = roll_out_batch(setup, order, tr.prompts_per_step), {}
     else:
-        batch, timing = ahead.take(version=step - 1)
+        batch, timing = ahead.take(version=step - 1, launch=step < tr.steps)  # the last step: nothing ahead
     setup.engine.pause()  # vllm with rollout.sleep on CUDA: its memory back for the update
     t_gen = time.perf_counter() - t0
     micro = MicroBatching(tr.micro_batch_size, tr.micro_batch_tokens)
@@ -53,6 +53,7 @@ def train_step(
     stats = update(policy, optimizer, scheduler, inputs, algo, tr, temp)
     if ahead is not None:
         timing.update(ahead.finish())  # the weights change only once no generation is in flight
+        t_gen += timing["idle_time"]  # gen_time: the trainer's wait for generation, as on-policy
     setup.engine.sync()  # the held-out evaluation and the next rollout sample the updated weights
     dt = time.perf_counter() - t0
     pad = policy.tokenizer.pad_token_id
