@@ -96,7 +96,9 @@ class RolloutsAhead:
         return {
             "idle_time": time.perf_counter() - t0,  # the trainer waited for the generation
             "server_gen_time": done.gen_time,  # the generation's own time, overlapped with the update
-            "gen_idle_time": max(0.0, t0 - self.launched - done.gen_time),  # the servers waited for the update
+            "gen_idle_time": max(
+                0.0, t0 - self.launched - done.gen_time
+            ),  # the servers waited for the update
         }
 
     def state_dict(self) -> list[dict[str, Any]]:
@@ -110,9 +112,7 @@ class RolloutsAhead:
         """The pending batches of ``state_dict``, moved back onto the policy's device (they were
         saved from the CPU; the update feeds them to the model as they are)."""
         device = self.setup.policy.device
-        self.pending = deque(
-            Pending(_on(s["batch"], device), s["version"], s["gen_time"]) for s in state
-        )
+        self.pending = deque(Pending(_on(s["batch"], device), s["version"], s["gen_time"]) for s in state)
 
     def close(self) -> None:
         if self.flight is not None:

@@ -73,7 +73,10 @@ class ServerEngine:
                 for i, body in enumerate(bodies)
             ]
             answers = [f.result() for f in futures]
-        done = [_completions(a, req.n) for a, req in zip(answers, requests)]
+        done = [
+            _completions(a, req.n, self.servers[i % len(self.servers)].url)
+            for i, (a, req) in enumerate(zip(answers, requests))
+        ]
         if progress is not None:
             progress(sum(len(g) for g in done), sum(len(c.token_ids) for g in done for c in g))
         return done
@@ -215,13 +218,21 @@ def _result(future: Any, server: Server) -> Any:
         raise SyncFailed(f"weight sync failed: {exc}") from None
 
 
-def _completions(answer: dict[str, Any], n: int) -> list[Completion]:
+def _completions(answer: dict[str, Any], n: int, url: str) -> list[Completion]:
+    """A ``/v1/completions`` answer as n Completions. A completion without a log-prob for each of its
+    tokens is an error naming the server, never zeros (with ``algo.engine_is`` zeros would make
+    every weight w = pi_old / mu silently pi_old)."""
     choices = sorted(answer["choices"], key=lambda c: c["index"])
     if len(choices) != n:
-        raise ServerError(f"a server answered {len(choices)} completions where {n} were asked")
+        raise ServerError(f"{url} answered {len(choices)} completions where {n} were asked")
     out = []
     for c in choices:
         ids = list(c["token_ids"])
-        logps = (c.get("logprobs") or {}).get("token_logprobs") or [0.0] * len(ids)
+        logps = (c.get("logprobs") or {}).get("token_logprobs") or []
+        if len(logps) != len(ids) or any(x is None for x in logps):
+            raise ServerError(
+                f"{url} answered a completion of {len(ids)} tokens with {len(logps)} log-probs (the "
+                "request asks for logprobs=0; is it vLLM's OpenAI server as `grpo serve` starts it?)"
+            )
         out.append(Completion(token_ids=ids, logprobs=[float(x) for x in logps]))
     return out
