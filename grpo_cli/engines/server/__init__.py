@@ -12,8 +12,9 @@ whichever server samples them.
 Weights (``sync``): the trainer and every server worker form one gloo group (``group``); the trainer
 posts ``grpo_receive`` to each server's ``/collective_rpc`` (our worker extension, ``receiver``) and
 broadcasts each tensor, whole (FSDP ranks gather theirs; LoRA merged, as for colocated vLLM:
-``engines.weights``). Each worker answers the checksum of what it received, which must equal the
-trainer's, and then the server's ``/update_weight_version`` sets the version ``/weight_info``
+``engines.weights``). Each worker answers the checksum of what its model's loader took and the
+parameters it left unwritten (``receiver.load_checked``): the checksum must equal the trainer's and
+none may be left, and then the server's ``/update_weight_version`` sets the version ``/weight_info``
 reports; anything else raises ``SyncFailed``: a sync is never silently empty. The prefix cache is
 reset after each sync.
 """
@@ -132,10 +133,12 @@ class ServerEngine:
 
     def sync(self) -> None:
         """Broadcast the policy's current weights to every server worker and check they arrived."""
-        weights = [
-            (n, t.contiguous().cpu()) for n, t in policy_weights(self.policy.model)
-        ]  # every rank (FSDP)
-        if distributed.world().is_main:
+        main = distributed.world().is_main
+        weights = []
+        for n, t in policy_weights(self.policy.model):  # every rank walks it: FSDP gathers are collectives
+            if main:  # only the rank that sends holds a host copy
+                weights.append((n, t.contiguous().cpu()))
+        if main:
             self._push(weights)
         distributed.barrier()  # no rank samples before the servers hold the new weights
 
@@ -159,13 +162,7 @@ class ServerEngine:
             answers = [_result(f, s) for f, s in zip(futures, self.servers)]
         sent = weight_group.checksum([t for _, t in weights])
         for server, workers in zip(self.servers, answers):
-            for w in workers:
-                if w.get("tensors") != len(weights) or not math.isclose(w["checksum"], sent, rel_tol=1e-9):
-                    raise SyncFailed(
-                        f"{server.url}: the weight sync to version {version} moved other bytes than were "
-                        f"sent ({w.get('tensors')} of {len(weights)} tensors, checksum {w.get('checksum')} "
-                        f"vs {sent})"
-                    )
+            check_loaded(server.url, workers, len(weights), sent, version)
         for server in self.servers:
             server.call("/reset_prefix_cache", {})  # no KV block computed with the old weights is reused
             server.call("/update_weight_version", {"new_version": str(version)})
@@ -202,6 +199,25 @@ class ServerEngine:
     def close(self) -> None:
         """The servers keep running (a later run joins them again); the trainer's group is dropped."""
         self.group = None
+
+
+def check_loaded(url: str, workers: list[dict[str, Any]], n: int, sent: float, version: int) -> None:
+    """SyncFailed unless every worker's model took all ``n`` tensors sent, with the sender's
+    checksum ``sent``, and its loader wrote every parameter (``receiver.load_checked``)."""
+    for w in workers:
+        if not w:
+            raise SyncFailed(f"{url}: a worker answered nothing to the weight sync to version {version}")
+        if w.get("tensors") != n or not math.isclose(w.get("checksum", math.nan), sent, rel_tol=1e-9):
+            raise SyncFailed(
+                f"{url}: the weight sync to version {version} loaded other bytes than were sent "
+                f"({w.get('tensors')} of {n} tensors, checksum {w.get('checksum')} vs {sent})"
+            )
+        if w.get("missing"):
+            names = ", ".join(w["missing"][:3]) + (" ..." if len(w["missing"]) > 3 else "")
+            raise SyncFailed(
+                f"{url}: the weight sync to version {version} left {len(w['missing'])} parameter(s) of "
+                f"the served model unwritten ({names}): the trainer's model is not the one served"
+            )
 
 
 def _first_error(futures: list[Any], servers: list[Server]) -> None:
