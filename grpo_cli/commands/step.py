@@ -48,7 +48,7 @@ def train_step(
         batch, timing = ahead.take(version=step - 1, launch=step < tr.steps)  # the last step: nothing ahead
     setup.engine.pause()  # vllm with rollout.sleep on CUDA: its memory back for the update
     t_gen = time.perf_counter() - t0
-    micro = MicroBatching(tr.micro_batch_size, tr.micro_batch_tokens)
+    micro = MicroBatching.for_model(tr.micro_batch_size, tr.micro_batch_tokens, policy.model)
     inputs = prepare(policy, batch.trained, algo, micro, temp, tr.steps_per_generation)
     stats = update(policy, optimizer, scheduler, inputs, algo, tr, temp)
     if ahead is not None:

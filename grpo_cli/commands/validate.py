@@ -99,6 +99,14 @@ def validate(cfg: Any) -> None:
             raise ConfigError(
                 f"train.micro_batch_tokens={tr.micro_batch_tokens}: must be >= 0 (0: micro_batch_size completions)"
             )
+        attn = cfg.model.attn_implementation or ""
+        if tr.micro_batch_tokens and cfg.model.gradient_checkpointing and not attn.startswith("flash"):
+            raise ConfigError(
+                f"train.micro_batch_tokens={tr.micro_batch_tokens} with model.gradient_checkpointing=true needs "
+                "model.attn_implementation=flash_attention_2 (the sdpa/eager packed rows read each prompt's "
+                "key/value cache, which checkpointing drops): set train.micro_batch_tokens=0 or turn "
+                "checkpointing off"
+            )
         _validate_robustness(cfg)
         _validate_updates_per_batch(tr)
     test_size = cfg.data.test_size

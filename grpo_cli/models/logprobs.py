@@ -171,6 +171,16 @@ def grouped_completion_logprobs(
 MASKED_ATTENTION = ("sdpa", "eager")
 
 
+def attention_implementation(model: Any) -> str:
+    return getattr(model.config, "_attn_implementation", None) or "eager"
+
+
+def packed_layout(model: Any) -> str:
+    """The packed layout ``packed_completion_logprobs`` uses for ``model``: "rows" (each prompt once,
+    read from its key/value cache) or "sequences" (a copy of the prompt before every completion)."""
+    return "rows" if attention_implementation(model) in MASKED_ATTENTION else "sequences"
+
+
 def packed_completion_logprobs(
     model: Any,
     prompt_ids: torch.Tensor,
@@ -194,8 +204,8 @@ def packed_completion_logprobs(
     (0 past each completion's end), with ``entropy`` the entropies [n, T] too; the head runs on the
     completions' tokens only.
     """
-    implementation = getattr(model.config, "_attn_implementation", None) or "eager"
-    layout = layout or ("rows" if implementation in MASKED_ATTENTION else "sequences")
+    implementation = attention_implementation(model)
+    layout = layout or packed_layout(model)
     weight = model.get_output_embeddings().weight  # [V, H]
     decoder = model.get_decoder()
     if layout == "sequences":
