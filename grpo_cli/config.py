@@ -149,8 +149,14 @@ class RolloutConfig:
     sleep: bool = True
     # vllm-server: the servers' URLs (`grpo serve`), e.g. [http://10.0.0.2:8000]; groups are spread over them.
     servers: list[str] = field(default_factory=list)
-    # vllm-server: seconds a server may take to answer one request (a group) or a weight sync.
-    server_timeout: float = 600.0
+    # vllm-server: seconds a server may take to answer one generation request (a group's completions).
+    # A server that dies or hangs is found sooner, by health probes beside every call (docs/engines.md).
+    request_timeout: float = 600.0
+    # vllm-server: seconds each collective of the weight group (one tensor's broadcast, the group's
+    # forming) and each sync call may take; a peer that fails ends the sync at once.
+    sync_timeout: float = 60.0
+    # Renamed: split into request_timeout and sync_timeout (set, it is refused with the new names).
+    server_timeout: float | None = None
     # Rollouts generated ahead while the policy trains: no trained sample was drawn by weights more than
     # this many optimizer steps old (0: strictly on-policy, generation and update alternate).
     max_staleness: int = 0

@@ -26,7 +26,7 @@ from grpo_cli.commands.update import low_precision_warning, make_optimizer, trai
 from grpo_cli.config import ConfigError, TrainConfig, TrainRoot
 from grpo_cli.data import build_prompt, load_rows
 from grpo_cli.engines import build_engine
-from grpo_cli.engines.server import ServerError
+from grpo_cli.engines.server.http import SERVER_FAILED_EXIT, ServerError
 from grpo_cli.envs.episode import episode_budget, episode_spec, extra_tokens
 from grpo_cli.models import Policy, load_policy
 from grpo_cli.rewards import build_rewarder
@@ -42,8 +42,6 @@ from grpo_cli.runtime import distributed, rng
 from grpo_cli.runtime.logs import setup_logging
 
 log = logging.getLogger("grpo_cli")
-
-SERVER_FAILED_EXIT = 75  # EX_TEMPFAIL: start the server again and resume
 
 
 @dataclass
@@ -145,7 +143,9 @@ def _build(cfg: TrainRoot, run_path: Path) -> tuple[Trainer, dict[str, Any] | No
         # After the weights are final (a resume's included): the engine starts with them (vllm: pushed).
         longest = longest_prompt(policy.tokenizer, train_rows + test_rows, fmt) if _sized(cfg) else 0
         longest += extra_tokens(cfg.env, cfg.rollout)  # an episode's budget beyond max_new_tokens
-        engine = build_engine(policy, cfg.rollout, cfg.model, cfg.seed, longest, cfg.algo.group_size)
+        engine = build_engine(
+            policy, cfg.rollout, cfg.model, cfg.seed, longest, cfg.algo.group_size, str(run_path)
+        )
         rewarder = build_rewarder(cfg.reward)
     except BaseException:
         spec.close()

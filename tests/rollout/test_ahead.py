@@ -39,7 +39,9 @@ class FakeRollout:
 
 
 def _setup(device: str = "cpu") -> SimpleNamespace:
-    return SimpleNamespace(algo=SimpleNamespace(group_size=2), policy=SimpleNamespace(device=torch.device(device)))
+    return SimpleNamespace(
+        algo=SimpleNamespace(group_size=2), policy=SimpleNamespace(device=torch.device(device))
+    )
 
 
 def _run(monkeypatch, staleness: int, steps: int, delay: float = 0.0, start=None):

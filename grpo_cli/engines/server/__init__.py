@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -31,7 +32,15 @@ import torch
 
 from grpo_cli.engines.protocol import Completion, Decoding, Progress, Request
 from grpo_cli.engines.server import group as weight_group
-from grpo_cli.engines.server.http import Server, ServerError, free_port, local_address, reachable
+from grpo_cli.engines.server.http import (
+    Server,
+    ServerError,
+    daemon_call,
+    free_port,
+    local_address,
+    reachable,
+    wait,
+)
 from grpo_cli.engines.weights import policy_weights
 from grpo_cli.runtime import distributed
 
@@ -49,10 +58,17 @@ class SyncFailed(ServerError):
 class ServerEngine:
     name = "vllm-server"
 
-    def __init__(self, policy: Any, urls: Sequence[str], timeout_s: float, sync_timeout_s: float):
+    def __init__(
+        self, policy: Any, urls: Sequence[str], timeout_s: float, sync_timeout_s: float, owner: str = ""
+    ):
+        """``timeout_s``: one generation request's limit (``rollout.request_timeout``);
+        ``sync_timeout_s``: the weight group's collectives and the sync calls' (``rollout.sync_timeout``);
+        ``owner``: who the servers' weight group belongs to (a training run's directory; empty: a
+        one-off client, refused by servers that a live run owns)."""
         self.policy = policy
         self.servers = [Server(u, timeout_s) for u in urls]
         self.sync_timeout_s = sync_timeout_s
+        self.owner = owner or f"client-{uuid.uuid4().hex[:12]}"
         self.version = 0  # the weight version the servers serve (0: what they loaded from disk)
         self.group: Any = None
         self.model_ids = [s.call("/v1/models")["data"][0]["id"] for s in self.servers]
@@ -68,12 +84,16 @@ class ServerEngine:
         """requests[i].n completions of each request; all requests in flight at once (the servers batch them)."""
         bodies = [self._body(i, req, decoding) for i, req in enumerate(requests)]
         workers = max(1, min(len(bodies), 64))
-        with ThreadPoolExecutor(workers, thread_name_prefix="grpo-gen") as pool:
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="grpo-gen")
+        try:
             futures = [
                 pool.submit(self.servers[i % len(self.servers)].call, "/v1/completions", body)
                 for i, body in enumerate(bodies)
             ]
+            wait(futures, self.servers, "generation")  # a dead or hung server ends it in seconds
             answers = [f.result() for f in futures]
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)  # after a failure the calls were aborted
         done = [
             _completions(a, req.n, self.servers[i % len(self.servers)].url)
             for i, (a, req) in enumerate(zip(answers, requests))
@@ -148,18 +168,7 @@ class ServerEngine:
         version = self.version + 1
         tensors = [[n, str(t.dtype).removeprefix("torch."), list(t.shape)] for n, t in weights]
         spec = {"tensors": tensors, "version": version}
-        with ThreadPoolExecutor(len(self.servers), thread_name_prefix="grpo-sync") as pool:
-            futures = [pool.submit(s.rpc, "grpo_receive", spec, self.sync_timeout_s) for s in self.servers]
-            try:
-                for _, t in weights:
-                    weight_group.broadcast(self.group, t)
-            except RuntimeError as exc:  # gloo: a peer died or timed out mid-broadcast
-                self.group = None  # the next sync forms a new group
-                _first_error(futures, self.servers)
-                raise SyncFailed(
-                    f"weight broadcast to the servers failed: {' '.join(str(exc).split())[:200]}"
-                ) from None
-            answers = [_result(f, s) for f, s in zip(futures, self.servers)]
+        answers = self._together("the weight sync", "grpo_receive", spec, lambda: self._broadcast(weights))
         sent = weight_group.checksum([t for _, t in weights])
         for server, workers in zip(self.servers, answers):
             check_loaded(server.url, workers, len(weights), sent, version)
@@ -171,33 +180,75 @@ class ServerEngine:
                 raise SyncFailed(f"{server.url} serves weight version {served!r} after a sync to {version}")
         self.version = version
 
+    def _broadcast(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        for _, t in weights:
+            weight_group.broadcast(self.group, t)
+
+    def _together(self, what: str, method: str, spec: Any, local: Any) -> list[Any]:
+        """Post ``method`` to every server and run ``local`` (the trainer's side of the collective)
+        beside it, probing the servers meanwhile (``http.wait``); each server's answers. Any failure
+        is a ``SyncFailed`` naming the server when one can be named, within seconds: the calls in
+        flight are aborted and the trainer's side is left on its daemon thread (the process exits
+        after a fault; the survivors' receive ends when its sockets close, and they leave the group)."""
+        pool = ThreadPoolExecutor(len(self.servers), thread_name_prefix="grpo-sync")
+        futures = [pool.submit(s.rpc, method, spec, self.sync_timeout_s) for s in self.servers]
+        mine = daemon_call(local)
+        try:
+            wait([mine, *futures], self.servers, what)
+            return [f.result() for f in futures]
+        except ServerError as exc:
+            self.group = None  # never used again: a later run forms a new one
+            raise SyncFailed(str(exc) if what in str(exc) else f"{what} failed: {exc}") from None
+        except RuntimeError as exc:  # the collective itself timed out, every server still answering
+            self.group = None
+            raise SyncFailed(f"{what} failed: {' '.join(str(exc).split())[:200]}") from None
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
     def _join(self) -> Any:
         """Form the weight group: the trainer rank 0, then each server's workers in order."""
         sizes = [int(s.call("/get_world_size?include_dp=false")["world_size"]) for s in self.servers]
         host, port = local_address(self.servers[0]), free_port()
         size = 1 + sum(sizes)
         firsts = [1 + sum(sizes[:i]) for i in range(len(sizes))]
-        with ThreadPoolExecutor(len(self.servers), thread_name_prefix="grpo-join") as pool:
-            futures = [
-                pool.submit(
-                    s.rpc,
-                    "grpo_join",
-                    {"host": host, "port": port, "rank": r, "size": size, "timeout": self.sync_timeout_s},
-                    self.sync_timeout_s,
-                )
-                for s, r in zip(self.servers, firsts)
-            ]
-            group = weight_group.join(host, port, 0, size, self.sync_timeout_s)
-            for f, s in zip(futures, self.servers):
-                _result(f, s)
+        spec = {"host": host, "port": port, "size": size, "timeout": self.sync_timeout_s, "owner": self.owner}
+        pool = ThreadPoolExecutor(len(self.servers), thread_name_prefix="grpo-join")
+        futures = [
+            pool.submit(s.rpc, "grpo_join", {**spec, "rank": r}, self.sync_timeout_s)
+            for s, r in zip(self.servers, firsts)
+        ]
+        mine = daemon_call(weight_group.join, host, port, 0, size, self.sync_timeout_s)
+        try:
+            wait([*futures, mine], self.servers, "the weight group's forming")
+        except ServerError as exc:
+            raise SyncFailed(f"the weight group could not form: {exc}") from None
+        except RuntimeError as exc:  # the store or the group timed out: a server could not reach us
+            raise SyncFailed(
+                f"the weight group could not form within rollout.sync_timeout={self.sync_timeout_s:g} s "
+                f"at {host}:{port} ({' '.join(str(exc).split())[:160]}): can every server reach this "
+                "machine at that address?"
+            ) from None
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        for s, f in zip(self.servers, futures):
+            refused = next((w["refused"] for w in f.result() if w.get("refused")), None)
+            if refused:
+                raise SyncFailed(f"{s.url} {refused}")
         log.info("weight group formed: the trainer and %d server worker(s) at %s:%d", size - 1, host, port)
-        return group
+        return mine.result()
 
     def pause(self) -> None:
         """Nothing to free: the servers' memory is their own."""
 
     def close(self) -> None:
-        """The servers keep running (a later run joins them again); the trainer's group is dropped."""
+        """The servers keep running (a later run joins them again): each leaves the trainer's group,
+        so another client may join at once (best effort: after a fault the process is exiting)."""
+        if self.group is not None:
+            for s in self.servers:
+                try:
+                    s.rpc("grpo_leave", {"owner": self.owner}, min(self.sync_timeout_s, 10.0))
+                except ServerError:
+                    pass
         self.group = None
 
 
@@ -218,20 +269,6 @@ def check_loaded(url: str, workers: list[dict[str, Any]], n: int, sent: float, v
                 f"{url}: the weight sync to version {version} left {len(w['missing'])} parameter(s) of "
                 f"the served model unwritten ({names}): the trainer's model is not the one served"
             )
-
-
-def _first_error(futures: list[Any], servers: list[Server]) -> None:
-    """Raise the first server's own error, when one answered with one (it names the URL)."""
-    for f, s in zip(futures, servers):
-        if f.done():
-            _result(f, s)
-
-
-def _result(future: Any, server: Server) -> Any:
-    try:
-        return future.result()
-    except ServerError as exc:
-        raise SyncFailed(f"weight sync failed: {exc}") from None
 
 
 def _completions(answer: dict[str, Any], n: int, url: str) -> list[Completion]:

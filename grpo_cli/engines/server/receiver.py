@@ -26,6 +26,7 @@ and nothing of the trainer.
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 import torch
@@ -34,30 +35,63 @@ from grpo_cli.engines.server import group as weight_group
 
 
 class WeightReceiver:
-    """Mixed into vLLM's worker class: ``self`` is the worker (``self.rank``, ``self.reload_weights``)."""
+    """Mixed into vLLM's worker class: ``self`` is the worker (``self.rank``, ``self.reload_weights``).
+
+    One weight group at a time, owned by whoever formed it (``spec["owner"]``: a training run's
+    directory, or a one-off client's id). A join from another owner is refused while the owner's
+    store still answers (its trainer is alive); a join from the same owner (a resumed run) or after
+    the owner is gone replaces the group. A receive that fails leaves the group, so a broken group
+    never blocks the next join.
+    """
 
     def grpo_join(self, spec: str) -> str:
         s = json.loads(spec)
+        held = getattr(self, "_grpo_owner", None)
+        if held and held["owner"] != s.get("owner") and _answers(held["host"], held["port"]):
+            return json.dumps(
+                {
+                    "refused": f"serves the weights of another run ({held['owner']}), whose trainer is still "
+                    "running: give this command servers of its own, or wait until that run ends"
+                }
+            )
+        self._grpo_group, self._grpo_owner = None, None  # leave any earlier (broken or finished) group
         rank = int(s["rank"]) + int(getattr(self, "rank", 0))
         self._grpo_group = weight_group.join(
             s["host"], int(s["port"]), rank, int(s["size"]), float(s["timeout"])
         )
+        self._grpo_owner = {"owner": s.get("owner"), "host": s["host"], "port": int(s["port"])}
         return json.dumps({"rank": rank})
 
     def grpo_receive(self, spec: str) -> str:
         s = json.loads(spec)
-        weights: list[tuple[str, torch.Tensor]] = []
-        for name, dtype, shape in s["tensors"]:
-            buf = torch.empty(shape, dtype=getattr(torch, dtype))
-            weight_group.broadcast(self._grpo_group, buf)
-            weights.append((name, buf))
+        if getattr(self, "_grpo_group", None) is None:
+            raise RuntimeError("no weight group: the trainer must join (grpo_join) before a sync")
+        try:
+            weights: list[tuple[str, torch.Tensor]] = []
+            for name, dtype, shape in s["tensors"]:
+                buf = torch.empty(shape, dtype=getattr(torch, dtype))
+                weight_group.broadcast(self._grpo_group, buf)
+                weights.append((name, buf))
+        except BaseException:
+            self._grpo_group, self._grpo_owner = None, None  # a peer failed: leave the broken group
+            raise
         return json.dumps({**load_checked(self, weights), "version": s["version"]})
 
     def grpo_leave(self, spec: str = "{}") -> str:
-        group: Any = getattr(self, "_grpo_group", None)
-        if group is not None:
-            self._grpo_group = None
+        s = json.loads(spec or "{}")
+        held = getattr(self, "_grpo_owner", None)
+        if held is None or s.get("owner") in (None, held["owner"]):
+            self._grpo_group, self._grpo_owner = None, None
         return "{}"
+
+
+def _answers(host: str, port: int, timeout_s: float = 1.0) -> bool:
+    """Whether the weight group's store (hosted by its trainer) still accepts connections."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 def load_checked(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> dict[str, Any]:
