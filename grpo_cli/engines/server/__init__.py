@@ -213,10 +213,7 @@ class ServerEngine:
         firsts = [1 + sum(sizes[:i]) for i in range(len(sizes))]
         spec = {"host": host, "port": port, "size": size, "timeout": self.sync_timeout_s, "owner": self.owner}
         pool = ThreadPoolExecutor(len(self.servers), thread_name_prefix="grpo-join")
-        futures = [
-            pool.submit(s.rpc, "grpo_join", {**spec, "rank": r}, self.sync_timeout_s)
-            for s, r in zip(self.servers, firsts)
-        ]
+        futures = [pool.submit(self._join_one, s, {**spec, "rank": r}) for s, r in zip(self.servers, firsts)]
         mine = daemon_call(weight_group.join, host, port, 0, size, self.sync_timeout_s)
         try:
             wait([*futures, mine], self.servers, "the weight group's forming")
@@ -230,12 +227,16 @@ class ServerEngine:
             ) from None
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
-        for s, f in zip(self.servers, futures):
-            refused = next((w["refused"] for w in f.result() if w.get("refused")), None)
-            if refused:
-                raise SyncFailed(f"{s.url} {refused}")
         log.info("weight group formed: the trainer and %d server worker(s) at %s:%d", size - 1, host, port)
         return mine.result()
+
+    def _join_one(self, server: Server, spec: dict[str, Any]) -> None:
+        """One server's ``grpo_join``; a refusal (another live run owns it) raises at once, so the
+        trainer does not wait for a group that cannot form."""
+        answers = server.rpc("grpo_join", spec, self.sync_timeout_s)
+        refused = next((w["refused"] for w in answers if w.get("refused")), None)
+        if refused:
+            raise SyncFailed(f"{server.url} {refused}")
 
     def pause(self) -> None:
         """Nothing to free: the servers' memory is their own."""

@@ -212,3 +212,37 @@ def test_a_server_failure_before_the_run_starts_is_one_line_and_exit_75(monkeypa
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 75
     assert len(err) == 1 and "http://10.0.0.2:8000" in err[0] and "Traceback" not in err[0]
+
+
+class RefusingServer:
+    url = "http://10.0.0.3:8000"
+
+    def call(self, path, body=None, timeout_s=None):
+        return {"world_size": 1}
+
+    def rpc(self, method, spec, timeout_s=None):
+        return [{"refused": "serves the weights of another run (/runs/a), whose trainer is still running"}]
+
+    def probe(self):
+        return None
+
+    def abort(self, why=""):
+        pass
+
+
+def test_a_refused_join_ends_the_forming_at_once_naming_the_server(monkeypatch):
+    """The trainer's own side of the group would wait for the refusing server until the timeout;
+    the refusal ends the join now, in one line naming the server and the run that owns it."""
+    from grpo_cli.engines import server as server_mod
+
+    never = threading.Event()
+    monkeypatch.setattr(server_mod.weight_group, "join", lambda *a: never.wait(600))
+    monkeypatch.setattr(server_mod, "local_address", lambda s: "127.0.0.1")
+    engine = object.__new__(server_mod.ServerEngine)
+    engine.servers, engine.sync_timeout_s, engine.owner = [RefusingServer()], 600.0, "client-x"
+    with pytest.raises(
+        server_mod.SyncFailed, match=r"http://10\.0\.0\.3:8000 serves the weights of another run"
+    ) as err:
+        engine._join()
+    assert "\n" not in str(err.value)
+    never.set()
