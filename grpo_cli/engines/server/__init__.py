@@ -172,13 +172,29 @@ class ServerEngine:
         sent = weight_group.checksum([t for _, t in weights])
         for server, workers in zip(self.servers, answers):
             check_loaded(server.url, workers, len(weights), sent, version)
-        for server in self.servers:
-            server.call("/reset_prefix_cache", {})  # no KV block computed with the old weights is reused
-            server.call("/update_weight_version", {"new_version": str(version)})
-            served = server.call("/weight_info").get("weight_version")
-            if served != str(version):
-                raise SyncFailed(f"{server.url} serves weight version {served!r} after a sync to {version}")
+        self._on_each("the weight sync", lambda server: self._publish(server, version))
         self.version = version
+
+    def _publish(self, server: Server, version: int) -> None:
+        t = self.sync_timeout_s
+        server.call("/reset_prefix_cache", {}, t)  # no KV block computed with the old weights is reused
+        server.call("/update_weight_version", {"new_version": str(version)}, t)
+        served = server.call("/weight_info", None, t).get("weight_version")
+        if served != str(version):
+            raise SyncFailed(f"{server.url} serves weight version {served!r} after a sync to {version}")
+
+    def _on_each(self, what: str, fn: Any) -> list[Any]:
+        """``fn(server)`` for every server at once, probing them meanwhile (``http.wait``)."""
+        pool = ThreadPoolExecutor(len(self.servers), thread_name_prefix="grpo-call")
+        try:
+            futures = [pool.submit(fn, s) for s in self.servers]
+            wait(futures, self.servers, what)
+            return [f.result() for f in futures]
+        except ServerError as exc:
+            self.group = None
+            raise SyncFailed(str(exc) if what in str(exc) else f"{what} failed: {exc}") from None
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _broadcast(self, weights: list[tuple[str, torch.Tensor]]) -> None:
         for _, t in weights:
@@ -207,7 +223,12 @@ class ServerEngine:
 
     def _join(self) -> Any:
         """Form the weight group: the trainer rank 0, then each server's workers in order."""
-        sizes = [int(s.call("/get_world_size?include_dp=false")["world_size"]) for s in self.servers]
+        sizes = self._on_each(
+            "the weight group's forming",
+            lambda s: int(
+                s.call("/get_world_size?include_dp=false", None, self.sync_timeout_s)["world_size"]
+            ),
+        )
         host, port = local_address(self.servers[0]), free_port()
         size = 1 + sum(sizes)
         firsts = [1 + sum(sizes[:i]) for i in range(len(sizes))]

@@ -63,7 +63,9 @@ def hung():
 @pytest.fixture
 def fast_probes(monkeypatch):
     monkeypatch.setattr(http_mod, "PROBE_EVERY_S", 0.05)
-    monkeypatch.setattr(http_mod, "PROBE_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(
+        http_mod, "PROBE_TIMEOUT_S", 1.0
+    )  # a loaded machine still answers a live server's probe
 
 
 def _dead_url() -> str:
@@ -93,7 +95,7 @@ def test_a_killed_server_is_an_error_at_once_and_the_others_calls_are_aborted(he
     dead = Server(_dead_url(), 600)
     pool = ThreadPoolExecutor(2)
     calls = [pool.submit(good.call, "/v1/completions", {}), pool.submit(dead.call, "/v1/completions", {})]
-    with pytest.raises(ServerError, match=f"{dead.url}/v1/completions is not reachable"):
+    with pytest.raises(ServerError, match=f"{dead.url}.* not reachable"):  # its call's refusal, or a probe's
         wait(calls, [good, dead], "generation")
     assert isinstance(calls[0].exception(timeout=10), ServerError)
     pool.shutdown(wait=True)
