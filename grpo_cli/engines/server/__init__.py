@@ -71,10 +71,9 @@ class ServerEngine:
         self.owner = owner or f"client-{uuid.uuid4().hex[:12]}"
         self.version = 0  # the weight version the servers serve (0: what they loaded from disk)
         self.group: Any = None
-        self.model_ids = [s.call("/v1/models")["data"][0]["id"] for s in self.servers]
-        self.max_model_len = min(
-            int(s.call("/v1/models")["data"][0].get("max_model_len") or 0) for s in self.servers
-        )
+        models = [s.call("/v1/models", None, sync_timeout_s)["data"][0] for s in self.servers]
+        self.model_ids = [m["id"] for m in models]
+        self.max_model_len = min(int(m.get("max_model_len") or 0) for m in models)
 
     # ------------------------------------------------------------------ sampling
 
