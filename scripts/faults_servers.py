@@ -9,8 +9,10 @@ uninterrupted run's.
     python scripts/faults_servers.py --faults 1 --steps 5     # about the slow test's size (~3 min)
 
 Prints one row per fault: the signal, the phase, the step it hit, the seconds from the fault to the
-trainer's exit (goal <= 30), the exit code, whether the error was one line without a traceback, and
-whether the steps logged so far equal the uninterrupted run's; then the verdict over the whole run.
+trainer's exit (goal <= 30), the exit code, whether the error was one line without a traceback,
+whether the steps logged so far equal the uninterrupted run's, and the cores the surviving server
+keeps busy in the 3 s after the trainer's exit (against the idle servers' figure printed first: a
+thread spinning in a broken group would show as ~1); then the verdict over the whole run.
 
 The moments are found with a launcher that wraps the trainer's engine (this script's, not the
 package's): it marks each generation's and each sync's start in a file, and holds the broadcast for
@@ -133,6 +135,24 @@ class Servers:
                 time.sleep(1)
         raise SystemExit(f"server {i} did not come up within {timeout_s:g} s")
 
+    def cpu_s(self, i: int) -> float:
+        """CPU seconds used so far by server ``i``'s process group (its API server and engine)."""
+        tick, total = os.sysconf("SC_CLK_TCK"), 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == self.procs[i].pid:  # pgid: the session's leader is the server
+                total += int(fields[11]) + int(fields[12])
+        return total / tick
+
+    def cpu_rate(self, i: int, seconds: float = 3.0) -> float:
+        """Cores server ``i`` keeps busy over ``seconds`` (a thread spinning in a broken group shows as ~1)."""
+        c0 = self.cpu_s(i)
+        time.sleep(seconds)
+        return (self.cpu_s(i) - c0) / seconds
+
     def signal(self, i: int, sig: int) -> None:
         os.killpg(self.procs[i].pid, sig)
 
@@ -232,12 +252,14 @@ def one_fault(
     errors = [ln for ln in text.splitlines() if "generation server failed" in ln]
     one_line = len(errors) == 1 and "Traceback" not in text and servers.urls[victim] in errors[0]
     step = max(rows(run_dir), default=0)
+    survivor = 1 - victim if len(servers.procs) == 2 else (victim + 1) % len(servers.procs)
+    busy = servers.cpu_rate(survivor)
     servers.kill(victim)
     t0 = time.monotonic()
     servers.start(victim)
     return {
         "signal": signal.Signals(sig).name, "phase": phase, "server": victim, "step": step + 1,
-        "exit_s": took, "code": code, "one_line": one_line, "restart_s": time.monotonic() - t0,
+        "exit_s": took, "code": code, "one_line": one_line, "restart_s": time.monotonic() - t0, "survivor_cpu": busy,
         "resume_cmd": "train.resume=auto" in text, "error": errors[0][-160:] if errors else text[-400:],
     }  # fmt: skip
 
@@ -256,6 +278,10 @@ def run_faults(faults: int, steps: int, seed: int, hold: float, work: Path, plan
         if code.returncode:
             raise SystemExit(f"the uninterrupted run failed:\n{code.stdout[-2000:]}\n{code.stderr[-2000:]}")
         ref = rows(ref_dir)
+        print(
+            f"idle servers' cores (3 s, after the uninterrupted run): {servers.cpu_rate(0):.2f}", flush=True
+        )
+        print(HEADER, flush=True)
         run_dir = work / "faulted"
         args = train_args(servers.urls, steps, run_dir)
         rng = random.Random(seed)
@@ -282,14 +308,17 @@ def run_faults(faults: int, steps: int, seed: int, hold: float, work: Path, plan
         servers.close()
 
 
-HEADER = f"{'signal':<8} {'phase':<6} {'step':>4} {'exit s':>7} {'code':>4} {'1 line':>6} {'resume':>6} {'equal':>5} {'restart s':>9}"
+HEADER = (
+    f"{'signal':<8} {'phase':<6} {'step':>4} {'exit s':>7} {'code':>4} {'1 line':>6} {'resume':>6} {'equal':>5} "
+    f"{'survivor cores':>14} {'restart s':>9}"
+)
 
 
 def _format(r: dict) -> str:
     return (
         f"{r['signal']:<8} {r['phase']:<6} {r['step']:>4} {r['exit_s']:>7.1f} {r['code']:>4} "
         f"{'yes' if r['one_line'] else 'NO':>6} {'yes' if r['resume_cmd'] else 'NO':>6} "
-        f"{'yes' if r['equal_so_far'] else 'NO':>5} {r['restart_s']:>9.0f}"
+        f"{'yes' if r['equal_so_far'] else 'NO':>5} {r['survivor_cpu']:>14.2f} {r['restart_s']:>9.0f}"
     )
 
 
@@ -301,7 +330,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU: {cpu}; cores {os.cpu_count()}; load {open('/proc/loadavg').read().split()[0]}")
     work = args.work or Path(tempfile.mkdtemp(prefix="faults-servers-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(HEADER, flush=True)
     result = run_faults(args.faults, args.steps, args.seed, args.hold, work)
     table, ref, got = result["table"], result["ref"], result["got"]
     ok = (
