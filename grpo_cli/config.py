@@ -39,13 +39,19 @@ RENAMED = {
     "data.level": "data.difficulty",
     "eval.limit": "eval.problems",
     "train.steps_per_generation": "algo.steps_per_generation",
+    "rollout.server_timeout": "rollout.request_timeout",  # split: the weight sync's is sync_timeout
+}
+# What else a renamed key's line says: a key split in two names its other half too.
+RENAMED_NOTES = {
+    "rollout.server_timeout": "one generation request; the weight sync's limit is now rollout.sync_timeout",
 }
 
 
 def renamed(key: str | None) -> str | None:
     """The error line for a key that was renamed (``RENAMED``), or None for any other key."""
     if key in RENAMED:
-        return f"{key} was renamed: use {RENAMED[key]}"
+        note = f" ({RENAMED_NOTES[key]})" if key in RENAMED_NOTES else ""
+        return f"{key} was renamed: use {RENAMED[key]}{note}"
     return None
 
 
@@ -178,8 +184,12 @@ class RolloutConfig:
     sleep: bool = True
     # vllm-server: the servers' URLs (`grpo serve`), e.g. [http://10.0.0.2:8000]; groups are spread over them.
     servers: list[str] = field(default_factory=list)
-    # vllm-server: seconds a server may take to answer one request (a group) or a weight sync.
-    server_timeout: float = 600.0
+    # vllm-server: seconds a server may take to answer one generation request (a group's completions).
+    # A server that dies or hangs is found sooner, by health probes beside every call (docs/engines.md).
+    request_timeout: float = 600.0
+    # vllm-server: seconds each collective of the weight group (one tensor's broadcast, the group's
+    # forming) and each sync call may take; a peer that fails ends the sync at once.
+    sync_timeout: float = 60.0
     # Rollouts generated ahead while the policy trains: no trained sample was drawn by weights more than
     # this many optimizer steps old (0: strictly on-policy, generation and update alternate).
     max_staleness: int = 0

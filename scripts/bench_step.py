@@ -83,7 +83,7 @@ def timed_step(t: Any, clock: Clock) -> None:
     ro = clock.run("generate", t.sampler.generate, picked, G, seeds=seeds)
     ro = clock.run("reward", score, ro, t.rewarder)
     micro, temp = (
-        MicroBatching.of_train(cfg.train),
+        MicroBatching.of_train(cfg.train, policy.model),
         cfg.rollout.temperature,
     )
     inputs = clock.run("reference", prepare, policy, ro, cfg.algo, micro, temp)

@@ -182,6 +182,7 @@ TIMING = {
     "idle_time",
     "gen_idle_time",
     "gen_wait_time",
+    "server_gen_time",
 }  # metrics that differ between equal runs
 
 

@@ -153,13 +153,15 @@ def _samples_per_prompt(cfg: Any) -> int:
     return cfg.eval.samples if isinstance(cfg, EvalRoot) else cfg.algo.group_size
 
 
-def _engine(cfg: Any, policy: Policy, rows: list[dict]) -> Engine:
-    """The engine ``rollout.engine`` names over ``policy``, sized (vllm) for the longest of ``rows``."""
+def _engine(cfg: Any, policy: Policy, rows: list[dict], owner: str = "") -> Engine:
+    """The engine ``rollout.engine`` names over ``policy``, sized (vllm) for the longest of ``rows``.
+    ``owner`` (vllm-server): the training run's directory, whose weight group the servers then belong to
+    (empty for sample and eval, one-off clients that a training run's servers refuse)."""
     longest = 0
     if _sized(cfg):
         longest = longest_prompt(policy.tokenizer, rows, PromptFormat.of(cfg.data, cfg.model))
         longest += extra_tokens(cfg.env, cfg.rollout)  # an episode's budget beyond max_new_tokens
-    return build_engine(policy, cfg.rollout, cfg.model, cfg.seed, longest, _samples_per_prompt(cfg))
+    return build_engine(policy, cfg.rollout, cfg.model, cfg.seed, longest, _samples_per_prompt(cfg), owner)
 
 
 def _eval_policy(cfg: Any, name: str) -> Policy:
@@ -247,7 +249,7 @@ def build_train_run(cfg: TrainRoot, run_path: Path) -> TrainRun:
             log.warning(warning)
         fmt = PromptFormat.of(cfg.data, cfg.model)
         # After the weights are final (a resume's included): the engine starts with them (vllm: pushed).
-        engine = _engine(cfg, policy, rows + held_out)
+        engine = _engine(cfg, policy, rows + held_out, str(run_path))
         closing.callback(engine.close)
         rewarder = closing.enter_context(build_rewarder(cfg.reward))
         config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))

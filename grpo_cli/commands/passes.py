@@ -18,7 +18,7 @@ import torch
 
 from grpo_cli.config import DEFAULT_MICRO_BATCH_SIZE, TrainConfig
 from grpo_cli.core.packing import token_bins
-from grpo_cli.models.logprobs import grouped_completion_logprobs, packed_completion_logprobs
+from grpo_cli.models.logprobs import grouped_completion_logprobs, packed_completion_logprobs, packed_layout
 from grpo_cli.rollout.record import Rollout
 from grpo_cli.runtime import distributed
 
@@ -36,15 +36,18 @@ class MicroBatching:
 
     size: int
     tokens: int = 0
+    prompt_each: bool = False  # the packed layout copies the prompt before every completion (flash-attention)
 
     @staticmethod
     def of(micro: int | MicroBatching) -> MicroBatching:
         return micro if isinstance(micro, MicroBatching) else MicroBatching(micro)
 
     @staticmethod
-    def of_train(tr: TrainConfig) -> MicroBatching:
-        """``train.micro_batch_tokens`` when > 0, else ``train.micro_batch_size`` (null: 64)."""
-        return MicroBatching(tr.micro_batch_size or DEFAULT_MICRO_BATCH_SIZE, tr.micro_batch_tokens)
+    def of_train(tr: TrainConfig, model: Any) -> MicroBatching:
+        """``train.micro_batch_tokens`` when > 0, else ``train.micro_batch_size`` (null: 64), for ``model``,
+        whose attention decides what a packed row holds (``models.logprobs.packed_layout``)."""
+        size, tokens = tr.micro_batch_size or DEFAULT_MICRO_BATCH_SIZE, tr.micro_batch_tokens
+        return MicroBatching(size, tokens, bool(tokens) and packed_layout(model) == "sequences")
 
     def plan(self, rollout: Rollout) -> list[slice] | list[torch.Tensor]:
         """The micro-batches of ``rollout``: consecutive slices, or packed row sets [n_i] balanced by
@@ -59,13 +62,14 @@ class MicroBatching:
         prompt_lengths = rollout.prompt_mask[::G].long().sum(1).tolist()
         bins = None
         if distributed.world().enabled:
-            mine = len(token_bins(lengths, groups, prompt_lengths, self.tokens))
+            mine = len(token_bins(lengths, groups, prompt_lengths, self.tokens, prompt_each=self.prompt_each))
             most, fewest_rows = (
                 distributed.all_max(torch.tensor([mine])),
                 distributed.all_min(torch.tensor([n])),
             )
             bins = min(int(most), int(fewest_rows))
-        return [torch.tensor(b) for b in token_bins(lengths, groups, prompt_lengths, self.tokens, bins)]
+        bins_ = token_bins(lengths, groups, prompt_lengths, self.tokens, bins, self.prompt_each)
+        return [torch.tensor(b) for b in bins_]
 
 
 def micro_logps(

@@ -35,14 +35,16 @@ def train_step(run: TrainRun, step: int) -> tuple[dict[str, float], Rollout, tor
     if run.ahead is None:
         batch, timing = roll_out_batch(run.source), {}
     else:
-        batch, timing = run.ahead.take(version=step - 1)
+        # The last step launches no generation: nothing would train on it.
+        batch, timing = run.ahead.take(version=step - 1, launch=step < tr.steps)
     run.engine.pause()  # vllm with rollout.sleep on CUDA: its memory back for the update
     t_gen = time.perf_counter() - t0
-    micro = MicroBatching.of_train(tr)
+    micro = MicroBatching.of_train(tr, policy.model)
     inputs = prepare(policy, batch.trained, algo, micro, temp)
     stats = update(policy, run.optimizer, run.scheduler, inputs, algo, tr, temp)
     if run.ahead is not None:
         timing.update(run.ahead.finish())  # the weights change only once no generation is in flight
+        t_gen += timing["idle_time"]  # gen_time: the trainer's wait for generation, as on-policy
     run.engine.sync()  # the held-out evaluation and the next rollout sample the updated weights
     dt = time.perf_counter() - t0
     sampled, everyone, tokens = batch_metrics(batch, policy.tokenizer.pad_token_id, algo.dynamic_sampling)

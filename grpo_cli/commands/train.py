@@ -23,7 +23,7 @@ from grpo_cli.commands.heldout import held_out_due
 from grpo_cli.commands.step import train_step
 from grpo_cli.config import TrainRoot
 from grpo_cli.data import build_prompt
-from grpo_cli.engines.server import ServerError
+from grpo_cli.engines.server.http import SERVER_FAILED_EXIT, ServerError
 from grpo_cli.rollout.record import Rollout, transcript
 from grpo_cli.run import checkpoint, resume
 from grpo_cli.run.guards import RunStopped, stop_message, stop_reason
@@ -33,8 +33,6 @@ from grpo_cli.runtime import distributed, rng
 from grpo_cli.runtime.logs import setup_logging
 
 log = logging.getLogger("grpo_cli")
-
-SERVER_FAILED_EXIT = 75  # EX_TEMPFAIL: start the server again and resume
 
 
 def completion_records(

@@ -181,7 +181,7 @@ def update(
         max(float(distributed.all_sum(aggregation_units(m.loss_mask, algo.aggregation, rows=m.counted))), 1.0)
         for m in minis
     ]
-    micro = MicroBatching.of_train(tr)
+    micro = MicroBatching.of_train(tr, policy.model)
     params = trained_params(optimizer)
     skipped, steps = False, []
     engine_diff = torch.zeros(2, dtype=torch.float64)  # sum |engine - trainer| over tokens, tokens

@@ -83,17 +83,7 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"train.steps={tr.steps}: must be >= 0")
         if tr.lr <= 0:
             raise ConfigError(f"train.lr={tr.lr}: must be > 0")
-        if tr.micro_batch_size is not None and tr.micro_batch_size < 1:
-            raise ConfigError(f"train.micro_batch_size={tr.micro_batch_size}: must be >= 1 (or null for 64)")
-        if tr.micro_batch_tokens < 0:
-            raise ConfigError(
-                f"train.micro_batch_tokens={tr.micro_batch_tokens}: must be >= 0 (0: micro_batch_size completions)"
-            )
-        if tr.micro_batch_tokens and tr.micro_batch_size is not None:
-            raise ConfigError(
-                f"train.micro_batch_tokens={tr.micro_batch_tokens} replaces train.micro_batch_size="
-                f"{tr.micro_batch_size}: set one of them (micro_batch_size=null with a token budget)"
-            )
+        _validate_micro_batch_tokens(cfg)
         _validate_robustness(cfg)
         _validate_updates_per_batch(tr, cfg.algo)
     test_size = held_out_size(cfg.data)
@@ -164,6 +154,31 @@ def _validate_engine(cfg: Any) -> None:
     _validate_servers(ro, cfg.algo)
 
 
+def _validate_micro_batch_tokens(cfg: Any) -> None:
+    """train.micro_batch_size / train.micro_batch_tokens: their ranges, one of the two, and the attention
+    the packed layout needs."""
+    tr = cfg.train
+    if tr.micro_batch_size is not None and tr.micro_batch_size < 1:
+        raise ConfigError(f"train.micro_batch_size={tr.micro_batch_size}: must be >= 1 (or null for 64)")
+    if tr.micro_batch_tokens < 0:
+        raise ConfigError(
+            f"train.micro_batch_tokens={tr.micro_batch_tokens}: must be >= 0 (0: micro_batch_size completions)"
+        )
+    if tr.micro_batch_tokens and tr.micro_batch_size is not None:
+        raise ConfigError(
+            f"train.micro_batch_tokens={tr.micro_batch_tokens} replaces train.micro_batch_size="
+            f"{tr.micro_batch_size}: set one of them (micro_batch_size=null with a token budget)"
+        )
+    attn = cfg.model.attn_implementation or ""
+    if tr.micro_batch_tokens and cfg.model.gradient_checkpointing and not attn.startswith("flash"):
+        raise ConfigError(
+            f"train.micro_batch_tokens={tr.micro_batch_tokens} with model.gradient_checkpointing=true needs "
+            "model.attn_implementation=flash_attention_2 (the sdpa/eager packed rows read each prompt's "
+            "key/value cache, which checkpointing drops): set train.micro_batch_tokens=0 or turn "
+            "checkpointing off"
+        )
+
+
 def _validate_servers(ro: Any, algo: Any) -> None:
     """rollout.engine=vllm-server: its URLs, each answering now (before any model loads)."""
     if ro.max_staleness < 0:
@@ -185,8 +200,9 @@ def _validate_servers(ro: Any, algo: Any) -> None:
             "rollout.engine=vllm-server needs rollout.servers: start one with `grpo serve --port 8000` "
             "and pass rollout.servers='[http://127.0.0.1:8000]'"
         )
-    if not ro.server_timeout > 0:
-        raise ConfigError(f"rollout.server_timeout={ro.server_timeout}: must be > 0 (seconds)")
+    for key in ("request_timeout", "sync_timeout"):
+        if not getattr(ro, key) > 0:
+            raise ConfigError(f"rollout.{key}={getattr(ro, key)}: must be > 0 (seconds)")
     for url in ro.servers:
         if not str(url).startswith(("http://", "https://")):
             raise ConfigError(f"rollout.servers: {url!r} is not an http(s) URL, e.g. http://127.0.0.1:8000")

@@ -182,9 +182,18 @@ class VLLMEngine:
 
 
 def _completion(out: Any) -> Completion:
+    """One vLLM ``CompletionOutput`` as ids and the sampled tokens' log-probs (mu).
+
+    Missing log-probs are an error, never zeros: with ``algo.engine_is`` zeros would make every
+    weight w = pi_old / mu silently pi_old."""
     ids = list(out.token_ids)
-    logps = [d[t].logprob for t, d in zip(ids, out.logprobs)] if out.logprobs else [0.0] * len(ids)
-    return Completion(token_ids=ids, logprobs=logps)
+    rows = out.logprobs or []
+    if len(rows) != len(ids) or any(d is None or t not in d for t, d in zip(ids, rows)):
+        raise RuntimeError(
+            f"vLLM returned a completion of {len(ids)} tokens with log-probs for {len(rows)} of them "
+            "(the sampling parameters ask for logprobs=0: the sampled token's log-prob each)"
+        )
+    return Completion(token_ids=ids, logprobs=[float(d[t].logprob) for t, d in zip(ids, rows)])
 
 
 def _quiet_rotary(record: logging.LogRecord) -> bool:

@@ -175,6 +175,16 @@ def grouped_completion_logprobs(
 MASKED_ATTENTION = ("sdpa", "eager")
 
 
+def attention_implementation(model: Any) -> str:
+    return getattr(model.config, "_attn_implementation", None) or "eager"
+
+
+def packed_layout(model: Any) -> str:
+    """The packed layout ``packed_completion_logprobs`` uses for ``model``: "rows" (each prompt once,
+    read from its key/value cache) or "sequences" (a copy of the prompt before every completion)."""
+    return "rows" if attention_implementation(model) in MASKED_ATTENTION else "sequences"
+
+
 def packed_completion_logprobs(
     model: Any,
     prompt_ids: torch.Tensor,
@@ -202,8 +212,8 @@ def packed_completion_logprobs(
     the prompt index) and its switches (temperature, entropy, layout), called through ``Policy.run`` as the
     padded variant is.
     """
-    implementation = getattr(model.config, "_attn_implementation", None) or "eager"
-    layout = layout or ("rows" if implementation in MASKED_ATTENTION else "sequences")
+    implementation = attention_implementation(model)
+    layout = layout or packed_layout(model)
     weight = model.get_output_embeddings().weight  # [V, H]
     decoder = model.get_decoder()
     if layout == "sequences":

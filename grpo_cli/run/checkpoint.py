@@ -138,9 +138,42 @@ def save(run_dir: str | Path, step: int, saved: Saved, keep: int = 2) -> Path:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    for old_ckpt in list_checkpoints(run)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old_ckpt, ignore_errors=True)
+    _WHOLE[_stamp(final)] = True  # hashed as it was written
+    prune(run, keep, final)
     return final
+
+
+# Checkpoints this process knows are whole or not: written by it, or hashed once, keyed by every
+# file's size and modification time (hashing a large model's files at every save would cost as much
+# as writing them; a file changed since changes its stamp and is hashed again).
+_WHOLE: dict[tuple, bool] = {}
+
+
+def _stamp(path: Path) -> tuple:
+    files = sorted(f for f in path.rglob("*") if f.is_file())
+    return (str(path.resolve()), *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+def _whole(path: Path) -> bool:
+    key = _stamp(path)
+    if key not in _WHOLE:
+        _WHOLE[key] = manifest.verify(path, need=(STATE_FILE,)).whole
+    return _WHOLE[key]
+
+
+def prune(run_dir: str | Path, keep: int, newest: Path) -> list[Path]:
+    """``train.keep_checkpoints``: keep ``newest`` (the checkpoint just written) and the ``keep`` - 1
+    highest-step other whole checkpoints, remove the other whole ones (0: keep all). A damaged
+    checkpoint is not counted among those kept and not removed either (``resolve_resume`` names it;
+    whoever looks at it decides). Returns what was removed."""
+    if keep <= 0:
+        return []
+    others = [p for p in checkpoint_dirs(run_dir) if p.resolve() != newest.resolve()]
+    whole = [p for p in others if _whole(p)]
+    removed = whole[: max(0, len(whole) - (keep - 1))]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
 
 
 def publish(tmp: Path, final: Path) -> None:

@@ -29,14 +29,25 @@ class FakeGeneration:
         self.started.set()
         j, v = self.count, self.weights["version"]
         time.sleep(self.delay)
-        ro = SimpleNamespace(completion_ids=torch.full((source.prompts_per_step * 2, 3), j), tag=(j, v))
-        ro.to = lambda device, ro=ro: ro
-        return StepBatch(ro, ro, 1)
+        return StepBatch(*[FakeRollout(torch.full((source.prompts_per_step * 2, 3), j), (j, v))] * 2, 1)
 
 
-def _source() -> SimpleNamespace:
-    """What RolloutsAhead reads of its BatchSource: G = 2, 2 prompts a step."""
-    return SimpleNamespace(algo=SimpleNamespace(group_size=2), prompts_per_step=2)
+class FakeRollout:
+    """A rollout that records where ``.to()`` moved it: the copy knows its device, the original is unchanged."""
+
+    def __init__(self, completion_ids: torch.Tensor, tag: tuple, device: str = "cpu"):
+        self.completion_ids, self.tag, self.device = completion_ids, tag, device
+
+    def to(self, device) -> FakeRollout:
+        return FakeRollout(self.completion_ids, self.tag, str(device))
+
+
+def _source(device: str = "cpu") -> SimpleNamespace:
+    """What RolloutsAhead reads of its BatchSource: G = 2, 2 prompts a step, the policy's device."""
+    policy = SimpleNamespace(device=torch.device(device))
+    return SimpleNamespace(
+        algo=SimpleNamespace(group_size=2), prompts_per_step=2, sampler=SimpleNamespace(policy=policy)
+    )
 
 
 def _run(monkeypatch, staleness: int, steps: int, delay: float = 0.0, start=None):
@@ -115,3 +126,36 @@ def test_batches_older_than_the_bound_are_dropped_and_counted(monkeypatch):
     step, (j, v), m = rows[0]
     assert m["dropped_groups"] == 2  # one batch of 2 prompts
     assert step - 1 - v <= 1
+
+
+def test_restored_pending_batches_land_on_the_policys_device(monkeypatch):
+    """The checkpoint holds the pending batches on the CPU; restored, each is moved to the policy's
+    device (here a CUDA device the fake rollout only records), its trained and seen views alike."""
+    _, state = _run(monkeypatch, 2, steps=3)
+    assert {p["batch"].trained.device for p in state["pending"]} == {"cpu"}
+    a = RolloutsAhead(_source("cuda:1"), 2)
+    a.load_state_dict(state["pending"])
+    assert [p.batch.trained.device for p in a.pending] == ["cuda:1", "cuda:1"]
+    assert all(p.batch.seen is p.batch.trained for p in a.pending)
+    batch, _ = a.take(version=3, launch=False)
+    assert batch.trained.device == "cuda:1" and batch.trained.tag == state["pending"][0]["batch"].trained.tag
+    a.close()
+
+
+def test_the_last_step_generates_nothing_ahead_and_waits_for_nothing(monkeypatch):
+    """take(launch=False) trains on the oldest pending batch and starts no generation; finish() then
+    returns at once with no server time, and the pending batches left are the S - 1 not consumed."""
+    weights = {"version": 0}
+    gen = FakeGeneration(weights, delay=0.0)
+    monkeypatch.setattr(ahead_mod, "roll_out_batch", gen)
+    a = RolloutsAhead(_source(), 2)
+    a.take(0)
+    a.finish()
+    assert gen.count == 3  # two filled at start, one launched
+    _, _ = a.take(1, launch=False)
+    assert a.flight is None
+    m = a.finish()
+    assert gen.count == 3
+    assert m == {"idle_time": 0.0}
+    assert len(a.pending) == 1
+    a.close()
