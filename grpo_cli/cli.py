@@ -132,6 +132,7 @@ def _hydra_entry(command: str, run: Callable[[Any, str], Any]) -> Callable[[], N
 
     from grpo_cli.commands.validate import validate
     from grpo_cli.config import ConfigError, conf_dir
+    from grpo_cli.engines.server import ServersTaken
     from grpo_cli.engines.server.http import SERVER_FAILED_EXIT, ServerError
 
     @hydra.main(version_base=None, config_path=str(conf_dir()), config_name=command)
@@ -143,6 +144,9 @@ def _hydra_entry(command: str, run: Callable[[Any, str], Any]) -> Callable[[], N
         except ConfigError as exc:
             print(f"grpo {command}: error: {exc}", file=sys.stderr)
             sys.exit(2)
+        except ServersTaken as exc:  # another live run owns the servers: the line says what to do
+            print(f"grpo {command}: error: {exc}", file=sys.stderr)
+            sys.exit(SERVER_FAILED_EXIT)
         except ServerError as exc:  # a generation server failed before the run started (or in eval)
             print(
                 f"grpo {command}: error: generation server failed: {exc}; start it again and rerun the command",

@@ -47,11 +47,16 @@ from grpo_cli.runtime import distributed
 log = logging.getLogger("grpo_cli")
 
 
-__all__ = ["ServerEngine", "ServerError", "SyncFailed", "reachable"]
+__all__ = ["ServerEngine", "ServerError", "ServersTaken", "SyncFailed", "reachable"]
 
 
 class SyncFailed(ServerError):
     """A weight sync that did not reach a server, or reached it with other bytes than were sent."""
+
+
+class ServersTaken(SyncFailed):
+    """A server refused to join: another live run owns its weight group. Nothing failed, so the
+    message says what to do instead of "start it again" (``cli``)."""
 
 
 class ServerEngine:
@@ -235,6 +240,8 @@ class ServerEngine:
         mine = daemon_call(weight_group.join, host, port, 0, size, self.sync_timeout_s)
         try:
             wait([*futures, mine], self.servers, "the weight group's forming")
+        except ServersTaken:
+            raise
         except ServerError as exc:
             raise SyncFailed(f"the weight group could not form: {exc}") from None
         except RuntimeError as exc:  # the store or the group timed out: a server could not reach us
@@ -254,7 +261,7 @@ class ServerEngine:
         answers = server.rpc("grpo_join", spec, self.sync_timeout_s)
         refused = next((w["refused"] for w in answers if w.get("refused")), None)
         if refused:
-            raise SyncFailed(f"{server.url} {refused}")
+            raise ServersTaken(f"{server.url} {refused}")
 
     def pause(self) -> None:
         """Nothing to free: the servers' memory is their own."""

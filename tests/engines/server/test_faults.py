@@ -245,5 +245,26 @@ def test_a_refused_join_ends_the_forming_at_once_naming_the_server(monkeypatch):
         server_mod.SyncFailed, match=r"http://10\.0\.0\.3:8000 serves the weights of another run"
     ) as err:
         engine._join()
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and isinstance(err.value, server_mod.ServersTaken)
     never.set()
+
+
+def test_a_refused_client_is_told_what_to_do_not_to_restart_the_server(monkeypatch, capsys, tmp_path):
+    """``grpo eval`` against a live run's servers: one line saying what to do, exit 75, and not the
+    "start it again" of a failed server (nothing failed)."""
+    import grpo_cli.commands.eval as eval_cmd
+    from grpo_cli.cli import main
+    from grpo_cli.engines.server import ServersTaken
+
+    def run(cfg, out):
+        raise ServersTaken(f"{RefusingServer.url} serves the weights of another run (/runs/a): use others")
+
+    monkeypatch.setattr(eval_cmd, "run", run)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(["eval"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 75
+    assert err == [
+        f"grpo eval: error: {RefusingServer.url} serves the weights of another run (/runs/a): use others"
+    ]
