@@ -199,19 +199,25 @@ def test_the_old_timeout_key_names_the_two_new_ones_in_one_line(capsys):
     assert "use rollout.request_timeout" in err[0] and "rollout.sync_timeout" in err[0]
 
 
-def test_a_server_failure_before_the_run_starts_is_one_line_and_exit_75(monkeypatch, capsys, tmp_path):
+def eval_failing_with(exc: Exception, monkeypatch, capsys, tmp_path) -> tuple[int, list[str]]:
+    """``grpo eval`` whose run raises ``exc``: its exit code and the lines it printed on stderr."""
     import grpo_cli.commands.eval as eval_cmd
     from grpo_cli.cli import main
 
     def run(cfg, out):
-        raise ServerError("http://10.0.0.2:8000/collective_rpc answered 500: boom")
+        raise exc
 
     monkeypatch.setattr(eval_cmd, "run", run)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as stop:
         main(["eval"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert stop.value.code == 75
+    return stop.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_a_server_failure_before_the_run_starts_is_one_line_and_exit_75(monkeypatch, capsys, tmp_path):
+    failure = ServerError("http://10.0.0.2:8000/collective_rpc answered 500: boom")
+    code, err = eval_failing_with(failure, monkeypatch, capsys, tmp_path)
+    assert code == 75
     assert len(err) == 1 and "http://10.0.0.2:8000" in err[0] and "Traceback" not in err[0]
 
 
@@ -252,19 +258,11 @@ def test_a_refused_join_ends_the_forming_at_once_naming_the_server(monkeypatch):
 def test_a_refused_client_is_told_what_to_do_not_to_restart_the_server(monkeypatch, capsys, tmp_path):
     """``grpo eval`` against a live run's servers: one line saying what to do, exit 75, and not the
     "start it again" of a failed server (nothing failed)."""
-    import grpo_cli.commands.eval as eval_cmd
-    from grpo_cli.cli import main
     from grpo_cli.engines.server import ServersTaken
 
-    def run(cfg, out):
-        raise ServersTaken(f"{RefusingServer.url} serves the weights of another run (/runs/a): use others")
-
-    monkeypatch.setattr(eval_cmd, "run", run)
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as stop:
-        main(["eval"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert stop.value.code == 75
+    taken = ServersTaken(f"{RefusingServer.url} serves the weights of another run (/runs/a): use others")
+    code, err = eval_failing_with(taken, monkeypatch, capsys, tmp_path)
+    assert code == 75
     assert err == [
         f"grpo eval: error: {RefusingServer.url} serves the weights of another run (/runs/a): use others"
     ]
