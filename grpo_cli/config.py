@@ -28,6 +28,32 @@ ENGINE_IS_LEVELS = ("token", "sequence")  # algo.engine_is.level
 ENGINE_IS_MODES = ("truncate", "mask", "reject")  # algo.engine_is.mode
 STRATEGIES = ("ddp", "fsdp")  # train.strategy
 
+DEFAULT_MICRO_BATCH_SIZE = 64  # train.micro_batch_size=null
+
+# Keys a config or a command line may still name, and their successors: an old key is a one-line error
+# that names the new one (``renamed``), never a silent alias.
+RENAMED = {
+    "data.num_train": "data.train_size",
+    "data.size": "data.train_size",
+    "data.num_test": "data.test_size",
+    "data.level": "data.difficulty",
+    "eval.limit": "eval.problems",
+    "train.steps_per_generation": "algo.steps_per_generation",
+    "rollout.server_timeout": "rollout.request_timeout",  # split: the weight sync's is sync_timeout
+}
+# What else a renamed key's line says: a key split in two names its other half too.
+RENAMED_NOTES = {
+    "rollout.server_timeout": "one generation request; the weight sync's limit is now rollout.sync_timeout",
+}
+
+
+def renamed(key: str | None) -> str | None:
+    """The error line for a key that was renamed (``RENAMED``), or None for any other key."""
+    if key in RENAMED:
+        note = f" ({RENAMED_NOTES[key]})" if key in RENAMED_NOTES else ""
+        return f"{key} was renamed: use {RENAMED[key]}{note}"
+    return None
+
 
 @dataclass
 class ModelConfig:
@@ -47,6 +73,7 @@ class ModelConfig:
     system_prompt: str | None = None
     # Trade compute for memory in the training forward pass.
     gradient_checkpointing: bool = False
+    # Let transformers run the model's own code from its repository (architectures it does not ship).
     trust_remote_code: bool = False
 
 
@@ -54,8 +81,11 @@ class ModelConfig:
 class LoraConfig:
     # false: full fine-tuning (lora=none).
     enabled: bool = True
+    # Rank of the adapter matrices.
     r: int = 16
+    # Scale of the adapter's update: alpha / r (peft's lora_alpha).
     alpha: int = 32
+    # Dropout on the adapter's input during training.
     dropout: float = 0.0
     # "all-linear" or a list of module names.
     target_modules: Any = "all-linear"
@@ -128,6 +158,10 @@ class AlgoConfig:
     mask_truncated: bool = False
     # mu: policy updates per rollout batch (GRPO iterations); 1 keeps training on-policy.
     num_iterations: int = 1
+    # k optimizer steps per pass over a rollout batch, each on 1/k of its groups (TRL's
+    # steps_per_generation); must divide the step's groups (per rank). pi_old is the sampling policy
+    # throughout; mu x k optimizer steps per batch (commands/update.py).
+    steps_per_generation: int = 1
     # Dr. GRPO's constant divisor; null means rollout.max_new_tokens.
     max_completion_length: int | None = None
     # DAPO dynamic sampling: resample prompts until the batch holds informative groups.
@@ -148,6 +182,7 @@ class RolloutConfig:
     # Completion length cap; conf/{train,sample,eval}.yaml set it to ${data.max_new_tokens}, the data
     # group's default (arithmetic 16, gsm8k 512, ...), which rollout.max_new_tokens=N overrides.
     max_new_tokens: int = 16
+    # Sampling temperature of training rollouts and of the held-out evaluation's samples.
     temperature: float = 1.0
     # 1.0 disables nucleus sampling.
     top_p: float = 1.0
@@ -159,7 +194,7 @@ class RolloutConfig:
     # Completions decoded together at most (a multiple of group_size keeps groups whole).
     batch_size: int = 256
     # Who samples: hf (the trainer's model, our prefix-shared loop) or vllm (colocated vLLM, weights
-    # pushed after every update; `make install-vllm`).
+    # pushed once per step; `make install-vllm`) or vllm-server (servers of its own: `grpo serve`).
     engine: str = "hf"
     # vllm: longest prompt + completion; null: the run's longest prompt + max_new_tokens.
     max_model_len: int | None = None
@@ -169,8 +204,12 @@ class RolloutConfig:
     sleep: bool = True
     # vllm-server: the servers' URLs (`grpo serve`), e.g. [http://10.0.0.2:8000]; groups are spread over them.
     servers: list[str] = field(default_factory=list)
-    # vllm-server: seconds a server may take to answer one request (a group) or a weight sync.
-    server_timeout: float = 600.0
+    # vllm-server: seconds a server may take to answer one generation request (a group's completions).
+    # A server that dies or hangs is found sooner, by health probes beside every call (docs/engines.md).
+    request_timeout: float = 600.0
+    # vllm-server: seconds each collective of the weight group (one tensor's broadcast, the group's
+    # forming) and each sync call may take; a peer that fails ends the sync at once.
+    sync_timeout: float = 60.0
     # Rollouts generated ahead while the policy trains: no trained sample was drawn by weights more than
     # this many optimizer steps old (0: strictly on-policy, generation and update alternate).
     max_staleness: int = 0
@@ -182,42 +221,47 @@ class DataConfig:
     name: str = "arithmetic"
     # Local file (jsonl / parquet); for gsm8k and math500, null falls back to the hub dataset.
     path: str | None = None
-    # path is one file (jsonl, gsm8k, math500): rows held out for the test split, a count (>= 1) or a
-    # fraction (< 1), drawn with a fixed seed; 0 uses every row for every split. See data/split.py.
-    test_size: float = 0.1
+    # The test split's size. path is one file (jsonl, gsm8k, math500): rows held out of it, a count (>= 1)
+    # or a fraction (< 1), drawn with a fixed seed; 0 uses every row for every split (data/split.py).
+    # Generated sources (arithmetic, reasoning_gym): the held-out problems generated, a count >= 1.
+    # null: 0.1 of a file, 500 generated problems.
+    test_size: float | None = None
     # A held-out file for the test split (then path is read whole for training).
     test_path: str | None = None
     # Hub dataset id used when path is null.
     hub_id: str | None = None
+    # The hub dataset's configuration name (gsm8k: "main").
     hub_config: str | None = None
+    # The split grpo train trains on.
     train_split: str = "train"
+    # The split the in-training held-out evaluation samples (grpo eval and sample name theirs).
     test_split: str = "test"
-    # Field names in the rows.
+    # The row field holding the question (jsonl, parquet).
     question_field: str = "question"
+    # The row field holding the reference answer.
     answer_field: str = "answer"
+    # The row field holding a stable problem id; null: the row's index.
     id_field: str | None = None
     # Prompt text; {question} is replaced by the row's question.
     template: str = "{question}"
     # The default of rollout.max_new_tokens for this data: room for a typical solution.
     max_new_tokens: int = 256
-    # Synthetic arithmetic only: training problems and the number of operators.
-    num_train: int = 20000
-    # Generated sources (arithmetic, reasoning_gym): held-out problems.
-    num_test: int = 500
+    # Generated sources (arithmetic, reasoning_gym): the training problems generated (arithmetic: at most).
+    train_size: int = 20000
+    # Synthetic arithmetic only: operators per problem and the largest operand.
     max_operators: int = 2
+    # Synthetic arithmetic only: the largest operand.
     max_operand: int = 9
     # reasoning_gym only (data/reasoning_gym.py, docs/data.md). The task: a name, a list of names (equal
     # weights) or a mapping name -> weight.
     task: Any = None
-    # Training problems generated (reasoning-gym's own name; the held-out count is num_test).
-    size: int = 10000
     # The generator's seed: training problems from item seeds seed .. seed+size-1, held-out ones after.
     seed: int = 0
     # The task's own config keys, passed through ({max_terms: 3}; with several tasks, task -> keys).
     task_config: Any = None
     # Curriculum: the task's difficulty attributes at this level (an int for all, or attribute -> level;
     # null: the task's defaults); task_config wins for the keys it names. Stages: docs/data.md.
-    level: Any = None
+    difficulty: Any = None
 
 
 @dataclass
@@ -227,6 +271,7 @@ class EnvConfig:
     # none (single turn), calc (a calculator for the embedded tiny model), or a user's environment
     # class given as env._target_=my_pkg.MyEnv (grpo_cli/envs/__init__.py has the protocol).
     name: str = "none"
+    # A user's environment class, module.Class (then env.name is only its label).
     _target_: str | None = None
     # Model turns per episode at most (each tool result starts a new one).
     max_turns: int = 4
@@ -251,8 +296,10 @@ class RewardConfig:
 
 @dataclass
 class TrainConfig:
-    # The defaults are the embedded demo's: 300 steps of 16 x 8 completions visibly raise the tiny
-    # model's held-out accuracy in a few CPU minutes (the README has the numbers).
+    """The defaults are the embedded demo's: 300 steps of 16 x 8 completions visibly raise the tiny
+    model's held-out accuracy in a few CPU minutes (the README has the numbers)."""
+
+    # Steps to train: rollout batches, each of train.prompts_per_step groups (mu x k optimizer steps each).
     steps: int = 300
     # Prompts per step; each yields group_size completions.
     prompts_per_step: int = 16
@@ -260,28 +307,35 @@ class TrainConfig:
     lr: float = 3e-4
     # Linear warm-up over this many steps (from lr / (warmup_steps + 1)), then train.lr_schedule.
     warmup_steps: int = 10
+    # AdamW's decoupled weight decay.
     weight_decay: float = 0.0
+    # AdamW's beta1 (first-moment decay).
     adam_beta1: float = 0.9
+    # AdamW's beta2 (second-moment decay; 0.99 as TRL and verl ship for RL).
     adam_beta2: float = 0.99
+    # Gradients clipped to this global norm before each optimizer step.
     max_grad_norm: float = 1.0
-    # Completions per forward/backward pass; gradients accumulate over the step's batch.
-    micro_batch_size: int = 64
-    # > 0: micro-batches of at most this many tokens (prompts once per group, completions unpadded),
-    # packed side by side with attention kept inside each sequence; replaces
-    # micro_batch_size. 0: off (padded micro-batches of micro_batch_size completions).
+    # Completions per forward/backward pass, padded to the widest (null: 64); gradients accumulate over the
+    # step's batch. Set this or micro_batch_tokens, not both.
+    micro_batch_size: int | None = None
+    # > 0: micro-batches by a token budget instead of micro_batch_size (prompts once per group,
+    # completions unpadded, packed side by side with attention kept inside each sequence). 0: off.
     micro_batch_tokens: int = 0
+    # A checkpoint every N steps (0: only at the end and when stopped early).
     save_every: int = 0
     # Held-out evaluation at step 0, every eval_every steps and at the last step; 0: none at all.
     eval_every: int = 100
     # With eval_every=0: still evaluate at step 0 and the last step (before/after numbers only).
     eval_at_ends: bool = False
-    # Held-out problems and samples per problem for the in-training evaluation (0 problems: none).
+    # Held-out problems of the in-training evaluation (0: none); eval.problems is grpo eval's.
     eval_problems: int = 200
+    # Sampled completions per held-out problem (its eval/accuracy); eval.samples is grpo eval's.
     eval_samples: int = 4
     # Newest checkpoints kept in the run dir (0 keeps all).
     keep_checkpoints: int = 2
     # null, "auto" (newest checkpoint in the run dir) or a checkpoint path.
     resume: str | None = None
+    # Every N steps the step's completions go to completions.jsonl (0: never).
     log_completions_every: int = 10
     # Stop after this many consecutive steps with a non-finite loss or gradient.
     max_bad_steps: int = 5
@@ -295,9 +349,6 @@ class TrainConfig:
     lr_schedule: str = "constant"
     # The decay's floor, a fraction of lr (linear / cosine only).
     min_lr_ratio: float = 0.0
-    # k optimizer steps per rollout batch, each on 1/k of its groups (TRL's steps_per_generation); must
-    # divide the step's groups (per rank). pi_old is the sampling policy throughout; see update.py.
-    steps_per_generation: int = 1
     # Under torchrun with several ranks: ddp (each rank holds the model) or fsdp (full fine-tuning,
     # parameters, gradients and optimizer state sharded). A single process ignores it.
     strategy: str = "ddp"
@@ -305,9 +356,11 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
+    # Prompts to sample G completions for.
     prompts: int = 2
     # Which split to draw prompts from.
     split: str = "test"
+    # The records' path; null: <run_dir>/samples.jsonl.
     out: str | None = None
 
 
@@ -319,8 +372,8 @@ class EvalConfig:
     checkpoints: list[str] = field(default_factory=list)
     # Data split to evaluate on.
     split: str = "test"
-    # Only the first N problems (null: all of the split).
-    limit: int | None = None
+    # Only the first N problems of the split (null: all); train.eval_problems is grpo train's.
+    problems: int | None = None
     # n: completions sampled per problem.
     samples: int = 4
     # Sampling temperature of those n completions.
@@ -346,6 +399,7 @@ class _Common:
     reward: RewardConfig = MISSING
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
+    # The run's seed: weights' initialisation, prompt order, every sampling stream (runtime/rng.py).
     seed: int = 0
     # console output: rich (live panel) or plain (one line per step).
     console: str = "rich"
@@ -387,6 +441,37 @@ def conf_dir() -> Path:
 
 def grpo_home() -> Path:
     return Path(os.environ.get("GRPO_HOME", Path.home() / ".cache" / "grpo-cli"))
+
+
+def get_key(node: Any, dotted: str) -> Any:
+    """The value at a dotted key (``"algo.engine_is.cap"``) of a config object or a plain dict tree;
+    KeyError or AttributeError when a part is missing."""
+    for part in dotted.split("."):
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    return node
+
+
+def set_key(node: Any, dotted: str, value: Any) -> None:
+    """Set a dotted key of a config object."""
+    *parents, leaf = dotted.split(".")
+    setattr(get_key(node, ".".join(parents)) if parents else node, leaf, value)
+
+
+def override_key(override: str) -> str | None:
+    """The dotted key a command-line override sets (``key=v``, ``+key=v``, ``++key=v``, ``~key``);
+    None for a word that sets no key (a flag)."""
+    if override.startswith("-"):
+        return None
+    if "=" not in override and not override.startswith("~"):
+        return None
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def hydra_overrides() -> list[str]:
+    """The overrides Hydra parsed for this job ([] outside a Hydra run, e.g. in tests)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def leaves(node: Any, prefix: str = "") -> dict[str, Any]:

@@ -63,7 +63,11 @@ def build(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
         p.grad = torch.randn_like(p) * 1e-3
     optimizer.step()
     scheduler.step()
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "sampler": {"pos": 8}}
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "prompt_order": {"pos": 8},
+    }
     from omegaconf import OmegaConf
 
     return policy, state, OmegaConf.to_yaml(OmegaConf.structured(cfg))
@@ -109,7 +113,12 @@ def measure(args: argparse.Namespace, run: Path) -> tuple[dict[str, list[tuple[f
             shutil.rmtree(old)
         note("save, no manifest", save_without_manifest, run, 10 * r + 1, policy, state, config_yaml)
         newest = note(
-            "save, manifest", checkpoint.save, run, 10 * r + 2, model, tok, state, config_yaml, keep=0
+            "save, manifest",
+            checkpoint.save,
+            run,
+            10 * r + 2,
+            checkpoint.Saved(model, tok, state, config_yaml),
+            0,
         )
         plain = save_without_manifest(run, 10 * r + 3, policy, state, config_yaml)
         note("hash all, second pass", manifest.write, plain, 10 * r + 3)

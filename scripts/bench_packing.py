@@ -110,7 +110,7 @@ def child(args: argparse.Namespace) -> None:
     policy, rollout = build(args, mix)
     algo = AlgoConfig(group_size=G, beta=0.04)
     train = TrainConfig(micro_batch_size=args.micro_batch_size, micro_batch_tokens=int(tokens), lr=1e-6)
-    micro = MicroBatching(train.micro_batch_size, train.micro_batch_tokens)
+    micro = MicroBatching.of_train(train, policy.model)
     optimizer, scheduler = make_optimizer(policy, train)
     times = []
     for i in range(args.warmup + args.steps):

@@ -190,17 +190,15 @@ def _median_steps(engine: str, steps: int) -> dict[str, float]:
     import tempfile
 
     from grpo_cli.cli import compose_config
-    from grpo_cli.commands import train
+    from grpo_cli.commands.build import build_train_run
+    from grpo_cli.commands.step import train_step
     from grpo_cli.commands.validate import validate
 
     cfg, _ = compose_config("train", [f"rollout.engine={engine}", "console=plain", "train.eval_problems=0"])
     validate(cfg)
-    t, _ = train._build(cfg, Path(tempfile.mkdtemp(prefix=f"bench-{engine}-")))
-    rows = [
-        train.train_step(t.setup, t.order, t.optimizer, t.scheduler, cfg.train)[0] for _ in range(steps + 1)
-    ]
+    with build_train_run(cfg, Path(tempfile.mkdtemp(prefix=f"bench-{engine}-"))) as t:
+        rows = [train_step(t, step)[0] for step in range(1, steps + 2)]
     rows = rows[1:]
-    t.setup.engine.close()
     out = {k: statistics.median(r[k] for r in rows) for k in ("gen_time", "step_time", "completion_len")}
     out["tokens_per_s"] = statistics.median(
         r["completion_len"] * cfg.train.prompts_per_step * cfg.algo.group_size / r["gen_time"] for r in rows

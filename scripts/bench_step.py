@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_step.py lora=none --steps 10
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_step.py --profile 15     # + torch.profiler's top ops, ~2 min
 
-Builds a trainer exactly as ``grpo train`` does (the same config composition, ``train._build``) with the
+Builds a trainer exactly as ``grpo train`` does (the same config composition, ``commands.build.build_train_run``) with the
 settings of ``scripts/bench_vs_trl.py`` (tiny model, 8 prompts x G = 8, 8 new tokens, beta 0.04, mu = 1;
 any extra Hydra override on the command line is applied on top), then runs ``--steps`` steps after
 ``--warmup``, timing each phase with the same functions the train loop calls: ``rollout.generate``,
@@ -73,17 +73,17 @@ def timed_step(t: Any, clock: Clock) -> None:
     from grpo_cli.commands.update import prepare
     from grpo_cli.core.loss import aggregation_units, policy_loss
     from grpo_cli.rollout.batch import draw_seed
-    from grpo_cli.rollout.generate import generate, score
+    from grpo_cli.rollout.generate import score
 
-    cfg, policy, s = t.cfg, t.policy, t.setup
+    cfg, policy = t.cfg, t.policy
     first = t.order.drawn
-    picked = [s.rows[i] for i in t.order.take(cfg.train.prompts_per_step)]
+    picked = [t.rows[i] for i in t.order.take(cfg.train.prompts_per_step)]
     seeds = [draw_seed(cfg.seed, first + i) for i in range(len(picked))]  # per-prompt streams, as the loop
     G = cfg.algo.group_size
-    ro = clock.run("generate", generate, s.engine, policy, picked, s.fmt, G, cfg.rollout, seeds=seeds)
-    ro = clock.run("reward", score, ro, s.rewarder)
+    ro = clock.run("generate", t.sampler.generate, picked, G, seeds=seeds)
+    ro = clock.run("reward", score, ro, t.rewarder)
     micro, temp = (
-        MicroBatching(cfg.train.micro_batch_size, cfg.train.micro_batch_tokens),
+        MicroBatching.of_train(cfg.train, policy.model),
         cfg.rollout.temperature,
     )
     inputs = clock.run("reference", prepare, policy, ro, cfg.algo, micro, temp)
@@ -106,14 +106,13 @@ def timed_step(t: Any, clock: Clock) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     from grpo_cli.cli import compose_config
-    from grpo_cli.commands.train import _build
+    from grpo_cli.commands.build import build_train_run
 
     args = parse_args(argv)
     cfg, _ = compose_config("train", BASE + args.overrides)
     per_step: dict[str, list[float]] = {p: [] for p in PHASES}
     with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
-        t, _ = _build(cfg, Path(tmp))
-        try:
+        with build_train_run(cfg, Path(tmp)) as t:
             for _ in range(args.warmup):
                 timed_step(t, Clock())
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -124,8 +123,6 @@ def main(argv: list[str] | None = None) -> None:
                 timed_step(t, clock)
                 for p in PHASES:
                     per_step[p].append(clock.seconds[p])
-        finally:
-            t.setup.rewarder.close()
     if args.profile:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
     med = {p: statistics.median(v) for p, v in per_step.items()}

@@ -7,7 +7,7 @@ Rules:
 - a project module is imported inside a function only by the entry point (``cli.py``, for a fast
   ``grpo --help``); optional third-party packages (vllm, wandb, ...) may be imported anywhere;
 - a layer imports only itself and the layers below it (``LAYERS``, bottom first);
-- a command (``commands/train.py``, ``sample.py``, ``eval.py``) never imports another command.
+- a command (``commands/train.py``, ``sample.py``, ``eval.py``, ``serve.py``) never imports another command.
 """
 
 from __future__ import annotations
@@ -26,7 +26,12 @@ LAYERS = [
 # Several packages on one layer may not import each other at all.
 SAME_LAYER = {"data": 3, "rewards": 3}
 ENTRY_POINTS = {"grpo_cli.cli", "grpo_cli.__main__"}
-COMMANDS = {"grpo_cli.commands.train", "grpo_cli.commands.sample", "grpo_cli.commands.eval"}
+COMMANDS = {
+    "grpo_cli.commands.train",
+    "grpo_cli.commands.sample",
+    "grpo_cli.commands.eval",
+    "grpo_cli.commands.serve",
+}
 
 
 def module_name(path: Path, package: Path = PACKAGE) -> str:

@@ -1,7 +1,11 @@
-"""Module and function sizes in grpo_cli/ (ast-measured): prints the five largest of each, exits 1
-when a module has more than 400 lines or a function more than 60 (STYLE.md's limits).
+"""Module and function sizes in grpo_cli/ (ast-measured): prints the five largest of each and a warning
+for each module past 400 lines or function past 60 (STYLE.md's sizes that fit a head).
 
-    python scripts/check_sizes.py            # run by `make lint`
+    python scripts/check_sizes.py            # run by `make lint`; a warning, never a failure
+
+A warning is a place to look for a second concept, not an order to split: modules are cut by
+cohesion, and a split that only moves lines (and re-exports them) is worse than a long cohesive
+module (STYLE.md).
 """
 
 from __future__ import annotations
@@ -40,8 +44,8 @@ def main() -> int:
     over = [f"{name}: {n} lines" for n, name in modules if n > MAX_MODULE]
     over += [f"{name}: {n} lines" for n, name in functions if n > MAX_FUNCTION]
     for line in over:
-        print(f"over the limit: {line}", file=sys.stderr)
-    return 1 if over else 0
+        print(f"warning: larger than a head holds, look for a second concept: {line}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

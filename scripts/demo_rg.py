@@ -58,7 +58,7 @@ def evaluate(checkpoint: Path | None, out: Path, seed: int, problems: int) -> di
     from grpo_cli.commands import eval as grpo_eval
     from grpo_cli.data import load_rows
 
-    args = [*COMMON, f"eval.limit={problems}", "eval.samples=4", f"seed={seed}"]
+    args = [*COMMON, f"eval.problems={problems}", "eval.samples=4", f"seed={seed}"]
     if checkpoint is not None:
         args.append(f"checkpoint={checkpoint}")
     cfg, _ = compose_config("eval", args)

@@ -55,7 +55,7 @@ def evaluate(
     from grpo_cli.commands import eval as grpo_eval
     from grpo_cli.data import load_rows
 
-    args = [*EVAL, f"eval.limit={problems}", f"seed={seed}", *extra]
+    args = [*EVAL, f"eval.problems={problems}", f"seed={seed}", *extra]
     if checkpoint is not None:
         args.append(f"checkpoint={checkpoint}")
     cfg, _ = compose_config("eval", args)

@@ -143,7 +143,7 @@ def _eval(standin: Path, data: Path, checkpoint: Path, out: Path, problems: int 
         "model.dtype=bfloat16",
         "data=gsm8k",
         f"data.path={data}",
-        f"eval.limit={problems}",
+        f"eval.problems={problems}",
         "eval.samples=4",
         "eval.k=[1,4]",
         "eval.bootstrap=100",

@@ -90,9 +90,13 @@ def start_servers(models: list[str], log_dir: Path, timeout_s: float = 300.0) ->
     import time
 
     from grpo_cli.engines.server.http import reachable
+    from grpo_cli.models import resolve_path
 
     procs, urls = [], []
     for i, model in enumerate(models):
+        # An embedded model is built here, first, so its build (minutes on a fresh machine for the
+        # tool variant) does not count against the server's start-up deadline.
+        model = resolve_path(model)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]

@@ -80,14 +80,13 @@ def roll_out(
     ``engine`` is given; the Rollout keeps the original rows."""
     from grpo_cli.engines import Decoding
     from grpo_cli.engines.hf import HFEngine
-    from grpo_cli.rollout.generate import generate
+    from grpo_cli.rollout.generate import Sampler
 
     engine = engine or HFEngine(policy, rollout_cfg.batch_size)
     fmt = PromptFormat("{question}", chat_template, system_prompt)
     texts = [{**r, "question": p} for r, p in zip(rows, prompts)]
-    ro = generate(
-        engine, policy, texts, fmt, group_size, rollout_cfg, Decoding.of(rollout_cfg, greedy), seeds
-    )
+    sampler = Sampler.single_turn(engine, policy, fmt, rollout_cfg)
+    ro = sampler.generate(texts, group_size, Decoding.of(rollout_cfg, greedy), seeds)
     ro.rows = [r for r in rows for _ in range(group_size)]
     return ro
 
@@ -96,10 +95,11 @@ def held_out(policy: Any, rows: list[dict], cfg: Any, rewarder: Any) -> dict[str
     """``grpo train``'s held-out metrics of ``policy`` on ``rows`` under a composed train config."""
     from grpo_cli.commands.heldout import held_out_metrics
     from grpo_cli.engines.hf import HFEngine
+    from grpo_cli.rollout.generate import Sampler
 
     engine = HFEngine(policy, cfg.rollout.batch_size)
-    fmt = PromptFormat.of(cfg.data, cfg.model)
-    return held_out_metrics(engine, policy, rows, fmt, cfg.rollout, cfg.train, cfg.seed, rewarder)
+    sampler = Sampler.single_turn(engine, policy, PromptFormat.of(cfg.data, cfg.model), cfg.rollout)
+    return held_out_metrics(sampler, rewarder, rows, cfg.train, cfg.seed)
 
 
 def dtype_twins(model_dir: Any, lora: bool, beta: float = 0.04) -> tuple[Any, Any]:
@@ -182,6 +182,7 @@ TIMING = {
     "idle_time",
     "gen_idle_time",
     "gen_wait_time",
+    "server_gen_time",
 }  # metrics that differ between equal runs
 
 

@@ -93,7 +93,7 @@ def test_the_new_algo_keys_default_to_off_and_land_typed():
         ("train.micro_batch_tokens=-1", "train.micro_batch_tokens"),
         ("algo.aggregation=mean", "seq_mean_token_mean"),
         ("algo.advantage=ppo", "algo.advantage"),
-        ("algo.objective=sapo", "algo.objective"),
+        ("algo.objective=ppo", "algo.objective"),
         ("algo.clip_ratio_c=0.9", "algo.clip_ratio_c"),
         ("algo.delta=1.1", "algo.delta"),  # not above 1 + epsilon_high = 1.2
         ("algo.entropy_coef=-0.01", "algo.entropy_coef"),
@@ -138,8 +138,8 @@ def test_readme_documents_every_data_group_with_no_repository_internal_paths():
 @pytest.mark.parametrize(
     "overrides,needle",
     [
-        (["train.prompts_per_step=4", "train.steps_per_generation=3"], "train.steps_per_generation=3"),
-        (["train.steps_per_generation=0"], "train.steps_per_generation=0"),
+        (["train.prompts_per_step=4", "algo.steps_per_generation=3"], "algo.steps_per_generation=3"),
+        (["algo.steps_per_generation=0"], "algo.steps_per_generation=0"),
         (["train.lr_schedule=step"], "choose one of: constant, linear, cosine"),
         (["train.min_lr_ratio=1.5"], "train.min_lr_ratio"),
         (["rollout.min_p=-0.1"], "rollout.min_p"),
@@ -155,11 +155,70 @@ def test_mini_batches_schedule_and_min_p_are_checked_in_one_line(overrides, need
 
 def test_steps_per_generation_must_divide_each_ranks_groups(monkeypatch):
     """Under torchrun each rank splits its own share: 8 prompts on 4 ranks are 2 groups per rank."""
-    ok, _ = compose_config("train", ["train.prompts_per_step=8", "train.steps_per_generation=2"])
+    ok, _ = compose_config("train", ["train.prompts_per_step=8", "algo.steps_per_generation=2"])
     monkeypatch.setenv("WORLD_SIZE", "4")
     validate(ok)
-    cfg, _ = compose_config("train", ["train.prompts_per_step=8", "train.steps_per_generation=4"])
+    cfg, _ = compose_config("train", ["train.prompts_per_step=8", "algo.steps_per_generation=4"])
     with pytest.raises(ConfigError, match="divide the 2 groups of a step per rank"):
         validate(cfg)
     monkeypatch.setenv("WORLD_SIZE", "1")
     validate(cfg)  # 8 groups in one process: 4 mini-batches of 2
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("data.num_train=5", "data.train_size"),
+        ("data.size=5", "data.train_size"),
+        ("data.num_test=5", "data.test_size"),
+        ("data.level=1", "data.difficulty"),
+        ("train.steps_per_generation=2", "algo.steps_per_generation"),
+    ],
+)
+def test_a_renamed_key_is_one_line_naming_its_successor(capsys, old, new):
+    from grpo_cli.cli import main
+
+    assert main(["train", old]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"grpo train: error: {old.split('=')[0]} was renamed: use {new}"]
+    assert main(["train", "-m", f"+{old}"]) == 2  # a sweep, which is not composed before Hydra starts
+    assert f"use {new}" in capsys.readouterr().err
+
+
+def test_a_renamed_key_in_a_yaml_file_names_its_successor():
+    """A user's own YAML (or an old saved config) that sets an old key fails at composition; the
+    line names the new key (``describe_error``), not Hydra's 'not in struct'."""
+    from grpo_cli.cli import describe_error
+
+    with pytest.raises(Exception) as info:
+        compose_config("eval", ["eval.limit=3"])
+    assert describe_error(info.value) == "eval.limit was renamed: use eval.problems"
+
+
+def test_mu_and_k_sit_side_by_side_and_the_budget_replaces_the_count():
+    cfg, _ = compose_config("train", ["algo.num_iterations=2", "algo.steps_per_generation=2"])
+    assert (cfg.algo.num_iterations, cfg.algo.steps_per_generation) == (2, 2)
+    validate(cfg)
+    cfg, _ = compose_config("train", ["train.micro_batch_tokens=4096"])
+    validate(cfg)  # micro_batch_size left null: the budget alone
+    cfg, _ = compose_config("train", ["train.micro_batch_tokens=4096", "train.micro_batch_size=8"])
+    with pytest.raises(ConfigError, match="replaces train.micro_batch_size=8: set one of them"):
+        validate(cfg)
+
+
+def test_one_test_size_for_files_and_generated_sources():
+    cfg, _ = compose_config("train", ["data.test_size=0.2"])  # arithmetic generates its problems
+    with pytest.raises(ConfigError, match="data=arithmetic generates its held-out problems: a count >= 1"):
+        validate(cfg)
+    from grpo_cli.data import load_rows
+
+    cfg, _ = compose_config("train", ["data.test_size=7", "data.train_size=30"])
+    assert len(load_rows(cfg.data, "test")) == 7 and len(load_rows(cfg.data, "train")) == 30
+
+
+def test_resuming_a_run_saved_before_a_rename_compares_by_the_new_name():
+    from grpo_cli.run.checkpoint import config_changes
+
+    old = "data:\n  num_train: 100\n"
+    assert config_changes(old, "data:\n  train_size: 100\n") == []
+    assert config_changes(old, "data:\n  train_size: 50\n") == ["data.train_size: 100 -> 50"]

@@ -105,3 +105,23 @@ def test_every_relative_link_in_the_docs_pages_exists():
         if target and not (page.parent / target).exists()
     ]
     assert not broken, f"broken relative links in docs/: {broken}"
+
+
+# A repository path in a code span: under one of the project's top-level folders, no placeholders.
+DOC_PATH = re.compile(r"`((?:grpo_cli|conf|scripts|tests|docs|\.ci)/[A-Za-z0-9_./-]*)(?:::[^`]*)?`")
+
+
+def _doc_paths() -> dict[str, set[str]]:
+    """Each repository path named in a code span of the README, docs/*.md and .ci/run -> the files naming it."""
+    named: dict[str, set[str]] = {}
+    for page in [README, *sorted(DOCS.glob("*.md")), REPO / ".ci" / "run"]:
+        for path in DOC_PATH.findall(page.read_text(encoding="utf-8")):
+            named.setdefault(path.rstrip("."), set()).add(page.name)
+    return named
+
+
+def test_every_path_the_docs_name_exists():
+    named = _doc_paths()
+    assert len(named) > 20  # the pattern finds the paths the pages name (it is not matching nothing)
+    missing = {path: sorted(pages) for path, pages in named.items() if not (REPO / path).exists()}
+    assert not missing, f"paths named in code spans that do not exist: {missing}"

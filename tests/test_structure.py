@@ -60,8 +60,14 @@ def test_a_cycle_a_nested_import_and_an_upward_import_are_each_named(check_impor
     assert len(found) == 4
 
 
-def test_sizes_are_within_the_limits():
+def test_the_size_report_warns_by_name_and_never_fails(capsys):
+    """Sizes are a warning that names each module or function past STYLE.md's sizes (cohesion decides
+    a split, not a line count), never a failed lint."""
     sizes = load_script("check_sizes")
     modules, functions = sizes.sizes()
-    assert max(n for n, _ in modules) <= sizes.MAX_MODULE
-    assert max(n for n, _ in functions) <= sizes.MAX_FUNCTION
+    assert sizes.main() == 0
+    err = capsys.readouterr().err
+    over = [name for n, name in modules if n > sizes.MAX_MODULE]
+    over += [name for n, name in functions if n > sizes.MAX_FUNCTION]
+    assert all(name in err for name in over)
+    assert err.count("warning:") == len(over)

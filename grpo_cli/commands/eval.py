@@ -4,13 +4,13 @@
     grpo eval checkpoint=outputs/<date>/<time>/checkpoint-200     # a LoRA adapter dir or a full model dir
     grpo eval 'eval.checkpoints=[base,outputs/run/checkpoint-100,outputs/run/checkpoint-200]'
     grpo eval eval.completions=samples.jsonl data=math500         # score completions made elsewhere
-    grpo eval data=gsm8k data.path=../shared/data/gsm8k eval.limit=100 eval.samples=16 'eval.k=[1,4,16]'
+    grpo eval data=gsm8k data.path=../shared/data/gsm8k eval.problems=100 eval.samples=16 'eval.k=[1,4,16]'
 
 For every checkpoint, ``eval.samples`` = n completions per problem are sampled at ``eval.temperature``,
 plus one greedy completion per problem when ``eval.greedy=true``, by the held-out evaluation
 ``grpo train`` runs (``commands.heldout``): problem i samples from its own stream, seeded by ``seed``
 and i, so every checkpoint sees the same streams, and a run's checkpoint evaluated with the run's
-held-out settings (``eval.limit=<train.eval_problems> eval.samples=<train.eval_samples>``; ``seed``
+held-out settings (``eval.problems=<train.eval_problems> eval.samples=<train.eval_samples>``; ``seed``
 is the run's) reports as ``pass@1`` the run's own ``eval/accuracy`` at that step, exactly. A
 completion is *correct* when the first reward rule scores it 1.0.
 
@@ -56,12 +56,11 @@ rules judged. ``token_ids`` are the ids after the prompt, ``model_mask`` 1 where
 ``eval.completions=FILE`` scores completions produced by any other system without loading a model:
 one JSON object per line, ``{"id": ..., "completion": ...}``, ``id`` being the data group's problem id
 (arithmetic and GSM8K: the row index; MATH-500: ``unique_id``; HumanEval: ``task_id``). n is the number
-of lines per id; ``eval.limit`` keeps the first N ids of the file.
+of lines per id; ``eval.problems`` keeps the first N ids of the file.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 from collections import Counter
@@ -70,6 +69,7 @@ from typing import Any
 
 from rich.console import Console
 
+from grpo_cli.commands.build import Run, build_run
 from grpo_cli.commands.eval_metrics import (
     Summary,
     answer_fn,
@@ -79,15 +79,14 @@ from grpo_cli.commands.eval_metrics import (
     summarize,
 )
 from grpo_cli.commands.eval_table import legend, results_tables, with_damaged
-from grpo_cli.commands.heldout import held_out_rollout
+from grpo_cli.commands.heldout import held_out_rollout, held_out_seeds
 from grpo_cli.commands.validate import validate_eval
-from grpo_cli.config import ConfigError, EvalRoot
+from grpo_cli.config import ConfigError, EvalRoot, hydra_overrides
 from grpo_cli.data import load_rows
-from grpo_cli.engines import Decoding, Engine, build_engine
-from grpo_cli.envs.episode import EpisodeSpec, episode_spec, extra_tokens
-from grpo_cli.models import Policy, check_adapter_base, load_policy
+from grpo_cli.engines import Decoding
+from grpo_cli.models import check_adapter_base
 from grpo_cli.rewards import build_rewarder
-from grpo_cli.rollout.generate import PromptFormat, longest_prompt, rule_rows
+from grpo_cli.rollout.generate import rule_rows
 from grpo_cli.rollout.record import token_record
 from grpo_cli.run.progress import GenerationProgress
 from grpo_cli.run.saved import inherit, whole_checkpoints
@@ -96,27 +95,18 @@ from grpo_cli.runtime.logs import setup_logging
 log = logging.getLogger("grpo_cli")
 
 
-def generate_records(
-    engine: Engine,
-    policy: Policy,
-    rows: list[dict],
-    cfg: EvalRoot,
-    rewarder: Any,
-    greedy: bool,
-    progress: GenerationProgress,
-    label: str,
-    spec: EpisodeSpec,
-) -> list[dict[str, Any]]:
-    """The held-out evaluation's completions of ``rows`` (``eval.samples`` each, or one greedy), scored,
-    each with its ``token_ids`` and ``model_mask`` (and an episode's counters)."""
+def generate_records(r: Run, greedy: bool, progress: GenerationProgress, label: str) -> list[dict[str, Any]]:
+    """The held-out evaluation's completions of the run's held-out rows (``eval.samples`` each, or one
+    greedy) by the checkpoint loaded, scored, each with its ``token_ids`` and ``model_mask`` (and an
+    episode's counters)."""
+    cfg = r.cfg
     n = 1 if greedy else cfg.eval.samples
     decoding = Decoding.of(cfg.rollout, greedy=greedy, temperature=cfg.eval.temperature)
-    fmt = PromptFormat.of(cfg.data, cfg.model)
-    args = (engine, policy, rows, fmt, cfg.rollout, n, decoding, cfg.seed, progress, label)
-    ro = held_out_rollout(*args, spec=spec)
+    seeds = held_out_seeds(cfg.seed, range(len(r.held_out)))
+    ro = held_out_rollout(r.sampler, r.held_out, n, decoding, seeds, (progress, label))
     samples = [i % n for i in range(len(ro.texts))]
     rows, lengths = rule_rows(ro), ro.lengths.tolist()
-    records = score_records(ro.texts, rows, rewarder, answer_fn(rewarder), lengths, samples, greedy)
+    records = score_records(ro.texts, rows, r.rewarder, answer_fn(r.rewarder), lengths, samples, greedy)
     for i, rec in enumerate(records):  # an episode's counters beside its scores (tool metrics)
         rec.update({k: v[i] for k, v in ro.episode_stats.items()})
         rec.update(token_record(ro, i))
@@ -175,40 +165,12 @@ def check_checkpoints(cfg: EvalRoot, names: list[str]) -> None:
             check_adapter_base(name, cfg.model.name_or_path)
 
 
-def evaluate_checkpoint(
-    name: str,
-    cfg: EvalRoot,
-    rows: list[dict],
-    rewarder: Any,
-    progress: GenerationProgress,
-    spec: EpisodeSpec | None = None,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], EpisodeSpec]:
-    """Sampled records (n per row) and greedy records (1 per row, or none) of one checkpoint, and the
-    episodes' spec: ``spec`` when given (the command's one environment, built with the first
-    checkpoint: every checkpoint shares the base model's tokenizer), else a new one the caller closes."""
-    policy = load_policy(
-        cfg.model, cfg.lora, beta=0.0, checkpoint=None if name == "base" else name, trainable=False
-    )
-    created, spec = spec is None, spec or episode_spec(cfg.env, policy, cfg.rollout)
-    try:
-        longest = longest_prompt(policy.tokenizer, rows, PromptFormat.of(cfg.data, cfg.model))
-        longest += extra_tokens(cfg.env, cfg.rollout)  # an episode's budget beyond max_new_tokens
-        engine = build_engine(policy, cfg.rollout, cfg.model, cfg.seed, longest)  # vllm: one for all, pushed
-        try:
-            args = (engine, policy, rows, cfg, rewarder)
-            sampled = generate_records(*args, False, progress, f"{name}: sampling", spec)
-            greedy = []
-            if cfg.eval.greedy:
-                greedy = generate_records(*args, True, progress, f"{name}: greedy", spec)
-        finally:
-            engine.close()
-            del policy, engine
-            gc.collect()
-    except BaseException:
-        if created:  # the caller never got it
-            spec.close()
-        raise
-    return sampled, greedy, spec
+def evaluate_checkpoint(r: Run, name: str, progress: GenerationProgress) -> tuple[list[dict], list[dict]]:
+    """Sampled records (n per problem) and greedy records (1 per problem, or none) of the checkpoint
+    the run has loaded (``name`` labels the progress bars)."""
+    sampled = generate_records(r, False, progress, f"{name}: sampling")
+    greedy = generate_records(r, True, progress, f"{name}: greedy") if r.cfg.eval.greedy else []
+    return sampled, greedy
 
 
 def result_entry(
@@ -251,18 +213,11 @@ def write_outputs(results: list[dict[str, Any]], records: list[dict[str, Any]], 
 # Driver
 
 
-def _command_line() -> list[str]:
-    """The overrides Hydra parsed for this run ([] outside a Hydra run, e.g. in tests)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-
-
 def _score_file(cfg: EvalRoot, rows: list[dict], rewarder: Any) -> tuple[list[dict], list[dict]]:
     """Records from ``eval.completions``; checks every K against the completions per problem."""
     ev = cfg.eval
     where = f"data={cfg.data.name} split={ev.split}"
-    texts, picked = read_completions(ev.completions, rows, ev.limit, where)
+    texts, picked = read_completions(ev.completions, rows, ev.problems, where)
     counts: dict[str, int] = {}
     samples = []
     for row in picked:
@@ -286,36 +241,19 @@ def run(cfg: EvalRoot, run_dir: str, overrides: list[str] | None = None) -> dict
     setup_logging()
     validate_eval(cfg)
     ev = cfg.eval
-    names = [ev.completions] if ev.completions else checkpoint_names(cfg)
-    asked, damaged = names, {}
-    if not ev.completions:
-        names, damaged = whole_checkpoints(names)  # before anything of them is read
-        inherit(cfg, names, _command_line() if overrides is None else overrides)
+    if ev.completions:
+        asked = names = [ev.completions]
+        damaged: dict[str, str] = {}
+        rows = load_rows(cfg.data, ev.split)  # never empty (ConfigError)
+        with build_rewarder(cfg.reward) as rewarder:
+            sampled, greedy = _score_file(cfg, rows, rewarder)  # eval.problems: the file's ids
+        results, summaries, all_records = _results(cfg, [(ev.completions, sampled, greedy)])
+    else:
+        asked = checkpoint_names(cfg)
+        names, damaged = whole_checkpoints(asked)  # before anything of them is read
+        inherit(cfg, names, hydra_overrides() if overrides is None else overrides)
         check_checkpoints(cfg, names)
-    rows = load_rows(cfg.data, ev.split)  # never empty (ConfigError)
-    rewarder = build_rewarder(cfg.reward)
-    results, summaries, all_records = [], [], []
-    ks = list(ev.k) if ev.k is not None else None  # None: the default, trimmed to n below
-    spec = None  # the command's one environment, closed when the command ends or fails
-    try:
-        with GenerationProgress(Console(stderr=True), live=cfg.console == "rich") as progress:
-            for name in names:
-                if ev.completions:  # eval.limit applies to the file's ids, not to the split's rows
-                    sampled, greedy = _score_file(cfg, rows, rewarder)
-                else:
-                    sampled, greedy, spec = evaluate_checkpoint(
-                        name, cfg, rows[: ev.limit], rewarder, progress, spec
-                    )
-                if ks is None:
-                    ks = default_ks(min(Counter(str(r["id"]) for r in sampled).values()))
-                entry, summary = result_entry(name, sampled, greedy, ks, cfg.seed, ev.bootstrap)
-                results.append(entry)
-                summaries.append(summary)
-                all_records += [{"checkpoint": name, **r} for r in sampled + greedy]
-    finally:
-        rewarder.close()
-        if spec is not None:
-            spec.close()
+        results, summaries, all_records = _results(cfg, _evaluated(cfg, names))
     add_deltas(results, summaries, cfg.seed, ev.bootstrap)
     problems = len({r["id"] for r in all_records})
     console = Console()
@@ -329,3 +267,35 @@ def run(cfg: EvalRoot, run_dir: str, overrides: list[str] | None = None) -> dict
     jsonl = write_outputs(results, all_records, out)
     log.info("results: %s; completions: %s", out, jsonl)
     return {"results": results}
+
+
+def _evaluated(cfg: EvalRoot, names: list[str]) -> list[tuple[str, list[dict], list[dict]]]:
+    """(name, sampled, greedy) records of every checkpoint, in order, on one run: the rows, the
+    episodes and the reward rules are built once; each checkpoint replaces the policy and its engine."""
+    out = []
+    with (
+        build_run(cfg, names[0]) as r,
+        GenerationProgress(Console(stderr=True), live=cfg.console == "rich") as progress,
+    ):
+        for i, name in enumerate(names):
+            if i:
+                r.load_checkpoint(name)
+            out.append((name, *evaluate_checkpoint(r, name, progress)))
+    return out
+
+
+def _results(
+    cfg: EvalRoot, evaluated: list[tuple[str, list[dict], list[dict]]]
+) -> tuple[list[dict], list[Summary], list[dict]]:
+    """The JSON entries and Summaries of the checkpoints, and every record labelled with its checkpoint."""
+    ev = cfg.eval
+    ks = list(ev.k) if ev.k is not None else None  # None: the default, trimmed to n below
+    results, summaries, all_records = [], [], []
+    for name, sampled, greedy in evaluated:
+        if ks is None:
+            ks = default_ks(min(Counter(str(r["id"]) for r in sampled).values()))
+        entry, summary = result_entry(name, sampled, greedy, ks, cfg.seed, ev.bootstrap)
+        results.append(entry)
+        summaries.append(summary)
+        all_records += [{"checkpoint": name, **r} for r in sampled + greedy]
+    return results, summaries, all_records

@@ -292,6 +292,10 @@ def score_records(
     """Score completions [N] against their rows [N]; one record per completion (``grpo eval``'s JSONL).
 
     ``vote`` is kept in memory for maj@k and dropped from the JSONL.
+
+    Seven arguments: the completions and their rows, the rules and their answer extractor, and three
+    optional per-completion columns (lengths, sample indices, greedy) that ``eval.completions`` files
+    lack.
     """
     result = rewarder(texts, rows)
     right = correct(result.per_rule)

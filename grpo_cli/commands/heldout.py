@@ -3,7 +3,7 @@
 Problem i of the held-out rows samples from its own stream, ``draw_seed(seed, i, HELD_OUT_STREAM)``,
 so what it gets depends on the run's seed and its index alone: not on the batch it is decoded in, the
 rank that decodes it, or the global RNG (the training streams go on as without evaluation). Hence
-``grpo eval`` on a run's ``checkpoint-N``, given the run's held-out settings (``eval.limit`` =
+``grpo eval`` on a run's ``checkpoint-N``, given the run's held-out settings (``eval.problems`` =
 ``train.eval_problems``, ``eval.samples`` = ``train.eval_samples``), reports as ``pass@1`` exactly the
 run's ``eval/accuracy`` at step N.
 
@@ -17,51 +17,47 @@ from typing import Any
 
 import torch
 
-from grpo_cli.config import RolloutConfig, TrainConfig
-from grpo_cli.engines import Decoding, Engine
-from grpo_cli.envs.episode import EpisodeSpec
-from grpo_cli.models import Policy
+from grpo_cli.config import TrainConfig
+from grpo_cli.engines import Decoding
 from grpo_cli.rewards import correct
 from grpo_cli.rollout.batch import HELD_OUT_STREAM, draw_seed
-from grpo_cli.rollout.generate import PromptFormat, generate, score
+from grpo_cli.rollout.generate import Sampler, score
 from grpo_cli.rollout.record import Rollout
 from grpo_cli.run.progress import GenerationProgress
 from grpo_cli.runtime import distributed
 
 
+def held_out_seeds(seed: int, index: Sequence[int]) -> list[int]:
+    """The sampling seeds of held-out problems ``index`` in a run seeded ``seed`` (their own stream)."""
+    return [draw_seed(seed, i, HELD_OUT_STREAM) for i in index]
+
+
 def held_out_rollout(
-    engine: Engine,
-    policy: Policy,
+    sampler: Sampler,
     rows: Sequence[dict],
-    fmt: PromptFormat,
-    rollout_cfg: RolloutConfig,
     n: int,
     decoding: Decoding,
-    seed: int,
-    progress: GenerationProgress,
-    label: str,
-    index: Sequence[int] | None = None,
-    spec: EpisodeSpec | None = None,
+    seeds: Sequence[int],
+    progress: tuple[GenerationProgress, str],
 ) -> Rollout:
-    """n completions (or episodes) of each row, unscored; row i samples from the stream of problem
-    ``index[i]`` (default i). ``label`` names the progress bar."""
-    index = range(len(rows)) if index is None else index
-    seeds = None if decoding.greedy else [draw_seed(seed, i, HELD_OUT_STREAM) for i in index]
-    with progress.task(label, len(rows) * n) as advance:
-        return generate(engine, policy, rows, fmt, n, rollout_cfg, decoding, seeds, advance, spec)
+    """n completions (or episodes) of each row, unscored; row i draws from ``seeds[i]``
+    (``held_out_seeds``) when sampled, from nothing when greedy.
+
+    ``progress``: where the generation shows (a ``GenerationProgress``) and its bar's label.
+    """
+    seeds = None if decoding.greedy else seeds
+    shown, label = progress
+    with shown.task(label, len(rows) * n) as advance:
+        return sampler.generate(rows, n, decoding, seeds, advance)
 
 
 def held_out_metrics(
-    engine: Engine,
-    policy: Policy,
+    sampler: Sampler,
+    rewarder: Any,
     rows: list[dict],
-    fmt: PromptFormat,
-    rollout_cfg: RolloutConfig,
     tr: TrainConfig,
     seed: int,
-    rewarder: Any,
     progress: GenerationProgress | None = None,
-    spec: EpisodeSpec | None = None,
 ) -> dict[str, float]:
     """``grpo train``'s held-out numbers: ``eval/accuracy`` (``train.eval_samples`` sampled completions
     per problem), ``eval/reward`` and ``eval/accuracy_greedy``.
@@ -78,11 +74,11 @@ def held_out_metrics(
     counted = len(mine)
     mine += [mine[-1] if mine else 0] * (per_rank - counted)
     picked = [rows[i] for i in mine]
-    progress = progress or GenerationProgress()
-    args = (engine, policy, picked, fmt, rollout_cfg)
-    sampling, greedy = Decoding.of(rollout_cfg), Decoding.of(rollout_cfg, greedy=True)
-    sampled = held_out_rollout(*args, n, sampling, seed, progress, "held-out: sampling", mine, spec)
-    greedy = held_out_rollout(*args, 1, greedy, seed, progress, "held-out: greedy", None, spec)
+    shown = progress or GenerationProgress()
+    sampling, greedy = Decoding.of(sampler.rollout), Decoding.of(sampler.rollout, greedy=True)
+    seeds = held_out_seeds(seed, mine)
+    sampled = held_out_rollout(sampler, picked, n, sampling, seeds, (shown, "held-out: sampling"))
+    greedy = held_out_rollout(sampler, picked, 1, greedy, seeds, (shown, "held-out: greedy"))
     sums = _counts(score(sampled, rewarder), counted * n) + _counts(score(greedy, rewarder), counted)
     total = distributed.all_sum(torch.tensor(sums, dtype=torch.float64)).tolist()
     return {

@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
+from grpo_cli.config import DEFAULT_MICRO_BATCH_SIZE, TrainConfig
 from grpo_cli.core.packing import token_bins
-from grpo_cli.models.logprobs import grouped_completion_logprobs, packed_completion_logprobs
+from grpo_cli.models.logprobs import grouped_completion_logprobs, packed_completion_logprobs, packed_layout
 from grpo_cli.rollout.record import Rollout
 from grpo_cli.runtime import distributed
 
@@ -35,10 +36,18 @@ class MicroBatching:
 
     size: int
     tokens: int = 0
+    prompt_each: bool = False  # the packed layout copies the prompt before every completion (flash-attention)
 
     @staticmethod
     def of(micro: int | MicroBatching) -> MicroBatching:
         return micro if isinstance(micro, MicroBatching) else MicroBatching(micro)
+
+    @staticmethod
+    def of_train(tr: TrainConfig, model: Any) -> MicroBatching:
+        """``train.micro_batch_tokens`` when > 0, else ``train.micro_batch_size`` (null: 64), for ``model``,
+        whose attention decides what a packed row holds (``models.logprobs.packed_layout``)."""
+        size, tokens = tr.micro_batch_size or DEFAULT_MICRO_BATCH_SIZE, tr.micro_batch_tokens
+        return MicroBatching(size, tokens, bool(tokens) and packed_layout(model) == "sequences")
 
     def plan(self, rollout: Rollout) -> list[slice] | list[torch.Tensor]:
         """The micro-batches of ``rollout``: consecutive slices, or packed row sets [n_i] balanced by
@@ -53,13 +62,14 @@ class MicroBatching:
         prompt_lengths = rollout.prompt_mask[::G].long().sum(1).tolist()
         bins = None
         if distributed.world().enabled:
-            mine = len(token_bins(lengths, groups, prompt_lengths, self.tokens))
+            mine = len(token_bins(lengths, groups, prompt_lengths, self.tokens, prompt_each=self.prompt_each))
             most, fewest_rows = (
                 distributed.all_max(torch.tensor([mine])),
                 distributed.all_min(torch.tensor([n])),
             )
             bins = min(int(most), int(fewest_rows))
-        return [torch.tensor(b) for b in token_bins(lengths, groups, prompt_lengths, self.tokens, bins)]
+        bins_ = token_bins(lengths, groups, prompt_lengths, self.tokens, bins, self.prompt_each)
+        return [torch.tensor(b) for b in bins_]
 
 
 def micro_logps(
@@ -111,7 +121,7 @@ def mini_batch_rows(groups: int, group_size: int, k: int) -> list[torch.Tensor] 
     same groups whether the batch is split over 1 rank or 8.
     """
     if groups % k:
-        raise ValueError(f"train.steps_per_generation={k} must divide the {groups} groups of the batch")
+        raise ValueError(f"algo.steps_per_generation={k} must divide the {groups} groups of the batch")
     if k == 1:
         return None
     return [
@@ -133,17 +143,11 @@ def logps_no_grad(
     kind = "metric" if entropy else None
     plan = micro.plan(rollout)
     parts = [micro_logps(runner, rollout, s, temperature, kind, bool(micro.tokens)) for s in plan]
-    pairs = parts if entropy else [(p,) for p in parts]
-    outs = []
-    for i in range(len(pairs[0])):
-        if not micro.tokens:  # consecutive slices
-            outs.append(torch.cat([pair[i] for pair in pairs]))
-            continue
-        out = pairs[0][i].new_zeros(rollout.completion_ids.size(0), pairs[0][i].size(1))  # [N, T]
-        for s, pair in zip(plan, pairs):
-            out[s.to(out.device)] = pair[i]
-        outs.append(out)
-    return tuple(outs) if entropy else outs[0]
+    if not micro.tokens:  # consecutive slices
+        pairs = parts if entropy else [(p,) for p in parts]
+        outs = tuple(torch.cat([pair[i] for pair in pairs]) for i in range(len(pairs[0])))
+        return outs if entropy else outs[0]
+    return _scatter(parts, plan, rollout.completion_ids.size(0), entropy)
 
 
 def mini_batch_logps(
@@ -160,11 +164,17 @@ def mini_batch_logps(
     if rows is None:
         return logps_no_grad(runner, rollout, temp, micro, entropy)
     parts = [logps_no_grad(runner, rollout.select(r), temp, micro, entropy) for r in rows]
-    pairs = parts if entropy else [(p,) for p in parts]
+    return _scatter(parts, rows, rollout.completion_ids.size(0), entropy)
+
+
+def _scatter(parts: list[Any], index: list[torch.Tensor], n: int, pairs: bool) -> Any:
+    """Per-part results [n_i, T] (or pairs of them) put back at their completions ``index[i]`` [n_i]
+    of an [N = n, T] tensor; the index sets cover every completion once (packed bins, mini-batches)."""
+    parts = parts if pairs else [(p,) for p in parts]
     outs = []
-    for i in range(len(pairs[0])):
-        out = pairs[0][i].new_empty(rollout.completion_ids.size(0), pairs[0][i].size(1))  # [N, T]
-        for r, pair in zip(rows, pairs):
-            out[r.to(out.device)] = pair[i]
+    for i in range(len(parts[0])):
+        out = parts[0][i].new_zeros(n, parts[0][i].size(1))  # [N, T]
+        for at, part in zip(index, parts):
+            out[at.to(out.device)] = part[i]
         outs.append(out)
-    return tuple(outs) if entropy else outs[0]
+    return tuple(outs) if pairs else outs[0]

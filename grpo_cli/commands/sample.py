@@ -21,18 +21,14 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from grpo_cli.commands.build import build_run
 from grpo_cli.commands.update import advantages_for
 from grpo_cli.config import SampleRoot
-from grpo_cli.data import build_prompt, load_rows
-from grpo_cli.engines import build_engine
-from grpo_cli.envs.episode import episode_spec, extra_tokens
-from grpo_cli.models import load_policy
-from grpo_cli.rewards import build_rewarder
-from grpo_cli.rollout.generate import PromptFormat, generate, longest_prompt, score
+from grpo_cli.data import build_prompt
+from grpo_cli.rollout.generate import score
 from grpo_cli.rollout.record import Rollout, token_record, token_runs, transcript
 from grpo_cli.run.progress import GenerationProgress
 from grpo_cli.runtime.logs import setup_logging
-from grpo_cli.runtime.rng import seed_everything
 
 
 def _table(ro: Rollout, advantages: torch.Tensor, g: int, prompt: str, tok: Any) -> Table:
@@ -98,33 +94,20 @@ def records(ro: Rollout, advantages: torch.Tensor, prompts: list[str], tok: Any)
 def run(cfg: SampleRoot, run_dir: str) -> list[dict[str, Any]]:
     """Sample, score, and show ``sample.prompts`` groups; returns the records written to samples.jsonl."""
     setup_logging()
-    seed_everything(cfg.seed)
-    rows = load_rows(cfg.data, cfg.sample.split)[: cfg.sample.prompts]
-    prompts = [build_prompt(r, cfg.data.template) for r in rows]
-    policy = load_policy(cfg.model, cfg.lora, beta=0.0, trainable=False)
-    fmt = PromptFormat.of(cfg.data, cfg.model)
-    spec = episode_spec(cfg.env, policy, cfg.rollout)  # the command's one environment
     G = cfg.algo.group_size
-    try:
-        longest = longest_prompt(policy.tokenizer, rows, fmt) + extra_tokens(cfg.env, cfg.rollout)
-        engine = build_engine(policy, cfg.rollout, cfg.model, cfg.seed, longest)
-        with build_rewarder(cfg.reward) as rewarder:
-            try:
-                progress = GenerationProgress(Console(stderr=True), live=cfg.console == "rich")
-                with progress.task("sampling", len(rows) * G) as advance:
-                    ro = generate(engine, policy, rows, fmt, G, cfg.rollout, progress=advance, spec=spec)
-                ro = score(ro, rewarder)
-            finally:
-                engine.close()
-    finally:
-        spec.close()
+    with build_run(cfg) as r:
+        progress = GenerationProgress(Console(stderr=True), live=cfg.console == "rich")
+        with progress.task("sampling", len(r.rows) * G) as advance:
+            ro = r.sampler.generate(r.rows, G, progress=advance)
+        ro = score(ro, r.rewarder)
     advantages, _ = advantages_for(ro, G, cfg.algo.scale_rewards, cfg.algo.advantage, cfg.algo.passk_k)
+    prompts = [build_prompt(row, cfg.data.template) for row in r.rows]
     console = Console()
     for g, prompt in enumerate(prompts):
-        console.print(_table(ro, advantages, g, prompt, policy.tokenizer))
+        console.print(_table(ro, advantages, g, prompt, r.policy.tokenizer))
     out = Path(cfg.sample.out) if cfg.sample.out else Path(run_dir) / "samples.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
-    written = records(ro, advantages, prompts, policy.tokenizer)
-    out.write_text("".join(json.dumps(r) + "\n" for r in written))
+    written = records(ro, advantages, prompts, r.policy.tokenizer)
+    out.write_text("".join(json.dumps(rec) + "\n" for rec in written))
     console.print(f"wrote {out}")
     return written

@@ -12,69 +12,43 @@ Held-out evaluation and checkpoints are the caller's (``commands.train``), not t
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import torch
 
+from grpo_cli.commands.build import TrainRun
 from grpo_cli.commands.passes import MicroBatching
 from grpo_cli.commands.update import prepare, update
-from grpo_cli.config import TrainConfig
-from grpo_cli.rollout.ahead import RolloutsAhead
-from grpo_cli.rollout.batch import PromptOrder, RolloutSetup, roll_out_batch, rollout_metrics
-from grpo_cli.rollout.record import Rollout, concat_rollouts
+from grpo_cli.rollout.batch import batch_metrics, roll_out_batch
+from grpo_cli.rollout.record import Rollout
 from grpo_cli.runtime import distributed
 
 
-def train_step(
-    setup: RolloutSetup,
-    order: PromptOrder,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    tr: TrainConfig,
-    ahead: RolloutsAhead | None = None,
-    step: int = 0,
-) -> tuple[dict[str, float], Rollout, torch.Tensor]:
-    """One GRPO step on ``setup.policy`` (step number ``step``, from 1).
+def train_step(run: TrainRun, step: int) -> tuple[dict[str, float], Rollout, torch.Tensor]:
+    """One GRPO step on ``run.policy`` (step number ``step``, from 1).
 
-    ``ahead`` (``rollout.max_staleness`` >= 1): the batch comes from the rollouts generated ahead, and
-    the generation of a later one runs during the update. Returns the step's metrics, and the trained
-    rollout (all ranks') with its advantages [N], for the logs.
+    With ``run.ahead`` (``rollout.max_staleness`` >= 1) the batch comes from the rollouts generated
+    ahead, and the generation of a later one runs during the update. Returns the step's metrics, and the
+    trained rollout (all ranks') with its advantages [N], for the logs.
     """
-    policy, algo, temp = setup.policy, setup.algo, setup.rollout.temperature
+    policy, algo, tr, temp = run.policy, run.cfg.algo, run.cfg.train, run.cfg.rollout.temperature
     t0 = time.perf_counter()
-    if ahead is None:
-        batch, timing = roll_out_batch(setup, order, tr.prompts_per_step), {}
+    if run.ahead is None:
+        batch, timing = roll_out_batch(run.source), {}
     else:
-        batch, timing = ahead.take(version=step - 1)
-    setup.engine.pause()  # vllm with rollout.sleep on CUDA: its memory back for the update
+        # The last step launches no generation: nothing would train on it.
+        batch, timing = run.ahead.take(version=step - 1, launch=step < tr.steps)
+    run.engine.pause()  # vllm with rollout.sleep on CUDA: its memory back for the update
     t_gen = time.perf_counter() - t0
-    micro = MicroBatching(tr.micro_batch_size, tr.micro_batch_tokens)
-    inputs = prepare(policy, batch.trained, algo, micro, temp, tr.steps_per_generation, seed=step)
-    stats = update(policy, optimizer, scheduler, inputs, algo, tr, temp)
-    if ahead is not None:
-        timing.update(ahead.finish())  # the weights change only once no generation is in flight
-    setup.engine.sync()  # the held-out evaluation and the next rollout sample the updated weights
+    micro = MicroBatching.of_train(tr, policy.model)
+    inputs = prepare(policy, batch.trained, algo, micro, temp, seed=step)
+    stats = update(policy, run.optimizer, run.scheduler, inputs, algo, tr, temp)
+    if run.ahead is not None:
+        timing.update(run.ahead.finish())  # the weights change only once no generation is in flight
+        t_gen += timing["idle_time"]  # gen_time: the trainer's wait for generation, as on-policy
+    run.engine.sync()  # the held-out evaluation and the next rollout sample the updated weights
     dt = time.perf_counter() - t0
-    pad = policy.tokenizer.pad_token_id
-    seen = gather_rollout(batch.seen, pad)
-    metrics = {
-        **rollout_metrics(seen),
-        **stats,
-        "step_time": dt,
-        "gen_time": t_gen,
-        "tokens_per_s": float(seen.lengths.sum()) / dt,
-        **timing,
-    }
-    everyone = seen if not algo.dynamic_sampling else gather_rollout(batch.trained, pad)
-    if algo.dynamic_sampling:
-        metrics["sampling_rounds"] = float(batch.rounds)
-        metrics["batch_zero_std_frac"] = rollout_metrics(everyone)["zero_std_frac"]
+    sampled, everyone, tokens = batch_metrics(batch, policy.tokenizer.pad_token_id, algo.dynamic_sampling)
+    timings = {"step_time": dt, "gen_time": t_gen, "tokens_per_s": tokens / dt}
+    metrics = {**sampled, **stats, **timings, **timing}
     advantages = torch.cat(distributed.gather_objects(inputs.advantages.cpu()))
     return metrics, everyone, advantages
-
-
-def gather_rollout(ro: Rollout, pad_id: int) -> Rollout:
-    """Every rank's rollout, concatenated in rank order (the 1-process layout); ``ro`` itself with one rank."""
-    if not distributed.world().enabled:
-        return ro
-    return concat_rollouts(distributed.gather_objects(ro.to("cpu")), pad_id)

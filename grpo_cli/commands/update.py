@@ -1,11 +1,11 @@
 """The GRPO update on a scored rollout: advantages, the loss input, micro-batched forward/backward,
 the optimizer and its schedule.
 
-    inputs = prepare(policy, rollout, algo, micro_batch_size, temperature, k)   # A_i, mask, pi_ref / pi_old
+    inputs = prepare(policy, rollout, algo, micro_batch_size, temperature)   # A_i, mask, pi_ref / pi_old
     stats = update(policy, optimizer, scheduler, inputs, algo, train, temperature)   # mu x k optimizer steps
 
 One step (one rollout batch) makes mu = ``algo.num_iterations`` passes over its batch; each pass makes
-k = ``train.steps_per_generation`` optimizer steps, one per mini-batch of 1/k of the groups (whole
+k = ``algo.steps_per_generation`` optimizer steps, one per mini-batch of 1/k of the groups (whole
 groups, strided: ``mini_batch_rows``; the same split in every pass). pi_old is the
 policy that sampled: its log-probs are taken once, before the first optimizer step, whenever mu > 1 or
 k > 1, so the first mini-batch's ratios are 1 and later ones move. Each optimizer step's loss is
@@ -108,19 +108,19 @@ def prepare(
     algo: AlgoConfig,
     micro: int | MicroBatching,
     temp: float,
-    k: int = 1,
     seed: int = 0,
 ) -> LossInput:
     """Advantages, loss mask, and the no-grad log-probs under pi_ref (beta > 0) and pi_old (mu > 1 or
     k > 1, or for the step's selections).
 
     ``micro``: completions per forward pass (or a ``MicroBatching``); ``temp``: the sampling temperature
-    the log-probs use; ``k``: mini-batches (``train.steps_per_generation``); ``seed``: Clip-Cov's draw.
+    the log-probs use; ``algo.steps_per_generation``: k mini-batches; ``seed``: Clip-Cov's draw.
     ``algo.mask_truncated``: truncated completions leave the loss mask and the counted rows.
     ``commands.selections``: the rejected completions, the high-entropy tokens and the covariance-selected
     tokens, from pi_old's no-grad pass (an extra forward when mu = k = 1), fixed for the whole step
     (every rank's tokens and every mini-batch) before its first optimizer step.
     """
+    k = algo.steps_per_generation
     adv, judged = advantages_for(rollout, algo.group_size, algo.scale_rewards, algo.advantage, algo.passk_k)
     device = policy.device
     loss_mask = rollout.model_tokens.bool() & judged[:, None]  # tool tokens: no loss, no KL, not counted
@@ -165,16 +165,20 @@ def update(
     With several ranks ``inputs`` is this rank's share: the denominator counts every rank's units, so
     the rank losses add up to the global loss, and the wrappers' gradient average is undone by
     scaling each rank's loss by the world size before ``backward``.
+
+    Seven arguments: no run state by design (a test calls it on a rollout it built): the policy, its
+    optimizer and schedule, the prepared inputs and the three settings it reads (``algo``, ``train``,
+    the sampling temperature).
     """
     G = algo.group_size
-    rows = mini_batch_rows(inputs.rollout.completion_ids.size(0) // G, G, tr.steps_per_generation)
+    rows = mini_batch_rows(inputs.rollout.completion_ids.size(0) // G, G, algo.steps_per_generation)
     minis = [inputs] if rows is None else [inputs.select(r) for r in rows]
     # Each mini-batch's units (tokens or completions, every rank's), counted as policy_loss counts them.
     denoms = [
         max(float(distributed.all_sum(aggregation_units(m.loss_mask, algo.aggregation, rows=m.counted))), 1.0)
         for m in minis
     ]
-    micro = MicroBatching(tr.micro_batch_size, tr.micro_batch_tokens)
+    micro = MicroBatching.of_train(tr, policy.model)
     params = trained_params(optimizer)
     skipped, steps = False, []
     engine_diff = torch.zeros(2, dtype=torch.float64)  # sum |engine - trainer| over tokens, tokens

@@ -13,18 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from grpo_cli.commands.validate_algo import validate_algo, validate_engine_is
-from grpo_cli.config import ENGINE_IS_LEVELS, ENGINE_IS_MODES, ENGINES, STRATEGIES, ConfigError
-from grpo_cli.core.loss import (
-    ADVANTAGES,
-    AGGREGATIONS,
-    IMPORTANCE_LEVELS,
-    KL_ESTIMATORS,
-    OBJECTIVES,
-    REWARD_SCALES,
-)
+from grpo_cli.config import ENGINE_IS_LEVELS, ENGINE_IS_MODES, ENGINES, STRATEGIES, ConfigError, get_key
+from grpo_cli.core.advantages import ADVANTAGES, REWARD_SCALES
+from grpo_cli.core.loss import AGGREGATIONS, IMPORTANCE_LEVELS, KL_ESTIMATORS
 from grpo_cli.core.mismatch import SEQUENCE_STATISTICS
+from grpo_cli.core.objectives import OBJECTIVES
 from grpo_cli.core.schedule import LR_SCHEDULES
 from grpo_cli.data.reasoning_gym import check_installed
+from grpo_cli.data.split import GENERATED
+from grpo_cli.data.split import test_size as held_out_size
 from grpo_cli.engines import check_engine
 from grpo_cli.engines.server.http import reachable
 from grpo_cli.envs import ENVS
@@ -52,17 +49,10 @@ def option_choices() -> dict[str, tuple[str, ...]]:
     }
 
 
-def _get(cfg: Any, dotted: str) -> Any:
-    node = cfg
-    for part in dotted.split("."):
-        node = getattr(node, part)
-    return node
-
-
 def validate(cfg: Any) -> None:
     """Range and path checks that types alone cannot express. Raises ConfigError (one line)."""
     for key, allowed in option_choices().items():
-        value = _get(cfg, key)
+        value = get_key(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
     algo = cfg.algo
@@ -96,18 +86,21 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"train.steps={tr.steps}: must be >= 0")
         if tr.lr <= 0:
             raise ConfigError(f"train.lr={tr.lr}: must be > 0")
-        if tr.micro_batch_size < 1:
-            raise ConfigError(f"train.micro_batch_size={tr.micro_batch_size}: must be >= 1")
-        if tr.micro_batch_tokens < 0:
-            raise ConfigError(
-                f"train.micro_batch_tokens={tr.micro_batch_tokens}: must be >= 0 (0: micro_batch_size completions)"
-            )
+        _validate_micro_batch_tokens(cfg)
         _validate_robustness(cfg)
-        _validate_updates_per_batch(tr)
-    test_size = cfg.data.test_size
+        _validate_updates_per_batch(tr, cfg.algo)
+    test_size = held_out_size(cfg.data)
+    if cfg.data.name in GENERATED and (test_size < 1 or test_size != int(test_size)):
+        raise ConfigError(
+            f"data.test_size={test_size:g}: data={cfg.data.name} generates its held-out problems: a count >= 1"
+        )
     if test_size < 0 or (test_size >= 1 and test_size != int(test_size)):
         raise ConfigError(
             f"data.test_size={test_size:g}: a count of rows (1, 2, ...) or a fraction in [0, 1) of data.path"
+        )
+    if cfg.data.name in GENERATED and cfg.data.train_size < 1:
+        raise ConfigError(
+            f"data.train_size={cfg.data.train_size}: must be >= 1 (training problems generated)"
         )
     if cfg.data.test_path and not Path(cfg.data.test_path).expanduser().is_file():
         raise ConfigError(f"data.test_path={cfg.data.test_path}: no such file")
@@ -132,6 +125,31 @@ def _validate_engine(cfg: Any) -> None:
     _validate_servers(ro, cfg.algo)
 
 
+def _validate_micro_batch_tokens(cfg: Any) -> None:
+    """train.micro_batch_size / train.micro_batch_tokens: their ranges, one of the two, and the attention
+    the packed layout needs."""
+    tr = cfg.train
+    if tr.micro_batch_size is not None and tr.micro_batch_size < 1:
+        raise ConfigError(f"train.micro_batch_size={tr.micro_batch_size}: must be >= 1 (or null for 64)")
+    if tr.micro_batch_tokens < 0:
+        raise ConfigError(
+            f"train.micro_batch_tokens={tr.micro_batch_tokens}: must be >= 0 (0: micro_batch_size completions)"
+        )
+    if tr.micro_batch_tokens and tr.micro_batch_size is not None:
+        raise ConfigError(
+            f"train.micro_batch_tokens={tr.micro_batch_tokens} replaces train.micro_batch_size="
+            f"{tr.micro_batch_size}: set one of them (micro_batch_size=null with a token budget)"
+        )
+    attn = cfg.model.attn_implementation or ""
+    if tr.micro_batch_tokens and cfg.model.gradient_checkpointing and not attn.startswith("flash"):
+        raise ConfigError(
+            f"train.micro_batch_tokens={tr.micro_batch_tokens} with model.gradient_checkpointing=true needs "
+            "model.attn_implementation=flash_attention_2 (the sdpa/eager packed rows read each prompt's "
+            "key/value cache, which checkpointing drops): set train.micro_batch_tokens=0 or turn "
+            "checkpointing off"
+        )
+
+
 def _validate_servers(ro: Any, algo: Any) -> None:
     """rollout.engine=vllm-server: its URLs, each answering now (before any model loads)."""
     if ro.max_staleness < 0:
@@ -153,8 +171,9 @@ def _validate_servers(ro: Any, algo: Any) -> None:
             "rollout.engine=vllm-server needs rollout.servers: start one with `grpo serve --port 8000` "
             "and pass rollout.servers='[http://127.0.0.1:8000]'"
         )
-    if not ro.server_timeout > 0:
-        raise ConfigError(f"rollout.server_timeout={ro.server_timeout}: must be > 0 (seconds)")
+    for key in ("request_timeout", "sync_timeout"):
+        if not getattr(ro, key) > 0:
+            raise ConfigError(f"rollout.{key}={getattr(ro, key)}: must be > 0 (seconds)")
     for url in ro.servers:
         if not str(url).startswith(("http://", "https://")):
             raise ConfigError(f"rollout.servers: {url!r} is not an http(s) URL, e.g. http://127.0.0.1:8000")
@@ -177,20 +196,20 @@ def _validate_env(env: Any) -> None:
         raise ConfigError(f"env.on_error={env.on_error!r} is not allowed; choose one of: observe, end")
 
 
-def _validate_updates_per_batch(tr: Any) -> None:
-    """train.steps_per_generation, train.lr_schedule and train.min_lr_ratio (issue #30)."""
+def _validate_updates_per_batch(tr: Any, algo: Any) -> None:
+    """algo.steps_per_generation, train.lr_schedule and train.min_lr_ratio."""
     if tr.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(
             f"train.lr_schedule={tr.lr_schedule!r} is not allowed; choose one of: {', '.join(LR_SCHEDULES)}"
         )
     if not 0 <= tr.min_lr_ratio <= 1:
         raise ConfigError(f"train.min_lr_ratio={tr.min_lr_ratio}: must be in [0, 1] (a fraction of train.lr)")
-    k, ranks = tr.steps_per_generation, max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    k, ranks = algo.steps_per_generation, max(int(os.environ.get("WORLD_SIZE", "1")), 1)
     groups = tr.prompts_per_step // ranks  # each rank splits its own share (the rank check comes later)
     if k < 1 or groups % k:
         per_rank = f" per rank ({ranks} ranks)" if ranks > 1 else ""
         raise ConfigError(
-            f"train.steps_per_generation={k}: must be >= 1 and divide the {groups} groups of a "
+            f"algo.steps_per_generation={k}: must be >= 1 and divide the {groups} groups of a "
             f"step{per_rank} (train.prompts_per_step={tr.prompts_per_step}): each optimizer step takes whole groups"
         )
 
@@ -238,8 +257,8 @@ def validate_eval(cfg: Any) -> None:
         raise ConfigError(
             f"eval.temperature={ev.temperature}: must be > 0 (eval.greedy=true adds greedy decoding)"
         )
-    if ev.limit is not None and ev.limit < 1:
-        raise ConfigError(f"eval.limit={ev.limit}: must be >= 1 (null evaluates the whole split)")
+    if ev.problems is not None and ev.problems < 1:
+        raise ConfigError(f"eval.problems={ev.problems}: must be >= 1 (null evaluates the whole split)")
     if ev.bootstrap < 1:
         raise ConfigError(f"eval.bootstrap={ev.bootstrap}: must be >= 1")
     if ev.k is not None and (not ev.k or any(k < 1 for k in ev.k)):

@@ -111,6 +111,9 @@ def token_logprobs(
     Returns:
         logps [B, T] in float32 (float64 for float64 inputs), and entropy [B, T] if asked.
         Gradients flow to `hidden` and `weight` in their own dtypes.
+
+    Seven arguments: the chunked head's tensors (hidden states, weight, targets) and its switches
+    (temperature, chunk size, whether to return the entropy and give it a gradient).
     """
     if hidden.shape[:-1] != targets.shape or hidden.shape[-1] != weight.shape[-1]:
         raise ValueError(

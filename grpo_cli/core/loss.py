@@ -75,28 +75,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from grpo_cli.core.advantages import ADVANTAGES, REWARD_SCALES, group_advantages, rloo_advantages
 from grpo_cli.core.objectives import OBJECTIVES, TOKEN_LEVEL_OBJECTIVES, Terms
-from grpo_cli.core.stats import LOGGED_STATS, STAT_COMBINE, LossStats, combine_stats, loss_stats
-
-__all__ = [
-    "ADVANTAGES",
-    "AGGREGATIONS",
-    "IMPORTANCE_LEVELS",
-    "KL_ESTIMATORS",
-    "OBJECTIVES",
-    "REWARD_SCALES",
-    "LossConfig",
-    "LOGGED_STATS",
-    "LossStats",
-    "STAT_COMBINE",
-    "aggregation_units",
-    "combine_stats",
-    "entropy_threshold",
-    "group_advantages",
-    "policy_loss",
-    "rloo_advantages",
-]
+from grpo_cli.core.stats import LossStats, loss_stats
 
 
 @dataclass
@@ -267,6 +247,10 @@ def policy_loss(
 
     Returns:
         (loss, stats): loss a 0-dim tensor in float32 (float64 for float64 inputs).
+
+    Eleven arguments: a pure function of the formula's tensors (log-probs under pi_theta, pi_old, pi_ref,
+    the advantages, the mask, the engine weights w, the entropy, the pg and covariance masks) and its
+    settings; each option reads its own subset, which one bag would hide.
     """
     coef = float(getattr(cfg, "entropy_coef", 0.0))
     if coef and entropy is None:

@@ -28,12 +28,14 @@ def token_bins(
     prompt_lengths: Sequence[int],
     budget: int,
     bins: int | None = None,
+    prompt_each: bool = False,
 ) -> list[list[int]]:
     """Completions 0..n-1 in micro-batches of at most ``budget`` tokens, balanced by tokens.
 
     lengths[i]: completion i's tokens; groups[i]: its prompt; prompt_lengths[g]: prompt g's tokens,
-    paid once per micro-batch that holds any of its completions (the prompt is shared in the row).
-    Longest first, each into the micro-batch whose load after the add is smallest (a micro-batch that
+    paid once per micro-batch that holds any of its completions (the prompt is shared in the row:
+    ``completion_rows``), or with ``prompt_each`` once per completion (a copy before each one:
+    ``pack_sequences``), so a micro-batch's load is what its row really holds. Longest first, each into the micro-batch whose load after the add is smallest (a micro-batch that
     already holds the prompt pays only the completion). ``bins``: the count to use (ranks agree on
     one); None: the fewest for which every micro-batch fits the budget, a completion longer than the
     budget alone in its own. Returns each micro-batch's completions in ascending order, micro-batches
@@ -51,7 +53,9 @@ def token_bins(
         loads, held = [0] * k, [set() for _ in range(k)]
         for placed, i in enumerate(order):
             g = groups[i]
-            adds = [lengths[i] + (0 if g in held[b] else prompt_lengths[g]) for b in range(k)]
+            adds = [
+                lengths[i] + (0 if g in held[b] and not prompt_each else prompt_lengths[g]) for b in range(k)
+            ]
             empty = [b for b in range(k) if not members[b]]
             # As many completions left as empty micro-batches: fill those, so none stays empty.
             choices = empty if len(empty) >= n - placed else range(k)
@@ -64,7 +68,8 @@ def token_bins(
     if bins is not None:
         members, _ = fill(max(1, min(bins, n)))
     else:
-        total = sum(lengths) + sum(prompt_lengths[g] for g in set(groups))
+        prompts = groups if prompt_each else set(groups)
+        total = sum(lengths) + sum(prompt_lengths[g] for g in prompts)
         k = max(1, min(n, math.ceil(total / budget)))
         while True:
             members, loads = fill(k)

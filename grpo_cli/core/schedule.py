@@ -3,7 +3,7 @@
     grpo train train.lr_schedule=cosine train.min_lr_ratio=0.1 train.warmup_steps=10
 
 A step here is one rollout batch (``train.steps``): the schedule steps once per batch whatever the
-optimizer steps inside it (``algo.num_iterations`` x ``train.steps_per_generation``), as verl's does.
+optimizer steps inside it (``algo.num_iterations`` x ``algo.steps_per_generation``), as verl's does.
 """
 
 from __future__ import annotations

@@ -129,7 +129,11 @@ def loss_stats(
 ) -> LossStats:
     """The statistics of one batch from the loss's per-token terms ([B, T] each; ``ratio`` and
     ``ratio_mask`` over the ratio's units; ``entropy`` 0 where not computed; ``selected`` and ``masked``
-    bool: the covariance-selected tokens and those the engine weights mask)."""
+    bool: the covariance-selected tokens and those the engine weights mask).
+
+    Eleven arguments: one per-token term of the loss each, named as ``STAT_COMBINE`` names the
+    statistics they make.
+    """
     # +-inf outside the mask: the neutral elements of min and max (no host sync, no NaN).
     ratio_min = (
         torch.where(ratio_mask, ratio, torch.inf).amin() if ratio.numel() else ratio.new_tensor(torch.inf)

@@ -13,6 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 from grpo_cli.config import ConfigError
+from grpo_cli.data.split import test_size
 
 OPS = ("+", "-", "*")
 _SPLIT_SEED = 20240205  # fixed: the held-out set must not move with the run's seed
@@ -37,7 +38,7 @@ def evaluate(expr: str) -> int:
 
 
 @lru_cache(maxsize=8)
-def _split(max_operators: int, max_operand: int, num_test: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _split(max_operators: int, max_operand: int, held_out: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
     exprs = []
     operands = range(max_operand + 1)
     for n_ops in range(1, max_operators + 1):
@@ -48,8 +49,8 @@ def _split(max_operators: int, max_operand: int, num_test: int) -> tuple[tuple[s
                     parts += [op, str(num)]
                 exprs.append(" ".join(parts))
     random.Random(_SPLIT_SEED).shuffle(exprs)
-    num_test = min(num_test, len(exprs) // 2)
-    return tuple(exprs[num_test:]), tuple(exprs[:num_test])
+    held_out = min(held_out, len(exprs) // 2)
+    return tuple(exprs[held_out:]), tuple(exprs[:held_out])
 
 
 def make_row(idx: int, expr: str) -> dict[str, Any]:
@@ -57,12 +58,13 @@ def make_row(idx: int, expr: str) -> dict[str, Any]:
 
 
 def load(cfg: Any, split: str) -> list[dict[str, Any]]:
-    """Rows for ``split`` ("train" or "test"); train is capped at ``cfg.num_train`` expressions."""
-    train, test = _split(cfg.max_operators, cfg.max_operand, cfg.num_test)
+    """Rows for ``split`` ("train" or "test"); train is capped at ``cfg.train_size`` expressions, test
+    holds ``cfg.test_size``."""
+    train, test = _split(cfg.max_operators, cfg.max_operand, int(test_size(cfg)))
     if split == cfg.test_split or split == "test":
         exprs = test
     elif split == cfg.train_split or split == "train":
-        exprs = train[: cfg.num_train]
+        exprs = train[: cfg.train_size]
     else:
         raise ConfigError(f"data split {split!r} is not one of: train, test")
     return [make_row(i, e) for i, e in enumerate(exprs)]

@@ -3,7 +3,7 @@
     pip install 'grpo-cli[reasoning-gym]'
     grpo train data=reasoning_gym data.task=chain_sum data.task_config.max_terms=3
     grpo train data=reasoning_gym data.task='{chain_sum: 3, basic_arithmetic: 1}'   # weighted mix
-    grpo train data=reasoning_gym data.task=chain_sum data.level=2    # the task's curriculum, level 2
+    grpo train data=reasoning_gym data.task=chain_sum data.difficulty=2    # the task's curriculum, level 2
 
 Rows: ``id`` (``<task>/<item seed>``), ``question`` and ``answer`` (the entry's own), ``metadata`` (the
 entry's, whole), ``task``, ``task_config`` (the keyword arguments the task's dataset was built with:
@@ -11,16 +11,16 @@ what ``reward=reasoning_gym`` rebuilds it with to call its ``score_answer``) and
 as reasoning-gym made it, the argument ``score_answer`` gets).
 
 Splits. Every reasoning-gym generator draws entry ``i`` from ``Random(seed + i)``. The training split
-is ``data.size`` entries from seed ``data.seed``; the held-out split is ``data.num_test`` entries from
-seed ``data.seed + data.size``, so the two splits' item seeds never meet. A task with a small problem
+is ``data.train_size`` entries from seed ``data.seed``; the held-out split is ``data.test_size`` entries
+from seed ``data.seed + data.train_size``, so the two splits' item seeds never meet. A task with a small problem
 space repeats itself under different seeds, so a held-out entry whose question is also a training
-question is skipped and the next one drawn (at most ``10 x num_test`` draws; the info line gives the
+question is skipped and the next one drawn (at most ``10 x test_size`` draws; the info line gives the
 counts). With several tasks, row ``i``'s task is drawn by weight from its own seeded stream and its
 entry is that task's ``i``-th, as reasoning-gym's composite dataset does.
 
 Keys: ``data.task`` (a name, a list of names with equal weights, or a mapping name -> weight),
 ``data.task_config`` (the task's config keys; with several tasks, a mapping task -> keys),
-``data.level`` (the curriculum: the task's difficulty attributes at that level, an int for all of them
+``data.difficulty`` (the curriculum: the task's difficulty attributes at that level, an int for all of them
 or a mapping attribute -> level; ``data.task_config`` wins over it for the keys it names).
 """
 
@@ -36,6 +36,7 @@ from functools import lru_cache
 from typing import Any
 
 from grpo_cli.config import ConfigError
+from grpo_cli.data.split import test_size
 
 log = logging.getLogger("grpo_cli")
 
@@ -96,8 +97,8 @@ def parse_tasks(task: Any) -> list[tuple[str, float]]:
 
 
 def _per_task(value: Any, names: list[str], key: str) -> dict[str, Any]:
-    """``data.task_config`` / ``data.level`` for each task: the value itself with one task; with
-    several, a mapping task -> value (a scalar ``data.level`` applies to all)."""
+    """``data.task_config`` / ``data.difficulty`` for each task: the value itself with one task; with
+    several, a mapping task -> value (a scalar ``data.difficulty`` applies to all)."""
     value = _plain(value)
     if len(names) == 1:
         return {names[0]: value}
@@ -131,15 +132,15 @@ def level_config(rg: Any, name: str, level: Any) -> dict[str, Any]:
     from reasoning_gym.factory import create_curriculum, has_curriculum
 
     if not has_curriculum(name):
-        raise ConfigError(f"data.level={level!r}: reasoning-gym has no curriculum for {name!r}")
+        raise ConfigError(f"data.difficulty={level!r}: reasoning-gym has no curriculum for {name!r}")
     curriculum = create_curriculum(name)
     attrs = curriculum.attributes
     levels = level if isinstance(level, Mapping) else dict.fromkeys(attrs, level)
     for attr, lvl in levels.items():
         if attr not in attrs:
-            raise ConfigError(f"data.level.{attr}: {name}'s curriculum attributes are {sorted(attrs)}")
+            raise ConfigError(f"data.difficulty.{attr}: {name}'s curriculum attributes are {sorted(attrs)}")
         if isinstance(lvl, bool) or not isinstance(lvl, int) or lvl < 0:
-            raise ConfigError(f"data.level: {name}.{attr} level {lvl!r}: must be an int >= 0")
+            raise ConfigError(f"data.difficulty: {name}.{attr} level {lvl!r}: must be an int >= 0")
         curriculum.set_attr_level(attr, min(lvl, len(attrs[attr].levels) - 1))
     config = curriculum.generate_configuration()
     fields = []
@@ -172,15 +173,18 @@ def _task_kwargs(cfg: Any) -> list[tuple[str, float, dict[str, Any]]]:
     names = [n for n, _ in pairs]
     for name in names:
         _check_task(rg, name)
-    configs, levels = _per_task(cfg.task_config, names, "task_config"), _per_task(cfg.level, names, "level")
+    configs, levels = (
+        _per_task(cfg.task_config, names, "task_config"),
+        _per_task(cfg.difficulty, names, "difficulty"),
+    )
     out = []
     for name, weight in pairs:
         own = configs[name] or {}
         if not isinstance(own, Mapping):
             raise ConfigError(f"data.task_config for {name}: a mapping of its config keys, got {own!r}")
-        for key in ("seed", "size"):
+        for key, ours in (("seed", "data.seed"), ("size", "data.train_size")):
             if key in own:
-                raise ConfigError(f"data.task_config.{key}: set data.{key} instead (it seeds both splits)")
+                raise ConfigError(f"data.task_config.{key}: set {ours} instead (it seeds both splits)")
         out.append((name, weight, {**level_config(rg, name, levels[name]), **own}))
     return out
 
@@ -221,19 +225,21 @@ def _train(spec: str, seed: int, size: int) -> tuple[dict[str, Any], ...]:
 
 
 def load(cfg: Any, split: str) -> list[dict[str, Any]]:
-    """Rows of ``split``: ``data.train_split`` (``data.size`` entries) or the held-out one (see the module)."""
-    if cfg.size < 1 or cfg.num_test < 1:
-        raise ConfigError(f"data.size={cfg.size}, data.num_test={cfg.num_test}: both must be >= 1")
+    """Rows of ``split``: ``data.train_split`` (``data.train_size`` entries) or the held-out one (see the
+    module)."""
+    size, held_out = cfg.train_size, int(test_size(cfg))
+    if size < 1 or held_out < 1:
+        raise ConfigError(f"data.train_size={size}, data.test_size={held_out}: both must be >= 1")
     spec = json.dumps(_task_kwargs(cfg), sort_keys=True)
-    train = _train(spec, cfg.seed, cfg.size)
+    train = _train(spec, cfg.seed, size)
     if split == cfg.train_split:
         return [dict(r) for r in train]
     seen = frozenset(r["question"] for r in train)
-    rows = _rows(spec, cfg.seed + cfg.size, cfg.num_test, seen, _DRAWS_PER_ROW * cfg.num_test)
+    rows = _rows(spec, cfg.seed + size, held_out, seen, _DRAWS_PER_ROW * held_out)
     if not rows:
         raise ConfigError(
             f"data.task={_plain(cfg.task)!r}: every held-out draw repeats a training question (the task's "
-            "problem space is too small for data.size; lower it or widen data.task_config)"
+            "problem space is too small for data.train_size; lower it or widen data.task_config)"
         )
     if spec not in _announced:
         _announced.add(spec)
@@ -243,7 +249,7 @@ def load(cfg: Any, split: str) -> list[dict[str, Any]]:
             len(train),
             len(seen),
             len(rows),
-            "as asked" if len(rows) == cfg.num_test else f"{cfg.num_test} asked, the task ran out",
+            "as asked" if len(rows) == held_out else f"{held_out} asked, the task ran out",
             ", ".join(f"{n} x{w:g}" for n, w, _ in json.loads(spec)),
         )
     return rows

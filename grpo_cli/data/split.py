@@ -46,6 +46,19 @@ def split_indices(n: int, count: int) -> tuple[list[int], list[int]]:
     return sorted(order[count:]), sorted(order[:count])
 
 
+# data.test_size=null: a file's held-out fraction, a generated source's held-out problems.
+DEFAULT_TEST_FRACTION, DEFAULT_TEST_PROBLEMS = 0.1, 500
+# The sources that generate their problems (data.train_size / data.test_size count problems).
+GENERATED = ("arithmetic", "reasoning_gym")
+
+
+def test_size(cfg: Any) -> float:
+    """``data.test_size``, its default (null) resolved for the source: problems or a file's fraction."""
+    if cfg.test_size is not None:
+        return cfg.test_size
+    return DEFAULT_TEST_PROBLEMS if cfg.name in GENERATED else DEFAULT_TEST_FRACTION
+
+
 def load_split(cfg: Any, split: str, loader: Callable[[Any, str], list[dict]]) -> list[dict]:
     """``loader(cfg, split)``, with one file's rows divided into a training and a held-out side."""
     if cfg.name not in SOURCES or not cfg.path:
@@ -53,12 +66,13 @@ def load_split(cfg: Any, split: str, loader: Callable[[Any, str], list[dict]]) -
     is_train = split == cfg.train_split
     if cfg.test_path:
         return loader(cfg if is_train else replace(cfg, path=cfg.test_path), split)
-    if not Path(cfg.path).expanduser().is_file() or not cfg.test_size:
+    size = test_size(cfg)
+    if not Path(cfg.path).expanduser().is_file() or not size:
         return loader(cfg, split)
     rows = loader(cfg, split)
-    count = held_out_count(cfg.test_size, len(rows), f"data.path={cfg.path}")
+    count = held_out_count(size, len(rows), f"data.path={cfg.path}")
     train, held_out = split_indices(len(rows), count)
-    key = (str(cfg.path), float(cfg.test_size), len(rows))
+    key = (str(cfg.path), float(size), len(rows))
     if key not in _announced:
         _announced.add(key)
         log.info(
@@ -67,6 +81,6 @@ def load_split(cfg: Any, split: str, loader: Callable[[Any, str], list[dict]]) -
             cfg.path,
             len(train),
             len(held_out),
-            cfg.test_size,
+            size,
         )
     return [rows[i] for i in (train if is_train else held_out)]

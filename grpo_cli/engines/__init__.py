@@ -56,18 +56,20 @@ def build_engine(
     seed: int,
     longest_prompt: int = 0,
     group_size: int = 1,
+    owner: str = "",
 ) -> Engine:
     """The engine ``rollout.engine`` names, sampling from ``policy``.
 
     ``longest_prompt``: the longest prompt of the run in tokens (plus what an episode may hold beyond
     ``rollout.max_new_tokens``), to size the vLLM engine: it plus ``rollout.max_new_tokens`` is
-    ``max_model_len`` unless ``rollout.max_model_len`` is set.
+    ``max_model_len`` unless ``rollout.max_model_len`` is set. ``owner`` (vllm-server): who the
+    servers' weight group belongs to, a training run's directory; empty for a one-off client.
     """
     check_engine(rollout.engine)
     if rollout.engine == "vllm":
         return VLLMEngine.for_policy(policy, rollout, model, seed, longest_prompt, group_size)
     if rollout.engine == "vllm-server":
-        engine = ServerEngine(policy, rollout.servers, rollout.server_timeout, rollout.server_timeout)
+        engine = ServerEngine(policy, rollout.servers, rollout.request_timeout, rollout.sync_timeout, owner)
         engine.sync()  # the servers loaded the model from disk: they sample the policy's weights from here
         return engine
     return HFEngine(policy, rollout.batch_size)

@@ -6,6 +6,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
+
 from grpo_cli.config import RolloutConfig
 
 # progress(completions, tokens): called as batches of completions finish.
@@ -42,6 +44,18 @@ class Decoding:
     def of(cls, rollout: RolloutConfig, greedy: bool = False, temperature: float | None = None) -> Decoding:
         t = temperature or rollout.temperature
         return cls(t, rollout.top_k, rollout.top_p, greedy, min_p=rollout.min_p)
+
+
+# vLLM adds the completion index to a request's seed: seeds stay below this, clear of int64 overflow.
+SEED_RANGE = 2**62
+
+
+def vllm_seed(seed: int | None) -> int:
+    """The seed both vLLM engines send for a request seeded ``seed``; None draws one from the global
+    torch RNG, as the hf engine's sampling would."""
+    if seed is None:
+        seed = int(torch.randint(0, SEED_RANGE, ()).item())
+    return int(seed) % SEED_RANGE
 
 
 @dataclass

@@ -38,7 +38,7 @@ import torch
 
 from grpo_cli.config import ModelConfig, RolloutConfig
 from grpo_cli.engines.process import kept_process_state
-from grpo_cli.engines.protocol import Completion, Decoding, Progress, Request
+from grpo_cli.engines.protocol import Completion, Decoding, Progress, Request, vllm_seed
 from grpo_cli.engines.weights import policy_weights
 from grpo_cli.models import Policy, resolve_path
 
@@ -47,7 +47,6 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 BLOCK = 16  # vLLM's KV block size (tokens): the cache is sized in whole blocks
-SEED_RANGE = 2**62  # vLLM adds the completion index to a request's seed: stay clear of int64 overflow
 
 # One engine per process, reused by later callers with the same settings (grpo eval over several
 # checkpoints, the tests): a second LLM in one process would double the memory and the start-up.
@@ -155,8 +154,6 @@ class VLLMEngine:
                     f"a prompt of {len(req.prompt_ids)} tokens + {req.max_tokens} new tokens exceeds the "
                     f"vLLM engine's max_model_len={limit}; raise rollout.max_model_len"
                 )
-            # No seed: draw one from the global torch RNG, as the hf engine's sampling would.
-            seed = req.seed if req.seed is not None else int(torch.randint(0, 2**62, ()).item())
             params.append(
                 SamplingParams(
                     n=req.n,
@@ -166,7 +163,7 @@ class VLLMEngine:
                     min_p=0.0 if decoding.greedy else decoding.min_p,
                     max_tokens=req.max_tokens,
                     stop_token_ids=list(req.stop_token_ids),
-                    seed=int(seed) % SEED_RANGE,
+                    seed=vllm_seed(req.seed),
                     logprobs=0,
                     detokenize=False,
                     logit_bias=dict.fromkeys(decoding.banned_ids, -100.0) or None,  # vLLM's floor
@@ -185,9 +182,18 @@ class VLLMEngine:
 
 
 def _completion(out: Any) -> Completion:
+    """One vLLM ``CompletionOutput`` as ids and the sampled tokens' log-probs (mu).
+
+    Missing log-probs are an error, never zeros: with ``algo.engine_is`` zeros would make every
+    weight w = pi_old / mu silently pi_old."""
     ids = list(out.token_ids)
-    logps = [d[t].logprob for t, d in zip(ids, out.logprobs)] if out.logprobs else [0.0] * len(ids)
-    return Completion(token_ids=ids, logprobs=logps)
+    rows = out.logprobs or []
+    if len(rows) != len(ids) or any(d is None or t not in d for t, d in zip(ids, rows)):
+        raise RuntimeError(
+            f"vLLM returned a completion of {len(ids)} tokens with log-probs for {len(rows)} of them "
+            "(the sampling parameters ask for logprobs=0: the sampled token's log-prob each)"
+        )
+    return Completion(token_ids=ids, logprobs=[float(d[t].logprob) for t, d in zip(ids, rows)])
 
 
 def _quiet_rotary(record: logging.LogRecord) -> bool:

@@ -13,7 +13,7 @@ environment's framing around the tool's text (``observation_ids``); a tool text 
 ``max_tool_tokens`` is cut and ends in ``CUT``, the framing kept whole; an observation that would
 leave no room for another model token ends the episode as truncated.
 
-Turn t > 0 of episode j of a group samples from the stream ``turn_seed(seed, j, t)`` of its group's
+Turn t > 0 of episode j of a group samples from the stream ``runtime.rng.derive_seed(seed, j, t)`` of its group's
 seed, so an episode's tokens depend on the run's seed and its place alone, not on its batch.
 """
 
@@ -24,12 +24,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
-
 from grpo_cli.config import EnvConfig, RolloutConfig
 from grpo_cli.engines import Completion, Decoding, Engine, Progress, Request
 from grpo_cli.envs import Environment, Observation, build_env, plain_ids, stop_token_ids, token_ids
 from grpo_cli.models import Policy
+from grpo_cli.runtime.rng import derive_seed
 
 CUT = " [cut]"  # ends a tool text cut to max_tool_tokens
 # Seconds a step gets beyond env.timeout_s: a tool with its own limit (the sandbox) reports its timeout.
@@ -138,11 +137,6 @@ class Episode:
         return len(self.model) - sum(self.model)
 
 
-def turn_seed(seed: int, episode: int, turn: int) -> int:
-    """The sampling seed of turn ``turn`` (> 0) of episode ``episode`` of a group seeded ``seed``."""
-    return int(np.random.SeedSequence([seed, episode, turn]).generate_state(1, np.uint64)[0] >> 1)
-
-
 def run_episodes(
     engine: Engine,
     spec: EpisodeSpec,
@@ -157,6 +151,10 @@ def run_episodes(
 
     ``progress(completions, tokens)``: a single turn reports as the engine finishes batches, episodes
     with tools once they are all done.
+
+    Eight arguments: the engine and the spec, then per-prompt lists from three sources (the format's
+    prompt ids, the data's rows, the seed streams), G, the decoding and the progress hook;
+    ``rollout.generate.Sampler.generate`` is the one caller that builds them.
     """
     stop_ids = spec.eos_ids + spec.tool_stop_ids
     decoding = replace(decoding, banned_ids=decoding.banned_ids + spec.banned_ids)
@@ -177,7 +175,7 @@ def run_episodes(
         requests = []
         for k in live:
             ep, (i, j) = episodes[k], divmod(k, group_size)
-            seed = None if seeds is None else turn_seed(group_seed[i], j, ep.turns)
+            seed = None if seeds is None else derive_seed(group_seed[i], j, ep.turns)
             requests.append(Request(ep.prompt_ids + ep.ids, 1, spec.budget - len(ep.ids), stop_ids, seed))
         for k, group in zip(live, engine.generate(requests, decoding)):
             _take_turn(episodes[k], group[0], spec)

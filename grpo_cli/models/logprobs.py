@@ -131,6 +131,10 @@ def grouped_completion_logprobs(
 
     Falls back to the full-sequence path when the cache cannot be shared: gradient checkpointing in
     training mode (transformers drops the cache there), or a cache other than a plain DynamicCache.
+
+    Nine arguments: the forward's tensors (model, prompts and their mask, completions and their mask)
+    and its switches (G, temperature, the prompt index, entropy), called through ``Policy.run`` by every
+    pass.
     """
     prompt_index = _prompt_index(prompt_ids, completion_ids, group_size, prompt_index)
     L = prompt_ids.size(1)
@@ -171,6 +175,16 @@ def grouped_completion_logprobs(
 MASKED_ATTENTION = ("sdpa", "eager")
 
 
+def attention_implementation(model: Any) -> str:
+    return getattr(model.config, "_attn_implementation", None) or "eager"
+
+
+def packed_layout(model: Any) -> str:
+    """The packed layout ``packed_completion_logprobs`` uses for ``model``: "rows" (each prompt once,
+    read from its key/value cache) or "sequences" (a copy of the prompt before every completion)."""
+    return "rows" if attention_implementation(model) in MASKED_ATTENTION else "sequences"
+
+
 def packed_completion_logprobs(
     model: Any,
     prompt_ids: torch.Tensor,
@@ -193,9 +207,13 @@ def packed_completion_logprobs(
     into variable-length attention (``core.packing.pack_sequences``). Returns log-probs [n, T] float32
     (0 past each completion's end), with ``entropy`` the entropies [n, T] too; the head runs on the
     completions' tokens only.
+
+    Nine arguments: the forward's tensors (model, prompts and their mask, completions and their mask,
+    the prompt index) and its switches (temperature, entropy, layout), called through ``Policy.run`` as the
+    padded variant is.
     """
-    implementation = getattr(model.config, "_attn_implementation", None) or "eager"
-    layout = layout or ("rows" if implementation in MASKED_ATTENTION else "sequences")
+    implementation = attention_implementation(model)
+    layout = layout or packed_layout(model)
     weight = model.get_output_embeddings().weight  # [V, H]
     decoder = model.get_decoder()
     if layout == "sequences":

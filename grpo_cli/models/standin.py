@@ -273,6 +273,9 @@ def build_standin(
     ``layers`` overrides the architecture's layer count (tests use 2); ``dtype`` is the dtype of the
     saved weights (the hub checkpoints are bfloat16); ``data_dir`` holds ``gsm8k/train.jsonl`` for the
     tokenizer's training text (None or missing: generated text); ``corpus_limit`` caps its rows.
+
+    Eight arguments: the builder's options (the shape, the tokenizer's corpus and vocabulary, the seed),
+    each a flag of ``scripts/make_standin.py``.
     """
     from transformers import GenerationConfig, Qwen2ForCausalLM
 

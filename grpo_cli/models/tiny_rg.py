@@ -50,7 +50,7 @@ class RGSpec:
 
     version: int = 1
     base: TinySpec = field(default_factory=TinySpec)  # architecture, warm-up steps, lr, seed
-    size: int = 10000  # training problems (data.size)
+    size: int = 10000  # training problems (data.train_size)
     p_right_easy: float = 0.8
     p_right_hard: float = 0.3
     p_mistake_hard: float = 0.5
@@ -61,8 +61,8 @@ class RGSpec:
 
 
 def data_config(size: int) -> DataConfig:
-    """The data group's settings the model is warmed up on (``DATA_OVERRIDES``, ``data.size=size``)."""
-    return DataConfig(name="reasoning_gym", task="chain_sum", task_config=dict(TASK_CONFIG), size=size)
+    """The data group's settings the model is warmed up on (``DATA_OVERRIDES``, ``data.train_size=size``)."""
+    return DataConfig(name="reasoning_gym", task="chain_sum", task_config=dict(TASK_CONFIG), train_size=size)
 
 
 def misconception(expression: str) -> int | None:

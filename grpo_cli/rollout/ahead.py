@@ -11,6 +11,14 @@ min(k - 1, S) versions, whatever the timing; two runs with the same seed train o
 and a checkpoint (taken between steps, when nothing is in flight) holds the S pending batches, which
 a resumed run trains on exactly as the uninterrupted one did.
 
+The last step of a run starts no generation (nothing would train on it) and does not wait for one;
+a finished run that is resumed with more ``train.steps`` therefore samples its next batch with the
+final weights, not the ones an uninterrupted longer run would have used.
+
+Timings: the trainer's wait for its batches (``take``'s fill-up plus ``finish``'s wait) is what the
+step reports as ``gen_time``, as in the on-policy step; ``server_gen_time`` is how long the
+background generation itself took (the servers' work, overlapped with the update).
+
 A pending batch older than S versions (a run resumed with a smaller ``rollout.max_staleness``) is
 dropped, its groups counted in ``dropped_groups``, and replaced by a fresh one.
 
@@ -27,7 +35,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from grpo_cli.rollout.batch import PromptOrder, RolloutSetup, StepBatch, roll_out_batch
+from grpo_cli.rollout.batch import BatchSource, StepBatch, roll_out_batch
 
 
 @dataclass
@@ -40,8 +48,8 @@ class Pending:
 class RolloutsAhead:
     """The S batches ahead of training and the one in flight; ``take`` and ``finish`` bracket an update."""
 
-    def __init__(self, setup: RolloutSetup, order: PromptOrder, prompts_per_step: int, staleness: int):
-        self.setup, self.order, self.prompts, self.staleness = setup, order, prompts_per_step, staleness
+    def __init__(self, source: BatchSource, staleness: int):
+        self.source, self.staleness = source, staleness
         self.pending: deque[Pending] = deque()
         self.flight: Future | None = None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="grpo-ahead")
@@ -49,25 +57,27 @@ class RolloutsAhead:
 
     def _generate(self, version: int) -> Pending:
         t0 = time.perf_counter()
-        batch = roll_out_batch(self.setup, self.order, self.prompts)
+        batch = roll_out_batch(self.source)
         return Pending(batch, version, time.perf_counter() - t0)
 
-    def take(self, version: int) -> tuple[StepBatch, dict[str, float]]:
+    def take(self, version: int, launch: bool = True) -> tuple[StepBatch, dict[str, float]]:
         """The batch to train on with weights of ``version``, and its metrics; starts the generation
-        of the batch S steps ahead (sampled by these weights) in the background."""
+        of the batch S steps ahead (sampled by these weights) in the background unless ``launch`` is
+        False (the run's last step)."""
         assert self.flight is None, "take() twice without finish()"
         dropped, t_sync = 0, 0.0
         while self.pending and version - self.pending[0].version > self.staleness:
             dropped += (
-                self.pending.popleft().batch.trained.completion_ids.size(0) // self.setup.algo.group_size
+                self.pending.popleft().batch.trained.completion_ids.size(0) // self.source.algo.group_size
             )
         t0 = time.perf_counter()
         while len(self.pending) < self.staleness:  # the run's first steps (or after drops): fill up now
             self.pending.append(self._generate(version))
         t_sync = time.perf_counter() - t0
         head = self.pending.popleft()
-        self.flight = self.pool.submit(self._generate, version)
-        self.launched = time.perf_counter()
+        if launch:
+            self.flight = self.pool.submit(self._generate, version)
+            self.launched = time.perf_counter()
         return head.batch, {
             "staleness": float(version - head.version),
             "dropped_groups": float(dropped),
@@ -75,14 +85,17 @@ class RolloutsAhead:
         }
 
     def finish(self) -> dict[str, float]:
-        """Wait for the generation in flight (the trainer's idle time) and queue its batch."""
+        """Wait for the generation in flight (the trainer's idle time) and queue its batch; nothing
+        to wait for after a ``take`` that launched none."""
+        if self.flight is None:
+            return {"idle_time": 0.0}
         t0 = time.perf_counter()
         done = self.flight.result()  # a server's failure surfaces here, in the training thread
         self.flight = None
         self.pending.append(done)
         return {
             "idle_time": time.perf_counter() - t0,  # the trainer waited for the generation
-            "gen_time": done.gen_time,
+            "server_gen_time": done.gen_time,  # the generation's own time, overlapped with the update
             "gen_idle_time": max(
                 0.0, t0 - self.launched - done.gen_time
             ),  # the servers waited for the update
@@ -96,7 +109,10 @@ class RolloutsAhead:
         ]
 
     def load_state_dict(self, state: list[dict[str, Any]]) -> None:
-        self.pending = deque(Pending(s["batch"], s["version"], s["gen_time"]) for s in state)
+        """The pending batches of ``state_dict``, moved back onto the policy's device (they were
+        saved from the CPU; the update feeds them to the model as they are)."""
+        device = self.source.sampler.policy.device
+        self.pending = deque(Pending(_on(s["batch"], device), s["version"], s["gen_time"]) for s in state)
 
     def close(self) -> None:
         if self.flight is not None:
@@ -109,7 +125,11 @@ class RolloutsAhead:
         self.pool.shutdown(wait=True)
 
 
-def _on_cpu(batch: StepBatch) -> StepBatch:
-    trained = batch.trained.to("cpu")
-    seen = trained if batch.seen is batch.trained else batch.seen.to("cpu")
+def _on(batch: StepBatch, device: Any) -> StepBatch:
+    trained = batch.trained.to(device)
+    seen = trained if batch.seen is batch.trained else batch.seen.to(device)
     return StepBatch(trained, seen, batch.rounds)
+
+
+def _on_cpu(batch: StepBatch) -> StepBatch:
+    return _on(batch, "cpu")

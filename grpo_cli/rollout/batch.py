@@ -12,16 +12,13 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-from grpo_cli.config import AlgoConfig, RolloutConfig
-from grpo_cli.engines import Engine
-from grpo_cli.envs.episode import EpisodeSpec
-from grpo_cli.models import Policy
-from grpo_cli.rollout.generate import PromptFormat, generate, score
+from grpo_cli.config import AlgoConfig
+from grpo_cli.rollout.generate import Sampler, score
 from grpo_cli.rollout.record import Rollout, concat_rollouts
 from grpo_cli.runtime import distributed
+from grpo_cli.runtime.rng import derive_seed
 
 
 class PromptOrder:
@@ -108,6 +105,29 @@ def rollout_metrics(ro: Rollout) -> dict[str, float]:
     }
 
 
+def batch_metrics(
+    batch: StepBatch, pad_id: int, dynamic_sampling: bool
+) -> tuple[dict[str, float], Rollout, float]:
+    """The step's rollout metrics over every rank's sampled groups (``rollout_metrics``), every rank's
+    trained rollout (for the logs) and the completion tokens sampled (the step's throughput). With
+    dynamic sampling also ``sampling_rounds`` and the trained groups' ``batch_zero_std_frac``."""
+    seen = gather_rollout(batch.seen, pad_id)
+    metrics, tokens = rollout_metrics(seen), float(seen.lengths.sum())
+    if not dynamic_sampling:
+        return metrics, seen, tokens
+    everyone = gather_rollout(batch.trained, pad_id)
+    metrics["sampling_rounds"] = float(batch.rounds)
+    metrics["batch_zero_std_frac"] = rollout_metrics(everyone)["zero_std_frac"]
+    return metrics, everyone, tokens
+
+
+def gather_rollout(ro: Rollout, pad_id: int) -> Rollout:
+    """Every rank's rollout, concatenated in rank order (the 1-process layout); ``ro`` itself with one rank."""
+    if not distributed.world().enabled:
+        return ro
+    return concat_rollouts(distributed.gather_objects(ro.to("cpu")), pad_id)
+
+
 # Seed streams: the training prompts and the held-out problems never share a sampling stream.
 TRAIN_STREAM, HELD_OUT_STREAM = 0, 1
 
@@ -119,44 +139,44 @@ def draw_seed(seed: int, draw: int, stream: int = TRAIN_STREAM) -> int:
     prompt do not depend on the batch, the rank or the world size it is sampled in, and a resumed
     run draws what the uninterrupted one drew.
     """
-    return int(np.random.SeedSequence([seed, stream, draw]).generate_state(1, np.uint64)[0] >> 1)
+    return derive_seed(seed, stream, draw)
 
 
 @dataclass
-class RolloutSetup:
-    """What a training step's rollouts need besides the policy: the engine, the prompt source and
-    format, the reward rules, the rollout, algo and seed settings, and the episodes' spec."""
+class BatchSource:
+    """Where a training step's batch comes from: the sampler, the reward rules, the training rows and
+    their order, and the settings that shape a batch (``algo``: G, dynamic sampling, overlong shaping;
+    the run's ``seed``; ``train.prompts_per_step``)."""
 
-    engine: Engine
-    policy: Policy
-    rows: list[dict]
-    fmt: PromptFormat
+    sampler: Sampler
     rewarder: Any
-    rollout: RolloutConfig
+    rows: list[dict]
+    order: PromptOrder
     algo: AlgoConfig
     seed: int
-    spec: EpisodeSpec  # how an episode runs (env=none: one turn); owns the environment
+    prompts_per_step: int
 
 
-def _roll_out_round(r: RolloutSetup, order: PromptOrder, prompts: int) -> Rollout:
+def _roll_out_round(src: BatchSource) -> Rollout:
     """Score G completions of the round's prompts; every rank draws the whole round (so all orders stay
     in step) and keeps its own share."""
-    first = order.drawn
-    index = list(enumerate(order.take(prompts), start=first))
+    first = src.order.drawn
+    index = list(enumerate(src.order.take(src.prompts_per_step), start=first))
     mine = distributed.shard(index)
-    rows = [r.rows[i] for _, i in mine]
-    seeds = [draw_seed(r.seed, d) for d, _ in mine]
-    ro = generate(r.engine, r.policy, rows, r.fmt, r.algo.group_size, r.rollout, seeds=seeds, spec=r.spec)
-    ro = score(ro, r.rewarder)
-    if r.algo.overlong_buffer > 0:
+    rows = [src.rows[i] for _, i in mine]
+    seeds = [draw_seed(src.seed, d) for d, _ in mine]
+    ro = score(src.sampler.generate(rows, src.algo.group_size, seeds=seeds), src.rewarder)
+    algo = src.algo
+    if algo.overlong_buffer > 0:
         episode_tokens = ro.completion_mask.sum(-1)  # model and tool tokens: what the budget counts
-        pen = overlong_penalty(episode_tokens, r.spec.budget, r.algo.overlong_buffer, r.algo.overlong_penalty)
+        budget = src.sampler.spec.budget
+        pen = overlong_penalty(episode_tokens, budget, algo.overlong_buffer, algo.overlong_penalty)
         ro.rewards = ro.rewards + pen  # NaN (unjudged) stays NaN
         ro.reward_metrics["reward/overlong_penalty"] = float(pen.mean())
     return ro
 
 
-def roll_out_batch(r: RolloutSetup, order: PromptOrder, prompts_per_step: int) -> StepBatch:
+def roll_out_batch(src: BatchSource) -> StepBatch:
     """Roll out, score and (with ``algo.dynamic_sampling``) filter one step's groups.
 
     P is this rank's share of the step's groups, ``prompts_per_step / world_size``. Dynamic sampling
@@ -166,17 +186,17 @@ def roll_out_batch(r: RolloutSetup, order: PromptOrder, prompts_per_step: int) -
     policy gradient (zero advantage), only the KL term, and keep the batch size, and with it the loss
     normalisation, constant.
     """
-    algo, G = r.algo, r.algo.group_size
-    P = prompts_per_step // distributed.world().size  # this rank's groups
+    algo, G = src.algo, src.algo.group_size
+    P = src.prompts_per_step // distributed.world().size  # this rank's groups
     max_rounds = algo.max_sampling_rounds if algo.dynamic_sampling else 1
     parts: list[Rollout] = []
     found = 0
     # With several ranks, every rank rolls out until each has its own P informative groups (or the
     # rounds run out), so all take the same number of rounds.
     while len(parts) < max_rounds and (not parts or not distributed.all_ranks(found >= P)):
-        parts.append(_roll_out_round(r, order, prompts_per_step))
+        parts.append(_roll_out_round(src))
         found += int(informative_groups(parts[-1].rewards, G).sum())
-    seen = concat_rollouts(parts, r.policy.tokenizer.pad_token_id)
+    seen = concat_rollouts(parts, src.sampler.policy.tokenizer.pad_token_id)
     if not algo.dynamic_sampling:
         return StepBatch(seen, seen, 1)
     chosen = choose_groups(informative_groups(seen.rewards, G).tolist(), P)

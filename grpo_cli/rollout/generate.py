@@ -1,6 +1,7 @@
 """Prompts -> episodes on an engine -> one ``Rollout``: encoding, the episodes, the record, scoring.
 
-    ro = score(generate(engine, policy, rows, fmt, group_size, rollout_cfg, seeds=seeds, spec=spec), rewarder)
+    sampler = Sampler(engine, policy, fmt, spec, rollout_cfg)       # built once per command
+    ro = score(sampler.generate(rows, group_size, seeds=seeds), rewarder)
 
 One path for every rollout: a single turn is an episode with no tool stops (``envs.episode``), and
 ``episode_rollout`` is the one place a ``Rollout`` is made from what an engine sampled. Prompts are
@@ -61,32 +62,50 @@ def longest_prompt(tokenizer: Any, rows: Sequence[dict], fmt: PromptFormat) -> i
     return max((len(ids) for ids in fmt.encode(tokenizer, rows)), default=0)
 
 
-def generate(
-    engine: Engine,
-    policy: Policy,
-    rows: Sequence[dict],
-    fmt: PromptFormat,
-    group_size: int,
-    rollout_cfg: RolloutConfig,
-    decoding: Decoding | None = None,
-    seeds: Sequence[int] | None = None,
-    progress: Progress | None = None,
-    spec: EpisodeSpec | None = None,
-) -> Rollout:
-    """G = ``group_size`` episodes of each row's prompt, decoded, not yet scored.
+@dataclass(frozen=True)
+class Sampler:
+    """How a command turns rows into Rollouts: the engine that samples, the policy whose tokenizer
+    encodes prompts and decodes completions, the prompt format, the episodes (``spec``: one turn, or
+    turns with a tool; it owns the environment) and the ``rollout`` keys. Built once per command
+    (``commands.build``); train, sample and eval hand it where rollouts are made."""
 
-    ``decoding``: how tokens are drawn (default: the ``rollout`` keys, sampled). ``seeds``: one per row,
-    the seed of its group's sampling stream; None samples from the global torch RNG.
-    ``progress(completions, tokens)`` is called as the engine finishes batches. ``spec``: the command's
-    episodes (``envs.episode``, with a tool or not); None: single turns under the policy's EOS set.
-    """
-    tok = policy.tokenizer
-    prompt_ids = fmt.encode(tok, rows)
-    decoding = decoding or Decoding.of(rollout_cfg)
-    if spec is None:
-        spec = EpisodeSpec.of(EnvConfig(), tok, policy.eos_ids or (tok.eos_token_id,), rollout_cfg)
-    episodes = run_episodes(engine, spec, prompt_ids, rows, group_size, decoding, seeds, progress)
-    return episode_rollout(tok, rows, prompt_ids, episodes, group_size, policy.device, spec.env is not None)
+    engine: Engine
+    policy: Policy
+    fmt: PromptFormat
+    spec: EpisodeSpec
+    rollout: RolloutConfig
+
+    def generate(
+        self,
+        rows: Sequence[dict],
+        group_size: int,
+        decoding: Decoding | None = None,
+        seeds: Sequence[int] | None = None,
+        progress: Progress | None = None,
+    ) -> Rollout:
+        """G = ``group_size`` episodes of each row's prompt, decoded, not yet scored.
+
+        ``decoding``: how tokens are drawn (default: the ``rollout`` keys, sampled). ``seeds``: one per
+        row, the seed of its group's sampling stream; None samples from the global torch RNG.
+        ``progress(completions, tokens)`` is called as the engine finishes batches.
+        """
+        tok = self.policy.tokenizer
+        prompt_ids = self.fmt.encode(tok, rows)
+        decoding = decoding or Decoding.of(self.rollout)
+        spec = self.spec
+        episodes = run_episodes(self.engine, spec, prompt_ids, rows, group_size, decoding, seeds, progress)
+        device, tools = self.policy.device, spec.env is not None
+        return episode_rollout(tok, rows, prompt_ids, episodes, group_size, device, tools)
+
+    @classmethod
+    def single_turn(
+        cls, engine: Engine, policy: Policy, fmt: PromptFormat, rollout: RolloutConfig
+    ) -> Sampler:
+        """A sampler of single turns under the policy's EOS set (``env=none``), for tests and benchmarks
+        that build no environment."""
+        tok = policy.tokenizer
+        spec = EpisodeSpec.of(EnvConfig(), tok, policy.eos_ids or (tok.eos_token_id,), rollout)
+        return cls(engine, policy, fmt, spec, rollout)
 
 
 def episode_rollout(
@@ -107,6 +126,10 @@ def episode_rollout(
     turns, decoded one by one, joined by a newline), ``episode_stats`` the counters and
     ``episode_texts`` each episode's turns and tool results. Without tools ``texts`` are the decoded
     completions and the episode fields stay empty (a single turn is all the model's).
+
+    Seven arguments: what ``Sampler.generate`` holds after the engine answered (tokenizer, rows, prompt
+    ids, episodes, G, the device, whether the episodes hold tools); tests build Rollouts from scripted
+    episodes through it.
     """
     pad = tokenizer.pad_token_id
     p_ids = [_row(ids, pad, 1) for ids in prompt_ids for _ in range(group_size)]

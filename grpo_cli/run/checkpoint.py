@@ -32,14 +32,15 @@ import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
 
-from grpo_cli.config import ConfigError, leaves
+from grpo_cli.config import RENAMED, ConfigError, hydra_overrides, leaves, override_key
 from grpo_cli.models import identity
 from grpo_cli.run import manifest
 from grpo_cli.runtime import rng
@@ -82,22 +83,26 @@ def remove_partial(run_dir: str | Path) -> list[Path]:
     return stale
 
 
-def save(
-    run_dir: str | Path,
-    step: int,
-    model: Any,
-    tokenizer: Any,
-    trainer_state: dict[str, Any],
-    config_yaml: str,
-    keep: int = 2,
-    model_state: dict[str, torch.Tensor] | None = None,
-) -> Path:
+@dataclass
+class Saved:
+    """What a checkpoint holds besides its step: the trained model (an adapter or the whole model) and
+    its tokenizer, the trainer's state (``run.resume.trainer_state``) and the run's resolved config;
+    ``model_state``: the full weights when ``model`` holds only a shard of them (FSDP)."""
+
+    model: Any
+    tokenizer: Any
+    trainer_state: dict[str, Any]
+    config_yaml: str
+    model_state: dict[str, torch.Tensor] | None = None
+
+
+def save(run_dir: str | Path, step: int, saved: Saved, keep: int = 2) -> Path:
     """Write ``checkpoint-<step>`` atomically and keep only the newest ``keep`` checkpoints (0: all).
 
-    ``model_state``: the full weights when ``model`` holds only a shard of them (FSDP).
-
-    The RNG states are taken here, so the caller must save at the point of the step sequence where a
-    resumed run will continue (after everything of ``step`` that draws random numbers).
+    The files are written into a temporary directory, the manifest last, then renamed into place; a
+    failure names the part being written. The RNG states are taken here, so the caller must save at
+    the point of the step sequence where a resumed run will continue (after everything of ``step``
+    that draws random numbers).
     """
     run = Path(run_dir)
     final = run / f"checkpoint-{step}"
@@ -105,9 +110,23 @@ def save(
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step}-", dir=run))
         with manifest.Hasher() as hasher:
-            parts = _write(tmp, step, model, tokenizer, trainer_state, config_yaml, model_state, hasher)
-            for stage in parts:  # noqa: B007 - each part is named before it is written, for the error line
-                pass
+            stage = "the weights"
+            state_dict = {} if saved.model_state is None else {"state_dict": saved.model_state}
+            saved.model.save_pretrained(tmp, **state_dict)
+            identity.record_base(
+                tmp, saved.model
+            )  # an adapter's base by config and weights, not only its path
+            stage = "the tokenizer"
+            saved.tokenizer.save_pretrained(tmp)
+            hashed: dict[str, Any] = hasher.all_files(tmp)  # hashed while the trainer state is written
+            stage = STATE_FILE
+            state = {**saved.trainer_state, "step": step, "rng": rng.rng_state()}
+            hashed[STATE_FILE] = manifest.write_file(tmp / STATE_FILE, lambda f: torch.save(state, f))
+            stage = "config.yaml"
+            text = (manifest.MARK + saved.config_yaml).encode()
+            hashed["config.yaml"] = manifest.write_file(tmp / "config.yaml", lambda f: f.write(text))
+            stage = manifest.MANIFEST
+            manifest.write(tmp, step, hashed)  # last: the checkpoint is whole from here on
         stage = "the rename into place"
         publish(tmp, final)
     except (OSError, RuntimeError, SafetensorError) as exc:
@@ -119,36 +138,42 @@ def save(
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    for old_ckpt in list_checkpoints(run)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old_ckpt, ignore_errors=True)
+    _WHOLE[_stamp(final)] = True  # hashed as it was written
+    prune(run, keep, final)
     return final
 
 
-def _write(
-    tmp: Path,
-    step: int,
-    model: Any,
-    tokenizer: Any,
-    trainer_state: dict[str, Any],
-    config_yaml: str,
-    model_state: dict[str, torch.Tensor] | None,
-    hasher: manifest.Hasher,
-) -> Iterator[str]:
-    """Write the checkpoint's files into ``tmp``, the manifest last; yields the name of each part first."""
-    yield "the weights"
-    model.save_pretrained(tmp, **({} if model_state is None else {"state_dict": model_state}))
-    identity.record_base(tmp, model)  # an adapter's base by config and weights, not only its path
-    yield "the tokenizer"
-    tokenizer.save_pretrained(tmp)
-    hashed: dict[str, Any] = hasher.all_files(tmp)  # hashed while the trainer state is written
-    yield STATE_FILE
-    state = {**trainer_state, "step": step, "rng": rng.rng_state()}
-    hashed[STATE_FILE] = manifest.write_file(tmp / STATE_FILE, lambda f: torch.save(state, f))
-    yield "config.yaml"
-    text = (manifest.MARK + config_yaml).encode()
-    hashed["config.yaml"] = manifest.write_file(tmp / "config.yaml", lambda f: f.write(text))
-    yield manifest.MANIFEST
-    manifest.write(tmp, step, hashed)  # last: the checkpoint is whole from here on
+# Checkpoints this process knows are whole or not: written by it, or hashed once, keyed by every
+# file's size and modification time (hashing a large model's files at every save would cost as much
+# as writing them; a file changed since changes its stamp and is hashed again).
+_WHOLE: dict[tuple, bool] = {}
+
+
+def _stamp(path: Path) -> tuple:
+    files = sorted(f for f in path.rglob("*") if f.is_file())
+    return (str(path.resolve()), *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+def _whole(path: Path) -> bool:
+    key = _stamp(path)
+    if key not in _WHOLE:
+        _WHOLE[key] = manifest.verify(path, need=(STATE_FILE,)).whole
+    return _WHOLE[key]
+
+
+def prune(run_dir: str | Path, keep: int, newest: Path) -> list[Path]:
+    """``train.keep_checkpoints``: keep ``newest`` (the checkpoint just written) and the ``keep`` - 1
+    highest-step other whole checkpoints, remove the other whole ones (0: keep all). A damaged
+    checkpoint is not counted among those kept and not removed either (``resolve_resume`` names it;
+    whoever looks at it decides). Returns what was removed."""
+    if keep <= 0:
+        return []
+    others = [p for p in checkpoint_dirs(run_dir) if p.resolve() != newest.resolve()]
+    whole = [p for p in others if _whole(p)]
+    removed = whole[: max(0, len(whole) - (keep - 1))]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
 
 
 def publish(tmp: Path, final: Path) -> None:
@@ -207,6 +232,7 @@ def config_changes(old_yaml: str, new_yaml: str, ignore: Sequence[str] = ()) -> 
 
     old = leaves(OmegaConf.to_container(OmegaConf.create(old_yaml)))
     new = leaves(OmegaConf.to_container(OmegaConf.create(new_yaml)))
+    old = {RENAMED.get(k, k): v for k, v in old.items()}  # a checkpoint saved before a key was renamed
     keys = sorted((set(old) | set(new)) - set(ignore))
     return [f"{k}: {old.get(k)} -> {new.get(k)}" for k in keys if old.get(k) != new.get(k)]
 
@@ -220,18 +246,12 @@ def resume_command(
     ``launcher`` is what runs the subcommand (``distributed.launcher()`` under torchrun).
     """
     if overrides is None:
-        overrides = _hydra_overrides()
+        overrides = hydra_overrides()
     drop = ("train.resume", "hydra.run.dir")
-    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in drop]
+    kept = [o for o in overrides if override_key(o) not in drop]
     return shlex.join(
         [*launcher, "train", *kept, f"hydra.run.dir={Path(run_dir).resolve()}", "train.resume=auto"]
     )
-
-
-def _hydra_overrides() -> list[str]:
-    from hydra.core.hydra_config import HydraConfig
-
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 class GracefulStop:

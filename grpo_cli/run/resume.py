@@ -32,12 +32,12 @@ def optimizer_format(policy: Any) -> str:
 
 
 def trainer_state(t: Any, optimizer_state: dict | None = None) -> dict[str, Any]:
-    """The run's state besides the weights; ``t`` is the run (``commands.train.Trainer``)."""
+    """The run's state besides the weights; ``t`` is the run (``commands.build.TrainRun``)."""
     return {
         "optimizer": optimizer_state if optimizer_state is not None else t.optimizer.state_dict(),
         "optimizer_format": optimizer_format(t.policy),
         "scheduler": t.scheduler.state_dict(),
-        "sampler": t.order.state_dict(),  # the prompt order (the key predates the name)
+        "prompt_order": t.order.state_dict(),
         "guard": t.guard.state_dict(),
         "evals": t.evals,
         # Every rank's RNG (dropout draws differ per rank); rank r resumes with rng_ranks[r].
@@ -57,7 +57,8 @@ def restore(t: Any, state: dict[str, Any]) -> None:
         )
     distributed.load_optimizer_state(t.policy.wrapper, t.optimizer, state["optimizer"])
     t.scheduler.load_state_dict(state["scheduler"])
-    t.order.load_state_dict(state["sampler"])
+    # "sampler": the key's name in checkpoints written before it was renamed.
+    t.order.load_state_dict(state["prompt_order"] if "prompt_order" in state else state["sampler"])
     t.guard.load_state_dict(state.get("guard", {}))
     t.evals = dict(state.get("evals", {}))
     _restore_ahead(t, state.get("ahead_ranks") or [])

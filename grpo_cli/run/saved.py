@@ -20,31 +20,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from grpo_cli.config import ConfigError
+from grpo_cli.config import ConfigError, get_key, override_key, set_key
 from grpo_cli.run import manifest
 
 log = logging.getLogger("grpo_cli")
 
 # Keys taken from the checkpoint's run; data.template only when the data source is the same.
 INHERITED = ("rollout.max_new_tokens", "model.chat_template", "model.system_prompt", "data.template", "seed")
-
-
-def _get(node: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        node = node[part] if isinstance(node, dict) else getattr(node, part)
-    return node
-
-
-def _set(node: Any, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        node = getattr(node, part)
-    setattr(node, leaf, value)
-
-
-def overridden_keys(overrides: Sequence[str]) -> set[str]:
-    """Dotted keys set on the command line (``key=value``, ``+key=value``, ``++key=value``)."""
-    return {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
 
 
 def saved_config(checkpoint: str) -> dict[str, Any] | None:
@@ -63,7 +45,7 @@ def inherit(cfg: Any, checkpoints: Sequence[str], overrides: Sequence[str]) -> d
     Keys in ``overrides`` keep their command-line value. Returns what was taken, ``{key: value}``; a
     later checkpoint whose run used other values is named in a warning (all are evaluated alike).
     """
-    given = overridden_keys(overrides)
+    given = {override_key(o) for o in overrides} - {None}
     saved = [(name, saved_config(name)) for name in checkpoints if name != "base"]
     saved = [(name, conf) for name, conf in saved if conf is not None]
     if not saved:
@@ -73,20 +55,20 @@ def inherit(cfg: Any, checkpoints: Sequence[str], overrides: Sequence[str]) -> d
     for key in INHERITED:
         if key in given:
             continue
-        if key == "data.template" and _get(conf, "data.name") != cfg.data.name:
+        if key == "data.template" and get_key(conf, "data.name") != cfg.data.name:
             continue
         try:
-            value = _get(conf, key)
+            value = get_key(conf, key)
         except (KeyError, AttributeError):
             continue  # a run saved before the key existed
-        if value != _get(cfg, key):
-            _set(cfg, key, value)
+        if value != get_key(cfg, key):
+            set_key(cfg, key, value)
             taken[key] = value
     if taken:
         shown = " ".join(f"{k}={v!r}" for k, v in taken.items())
         log.info("as %s was trained: %s (set them on the command line to change)", source, shown)
     for name, other in saved[1:]:
-        differ = [k for k in INHERITED if k not in given and _safe_get(other, k) != _safe_get(conf, k)]
+        differ = [k for k in INHERITED if k not in given and _safeget_key(other, k) != _safeget_key(conf, k)]
         if differ:
             log.warning(
                 "%s was trained with other %s than %s; all use %s's", name, ", ".join(differ), source, source
@@ -94,9 +76,9 @@ def inherit(cfg: Any, checkpoints: Sequence[str], overrides: Sequence[str]) -> d
     return taken
 
 
-def _safe_get(conf: dict[str, Any], key: str) -> Any:
+def _safeget_key(conf: dict[str, Any], key: str) -> Any:
     try:
-        return _get(conf, key)
+        return get_key(conf, key)
     except (KeyError, AttributeError):
         return None
 

@@ -12,6 +12,16 @@ import numpy as np
 import torch
 
 
+def derive_seed(*keys: int) -> int:
+    """A seed in [0, 2**63) that is a function of ``keys`` alone (numpy's SeedSequence hashes them).
+
+    The one seed derivation of the project: a prompt's stream from the run's seed, its stream and its
+    draw (``rollout.batch.draw_seed``), a turn's from its group's seed, the episode and the turn
+    (``envs.episode``). Streams built this way do not depend on batching, the rank or the world size.
+    """
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)
+
+
 def seed_everything(seed: int) -> None:
     """Seed python's, numpy's and torch's global generators."""
     random.seed(seed)

@@ -82,7 +82,7 @@ def test_train_closes_its_environment_once_when_it_ends_and_when_it_fails(
 def test_eval_uses_one_environment_for_every_checkpoint(counted, random_model_dir, tmp_path, monkeypatch):
     from grpo_cli.commands import eval as eval_cmd
 
-    args = [*_args(random_model_dir), "eval.limit=2", "eval.samples=2", "eval.k=[1]", "eval.bootstrap=10"]
+    args = [*_args(random_model_dir), "eval.problems=2", "eval.samples=2", "eval.k=[1]", "eval.bootstrap=10"]
     cfg, _ = compose_config("eval", [*args, "eval.checkpoints=[base,base]"])
     eval_cmd.run(cfg, str(tmp_path / "e"), overrides=[])
     assert (counted.built, counted.closed) == (1, 1)
@@ -126,7 +126,7 @@ def test_sample_and_eval_records_carry_the_token_ids_and_the_model_mask(counted,
     assert any(r["tool_calls"] for r in rows)
     cfg, _ = compose_config(
         "eval",
-        [*_args(random_model_dir), "eval.limit=2", "eval.samples=2", "eval.k=[1]", "eval.bootstrap=10"],
+        [*_args(random_model_dir), "eval.problems=2", "eval.samples=2", "eval.k=[1]", "eval.bootstrap=10"],
     )
     eval_cmd.run(cfg, str(tmp_path / "e"), overrides=[])
     for line in (tmp_path / "e" / "eval_completions.jsonl").read_text().splitlines():

@@ -101,7 +101,9 @@ def test_completions_limit_keeps_the_first_ids_of_the_file(tmp_path):
     rows = arithmetic.load(DataConfig(), "test")
     lines = [{"id": r["id"], "completion": r["answer"]} for r in reversed(rows[:10])]
     path = write_jsonl(tmp_path / "c.jsonl", lines)
-    result = run_eval(tmp_path, f"eval.completions={path}", "eval.limit=3", "eval.k=[1]", "eval.bootstrap=10")
+    result = run_eval(
+        tmp_path, f"eval.completions={path}", "eval.problems=3", "eval.k=[1]", "eval.bootstrap=10"
+    )
     assert result["results"][0]["metrics"]["pass@1"] == 1.0
     records = (tmp_path / "eval_completions.jsonl").read_text().splitlines()
     assert [json.loads(r)["id"] for r in records] == ["9", "8", "7"]
@@ -145,7 +147,7 @@ def test_humaneval_canonical_solutions_pass(tmp_path):
         tmp_path,
         "data=humaneval",
         f"eval.completions={path}",
-        "eval.limit=20",
+        "eval.problems=20",
         "eval.k=[1]",
         "eval.bootstrap=100",
     )
@@ -208,7 +210,7 @@ def test_checkpoints_side_by_side(tmp_path, random_model_dir):
         f"model.name_or_path={random_model_dir}",
         "lora=none",
         f"eval.checkpoints=[base,{random_model_dir},{adapter}]",
-        "eval.limit=6",
+        "eval.problems=6",
         "eval.samples=4",
         "eval.k=[1,4]",
         "rollout.max_new_tokens=5",
@@ -412,7 +414,7 @@ def test_eval_on_a_checkpoint_reproduces_the_runs_held_out_accuracy_exactly(tmp_
     train.run(cfg, str(run_dir), overrides=[])
     logged = {r["step"]: r for r in read_metrics(run_dir)}[2]
     result = run_eval(
-        tmp_path / "eval", f"checkpoint={run_dir / 'checkpoint-2'}", "eval.limit=24", "eval.samples=4"
+        tmp_path / "eval", f"checkpoint={run_dir / 'checkpoint-2'}", "eval.problems=24", "eval.samples=4"
     )
     metrics = result["results"][0]["metrics"]
     assert metrics["pass@1"] == logged["eval/accuracy"]

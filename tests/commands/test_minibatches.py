@@ -1,4 +1,4 @@
-"""Several optimizer steps per rollout batch (``train.steps_per_generation`` = k), against float64
+"""Several optimizer steps per rollout batch (``algo.steps_per_generation`` = k), against float64
 references written from the formula on the float64 model of ``test_update``.
 
 With k = 2 the batch of 4 groups is split into two mini-batches of 2 whole groups (groups 0, 2 and
@@ -8,6 +8,8 @@ is the same on 1 rank and on 2.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -36,7 +38,7 @@ LR = 0.5
 def _run(k: int, mu: int = 1, micro: int = 3, lr: float = LR, record: list | None = None, monkeypatch=None):
     """One update with k mini-batches; ``record`` collects (logps, old, stats) of every policy_loss call."""
     policy, rollout = _policy(), _rollout(REWARDS_4)
-    cfg = _cfg(micro=micro, mu=mu, steps_per_generation=k)
+    cfg = _cfg(micro=micro, mu=mu, algo={"steps_per_generation": k})
     if record is not None:
         real = update_module.policy_loss
 
@@ -47,7 +49,7 @@ def _run(k: int, mu: int = 1, micro: int = 3, lr: float = LR, record: list | Non
 
         monkeypatch.setattr(update_module, "policy_loss", recording)
     before = [p.detach().clone() for p in policy.model.parameters()]
-    inputs = prepare(policy, rollout, cfg.algo, micro, cfg.rollout.temperature, k)
+    inputs = prepare(policy, rollout, cfg.algo, micro, cfg.rollout.temperature)
     opt = RecordingSGD(policy.model.parameters(), lr=lr)
     stats = update(policy, opt, schedule(opt, 0), inputs, cfg.algo, cfg.train, cfg.rollout.temperature)
     return policy, rollout, inputs, opt, stats, before
@@ -66,8 +68,8 @@ def test_pi_old_is_taken_only_when_mu_or_k_exceed_one():
     policy, rollout = _policy(), _rollout(REWARDS_4)
     cfg = _cfg(micro=3)
     t = cfg.rollout.temperature
-    assert prepare(policy, rollout, cfg.algo, 3, t, 1).old_logps is None
-    old = prepare(policy, rollout, cfg.algo, 3, t, 2).old_logps
+    assert prepare(policy, rollout, cfg.algo, 3, t).old_logps is None  # k = 1
+    old = prepare(policy, rollout, replace(cfg.algo, steps_per_generation=2), 3, t).old_logps
     mask = rollout.completion_mask.bool()
     with torch.no_grad():
         assert torch.allclose(old[mask], _plain_logps(policy.model, rollout)[mask], rtol=0, atol=TOL)
@@ -160,10 +162,10 @@ def test_the_issue30_options_hold_per_mini_batch():
     denominator, to 1e-10 against a full-softmax forward put through ``policy_loss``."""
     algo = {**NEW_OPTIONS, "max_completion_length": 6}
     policy, rollout = _policy(), _rollout(REWARDS_4)
-    cfg = _cfg(micro=3, algo=algo, steps_per_generation=2)
+    cfg = _cfg(micro=3, algo={**algo, "steps_per_generation": 2})
     t = cfg.rollout.temperature
-    whole = prepare(policy, rollout, cfg.algo, 3, t, 1)
-    inputs = prepare(policy, rollout, cfg.algo, 3, t, 2)
+    whole = prepare(policy, rollout, replace(cfg.algo, steps_per_generation=1), 3, t)
+    inputs = prepare(policy, rollout, cfg.algo, 3, t)
     assert torch.equal(inputs.pg_mask, whole.pg_mask) and torch.equal(inputs.counted, whole.counted)
     first = mini_batch_rows(4, 4, 2)[0]
     mini = inputs.select(first)
@@ -185,10 +187,10 @@ def _k2_stats(rows: list[int] | None = None, algo: dict | None = None) -> dict[s
         rollout = rollout.select(rows)
     if distributed.world().enabled:
         policy.wrapper = distributed.wrap(policy.model, "ddp")
-    cfg = _cfg(micro=3, beta=0.04, mu=2, algo=algo, steps_per_generation=2)
+    cfg = _cfg(micro=3, beta=0.04, mu=2, algo={**(algo or {}), "steps_per_generation": 2})
     cfg.algo.epsilon = 0.02
     opt = RecordingSGD(policy.model.parameters(), lr=LR)
-    inputs = prepare(policy, rollout, cfg.algo, 3, cfg.rollout.temperature, 2)
+    inputs = prepare(policy, rollout, cfg.algo, 3, cfg.rollout.temperature)
     return update(policy, opt, schedule(opt, 0), inputs, cfg.algo, cfg.train, cfg.rollout.temperature)
 
 

@@ -12,6 +12,7 @@ from test_update import REWARDS, TOL, RecordingSGD, _cfg, _policy, _rollout
 from grpo_cli.commands import passes
 from grpo_cli.commands.passes import MicroBatching
 from grpo_cli.commands.update import prepare, schedule, update
+from grpo_cli.config import TrainConfig
 from grpo_cli.models import Policy
 
 
@@ -114,3 +115,40 @@ def test_ranks_agree_on_one_count_of_packed_micro_batches(monkeypatch):
     assert sorted(torch.cat(plan).tolist()) == list(range(len(REWARDS)))
     monkeypatch.setattr(distributed, "all_max", lambda x: x + 100)
     assert len(MicroBatching(1, 24).plan(rollout)) == len(REWARDS)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packing_with_gradient_checkpointing_is_refused_in_one_line_before_the_model_loads(attn):
+    """The sdpa/eager packed rows read each prompt's key/value cache, which checkpointing drops:
+    ``validate`` (which runs before any model loads) refuses the pair, naming both keys."""
+    from grpo_cli.cli import compose_config
+    from grpo_cli.commands.validate import validate
+    from grpo_cli.config import ConfigError
+
+    cfg, _ = compose_config(
+        "train",
+        [
+            "train.micro_batch_tokens=256",
+            "model.gradient_checkpointing=true",
+            f"model.attn_implementation={attn}",
+        ],
+    )
+    with pytest.raises(
+        ConfigError, match="model.gradient_checkpointing=true needs model.attn_implementation"
+    ) as err:
+        validate(cfg)
+    assert "train.micro_batch_tokens=256" in str(err.value) and "\n" not in str(err.value)
+    for ok in (["train.micro_batch_tokens=0"], ["model.gradient_checkpointing=false"]):
+        cfg, _ = compose_config(
+            "train", ["train.micro_batch_tokens=256", "model.gradient_checkpointing=true", *ok]
+        )
+        validate(cfg)
+
+
+@pytest.mark.parametrize("attn,each", [("flash_attention_2", True), ("sdpa", False), ("eager", False)])
+def test_the_plan_charges_a_prompt_per_completion_where_the_layout_copies_it(attn, each):
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(config=SimpleNamespace(_attn_implementation=attn))
+    assert MicroBatching.of_train(TrainConfig(micro_batch_tokens=256), model).prompt_each is each
+    assert MicroBatching.of_train(TrainConfig(micro_batch_size=4), model).prompt_each is False

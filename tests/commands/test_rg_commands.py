@@ -92,13 +92,13 @@ def test_curriculum_stages_resume_with_the_next_level(tmp_path, random_model_dir
 
     base = [
         *DATA[:2], f"model.name_or_path={random_model_dir}", "train.prompts_per_step=2", "algo.group_size=2",
-        "rollout.max_new_tokens=3", "train.eval_every=0", "data.size=50", "data.num_test=4", "console=plain",
+        "rollout.max_new_tokens=3", "train.eval_every=0", "data.train_size=50", "data.test_size=4", "console=plain",
         "train.save_every=2",
     ]  # fmt: skip
-    cfg, _ = compose_config("train", [*base, "data.level=0", "train.steps=2"])
+    cfg, _ = compose_config("train", [*base, "data.difficulty=0", "train.steps=2"])
     train.run(cfg, str(tmp_path))
-    cfg, _ = compose_config("train", [*base, "data.level=2", "train.steps=4", "train.resume=auto"])
+    cfg, _ = compose_config("train", [*base, "data.difficulty=2", "train.steps=4", "train.resume=auto"])
     train.run(cfg, str(tmp_path))
-    assert "data.level" in caplog.text  # the resume names the changed setting
+    assert "data.difficulty" in caplog.text  # the resume names the changed setting
     assert [r["step"] for r in read_metrics(tmp_path) if "loss" in r] == [1, 2, 3, 4]
     assert (tmp_path / "checkpoint-4").is_dir()

@@ -1,4 +1,4 @@
-"""`grpo sample`: the table and samples.jsonl carry advantages equal to core.loss.group_advantages."""
+"""`grpo sample`: the table and samples.jsonl carry advantages equal to core.advantages.group_advantages."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from grpo_cli.core.loss import group_advantages
+from grpo_cli.core.advantages import group_advantages
 
 
 def test_sample_advantages_match_group_advantages(tmp_path, random_model_dir):

@@ -70,7 +70,7 @@ def base(random_model_dir, rewards_dir) -> list[str]:
     return [
         f"model.name_or_path={random_model_dir}", "lora=none", _rule("noisy"), "train.prompts_per_step=2",
         "algo.group_size=4", "rollout.max_new_tokens=4", "train.eval_problems=4", "train.eval_samples=2",
-        "data.num_train=64", "data.num_test=8", "train.lr=1e-2", "console=plain",
+        "data.train_size=64", "data.test_size=8", "train.lr=1e-2", "console=plain",
     ]  # fmt: skip
 
 
@@ -368,11 +368,11 @@ def test_full_finetuning_of_bf16_weights_warns_that_small_updates_are_lost(base,
 
 
 def test_mini_batches_with_a_cosine_schedule_resume_exactly_after_a_crash(base, tmp_path, monkeypatch):
-    """train.steps_per_generation=2 (one group per optimizer step) and a cosine decay: a run that dies
+    """algo.steps_per_generation=2 (one group per optimizer step) and a cosine decay: a run that dies
     after step 5's update (checkpoints every 2 steps) and is resumed with train.resume=auto logs every
     step's metrics, lr included, equal to the uninterrupted run's, and ends on the same weights."""
     args = [
-        *base, "train.steps=6", "train.save_every=2", "train.eval_every=0", "train.steps_per_generation=2",
+        *base, "train.steps=6", "train.save_every=2", "train.eval_every=0", "algo.steps_per_generation=2",
         "train.lr_schedule=cosine", "train.min_lr_ratio=0.1", "train.warmup_steps=1",
     ]  # fmt: skip
     run_train(args, tmp_path / "straight")

@@ -74,7 +74,7 @@ def _loop_opo(rewards, lengths, g, scale):
     out = []
     for k in range(0, len(rewards), g):
         group, ls = rewards[k : k + g], lengths[k : k + g]
-        b = sum(l * r for l, r in zip(ls, group)) / max(sum(ls), 1)
+        b = sum(n * r for n, r in zip(ls, group)) / max(sum(ls), 1)
         out += [(r - b) / _divisor(group, rewards, scale) for r in group]
     return out
 

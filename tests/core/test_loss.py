@@ -9,18 +9,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from grpo_cli.core.advantages import group_advantages
 from grpo_cli.core.loss import (
     KL_ESTIMATORS,
-    LOGGED_STATS,
     LossConfig,
-    LossStats,
     aggregation_units,
-    combine_stats,
     entropy_threshold,
-    group_advantages,
     policy_loss,
 )
 from grpo_cli.core.mismatch import engine_is_weights
+from grpo_cli.core.stats import LOGGED_STATS, LossStats, combine_stats
 
 AGGS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
 LEVELS = ("token", "sequence")

@@ -128,3 +128,33 @@ def test_an_empty_completion_takes_no_place():
     assert row.input_ids.tolist() == [5, 6, 7, 8, 5, 6] and not row.valid[1].any()
     rows = completion_rows(prompt_mask, *args)
     assert rows.input_ids.tolist() == [[7, 8]] and not rows.valid[1].any()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_flash_layouts_rows_hold_at_most_the_budget(seed):
+    """With ``prompt_each`` (the flash-attention layout: a copy of the prompt before every completion)
+    each micro-batch's real row, as ``pack_sequences`` builds it, fits the budget; charged the shared
+    way (one prompt per micro-batch) the same rows overflow it."""
+    rng = random.Random(seed)
+    G, P, L, T = 4, 3, 30, 12
+    lengths = [rng.randint(1, T) for _ in range(G * P)]
+    groups = [i // G for i in range(G * P)]
+    prompt_lengths = [rng.randint(15, L) for _ in range(P)]
+    prompt_ids = torch.zeros(P, L, dtype=torch.long)
+    prompt_mask = torch.tensor([[0] * (L - n) + [1] * n for n in prompt_lengths])
+    completion_ids = torch.ones(G * P, T, dtype=torch.long)
+    completion_mask = torch.tensor([[1] * n + [0] * (T - n) for n in lengths])
+    budget = 80
+
+    def widths(bins):
+        return [
+            pack_sequences(
+                prompt_ids, prompt_mask, completion_ids[b], completion_mask[b], torch.tensor(groups)[b]
+            ).input_ids.numel()
+            for b in bins
+        ]
+
+    honest = token_bins(lengths, groups, prompt_lengths, budget, prompt_each=True)
+    assert sorted(i for b in honest for i in b) == list(range(G * P))
+    assert max(widths(honest)) <= budget
+    assert max(widths(token_bins(lengths, groups, prompt_lengths, budget))) > budget

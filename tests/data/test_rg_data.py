@@ -16,7 +16,7 @@ from grpo_cli.data import reasoning_gym as rg_data
 
 
 def data(**kw) -> DataConfig:
-    base = DataConfig(name="reasoning_gym", task="chain_sum", size=300, num_test=50, seed=7)
+    base = DataConfig(name="reasoning_gym", task="chain_sum", train_size=300, test_size=50, seed=7)
     return replace(base, **kw)
 
 
@@ -26,7 +26,7 @@ def rg():
 
 
 def test_rows_from_two_tasks_by_weight_with_their_metadata(rg):
-    cfg = data(task={"chain_sum": 3, "basic_arithmetic": 1}, size=400)
+    cfg = data(task={"chain_sum": 3, "basic_arithmetic": 1}, train_size=400)
     rows = load_rows(cfg, "train")
     counts = Counter(r["task"] for r in rows)
     assert set(counts) == {"chain_sum", "basic_arithmetic"}
@@ -35,7 +35,7 @@ def test_rows_from_two_tasks_by_weight_with_their_metadata(rg):
     for row in rows[:40]:
         # The entry as reasoning-gym itself makes it: the task's dataset at the row's item seed.
         i = int(row["id"].split("/")[1]) - cfg.seed
-        own = rg.create_dataset(row["task"], seed=cfg.seed, size=cfg.size)[i]
+        own = rg.create_dataset(row["task"], seed=cfg.seed, size=cfg.train_size)[i]
         assert row["question"] == own["question"] and row["answer"] == str(own["answer"])
         assert row["metadata"] == own["metadata"] and row["metadata"]["source_dataset"] == row["task"]
         assert row["entry"] == own
@@ -44,15 +44,15 @@ def test_rows_from_two_tasks_by_weight_with_their_metadata(rg):
 def test_train_and_held_out_come_from_disjoint_seeds(rg):
     cfg = data()
     train, test = load_rows(cfg, "train"), load_rows(cfg, "test")
-    assert len(train) == cfg.size and len(test) == cfg.num_test
+    assert len(train) == cfg.train_size and len(test) == cfg.test_size
     item_seed = lambda r: int(r["id"].split("/")[1])  # noqa: E731
-    assert {item_seed(r) for r in train} == set(range(cfg.seed, cfg.seed + cfg.size))
-    assert min(item_seed(r) for r in test) >= cfg.seed + cfg.size
+    assert {item_seed(r) for r in train} == set(range(cfg.seed, cfg.seed + cfg.train_size))
+    assert min(item_seed(r) for r in test) >= cfg.seed + cfg.train_size
     assert not {r["question"] for r in train} & {r["question"] for r in test}
-    # Independently: the held-out entries are the task's own from seed data.seed + data.size.
-    ds = rg.create_dataset("chain_sum", seed=cfg.seed + cfg.size, size=10 * cfg.num_test)
+    # Independently: the held-out entries are the task's own from seed data.seed + data.train_size.
+    ds = rg.create_dataset("chain_sum", seed=cfg.seed + cfg.train_size, size=10 * cfg.test_size)
     for row in test[:20]:
-        assert row["entry"] == ds[item_seed(row) - cfg.seed - cfg.size]
+        assert row["entry"] == ds[item_seed(row) - cfg.seed - cfg.train_size]
     # Another data.seed: other problems.
     other = load_rows(data(seed=cfg.seed + 100_000), "train")
     assert [r["question"] for r in other[:20]] != [r["question"] for r in train[:20]]
@@ -60,7 +60,7 @@ def test_train_and_held_out_come_from_disjoint_seeds(rg):
 
 def test_a_small_problem_space_skips_repeated_questions(rg):
     # 2 one-digit terms: 200 problems; 300 training draws see most of them.
-    cfg = data(task_config={"min_terms": 2, "max_terms": 2, "max_digits": 1}, num_test=40)
+    cfg = data(task_config={"min_terms": 2, "max_terms": 2, "max_digits": 1}, test_size=40)
     train, test = load_rows(cfg, "train"), load_rows(cfg, "test")
     assert not {r["question"] for r in train} & {r["question"] for r in test}
     assert 0 < len(test) <= 40
@@ -74,15 +74,15 @@ def test_task_config_and_level_reach_the_task(rg):
     from reasoning_gym.factory import create_curriculum
 
     expected = create_curriculum("chain_sum").generate_configuration()
-    rows = load_rows(data(level=0), "train")
+    rows = load_rows(data(difficulty=0), "train")
     assert {r["metadata"]["num_terms"] for r in rows} == set(
         range(expected.min_terms, expected.max_terms + 1)
     )
     assert {r["metadata"]["num_digits"] for r in rows} == {1}
-    higher = load_rows(data(level=3), "train")
+    higher = load_rows(data(difficulty=3), "train")
     assert max(r["metadata"]["num_terms"] for r in higher) > max(r["metadata"]["num_terms"] for r in rows)
     # task_config wins over the level for the keys it names.
-    mixed = load_rows(data(level=3, task_config={"max_digits": 1}), "train")
+    mixed = load_rows(data(difficulty=3, task_config={"max_digits": 1}), "train")
     assert {r["metadata"]["num_digits"] for r in mixed} == {1}
 
 
@@ -95,8 +95,8 @@ def test_task_config_and_level_reach_the_task(rg):
         ({"task_config": {"min_terms": 5, "max_terms": 2}}, "max_terms must be >= min_terms"),
         ({"task": {"chain_sum": 0}}, "weights must be > 0"),
         ({"task": ["chain_sum", "gcd"], "task_config": {"max_terms": 3}}, "several tasks"),
-        ({"level": {"num_termz": 1}}, "curriculum attributes"),
-        ({"size": 0}, "must be >= 1"),
+        ({"difficulty": {"num_termz": 1}}, "curriculum attributes"),
+        ({"train_size": 0}, "must be >= 1"),
     ],
 )
 def test_bad_settings_are_one_line(rg, kw, needle):

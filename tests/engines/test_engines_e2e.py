@@ -77,7 +77,7 @@ def _eval(engine: str, checkpoint, out) -> dict:
         [
             f"rollout.engine={engine}",
             f"checkpoint={checkpoint}",
-            "eval.limit=200",
+            "eval.problems=200",
             "eval.samples=4",
             "eval.bootstrap=200",
             f"eval.out={out}",

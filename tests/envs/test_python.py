@@ -149,7 +149,7 @@ GSM8K = [("Tom has 3 apples and buys 4 more. How many apples?", "3 + 4 = 7\n####
 def test_the_standin_chat_model_trains_with_forced_python_calls(standin_dir, tmp_path, monkeypatch):
     """grpo train env=python data=gsm8k, 2 steps on the Qwen2.5 stand-in with a scripted output layer:
     every episode calls python, the sandbox's answer enters through the template, the run finishes."""
-    from grpo_cli.commands import train
+    from grpo_cli.commands import build, train
     from grpo_cli.run.runlog import read_metrics
 
     data = tmp_path / "gsm8k"
@@ -158,7 +158,7 @@ def test_the_standin_chat_model_trains_with_forced_python_calls(standin_dir, tmp
         (data / f"{split}.jsonl").write_text(
             "".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in GSM8K)
         )
-    real_load = train.load_policy
+    real_load = build.load_policy
 
     def scripted_policy(*args, **kwargs):
         policy = real_load(*args, **kwargs)
@@ -187,7 +187,7 @@ def test_the_standin_chat_model_trains_with_forced_python_calls(standin_dir, tmp
         base.get_output_embeddings().register_forward_hook(on_logits)
         return policy
 
-    monkeypatch.setattr(train, "load_policy", scripted_policy)
+    monkeypatch.setattr(build, "load_policy", scripted_policy)
     cfg, _ = compose_config(
         "train",
         ["model=qwen", f"model.name_or_path={standin_dir}", "data=gsm8k", f"data.path={data}", "env=python",

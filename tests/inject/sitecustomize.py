@@ -30,7 +30,7 @@ if _FAIL:
     from grpo_cli.commands import train
     from grpo_cli.runtime import distributed
 
-    _train_step = train.train_step
+    _train_step = train.train_step  # commands.train calls it by this name
     _rank, _step = map(int, _FAIL.split(":"))
 
     _calls = [0]  # a fresh run's steps are numbered from 1

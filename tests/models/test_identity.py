@@ -66,7 +66,7 @@ def test_adapter_trained_under_one_home_evaluates_under_another(tmp_path, tiny_m
     monkeypatch.setenv("GRPO_HOME", str(home_b))
     overrides = [
         f"checkpoint={ckpt}",
-        "eval.limit=2",
+        "eval.problems=2",
         "eval.samples=1",
         "eval.greedy=false",
         "eval.bootstrap=5",

@@ -228,7 +228,8 @@ def test_bf16_logprobs_and_loss_are_float32_within_bf16_rounding_of_float32(tiny
     from helpers import arithmetic_rollout, dtype_twins
 
     from grpo_cli.config import AlgoConfig
-    from grpo_cli.core.loss import group_advantages, policy_loss
+    from grpo_cli.core.advantages import group_advantages
+    from grpo_cli.core.loss import policy_loss
 
     f32, bf16 = dtype_twins(tiny_model_path, lora)
     ro = arithmetic_rollout(f32)

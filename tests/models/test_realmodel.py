@@ -24,6 +24,7 @@ from grpo_cli.cli import compose_config
 from grpo_cli.commands import eval as evaluate
 from grpo_cli.commands import heldout, train
 from grpo_cli.commands.validate import validate
+from grpo_cli.engines import Decoding
 from grpo_cli.models import load_policy
 from grpo_cli.run.runlog import read_metrics
 
@@ -81,19 +82,19 @@ def trained(standin_dir, gsm8k_dir, tmp_path_factory):
     cfg, _ = compose_config("train", _train_args(standin_dir, gsm8k_dir))
     validate(cfg)
     calls = []
-    real_generate = heldout.generate
+    real_rollout = heldout.held_out_rollout
 
     def counting(*args, **kwargs):
         calls.append(kwargs)
-        return real_generate(*args, **kwargs)
+        return real_rollout(*args, **kwargs)
 
-    heldout.generate = counting
+    heldout.held_out_rollout = counting
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             train.run(cfg, str(run_dir), overrides=[])
     finally:
-        heldout.generate = real_generate
+        heldout.held_out_rollout = real_rollout
     return {"dir": run_dir, "cfg": cfg, "warnings": caught, "held_out_calls": calls}
 
 
@@ -176,7 +177,7 @@ def test_eval_on_the_checkpoint_takes_its_length_and_template(trained, standin_d
         f"model.name_or_path={standin_dir}",
         "data=gsm8k",
         f"data.path={gsm8k_dir}",
-        "eval.limit=2",
+        "eval.problems=2",
         "eval.samples=2",
         "eval.k=[1,2]",
         "eval.bootstrap=10",
@@ -348,7 +349,7 @@ def test_rows_after_eos_are_masked_in_a_longer_batch(policy):
     handle = policy.model.get_output_embeddings().register_forward_hook(hook)
     try:
         c_ids, c_mask = sample_group(
-            policy.model, ids, mask, 2, 4, policy.eos_ids, tok.pad_token_id, greedy=True
+            policy.model, ids, mask, 2, 4, policy.eos_ids, tok.pad_token_id, decoding=Decoding(greedy=True)
         )
     finally:
         handle.remove()

@@ -27,7 +27,9 @@ def reward(rg):
 
 
 def rows_of(task, n=6, **task_config):
-    cfg = DataConfig(name="reasoning_gym", task=task, task_config=task_config, size=50, num_test=n, seed=3)
+    cfg = DataConfig(
+        name="reasoning_gym", task=task, task_config=task_config, train_size=50, test_size=n, seed=3
+    )
     return load_rows(cfg, "test")
 
 

@@ -31,14 +31,9 @@ class FakeModel:
 
 
 def _save(run: Path, step: int, text: str = "weights", keep: int = 2, fail: bool = False) -> Path:
+    model, tokenizer = FakeModel(text, fail), FakeModel("tok", name="tokenizer.txt")
     return checkpoint.save(
-        run,
-        step,
-        FakeModel(text, fail),
-        FakeModel("tok", name="tokenizer.txt"),
-        {"sampler": {"pos": step}},
-        "a: 1\n",
-        keep,
+        run, step, checkpoint.Saved(model, tokenizer, {"prompt_order": {"pos": step}}, "a: 1\n"), keep
     )
 
 
@@ -47,7 +42,7 @@ def test_save_writes_everything_and_keeps_the_newest(tmp_path):
         _save(tmp_path, step)
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-4"]
     state = checkpoint.load_state(tmp_path / "checkpoint-4")
-    assert state["step"] == 4 and state["sampler"] == {"pos": 4}
+    assert state["step"] == 4 and state["prompt_order"] == {"pos": 4}
     assert set(state["rng"]) >= {"python", "numpy", "torch"}
     # The config as given, after the line that says this checkpoint has a manifest (run.manifest).
     assert (tmp_path / "checkpoint-4" / "config.yaml").read_text() == manifest.MARK + "a: 1\n"
@@ -147,3 +142,31 @@ def test_first_signal_is_remembered_second_interrupts(sig, code, capfd):
             _deliver(sig)
     assert signal.getsignal(sig) is before
     assert "finishing this step, then saving a checkpoint" in capfd.readouterr().err
+
+
+def test_pruning_keeps_the_one_just_written_even_below_a_higher_step(tmp_path):
+    """A run resumed from checkpoint-2 while checkpoint-6 exists writes checkpoint-3: with keep=1 the
+    new one stays (the old rule, highest steps first, would have removed it)."""
+    for step in (2, 6):
+        _save(tmp_path, step, keep=0)
+    _save(tmp_path, 3, keep=1)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-3"]
+    _save(tmp_path, 4, keep=2)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-4"]
+
+
+def test_damaged_checkpoints_are_not_counted_among_those_kept(tmp_path):
+    """keep=2 with the newest older checkpoint damaged: the new one and the newest whole one are kept,
+    the damaged one is left where it is (not counted, not removed)."""
+    for step in (1, 2, 3):
+        _save(tmp_path, step, keep=0)
+    weights = tmp_path / "checkpoint-3" / "weights.txt"
+    weights.write_text("bitrot")  # same size, other bytes: its manifest no longer matches
+    _save(tmp_path, 4, keep=2)
+    assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path)] == [
+        "checkpoint-2",
+        "checkpoint-3",
+        "checkpoint-4",
+    ]
+    assert not manifest.verify(tmp_path / "checkpoint-3").whole
+    assert manifest.verify(tmp_path / "checkpoint-2").whole

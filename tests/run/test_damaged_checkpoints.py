@@ -26,6 +26,7 @@ from conftest import rule_module
 from helpers import full_disk, metric_rows, model_weights, run_train
 
 from grpo_cli.cli import compose_config
+from grpo_cli.commands import build
 from grpo_cli.commands import eval as evaluate
 from grpo_cli.commands.validate import validate
 from grpo_cli.config import ConfigError
@@ -56,7 +57,7 @@ def base(random_model_dir, rewards_dir) -> list[str]:
     return [
         f"model.name_or_path={random_model_dir}", "lora=none", "train.prompts_per_step=2", "algo.group_size=4",
         "reward.rules=[{name:noisy,_target_:grpo_damage_rewards.noisy,weight:1.0}]", "rollout.max_new_tokens=4",
-        "train.eval_problems=4", "train.eval_samples=2", "data.num_train=64", "data.num_test=8",
+        "train.eval_problems=4", "train.eval_samples=2", "data.train_size=64", "data.test_size=8",
         "train.lr=1e-2", "console=plain", "train.save_every=2", "train.keep_checkpoints=0",
     ]  # fmt: skip
 
@@ -91,7 +92,7 @@ def _stopped_at_4(straight: Path, run_dir: Path) -> Path:
 def _eval_cfg(random_model_dir: Path, tmp_path: Path, *overrides: str):
     cfg, _ = compose_config(
         "eval",
-        [f"model.name_or_path={random_model_dir}", "lora=none", "eval.limit=2", "eval.samples=2",
+        [f"model.name_or_path={random_model_dir}", "lora=none", "eval.problems=2", "eval.samples=2",
          "rollout.max_new_tokens=4", "console=plain", f"eval.out={tmp_path / 'eval.json'}", *overrides],
     )  # fmt: skip
     return cfg
@@ -180,9 +181,7 @@ def test_every_file_of_a_real_checkpoint_damaged_in_turn_is_named_by_resume_and_
     straight, random_model_dir, tmp_path, monkeypatch
 ):
     run_dir = _stopped_at_4(straight, tmp_path / "run")
-    monkeypatch.setattr(
-        evaluate, "load_policy", lambda *a, **k: pytest.fail("eval loaded a damaged checkpoint")
-    )
+    monkeypatch.setattr(build, "load_policy", lambda *a, **k: pytest.fail("eval loaded a damaged checkpoint"))
     newest = run_dir / "checkpoint-4"
     cfg = _eval_cfg(random_model_dir, tmp_path, f"checkpoint={newest}")
     names = _damage_each_file(run_dir, run_dir / "checkpoint-2", newest, cfg)
@@ -198,9 +197,7 @@ def test_every_file_of_a_lora_checkpoint_damaged_in_turn_is_named_by_resume_and_
         [*base, "lora=default", "lora.r=4", "train.eval_every=0", "train.steps=2", "train.save_every=1"],
         run_dir,
     )
-    monkeypatch.setattr(
-        evaluate, "load_policy", lambda *a, **k: pytest.fail("eval loaded a damaged checkpoint")
-    )
+    monkeypatch.setattr(build, "load_policy", lambda *a, **k: pytest.fail("eval loaded a damaged checkpoint"))
     newest = run_dir / "checkpoint-2"
     cfg = _eval_cfg(random_model_dir, tmp_path, f"checkpoint={newest}", "lora=default")
     names = _damage_each_file(run_dir, run_dir / "checkpoint-1", newest, cfg)

@@ -37,8 +37,8 @@ def _save(run: Path, step: int, keep: int = 0) -> Path:
     weights = safetensors_bytes({"w": torch.arange(64, dtype=torch.float32) * step})
     model = Writes({"model.safetensors": weights, "config.json": b'{"layers": 2}'})
     tokenizer = Writes({"tokenizer.json": json.dumps({"vocab": list("abcdef")}).encode()})
-    state = {"optimizer": {"m": torch.full((256,), float(step))}, "sampler": {"pos": step}}
-    return checkpoint.save(run, step, model, tokenizer, state, "a: 1\n", keep)
+    state = {"optimizer": {"m": torch.full((256,), float(step))}, "prompt_order": {"pos": step}}
+    return checkpoint.save(run, step, checkpoint.Saved(model, tokenizer, state, "a: 1\n"), keep)
 
 
 def _files(ckpt: Path) -> list[str]:
@@ -199,7 +199,7 @@ def test_an_old_checkpoint_without_a_manifest_loads_with_one_line(tmp_path, capl
         assert whole_checkpoints([str(ckpt)]) == ([str(ckpt)], {})
     assert caplog.messages == [f"{ckpt} has no manifest.json (saved before checkpoints had one, or made elsewhere): "
                                "its files cannot be verified"] * 2  # fmt: skip
-    assert checkpoint.load_state(ckpt)["sampler"] == {"pos": 2}
+    assert checkpoint.load_state(ckpt)["prompt_order"] == {"pos": 2}
 
 
 @pytest.mark.parametrize(

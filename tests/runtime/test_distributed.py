@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from grpo_cli.cli import compose_config
-from grpo_cli.commands import train
+from grpo_cli.commands.build import build_train_run
 from grpo_cli.commands.validate import validate
 from grpo_cli.config import ConfigError
 from grpo_cli.engines.hf.decode import prompt_generators, sample_group
@@ -234,7 +234,7 @@ def test_prompts_per_step_must_split_over_the_ranks(monkeypatch, tmp_path, rando
     cfg, _ = compose_config("train", [f"model.name_or_path={random_model_dir}", "train.prompts_per_step=4"])
     monkeypatch.setattr(distributed, "init", lambda: distributed.World(0, 3))
     with pytest.raises(ConfigError, match="train.prompts_per_step=4: must divide by the 3 ranks"):
-        train._build(cfg, tmp_path)
+        build_train_run(cfg, tmp_path)
 
 
 # ---------------------------------------------------------------------------- torchrun, 2 processes
@@ -287,7 +287,7 @@ def test_two_process_run_resumes_with_two_and_evaluates_in_one(ddp_runs, tmp_pat
             "grpo_cli",
             "eval",
             f"checkpoint={run / 'checkpoint-3'}",
-            "eval.limit=4",
+            "eval.problems=4",
             "eval.samples=2",
             "eval.k=[1,2]",
             "eval.bootstrap=10",
@@ -402,7 +402,7 @@ def test_packed_micro_batches_on_two_fsdp_processes_match_one(tmp_path, tiny_ini
     same number of packed passes): the 2-process run is the 1-process run, and both have the padded
     run's losses to float32 rounding."""
     args = [*ARGS, "lora=none", "algo.scale_rewards=batch"]
-    packed = [*args, "train.micro_batch_tokens=40"]
+    packed = [*args, "train.micro_batch_size=null", "train.micro_batch_tokens=40"]
     _ok(_grpo(args, tmp_path / "padded"))
     _ok(_grpo(packed, tmp_path / "one"))
     _ok(_grpo([*packed, "train.strategy=fsdp", "train.save_every=3"], tmp_path / "two", nproc=2))

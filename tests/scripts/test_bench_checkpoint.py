@@ -20,7 +20,7 @@ def test_both_saves_write_the_same_files_of_a_filled_optimizer(bench, random_mod
     moments = list(state["optimizer"]["state"].values())
     assert moments and all({"exp_avg", "exp_avg_sq"} <= set(m) for m in moments)
     old = bench.save_without_manifest(tmp_path, 1, policy, state, config_yaml)
-    new = checkpoint.save(tmp_path, 2, policy.model, policy.tokenizer, state, config_yaml)
+    new = checkpoint.save(tmp_path, 2, checkpoint.Saved(policy.model, policy.tokenizer, state, config_yaml))
     old_files = {p.name: p.stat().st_size for p in old.iterdir()}
     new_files = {p.name: p.stat().st_size for p in new.iterdir()}
     assert set(new_files) == set(old_files) | {"manifest.json"}

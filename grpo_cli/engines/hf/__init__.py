@@ -55,14 +55,9 @@ class HFEngine:
             max(r.max_tokens for r in chunk),
             first.stop_token_ids,
             policy.tokenizer.pad_token_id,
-            decoding.temperature,
-            decoding.top_k,
-            decoding.top_p,
-            greedy=decoding.greedy,
+            decoding,
             generators=generators,
             synced=policy.lockstep,
-            banned=decoding.banned_ids,
-            min_p=decoding.min_p,
         )
         logps = None
         if decoding.logprobs:  # at the sampling temperature, unfiltered

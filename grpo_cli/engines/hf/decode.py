@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from grpo_cli.engines.hf.onednn import fast_linears
+from grpo_cli.engines.protocol import Decoding
 from grpo_cli.models.logprobs import cache_arg, output_cache, positions
 from grpo_cli.runtime.distributed import all_ranks
 
@@ -64,6 +65,8 @@ def _expand_cache(cache: Any, repeats: int) -> None:
         cache.batch_repeat_interleave(repeats)
 
 
+SAMPLED = Decoding()  # temperature 1, no filtering: the default draw
+
 # Drop finished rows from the decoding batch once at least this fraction of it has finished: fewer
 # rows per forward, against one gather of the KV cache (cheap next to a forward).
 COMPACT_FRACTION = 0.25
@@ -77,16 +80,15 @@ def sample_group(
     max_new_tokens: int,
     eos_id: int | Sequence[int],  # one id or the EOS set: a completion ends at the first of them
     pad_id: int,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    greedy: bool = False,
+    decoding: Decoding = SAMPLED,
     generators: Sequence[torch.Generator] | None = None,
     synced: bool = False,
-    banned: Sequence[int] = (),
-    min_p: float = 0.0,
 ):
-    """Sample G completions for each of P left-padded prompts.
+    """Sample G completions for each of P left-padded prompts, drawn as ``decoding`` says (temperature,
+    top-k, top-p, min-p, greedy, banned ids).
+
+    Below the engine protocol, so its arguments are the decoding loop's tensors and a Request's fields
+    one by one (prompts, G, the budget, the stop and pad ids) beside the ``Decoding``.
 
     prompt_ids, prompt_mask: [P, L]. Returns completion ids [P*G, T] (pad after EOS) and mask [P*G, T]
     (1 on sampled tokens including EOS), T <= max_new_tokens.
@@ -96,7 +98,7 @@ def sample_group(
     ``torch.multinomial`` draws one exponential per entry whatever the values, so the random stream,
     and with it every live row's token, is the one ``generate`` (which decodes every row) would give.
 
-    ``banned``: ids never sampled (a tool's result markers). ``generators``: one per prompt; its G
+    ``decoding.banned_ids``: ids never sampled (a tool's result markers). ``generators``: one per prompt; its G
     completions draw from it alone (inverse CDF on uniforms it gives up front), so what a prompt gets
     depends on its seed, not on which other prompts share the batch (or the rank); None draws from
     the global torch RNG, as ``generate`` does. ``synced`` (FSDP, where each forward is a
@@ -104,6 +106,8 @@ def sample_group(
     """
     with _decoding(model, synced, prompt_ids.size(0) * group_size, max_new_tokens):
         uniforms = None
+        greedy, banned = decoding.greedy, decoding.banned_ids
+        warp = (decoding.temperature, decoding.top_k, decoding.top_p, decoding.min_p)
         if generators is not None and not greedy:
             uniforms = _group_uniforms(generators, group_size, max_new_tokens, prompt_ids.device)
         cache, logits, mask, next_pos = _prefill(model, prompt_ids, prompt_mask, group_size)
@@ -114,7 +118,6 @@ def sample_group(
         tokens = []
         for step in range(max_new_tokens):
             u = None if uniforms is None else uniforms[step]
-            warp = (temperature, top_k, top_p, min_p)
             tok = _draw(logits, u, greedy, warp, banned).masked_fill(done, pad_id)
             tokens.append(tok)
             done = done | torch.isin(tok, eos)

@@ -13,6 +13,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from grpo_cli.engines import Decoding
 from grpo_cli.engines.hf.decode import filter_logits, sample_group
 from grpo_cli.models.logprobs import completion_logprobs
 
@@ -63,7 +64,7 @@ def test_greedy_equals_generate_token_for_token(model_and_tok):
     model, tok = model_and_tok
     ids, mask = encode_prompts(tok, PROMPTS, False, torch.device("cpu"))
     assert (mask[:, 0] == 0).any(), "prompts should be ragged so left padding is exercised"
-    ours, our_mask = sample_group(model, ids, mask, 2, 12, 0, 0, greedy=True)
+    ours, our_mask = sample_group(model, ids, mask, 2, 12, 0, 0, decoding=Decoding(greedy=True))
     theirs = _hf_generate(model, ids, mask, 1, do_sample=False).repeat_interleave(2, 0)
     theirs = torch.nn.functional.pad(theirs, (0, ours.size(1) - theirs.size(1)), value=0)
     assert torch.equal(ours * our_mask, theirs[:, : ours.size(1)] * our_mask)
@@ -76,7 +77,16 @@ def test_sampling_matches_generate_for_the_same_seed(model_and_tok):
     model, tok = model_and_tok
     ids, mask = encode_prompts(tok, PROMPTS, False, torch.device("cpu"))
     torch.manual_seed(123)
-    ours, our_mask = sample_group(model, ids, mask, 4, 12, 0, 0, temperature=0.9, top_k=30, top_p=0.95)
+    ours, our_mask = sample_group(
+        model,
+        ids,
+        mask,
+        4,
+        12,
+        0,
+        0,
+        decoding=Decoding(temperature=0.9, top_k=30, top_p=0.95),
+    )
     torch.manual_seed(123)
     theirs = _hf_generate(model, ids, mask, 4, do_sample=True, temperature=0.9, top_k=30, top_p=0.95)
     width = min(ours.size(1), theirs.size(1))
@@ -118,7 +128,9 @@ def test_rollout_logprobs_match_a_plain_forward(model_and_tok):
     model, tok = model_and_tok
     ids, mask = encode_prompts(tok, PROMPTS, False, torch.device("cpu"))
     torch.manual_seed(0)
-    c_ids, c_mask, sampled_lp = _sample_with_logprobs(model, ids, mask, 3, 10, 0, 0, temperature=0.8)
+    c_ids, c_mask, sampled_lp = _sample_with_logprobs(
+        model, ids, mask, 3, 10, 0, 0, decoding=Decoding(temperature=0.8)
+    )
     _assert_matches_a_plain_forward(model, ids, mask, 3, c_ids, c_mask, sampled_lp, temperature=0.8)
     m = c_mask.bool()
     # Ragged prompts: every sequence ends at its first EOS, nothing counted after it.
@@ -176,7 +188,15 @@ def test_seeded_sampling_is_reproducible_and_matches_its_logprobs(model_and_tok)
     seeds = [5, 6, 7]
     runs = [
         _sample_with_logprobs(
-            model, ids, mask, 4, 10, 0, 0, temperature=0.8, generators=prompt_generators(seeds, ids.device)
+            model,
+            ids,
+            mask,
+            4,
+            10,
+            0,
+            0,
+            decoding=Decoding(temperature=0.8),
+            generators=prompt_generators(seeds, ids.device),
         )
         for _ in range(2)
     ]
@@ -193,14 +213,16 @@ def test_dropping_finished_rows_changes_no_token(model_and_tok, monkeypatch, see
 
     model, tok = model_and_tok
     ids, mask = encode_prompts(tok, PROMPTS, False, torch.device("cpu"))
-    probe, _ = sample_group(model, ids, mask, 1, 12, eos_id=-1, pad_id=0, greedy=True)
+    probe, _ = sample_group(model, ids, mask, 1, 12, eos_id=-1, pad_id=0, decoding=Decoding(greedy=True))
     eos = int(probe[0, 2])  # prompt 0's third greedy token: at a low temperature its rows end early
     runs = {}
     for name, fraction in (("never", 2.0), ("always", 1e-9)):
         monkeypatch.setattr(rollout, "COMPACT_FRACTION", fraction)
         torch.manual_seed(1)
         gens = prompt_generators([1, 2, 3], ids.device) if seeded else None
-        runs[name] = _sample_with_logprobs(model, ids, mask, 4, 12, eos, 0, temperature=0.05, generators=gens)
+        runs[name] = _sample_with_logprobs(
+            model, ids, mask, 4, 12, eos, 0, decoding=Decoding(temperature=0.05), generators=gens
+        )
     (a_ids, a_mask, a_lp), (b_ids, b_mask, b_lp) = runs["never"], runs["always"]
     assert torch.equal(a_ids, b_ids) and torch.equal(a_mask, b_mask)
     m = a_mask.bool()
@@ -279,7 +301,17 @@ def test_seeded_min_p_sampling_is_reproducible_and_stays_in_the_kept_support(tin
         gens = prompt_generators([11, 12, 13], torch.device("cpu"))
         decode.filter_logits = recording if record else real
         try:
-            return sample_group(model, ids, mask, 4, 10, 0, 0, temperature=1.4, generators=gens, min_p=0.1)
+            return sample_group(
+                model,
+                ids,
+                mask,
+                4,
+                10,
+                0,
+                0,
+                decoding=Decoding(temperature=1.4, min_p=0.1),
+                generators=gens,
+            )
         finally:
             decode.filter_logits = real
 

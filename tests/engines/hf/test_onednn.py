@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from helpers import encode_prompts
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from grpo_cli.engines import Decoding
 from grpo_cli.engines.hf import onednn
 from grpo_cli.engines.hf.decode import prompt_generators, sample_group
 
@@ -132,8 +133,10 @@ def test_sample_group_gives_the_same_tokens(model_and_tok, counted, monkeypatch,
             monkeypatch.setattr(onednn, "MIN_HEAD_ELEMENTS", 2**62)
         torch.manual_seed(3)
         gens = prompt_generators([1, 2], ids.device) if seeded else None
-        greedy = sample_group(model, ids, mask, 1, 10, eos_id=-1, pad_id=0, greedy=True)[0]
-        sampled = sample_group(model, ids, mask, 3, 10, -1, 0, temperature=0.8, generators=gens)
+        greedy = sample_group(model, ids, mask, 1, 10, eos_id=-1, pad_id=0, decoding=Decoding(greedy=True))[0]
+        sampled = sample_group(
+            model, ids, mask, 3, 10, -1, 0, decoding=Decoding(temperature=0.8), generators=gens
+        )
         runs[route] = (greedy, *sampled)
     n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert len(counted) == 2 * 10 * n_linear  # every linear of every pass of both calls went to oneDNN

@@ -128,7 +128,7 @@ def test_a_server_that_dies_mid_run_stops_it_with_the_resume_command(tmp_path, r
     urls, procs = start_servers(["tiny"], tmp_path)
     try:
         run_dir = tmp_path / "run"
-        args = [*_base(urls, rewards_dir), "train.steps=30", "train.save_every=1", "rollout.server_timeout=20",
+        args = [*_base(urls, rewards_dir), "train.steps=30", "train.save_every=1", "rollout.sync_timeout=20",
                 f"hydra.run.dir={run_dir}"]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(rewards_dir), os.environ.get("PYTHONPATH", "")]),
                "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # fmt: skip

@@ -149,7 +149,7 @@ def test_calc_episodes_on_the_server_are_token_exact(tools_server):
     from grpo_cli.data import load_rows
     from grpo_cli.envs.episode import episode_spec
     from grpo_cli.models.logprobs import grouped_completion_logprobs
-    from grpo_cli.rollout.generate import PromptFormat, generate
+    from grpo_cli.rollout.generate import PromptFormat, Sampler
 
     cfg = _cfg(tools_server, "env=calc", "model=tiny-tools", "data=arithmetic", "lora=none", "algo.beta=0.0")
     policy = load_policy(cfg.model, cfg.lora, beta=0.0)
@@ -166,7 +166,7 @@ def test_calc_episodes_on_the_server_are_token_exact(tools_server):
 
     rows = load_rows(cfg.data, "test")[:8]
     fmt = PromptFormat.of(cfg.data, cfg.model)
-    ro = generate(Recorder(), policy, rows, fmt, 4, cfg.rollout, seeds=list(range(8)), spec=spec)
+    ro = Sampler(Recorder(), policy, fmt, spec, cfg.rollout).generate(rows, 4, seeds=list(range(8)))
     spec.close()
     model = ro.model_mask.bool()
     assert (~model & ro.completion_mask.bool()).any(), "no tool tokens: no episode called the calculator"
