@@ -121,7 +121,7 @@ def _validate_engine(cfg: Any) -> None:
         )
     if ro.kv_cache_bytes is not None and ro.kv_cache_bytes < 1:
         raise ConfigError(f"rollout.kv_cache_bytes={ro.kv_cache_bytes}: must be >= 1 (or null to size it)")
-    validate_engine_is(cfg.algo.engine_is)
+    validate_engine_is(cfg.algo.engine_is, cfg.algo.objective)
     _validate_servers(ro, cfg.algo)
 
 

@@ -97,8 +97,16 @@ def _validate_advantage(algo: Any) -> None:
         )
 
 
-def validate_engine_is(eis: Any) -> None:
-    """algo.engine_is: the bounds [low, cap], and what mode=reject and its statistic need."""
+def validate_engine_is(eis: Any, objective: str = "clip") -> None:
+    """algo.engine_is: the bounds [low, cap], what mode=reject and its statistic need, and the level
+    ``objective`` allows."""
+    if eis.cap is not None and objective == "geo_mean" and eis.level == "token" and eis.mode != "reject":
+        # GMPO's surrogate is one number per completion: a weight per token would scale it by the mean
+        # weight, and a token masked to 0 would still get its gradient through the sequence's ratio.
+        raise ConfigError(
+            "algo.objective=geo_mean has one ratio per completion: set algo.engine_is.level=sequence "
+            "(one weight per completion) or turn the correction off (algo.engine_is.cap=null)"
+        )
     if eis.cap is not None and not eis.cap > 0:
         raise ConfigError(f"algo.engine_is.cap={eis.cap}: must be > 0 (or null for off)")
     if eis.low is not None:

@@ -19,6 +19,8 @@ log-prob, the proximal policy), ``engine_is.cap`` = C turns on one of three mode
                   geo_mean  exp(mean_t x_t), their geometric mean           (verl seq_mean_k1)
                   mean_k3   mean_t (e^x_t - 1 - x_t), k3's estimate of KL(mu || pi_old), >= 0, so only
                             the upper bound C applies                       (verl seq_mean_k3)
+              verl's k1 thresholds bound log(mu / pi_old), the other way round: [low, C] here is verl's
+              "1/C_1/low", and the two agree only where low * C = 1 (TRL bounds pi_old / mu, as here).
 
 The weights multiply each token's surrogate in ``core.loss`` (the KL term is not weighted); the
 rejection is taken once per step, before the denominators are counted (``commands.selections``).

@@ -43,6 +43,7 @@ from grpo_cli.config import ConfigError
             "mean_k3",
         ),  # fmt: skip
         (["algo.engine_is.cap=2", "algo.engine_is.statistic=median"], "algo.engine_is.statistic"),
+        (["algo=gmpo", "algo.engine_is.cap=2", "algo.engine_is.mode=mask"], "algo.engine_is.level=sequence"),
     ],
 )
 def test_bad_values_are_one_line_naming_the_key(overrides, needle):
@@ -65,6 +66,7 @@ def test_bad_values_are_one_line_naming_the_key(overrides, needle):
         ["algo.advantage=reinforce_pp"],
         ["algo.advantage=reinforce_pp_baseline"],
         ["algo.engine_is.cap=2", "algo.engine_is.low=0.5", "algo.engine_is.mode=mask"],
+        ["algo=gmpo", "algo.engine_is.cap=2", "algo.engine_is.level=sequence"],
         [
             "algo.engine_is.cap=2",
             "algo.engine_is.mode=reject",
