@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/options_demo.py --out outputs/options            # every option, ~1.5 min each
     .venv/bin/python scripts/options_demo.py --only grpo sapo --steps 50      # a quick look
+    .venv/bin/python scripts/options_demo.py --extra algo.num_iterations=2   # off policy: the ratios move
 
 Per option: ``grpo train console=plain hydra.run.dir=OUT/NAME OVERRIDES`` (the default demo: tiny
 model, arithmetic, seed 0), then from its metrics.jsonl the held-out sampled accuracy
@@ -49,7 +50,15 @@ def _evals(metrics: Path) -> tuple[list[dict], list[float]]:
 
 def run_one(name: str, overrides: list[str], out: Path, steps: int | None) -> dict:
     run_dir = out / name
-    cmd = [sys.executable, "-m", "grpo_cli.cli", "train", "console=plain", f"hydra.run.dir={run_dir}", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "grpo_cli.cli",
+        "train",
+        "console=plain",
+        f"hydra.run.dir={run_dir}",
+        *overrides,
+    ]
     if steps is not None:
         cmd.append(f"train.steps={steps}")
     load = os.getloadavg()[0]
@@ -77,12 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("outputs/options"))
     p.add_argument("--only", nargs="*", choices=list(OPTIONS), help="these options only (default: all)")
     p.add_argument("--steps", type=int, default=None, help="train.steps (default: the demo's)")
+    p.add_argument(
+        "--extra", nargs="*", default=[], help="overrides added to every run, e.g. algo.num_iterations=2"
+    )
     args = p.parse_args(argv)
     print("| run | override | held-out sampled, first -> last eval | greedy | train reward, last 20 steps "
           "| wall time | load (1 min) at start |")  # fmt: skip
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name in args.only or list(OPTIONS):
-        r = run_one(name, OPTIONS[name], args.out, args.steps)
+        r = run_one(name, [*OPTIONS[name], *args.extra], args.out, args.steps)
         if "error" in r:
             print(f"| {name} | {' '.join(OPTIONS[name])} | {r['error']} | | | | |", flush=True)
             continue

@@ -7,6 +7,8 @@ covariance tokens, the rejected completions) are taken once, over every rank's t
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import on_two_gloo_ranks
@@ -178,18 +180,19 @@ def test_rejected_completions_leave_the_loss_and_every_denominator():
     assert _prepare(policy, plain, cfg).rejected is None
 
 
-def _step_stats(micro: int, options: dict, rows: list[int] | None = None) -> dict[str, float]:
+def _step_stats(micro: int, options: dict, rows: list[int] | None = None, k: int = 1) -> dict[str, float]:
     """``update``'s statistics after mu = 2 iterations (SGD lr 0.5: the second iteration's ratios move
-    off 1), beta 0.04, a narrow clip, over the rows ``rows`` (default all)."""
+    off 1) of each of ``k`` mini-batches, beta 0.04, a narrow clip, over the rows ``rows`` (default all)."""
     policy, rollout = _policy(ref=True), _batch(options)
     if rows is not None:
         rollout = rollout.select(rows)
     if distributed.world().enabled:
         policy.wrapper = distributed.wrap(policy.model, "ddp")
-    cfg = _cfg(micro=micro, beta=0.04, mu=2, algo=_algo(options))
+    cfg = _cfg(micro=micro, beta=0.04, mu=2, algo={**_algo(options), "steps_per_generation": k})
     if cfg.algo.objective in ("clip", "clip_cov"):
         cfg.algo.epsilon = 0.02
-    opt = RecordingSGD(policy.model.parameters(), lr=0.5)
+    # k mini-batches take k * mu SGD steps: a smaller lr keeps four of them finite
+    opt = RecordingSGD(policy.model.parameters(), lr=0.5 if k == 1 else 0.05)
     return _update(policy, opt, schedule(opt, 0), _prepare(policy, rollout, cfg), cfg)
 
 
@@ -209,6 +212,18 @@ def test_every_logged_statistic_is_the_same_for_any_micro_batch_size(options):
     for micro in (1, 3):
         got = _step_stats(micro, STAT_SETS[options])
         assert got.keys() == whole.keys()
+        for key, value in whole.items():
+            assert got[key] == pytest.approx(value, abs=1e-9), (options, micro, key)
+
+
+@pytest.mark.parametrize("options", ["clip_cov", "kl_cov", "reinforce_pp", "reject_geo_mean"])
+def test_the_selections_hold_over_mini_batches(options):
+    """k = 2 mini-batches of whole groups (two optimizer steps, each mu = 2): the step's selections and
+    batch-wide advantages are fixed before the first, so micro-batches of 1 and 3 log what N logs."""
+    whole = _step_stats(N, STAT_SETS[options], k=2)
+    assert all(math.isfinite(v) for v in whole.values()) and whole["ratio/max"] > 1.0
+    for micro in (1, 3):
+        got = _step_stats(micro, STAT_SETS[options], k=2)
         for key, value in whole.items():
             assert got[key] == pytest.approx(value, abs=1e-9), (options, micro, key)
 
