@@ -46,12 +46,14 @@ Output: a table (checkpoints as rows; differences from the first row in green / 
                   "ci95": {..., "delta_pass@1": [0.09, 0.15]}}]}
 
     <same folder>/eval_completions.jsonl, one line per completion:
-    {"checkpoint": str, "id": str, "sample": int, "greedy": bool, "completion": str, "answer": str | null,
+    {"checkpoint": str, "id": str, "sample": int, "greedy": bool, "completion": str, "reference": str,
+     "answer": str | null,
      "reward": float | null, "correct": bool, "rewards": {rule: float | null}, "tokens": int | null,
      "token_ids": [int], "model_mask": [0 | 1]}
 
 ``completion`` is the model's own words (with ``env=``, its turns without the tool's text): what the
-rules judged. ``token_ids`` are the ids after the prompt, ``model_mask`` 1 where the model sampled one.
+rules judged; ``reference`` the row's, what they judged it against (``data.reference``: the gold
+answer, for code the tested function's name); ``answer`` the completion's own, as maj@k reads it. ``token_ids`` are the ids after the prompt, ``model_mask`` 1 where the model sampled one.
 
 ``eval.completions=FILE`` scores completions produced by any other system without loading a model:
 one JSON object per line, ``{"id": ..., "completion": ...}``, ``id`` being the data group's problem id

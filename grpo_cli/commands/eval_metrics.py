@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from grpo_cli.data import reference
 from grpo_cli.rewards import correct
 from grpo_cli.rewards.code import CodeReward, code_reward, extract_code
 from grpo_cli.rewards.math import as_number, extract_answer
@@ -308,6 +309,7 @@ def score_records(
                 "sample": samples[i] if samples else 0,
                 "greedy": greedy,
                 "completion": text,
+                "reference": reference(rows[i]),  # the row's; "answer" is the completion's own
                 "answer": answer,
                 "vote": vote,
                 "reward": result.total[i],

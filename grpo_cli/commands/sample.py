@@ -24,7 +24,7 @@ from rich.text import Text
 from grpo_cli.commands.build import build_run
 from grpo_cli.commands.update import advantages_for
 from grpo_cli.config import SampleRoot
-from grpo_cli.data import build_prompt
+from grpo_cli.data import build_prompt, reference
 from grpo_cli.rollout.generate import score
 from grpo_cli.rollout.record import Rollout, token_record, token_runs, transcript
 from grpo_cli.run.progress import GenerationProgress
@@ -70,7 +70,8 @@ def _shown(ro: Rollout, i: int, tok: Any) -> str | Text:
 
 
 def records(ro: Rollout, advantages: torch.Tensor, prompts: list[str], tok: Any) -> list[dict[str, Any]]:
-    """The samples.jsonl rows: ``completion`` is the model's own words (what the rules judged);
+    """The samples.jsonl rows: ``completion`` is the model's own words (what the rules judged),
+    ``reference`` what they judged it against (``data.reference``);
     ``token_ids`` the ids after the prompt and ``model_mask`` 1 where the model sampled the id;
     episodes with a tool add ``transcript`` (every token decoded) and their counters."""
     return [
@@ -79,6 +80,7 @@ def records(ro: Rollout, advantages: torch.Tensor, prompts: list[str], tok: Any)
             "id": ro.rows[i].get("id"),
             "prompt": prompts[i // ro.group_size],
             "completion": ro.texts[i],
+            "reference": reference(ro.rows[i]),
             **({"transcript": transcript(ro, i, tok)} if ro.model_mask is not None else {}),
             "reward": float(ro.rewards[i]) if ro.judged[i] else None,
             "advantage": float(advantages[i]),

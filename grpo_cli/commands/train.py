@@ -22,7 +22,7 @@ from grpo_cli.commands.build import TrainRun, build_train_run
 from grpo_cli.commands.heldout import held_out_due
 from grpo_cli.commands.step import train_step
 from grpo_cli.config import TrainRoot
-from grpo_cli.data import build_prompt
+from grpo_cli.data import build_prompt, reference
 from grpo_cli.engines.server.http import SERVER_FAILED_EXIT, ServerError
 from grpo_cli.rollout.record import Rollout, transcript
 from grpo_cli.run import checkpoint, resume
@@ -39,13 +39,15 @@ def completion_records(
     step: int, ro: Rollout, advantages: torch.Tensor, template: str, tokenizer: Any = None
 ) -> list[dict[str, Any]]:
     """One ``completions.jsonl`` row per completion of the trained rollout: ``completion`` is the
-    model's own words (what the rules judged); episodes with a tool add ``transcript``, every token
+    model's own words (what the rules judged), ``reference`` what they judged it against
+    (``data.reference``); episodes with a tool add ``transcript``, every token
     after the prompt decoded, the tool's included (given ``tokenizer``)."""
     return [
         {
             "step": step,
             "prompt": build_prompt(ro.rows[i], template),
             "completion": ro.texts[i],
+            "reference": reference(ro.rows[i]),
             **(
                 {"transcript": transcript(ro, i, tokenizer)}
                 if tokenizer and ro.model_mask is not None

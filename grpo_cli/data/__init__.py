@@ -9,7 +9,8 @@ plus whatever a reward rule needs (HumanEval: ``prompt``, ``test``, ``entry_poin
 ``task``, ``task_config``, ``metadata``, ``entry``).
 
 ``load_rows(cfg, split)`` dispatches on ``data.name``; ``build_prompt`` is the one place a row
-becomes prompt text.
+becomes prompt text; ``reference`` the one place a row's reference (what a completion is judged
+against, written beside it in every per-completion record) is read.
 """
 
 from __future__ import annotations
@@ -50,3 +51,15 @@ def load_rows(cfg: Any, split: str) -> list[Row]:
 def build_prompt(row: Row, template: str) -> str:
     """Prompt text for one row: ``template`` with ``{question}`` filled in (no chat template here)."""
     return template.replace("{question}", row["question"])
+
+
+def reference(row: Row) -> str:
+    """What a completion of ``row`` is judged against, as the records show it (key ``reference``).
+
+    The row's ``answer`` (the gold final answer as its loader normalised it); for a code row (one with
+    ``test`` and ``entry_point``: HumanEval) the name of the function its tests check, since the
+    canonical solution is not what the tests compare with and the test code is too long for a record.
+    """
+    if row.get("test") and row.get("entry_point"):
+        return str(row["entry_point"])
+    return str(row.get("answer", "") or "")

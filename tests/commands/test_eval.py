@@ -83,12 +83,15 @@ def test_completions_file_of_known_correctness(tmp_path):
     assert [r["id"] for r in records] == [str(i) for i in range(5) for _ in range(4)]
     assert [r["correct"] for r in records[:4]] == [True, True, False, False]
     assert records[8]["answer"] is None and records[11]["answer"] == gold[2]
+    # the row's reference beside the completion's own answer: the gold one, whatever was written
+    assert [r["reference"] for r in records] == [g for g in gold for _ in range(4)]
     assert set(records[0]) == {
         "checkpoint",
         "id",
         "sample",
         "greedy",
         "completion",
+        "reference",
         "answer",
         "reward",
         "correct",
@@ -155,7 +158,10 @@ def test_humaneval_canonical_solutions_pass(tmp_path):
     assert entry["n"] == 1
     assert entry["metrics"]["pass@1"] == 1.0
     assert entry["metrics"]["reward/code"] == 1.0
-    assert len((tmp_path / "eval_completions.jsonl").read_text().splitlines()) == 20
+    records = [json.loads(x) for x in (tmp_path / "eval_completions.jsonl").read_text().splitlines()]
+    assert len(records) == 20
+    # a code row's reference: the function its tests check
+    assert [r["reference"] for r in records] == [problems[r["id"]]["entry_point"] for r in records]
 
 
 def test_gsm8k_gold_solutions_score_with_the_groups_own_reward(tmp_path):

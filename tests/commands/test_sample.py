@@ -1,4 +1,5 @@
-"""`grpo sample`: the table and samples.jsonl carry advantages equal to core.advantages.group_advantages."""
+"""`grpo sample`: the table and samples.jsonl carry advantages equal to core.advantages.group_advantages,
+and each record its row's reference answer."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import sys
 
 import torch
 
+from grpo_cli.cli import compose_config
 from grpo_cli.core.advantages import group_advantages
+from grpo_cli.data import load_rows
 
 
 def test_sample_advantages_match_group_advantages(tmp_path, random_model_dir):
@@ -46,3 +49,7 @@ def test_sample_advantages_match_group_advantages(tmp_path, random_model_dir):
     assert expected.abs().sum() > 0, "the rule should give varied rewards"
     torch.testing.assert_close(got, expected)
     assert [r["prompt_index"] for r in records] == [i // 6 for i in range(18)]
+    cfg, _ = compose_config("sample", [f"model.name_or_path={random_model_dir}"])
+    rows = load_rows(cfg.data, cfg.sample.split)  # sample.prompts takes the split's first rows
+    assert [r["reference"] for r in records] == [rows[i // 6]["answer"] for i in range(18)]
+    assert all(r["id"] == rows[i // 6]["id"] for i, r in enumerate(records))

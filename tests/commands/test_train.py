@@ -27,6 +27,7 @@ from grpo_cli.cli import compose_config
 from grpo_cli.commands import train
 from grpo_cli.commands.validate import validate
 from grpo_cli.config import ConfigError
+from grpo_cli.data import build_prompt, load_rows
 from grpo_cli.run import checkpoint, guards
 from grpo_cli.run.runlog import read_metrics
 
@@ -334,8 +335,21 @@ def test_completions_are_logged_with_rewards_advantages_and_overlong_penalty(bas
     run_train(overrides, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2] * 8
-    assert set(rows[0]) == {"step", "prompt", "completion", "length", "reward", "rewards", "advantage"}
+    assert set(rows[0]) == {
+        "step",
+        "prompt",
+        "completion",
+        "reference",
+        "length",
+        "reward",
+        "rewards",
+        "advantage",
+    }
     assert rows[0]["prompt"].startswith("Calculate ")
+    # each completion's reference is its row's answer: the answer of the problem its prompt poses
+    cfg, _ = compose_config("train", base)
+    answers = {build_prompt(row, cfg.data.template): row["answer"] for row in load_rows(cfg.data, "train")}
+    assert all(r["reference"] == answers[r["prompt"]] for r in rows)
     for r in rows:
         penalty = 0.5 * max(0, r["length"] - 2) / 2
         assert r["reward"] == pytest.approx(r["rewards"]["noisy"] - penalty)
