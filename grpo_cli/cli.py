@@ -3,6 +3,7 @@
     grpo train model=qwen reward=math algo.beta=0.0
     grpo sample algo.group_size=16
     grpo eval checkpoint=outputs/2026-01-01/12-00-00/checkpoint-200
+    grpo export checkpoint=outputs/2026-01-01/12-00-00/checkpoint-200 out=exported/model
     grpo train --cfg job          # Hydra's own flags keep working: --help, -m, hydra.run.dir=...
 
 Before Hydra starts a run, the overrides are composed once here so that a bad value, an unknown
@@ -21,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("grpo_cli.commands.train", "train the policy with GRPO"),
     "sample": ("grpo_cli.commands.sample", "show G completions per prompt with rewards and advantages"),
     "eval": ("grpo_cli.commands.eval", "pass@k, maj@k and mean reward of checkpoints"),
+    "export": ("grpo_cli.commands.export", "a checkpoint as a plain transformers model dir (LoRA merged)"),
 }
 # Not a Hydra command: vLLM's own server with its flags (``grpo serve --help``).
 SERVE = ("grpo_cli.commands.serve", "a generation server for rollout.engine=vllm-server (vLLM's own)")
@@ -39,7 +41,7 @@ _NO_PRECHECK = {
 }
 
 USAGE = (
-    "usage: grpo {train,sample,eval} [key=value ...] [hydra flags]\n"
+    "usage: grpo {train,sample,eval,export} [key=value ...] [hydra flags]\n"
     "       grpo serve [--model M] [--port P] [-- vllm flags]\n"
     "       torchrun --nproc_per_node N -m grpo_cli train [key=value ...]   (data-parallel)\n\n"
     + "\n".join(f"  {name:<8}{desc}" for name, (_, desc) in {**SUBCOMMANDS, "serve": SERVE}.items())

@@ -422,12 +422,26 @@ class EvalRoot(_Common):
     checkpoint: str | None = None
 
 
+EXPORT_DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+@dataclass
+class ExportRoot(_Common):
+    # grpo export checkpoint=PATH out=DIR: the checkpoint to export (a LoRA adapter dir or a full model dir).
+    checkpoint: str | None = None
+    # grpo export out=DIR: the plain transformers model directory to write; must not exist, or be empty.
+    out: str | None = None
+    # grpo export dtype=: the weights in out as float32, bfloat16, float16, or auto (the base model's own).
+    dtype: str = "auto"
+
+
 def register() -> None:
     """Register the schemas with Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainRoot)
     cs.store(name="sample_schema", node=SampleRoot)
     cs.store(name="eval_schema", node=EvalRoot)
+    cs.store(name="export_schema", node=ExportRoot)
 
 
 def conf_dir() -> Path:

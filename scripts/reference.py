@@ -106,12 +106,12 @@ def render() -> str:
     from omegaconf import OmegaConf
 
     from grpo_cli.cli import compose_config
-    from grpo_cli.config import EvalRoot, SampleRoot, TrainRoot, leaves
+    from grpo_cli.config import EvalRoot, ExportRoot, SampleRoot, TrainRoot, leaves
 
     _, dcfg = compose_config("train")
     composed = leaves(OmegaConf.to_container(dcfg, resolve=True))
     groups: dict[str, list[tuple[str, str, str, str, str]]] = {}
-    for root in (TrainRoot, SampleRoot, EvalRoot):
+    for root in (TrainRoot, SampleRoot, EvalRoot, ExportRoot):
         for row in rows(root, "", composed):
             head = row[0].split(".")[0] if "." in row[0] else "(root)"
             if row not in groups.setdefault(head, []):

@@ -28,7 +28,7 @@ def grpo(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.
 def test_no_arguments_lists_the_subcommands():
     out = grpo()
     assert out.returncode == 0
-    assert all(cmd in out.stdout for cmd in ("train", "sample", "eval"))
+    assert all(cmd in out.stdout for cmd in ("train", "sample", "eval", "export"))
 
 
 def test_unknown_subcommand_exits_2_with_usage():
@@ -42,7 +42,7 @@ def test_cfg_job_prints_the_paper_defaults():
     assert "group_size: 8" in out.stdout and "epsilon: 0.2" in out.stdout and "beta: 0.04" in out.stdout
 
 
-@pytest.mark.parametrize("command", ["train", "sample", "eval"])
+@pytest.mark.parametrize("command", ["train", "sample", "eval", "export"])
 def test_command_help_names_the_command_its_groups_and_where_to_read_more(command):
     out = grpo(command, "data=humaneval", "--help")
     assert out.returncode == 0, out.stderr

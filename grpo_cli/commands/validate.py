@@ -1,7 +1,7 @@
 """Checks of a composed config that types alone cannot express, run before any model loads.
 
-``validate`` (every subcommand) and ``validate_eval`` (``grpo eval``) raise ``ConfigError`` with one
-line naming the key and what it accepts; the CLI turns that into exit code 2. The allowed values of
+``validate`` (every subcommand), ``validate_eval`` (``grpo eval``) and ``validate_export``
+(``grpo export``) raise ``ConfigError`` with one line naming the key and what it accepts; the CLI turns that into exit code 2. The allowed values of
 each option come from the table that implements it (``option_choices``), so adding an option is
 one edit there.
 """
@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from grpo_cli.commands.validate_algo import validate_algo, validate_engine_is
-from grpo_cli.config import ENGINE_IS_LEVELS, ENGINE_IS_MODES, ENGINES, STRATEGIES, ConfigError, get_key
+from grpo_cli.config import (
+    ENGINE_IS_LEVELS,
+    ENGINE_IS_MODES,
+    ENGINES,
+    EXPORT_DTYPES,
+    STRATEGIES,
+    ConfigError,
+    get_key,
+)
 from grpo_cli.core.advantages import ADVANTAGES, REWARD_SCALES
 from grpo_cli.core.loss import AGGREGATIONS, IMPORTANCE_LEVELS, KL_ESTIMATORS
 from grpo_cli.core.mismatch import SEQUENCE_STATISTICS
@@ -284,6 +292,29 @@ def validate_eval(cfg: Any) -> None:
         if name in (None, "base") or (Path(name) / MANIFEST).is_file():
             continue  # one with a manifest is checked file by file when eval starts (run.saved)
         checkpoint_kind(name)
+
+
+def validate_export(cfg: Any) -> None:
+    """Checks of an ExportRoot's keys, run by ``grpo export`` before any model loads (ConfigError).
+
+    An ``out`` that holds anything is refused: an export never overwrites (nor mixes its files with)
+    what is there. A checkpoint with a manifest is checked file by file when the export starts.
+    """
+    if not cfg.checkpoint:
+        raise ConfigError(
+            "checkpoint= is required: grpo export checkpoint=outputs/<run>/checkpoint-N out=DIR"
+        )
+    if not cfg.out:
+        raise ConfigError(f"out= is required: grpo export checkpoint={cfg.checkpoint} out=DIR")
+    if cfg.dtype not in EXPORT_DTYPES:
+        raise ConfigError(f"dtype={cfg.dtype!r} is not allowed; choose one of: {', '.join(EXPORT_DTYPES)}")
+    out = Path(cfg.out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(
+            f"out={cfg.out}: exists and is not empty; name a new directory (nothing was written)"
+        )
+    if not (Path(cfg.checkpoint) / MANIFEST).is_file():
+        checkpoint_kind(cfg.checkpoint)
 
 
 def check_model_path(name_or_path: str) -> None:

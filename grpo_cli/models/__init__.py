@@ -115,6 +115,13 @@ def load_tokenizer(path: str) -> Any:
     return tok
 
 
+def tokenizer_source(checkpoint: str | None, base_path: str) -> str:
+    """Where a checkpoint's tokenizer is read: the checkpoint when it saved one, else its base."""
+    if checkpoint and (Path(checkpoint) / "tokenizer_config.json").exists():
+        return checkpoint
+    return base_path
+
+
 def _load_causal_lm(path: str, model_cfg: Any, dtype: torch.dtype, device: torch.device) -> Any:
     from transformers import AutoModelForCausalLM
 
@@ -152,9 +159,7 @@ def load_policy(
     adapter_base = check_adapter_base(checkpoint, model_cfg.name_or_path) if checkpoint else None
     if checkpoint and adapter_base is None:
         base_path = checkpoint  # a full-model checkpoint replaces the base weights
-    tokenizer = load_tokenizer(
-        checkpoint if checkpoint and (Path(checkpoint) / "tokenizer_config.json").exists() else base_path
-    )
+    tokenizer = load_tokenizer(tokenizer_source(checkpoint, base_path))
     model = _load_causal_lm(base_path, model_cfg, dtype, load_device)
     policy = Policy(model=model, tokenizer=tokenizer, device=device, eos_ids=stop_ids(tokenizer, model))
     if adapter_base is not None or (lora_cfg.enabled and trainable):

@@ -27,11 +27,11 @@ def test_the_committed_reference_is_the_schema_written_out():
 
 
 def test_every_key_has_a_row_with_its_help():
-    from grpo_cli.config import EvalRoot, SampleRoot, TrainRoot
+    from grpo_cli.config import EvalRoot, ExportRoot, SampleRoot, TrainRoot
 
     ref = _script()
     page = (REPO / "docs" / "reference.md").read_text(encoding="utf-8")
-    for root in (TrainRoot, SampleRoot, EvalRoot):
+    for root in (TrainRoot, SampleRoot, EvalRoot, ExportRoot):
         for key, _type, _default, _train, help_ in ref.rows(root, "", {}):
             assert f"| `{key}` |" in page, key
             assert help_, f"{key} has no help line above its field in grpo_cli/config.py"
