@@ -139,8 +139,9 @@ class AlgoConfig:
     tau_neg: float = 1.05
     # Clip-Cov: fraction of the step's tokens cut out of the gradient (arXiv 2505.22617; verl 2e-4).
     clip_cov_ratio: float = 0.0002
-    # Clip-Cov: candidates have clip_cov_lb < Cov(log pi, A) < clip_cov_ub (verl 1.0 and 5.0).
+    # Clip-Cov: candidates have clip_cov_lb < Cov(log pi, A) < clip_cov_ub; the lower bound (verl 1.0).
     clip_cov_lb: float = 1.0
+    # Clip-Cov: the upper bound of the candidates' covariance window (verl 5.0).
     clip_cov_ub: float = 5.0
     # KL-Cov: fraction of the step's tokens, those of largest covariance, given the |log rho| penalty (verl 2e-4).
     kl_cov_ratio: float = 0.0002
