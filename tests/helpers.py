@@ -186,6 +186,11 @@ TIMING = {
 }  # metrics that differ between equal runs
 
 
+def is_timing(key: str) -> bool:
+    """A metric that differs between equal runs: a time (``reward_time/<rule>`` included) or a rate."""
+    return key in TIMING or key.split("/")[0] == "reward_time" or key.split("/")[-1] == "reward_time"
+
+
 def run_train(overrides: list[str], run_dir: Path) -> dict:
     """``grpo train`` in this process on the composed, validated overrides."""
     from grpo_cli.cli import compose_config
@@ -204,7 +209,7 @@ def metric_rows(run_dir: Path) -> dict[int, dict]:
     rows = read_metrics(run_dir)
     steps = [r["step"] for r in rows]
     assert len(steps) == len(set(steps)), f"duplicate metric rows: {steps}"
-    return {r["step"]: {k: v for k, v in r.items() if k not in TIMING} for r in rows}
+    return {r["step"]: {k: v for k, v in r.items() if not is_timing(k)} for r in rows}
 
 
 def model_weights(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -183,6 +183,8 @@ def build_run(cfg: SampleRoot | EvalRoot, checkpoint_name: str = "base") -> Run:
     rows, held_out = _command_rows(cfg)
     closing = ExitStack()
     try:
+        # Before any model loads: a judge or scoring service that does not answer is one line at start.
+        rewarder = closing.enter_context(build_rewarder(cfg.reward))
         if isinstance(cfg, EvalRoot):
             policy = _eval_policy(cfg, checkpoint_name)
         else:
@@ -193,7 +195,7 @@ def build_run(cfg: SampleRoot | EvalRoot, checkpoint_name: str = "base") -> Run:
         run = Run(cfg, rows, held_out, policy, spec, fmt, None, None, closing)
         run.engine = _engine(cfg, policy, run.prompted)
         closing.callback(lambda: run.engine.close())  # the engine of the checkpoint loaded last
-        run.rewarder = closing.enter_context(build_rewarder(cfg.reward))
+        run.rewarder = rewarder
         return run
     except BaseException:
         closing.close()
@@ -236,9 +238,11 @@ def build_train_run(cfg: TrainRoot, run_path: Path) -> TrainRun:
     rows = load_rows(cfg.data, cfg.data.train_split)
     held_out = load_rows(cfg.data, cfg.data.test_split)[: tr.eval_problems]
     resume_from = resume.find_resume(tr, run_path)
-    policy = _train_policy(cfg, world, resume_from)
     closing = ExitStack()
     try:
+        # Before any model loads: a judge or scoring service that does not answer is one line at start.
+        rewarder = closing.enter_context(build_rewarder(cfg.reward))
+        policy = _train_policy(cfg, world, resume_from)
         # The run's one environment (its markers checked against the tokenizer before any engine starts).
         spec = episode_spec(cfg.env, policy, cfg.rollout)
         closing.callback(spec.close)
@@ -251,7 +255,6 @@ def build_train_run(cfg: TrainRoot, run_path: Path) -> TrainRun:
         # After the weights are final (a resume's included): the engine starts with them (vllm: pushed).
         engine = _engine(cfg, policy, rows + held_out, str(run_path))
         closing.callback(engine.close)
-        rewarder = closing.enter_context(build_rewarder(cfg.reward))
         config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
         run = TrainRun(
             cfg, rows, held_out, policy, spec, fmt, engine, rewarder, closing, path=run_path,

@@ -23,6 +23,8 @@ nothing else: ``_target_: mypkg.rewards.my_rule`` with ``mypkg`` importable. A r
 - ``close()``: called by ``Rewarder.close()`` (worker processes, thread pools).
 
 A rule's None scores are counted in ``reward/<name>/unjudged`` and warned about once per rule.
+``reward_time`` is the seconds every rule took over the batch, ``reward_time/<name>`` one rule's (a
+reward model's forward passes, a judge's requests): timings, summed over a step's scoring calls.
 
 The total is ``sum_i weight_i * score_i``; it is None when a rule with a non-zero weight said None.
 A rule that raises does not stop training: the error is logged (once per rule), its scores are 0
@@ -35,6 +37,7 @@ import functools
 import importlib
 import inspect
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from math import isfinite, isnan  # not `import math`: the submodule .math would rebind that name here
@@ -107,9 +110,15 @@ class Rewarder:
             raise ValueError(f"{len(completions)} completions but {len(rows)} rows")
         per_rule: dict[str, list[float | None]] = {}
         metrics: dict[str, float] = {}
-        counts = {"reward/unjudged"}
+        counts = {"reward/unjudged", "reward_time"}
+        metrics["reward_time"] = 0.0
         for rule in self.rules:
+            t0 = time.perf_counter()
             scores, extra = self._score(rule, completions, rows)
+            seconds = time.perf_counter() - t0
+            metrics["reward_time"] += seconds
+            metrics[f"reward_time/{rule.name}"] = seconds
+            counts.add(f"reward_time/{rule.name}")
             per_rule[rule.name] = scores
             judged = [s for s in scores if s is not None]
             if judged:

@@ -64,12 +64,12 @@ def test_a_run_closes_what_it_built_once_in_reverse_order(parts):
     log, _ = parts
     with build.build_run(_eval_cfg()) as run:
         assert len(run.held_out) == 3 and run.sampler.engine is run.engine
-    assert log == ["rewarder", "engine of policy-1", "spec"]
+    assert log == ["engine of policy-1", "spec", "rewarder"]
 
 
 @pytest.mark.parametrize(
     ("fail", "closed"),
-    [("spec", []), ("engine", ["spec"]), ("rewarder", ["engine of policy-1", "spec"])],
+    [("rewarder", []), ("policy", ["rewarder"]), ("spec", ["rewarder"]), ("engine", ["spec", "rewarder"])],
 )
 def test_a_build_that_fails_half_way_closes_only_what_was_built(parts, fail, closed):
     log, state = parts
@@ -77,6 +77,8 @@ def test_a_build_that_fails_half_way_closes_only_what_was_built(parts, fail, clo
     with pytest.raises(RuntimeError, match=f"{fail} failed"):
         build.build_run(_eval_cfg())
     assert log == closed
+    if fail == "rewarder":  # the rules come first: a judge that does not answer costs no model load
+        assert state["policies"] == 0
 
 
 def test_eval_over_checkpoints_keeps_the_rows_spec_and_rules_and_swaps_policy_and_engine(parts):
@@ -87,5 +89,19 @@ def test_eval_over_checkpoints_keeps_the_rows_spec_and_rules_and_swaps_policy_an
         assert log == ["engine of policy-1"]  # released before the next model loads
         assert (run.spec, run.rewarder, run.held_out) == (spec, rewarder, rows)
         assert run.policy.name == "policy-2" and run.engine.name == "engine of policy-2"
-    assert log == ["engine of policy-1", "rewarder", "engine of policy-2", "spec"]
+    assert log == ["engine of policy-1", "engine of policy-2", "spec", "rewarder"]
     assert state["policies"] == 2
+
+
+def test_train_builds_its_reward_rules_before_any_model(monkeypatch, tmp_path):
+    """A reward rule that cannot start (a dead judge, a wrong reward-model path) is the one line the
+    user sees, before the policy (minutes for a large model) loads."""
+    from grpo_cli.config import ConfigError
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the policy loaded before the reward rules")
+
+    monkeypatch.setattr(build, "load_policy", no_model)
+    cfg, _ = compose_config("train", ["reward=model", "reward.rules.0.name_or_path=/nonexistent/rm"])
+    with pytest.raises(ConfigError, match="reward model '/nonexistent/rm' cannot be loaded"):
+        build.build_train_run(cfg, tmp_path / "run")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import is_timing
 
 from grpo_cli import engines
 from grpo_cli.cli import compose_config
@@ -98,11 +99,10 @@ def test_vllm_eval_of_lora_checkpoint_within_hf_interval(vllm_run, tmp_path):
     assert vl["metrics"]["greedy/pass@1"] == pytest.approx(hf["metrics"]["greedy/pass@1"], abs=0.02)
 
 
-TIMING = {"step_time", "gen_time", "tokens_per_s"}
 
 
 def _rows(run_dir) -> dict[int, dict]:
-    return {r["step"]: {k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(run_dir)}
+    return {r["step"]: {k: v for k, v in r.items() if not is_timing(k)} for r in read_metrics(run_dir)}
 
 
 def test_resumed_vllm_run_gets_the_checkpoint_weights_and_continues_the_run(tmp_path, tiny_model_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+from helpers import is_timing
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo_cli.models import tiny
@@ -94,8 +95,7 @@ def test_first_run_on_a_machine_equals_every_later_one(tmp_path, monkeypatch):
         cfg, _ = compose_config("train", overrides)
         validate(cfg)
         train.run(cfg, str(tmp_path / name))
-        timing = {"step_time", "gen_time", "tokens_per_s"}
-        runs.append([{k: v for k, v in r.items() if k not in timing} for r in read_metrics(tmp_path / name)])
+        runs.append([{k: v for k, v in r.items() if not is_timing(k)} for r in read_metrics(tmp_path / name)])
     assert tiny.tiny_path().parent == tmp_path / "home" and (tiny.tiny_path() / "config.json").is_file()
     assert len(runs[0]) == 4 and runs[0] == runs[1]  # step 0 (held-out) and 3 steps
     assert len({r["loss"] for r in runs[0][1:]}) > 1  # the steps did update: the runs could have differed
