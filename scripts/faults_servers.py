@@ -37,15 +37,9 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TIMING = {
-    "step_time",
-    "gen_time",
-    "tokens_per_s",
-    "idle_time",
-    "gen_idle_time",
-    "gen_wait_time",
-    "server_gen_time",
-}
+sys.path.insert(0, str(REPO))  # run from a checkout without install
+
+from grpo_cli.run.runlog import is_timing  # noqa: E402
 
 LAUNCHER = """
 import os, sys, time
@@ -193,7 +187,7 @@ def rows(run_dir: Path) -> dict[int, dict]:
         if line.strip():
             r = json.loads(line)
             if "step" in r and "loss" in r:
-                out[r["step"]] = {k: v for k, v in r.items() if k not in TIMING}
+                out[r["step"]] = {k: v for k, v in r.items() if not is_timing(k)}
     return out
 
 

@@ -99,6 +99,14 @@ def truncate_rows(path: str | Path, keep_through: int) -> int:
     return len(lines) - len(kept)
 
 
+def is_timing(key: str) -> bool:
+    """A metric that measures the machine, not the run: seconds (``step_time``, ``gen_time``,
+    ``reward_time/<rule>``, ...) and rates (``tokens_per_s``). Two runs equal to the bit differ in
+    exactly these, so comparisons of runs (resume, ranks, engines) leave them out."""
+    head = key.split("/")[0]
+    return head.endswith("_time") or head.endswith("_per_s")
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

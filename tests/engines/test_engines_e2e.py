@@ -99,8 +99,6 @@ def test_vllm_eval_of_lora_checkpoint_within_hf_interval(vllm_run, tmp_path):
     assert vl["metrics"]["greedy/pass@1"] == pytest.approx(hf["metrics"]["greedy/pass@1"], abs=0.02)
 
 
-
-
 def _rows(run_dir) -> dict[int, dict]:
     return {r["step"]: {k: v for k, v in r.items() if not is_timing(k)} for r in read_metrics(run_dir)}
 

@@ -10,8 +10,8 @@ import torch
 
 from grpo_cli.cli import compose_config
 from grpo_cli.config import ConfigError
+from grpo_cli.models.reward_model import ModelReward
 from grpo_cli.rewards import build_rewarder
-from grpo_cli.rewards.model import ModelReward
 
 QUESTIONS = ["Calculate 1 + 2", "Calculate 10 * 3 - 4", "Calculate 7", "Calculate 2 * 2 * 2 + 9 - 1"]
 COMPLETIONS = ["3", "26 is the answer, I think", "7", "-1"]

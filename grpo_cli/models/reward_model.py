@@ -1,5 +1,9 @@
 """``reward=model``: a learned reward model (a sequence classifier) as a reward rule.
 
+It lives with the models, not the rules (grpo_cli/rewards/), because it is a model to load: device,
+dtype and the embedded ``tiny-rm`` are resolved here, as for the policy; to the rewarder it is a rule
+like any other (a ``_target_`` with keys).
+
     grpo train reward=model                                        # tiny-rm: the flawed demo model
     grpo train model=qwen reward=model reward.rules.0.name_or_path=Skywork/Skywork-Reward-V2-Qwen3-0.6B
     grpo train reward=model reward.rules.0.device=cuda:1           # the reward model on its own GPU
@@ -12,7 +16,7 @@ policy's may differ. A tokenizer without a chat template needs ``template`` (``{
 ``{completion}``), or is refused at load.
 
 Batches of ``batch_size`` texts are left-padded, with position ids counted from each text's first
-token, so a batched score equals the text's score alone (tests/rewards/test_model.py). ``output``
+token, so a batched score equals the text's score alone (tests/models/test_reward_model.py). ``output``
 maps the logit r: ``logit`` (r itself), ``sigmoid`` (in (0, 1): a probability-like score), or
 ``standardize`` ((r - mean) / std over the texts of one call, which is one rank's step batch: the
 scale a reward model's logits happen to have then does not matter beside rule rewards).
@@ -31,6 +35,7 @@ import torch
 
 from grpo_cli.config import ConfigError
 from grpo_cli.models import DTYPES, resolve_device, resolve_dtype
+from grpo_cli.models.tiny_rm import ensure_tiny_rm
 from grpo_cli.runtime.rng import forked_rng
 
 OUTPUTS = ("logit", "sigmoid", "standardize")
@@ -40,8 +45,6 @@ EMBEDDED_RM = "tiny-rm"
 def resolve_rm_path(name_or_path: str) -> str:
     """``tiny-rm`` is built on first use and cached; anything else is a directory or hub id."""
     if name_or_path == EMBEDDED_RM:
-        from grpo_cli.models.tiny_rm import ensure_tiny_rm
-
         return str(ensure_tiny_rm())
     return name_or_path
 
