@@ -5,7 +5,8 @@
 
 Each completion becomes one chat request, ``POST {base_url}/chat/completions`` with ``model``,
 ``messages`` (an optional ``system`` message, then the user message ``template`` with ``{question}``,
-``{completion}`` and ``{reference}`` filled in), ``max_tokens`` and ``temperature``; the answer's
+``{completion}`` and ``{reference}`` filled in), ``max_tokens``, ``temperature`` and any
+``extra_body`` fields; the answer's
 ``choices[0].message.content`` is read by ``parser``:
 
 - ``number``: the first number in the answer (so ask for the number first, or alone: "8/10" reads 8);
@@ -25,8 +26,8 @@ of the loss) and are counted in ``failures``, warned about once. At construction
 (``GET {base_url}/models``): a dead judge is one line before any model loads, not a run of Nones.
 
 The answers are cached on disk (sqlite3, ``cache``; default ``$GRPO_HOME/judge_cache.sqlite``) under a
-hash of everything sent that decides the answer: ``model``, ``messages``, ``max_tokens`` and
-``temperature`` (not ``base_url``: the same model behind another port is the same judge; not ``parser``:
+hash of everything sent that decides the answer: ``model``, ``messages``, ``max_tokens``,
+``temperature`` and ``extra_body`` (not ``base_url``: the same model behind another port is the same judge; not ``parser``:
 the raw answer is stored, so a new parser reads old answers). A resumed run replays its steps' completions
 and an eval of the same texts asks nothing twice. With ``temperature > 0`` the cache keeps one sample.
 """
@@ -171,6 +172,8 @@ class JudgeReward:
         parser: ``number``, ``yesno`` or ``json``; ``field``: the JSON key (``json``).
         low, high: a number's range, mapped to [0, 1]; both None: the raw number.
         max_tokens, temperature: sampling of the judge's answer.
+        extra_body: more fields of each request, as the server takes them (vLLM: ``chat_template``,
+            ``chat_template_kwargs``, ``guided_choice``, ...); part of the cache key.
         concurrency: requests in flight at once (threads).
         timeout: seconds per request; retries: more tries of a failed one; backoff: seconds before the
             first retry, doubled each time.
@@ -190,6 +193,7 @@ class JudgeReward:
         high: float | None = 10.0,
         max_tokens: int = 16,
         temperature: float = 0.0,
+        extra_body: dict[str, Any] | None = None,
         concurrency: int = 8,
         timeout: float = 60.0,
         retries: int = 2,
@@ -204,6 +208,9 @@ class JudgeReward:
             raise ConfigError(f"{WHO}: parser=json needs field= (the key holding the score)")
         if (low is None) != (high is None) or (low is not None and not high > low):
             raise ConfigError(f"{WHO}: low={low} high={high}: need low < high, or both null (raw numbers)")
+        if extra_body is not None and not isinstance(extra_body, dict):
+            raise ConfigError(f"{WHO}: extra_body={extra_body!r}: a mapping of request fields, or null")
+        self.extra_body = dict(extra_body or {})
         self.fields = template_fields(str(template))
         self.template, self.system, self.parser, self.field = str(template), system, parser, field
         self.low, self.high = low, high
@@ -247,6 +254,7 @@ class JudgeReward:
         messages = [{"role": "system", "content": self.system}] if self.system else []
         messages.append({"role": "user", "content": self.template.format(**values)})
         return {
+            **self.extra_body,
             "model": self.model,
             "messages": messages,
             "max_tokens": self.max_tokens,
