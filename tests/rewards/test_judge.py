@@ -8,9 +8,11 @@ import re
 import zlib
 
 import pytest
+from conftest import start_servers, stop_servers
 from fake_endpoint import FakeEndpoint, Reply, Seen, dead_url
 from helpers import metric_rows, run_train
 
+from grpo_cli import engines
 from grpo_cli.cli import compose_config
 from grpo_cli.commands import train
 from grpo_cli.config import ConfigError
@@ -110,15 +112,22 @@ def test_a_second_instance_on_the_same_cache_asks_nothing_and_a_changed_request_
     assert raw(texts, [ROW] * 5) == [0.0, 1.0, 2.0, 3.0, 4.0] and raw.metrics()["cache_hits"] == 5
     assert judge_endpoint.count(CHAT) == asked
 
-    for changed in ({"template": "Grade: {completion}"}, {"model": "other-judge"}, {"max_tokens": 4}):
+    changes = (
+        {"template": "Grade: {completion}"},
+        {"model": "other-judge"},
+        {"max_tokens": 4},
+        {"extra_body": {"top_p": 0.5}},
+    )
+    for changed in changes:
         rule = judge(judge_endpoint, tmp_path, **changed)
         assert rule(texts, [ROW] * 5) == expected, changed
         assert rule.metrics()["cache_hits"] == 0 and rule.metrics()["requests"] == 5, changed
         rule.close()
-    assert judge_endpoint.count(CHAT) == asked + 15
+    assert judge_endpoint.count(CHAT) == asked + 20
+    assert judge_endpoint.seen[-1].body["top_p"] == 0.5  # extra_body goes out with the request
     nocache = judge(judge_endpoint, tmp_path, cache=None)
     nocache(texts, [ROW] * 5)
-    assert nocache.metrics()["requests"] == 5 and judge_endpoint.count(CHAT) == asked + 20
+    assert nocache.metrics()["requests"] == 5 and judge_endpoint.count(CHAT) == asked + 25
 
 
 def test_parsers_read_what_they_say():
@@ -261,3 +270,49 @@ def test_a_resumed_training_run_replays_its_step_from_the_judge_cache(
     assert rows[3]["reward/judge/cache_hits"] == 8 and rows[3]["reward/judge/requests"] == 0
     assert rows[3]["reward/judge/failures"] == 0
     assert 0 <= rows[3]["reward/judge"] <= 1  # grades of 0..10 mapped to [0, 1]
+
+
+# --- against grpo serve of the tiny model (vLLM's CPU build) ---------------------------------------
+
+# The tiny model has no chat template; the server is given one: the messages' text as is.
+PLAIN_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def tiny_judge(tmp_path_factory, tiny_model_path):
+    """One `grpo serve` of the tiny model for this module; skipped without vLLM."""
+    if not engines.vllm_available():
+        pytest.skip("vLLM not installed (make install-vllm)")
+    log_dir = tmp_path_factory.mktemp("judge-server")
+    (log_dir / "plain.jinja").write_text(PLAIN_TEMPLATE)
+    urls, procs = start_servers(
+        ["tiny"], log_dir, vllm_args=("--chat-template", str(log_dir / "plain.jinja"))
+    )
+    yield urls[0]
+    stop_servers(procs)
+
+
+@pytest.mark.slow
+def test_a_real_server_answers_and_what_parses_is_in_range(tiny_judge, tmp_path):
+    """The tiny model is no judge: most answers will not be a number in [0, 100]. Every request must
+    come back (no failed request), and each failure is an unparsed answer, exactly the ones not in range."""
+    rule = JudgeReward(
+        base_url=tiny_judge + "/v1",
+        template="{question} {completion}",
+        low=0,
+        high=100,
+        max_tokens=6,
+        timeout=120,
+        concurrency=2,
+        cache=str(tmp_path / "judge.sqlite"),
+    )
+    texts = [f"{a} + {b} = " for a, b in ((3, 4), (12, 30), (5, 5), (40, 2), (7, 1), (9, 9))]
+    rows = [{"question": "Compute:", "answer": "x"}] * len(texts)
+    scores = rule(texts, rows)
+    parsed = [s for s in scores if s is not None]
+    metrics = rule.metrics()
+    assert metrics["requests"] == len(texts) and metrics["retries"] == 0
+    assert metrics["failures"] == metrics["unparsed"] == len(texts) - len(parsed)
+    assert all(0 <= s <= 1 for s in parsed)
+    assert rule(texts, rows) == scores and rule.metrics()["cache_hits"] == len(texts)
+    rule.close()
