@@ -279,7 +279,7 @@ class JudgeReward:
             None if b is None else hashlib.sha256(json.dumps(b, sort_keys=True).encode()).hexdigest()
             for b in bodies
         ]
-        answers: dict[str, str] = self.cache.get([k for k in keys if k]) if self.cache else {}
+        answers: dict[str, str] = self.cache.get([k for k in keys if k]) if self.cache is not None else {}
         hits = sum(1 for k in keys if k and k in answers)
         todo = [i for i, k in enumerate(keys) if k and k not in answers]
         outcomes = self._ask([bodies[i] for i in todo])
@@ -293,7 +293,7 @@ class JudgeReward:
                 )
             else:
                 fresh[keys[i]] = content
-        if self.cache:
+        if self.cache is not None:
             self.cache.put(fresh)
         answers.update(fresh)
         scores = [None if k is None or k not in answers else self.score(answers[k]) for k in keys]

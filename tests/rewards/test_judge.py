@@ -130,6 +130,15 @@ def test_a_second_instance_on_the_same_cache_asks_nothing_and_a_changed_request_
     assert nocache.metrics()["requests"] == 5 and judge_endpoint.count(CHAT) == asked + 25
 
 
+def test_the_default_cache_lives_under_grpo_home(judge_endpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("GRPO_HOME", str(tmp_path / "home"))
+    rule = judge(judge_endpoint, tmp_path, cache="auto")
+    rule(["say:3"], [ROW])
+    rule.close()
+    assert (tmp_path / "home" / "judge_cache.sqlite").is_file()
+    assert not (tmp_path / "judge.sqlite").exists()
+
+
 def test_parsers_read_what_they_say():
     assert parse_answer("8/10, because", "number") == 8.0
     assert parse_answer("Score: -2.5e1", "number") == -25.0
