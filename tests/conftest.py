@@ -81,9 +81,12 @@ def standin_dir(tmp_path_factory) -> Path:
     return build_standin(out, layers=2, data_dir=shared_data_dir(), bpe_vocab=4000, corpus_limit=2000)
 
 
-def start_servers(models: list[str], log_dir: Path, timeout_s: float = 300.0) -> tuple[list[str], list]:
-    """``grpo serve`` (the way docs/engines.md starts them) for each model, on free local ports; their
-    URLs once each answers /health, and the processes. Fails with the log's tail if one dies."""
+def start_servers(
+    models: list[str], log_dir: Path, timeout_s: float = 300.0, vllm_args: tuple[str, ...] = ()
+) -> tuple[list[str], list]:
+    """``grpo serve`` (the way docs/engines.md starts them) for each model, on free local ports, with
+    vLLM's own ``vllm_args`` after ``--``; their URLs once each answers /health, and the processes.
+    Fails with the log's tail if one dies."""
     import socket
     import subprocess
     import sys
@@ -104,8 +107,11 @@ def start_servers(models: list[str], log_dir: Path, timeout_s: float = 300.0) ->
         cmd = [sys.executable, "-m", "grpo_cli", "serve", "--model", model, "--port", str(port)]
         import torch
 
+        extra = list(vllm_args)
         if torch.cuda.is_available():  # several servers (and the tests) share one GPU
-            cmd += ["--", "--gpu-memory-utilization", "0.15"]
+            extra += ["--gpu-memory-utilization", "0.15"]
+        if extra:
+            cmd += ["--", *extra]
         # A session of its own: stopping a server stops its engine process too (a killed API server
         # alone leaves vLLM's EngineCore running, orphaned).
         procs.append(
