@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import gc
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -129,6 +130,8 @@ class ModelReward:
 def _load(path: str, device: torch.device, dtype: str) -> tuple[Any, Any]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    if path.startswith(("/", ".", "~")) and not Path(path).expanduser().is_dir():  # a path, not a hub id
+        raise ConfigError(f"reward model {path!r} cannot be loaded: no such directory")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         with forked_rng():  # a head initialised on load must not move the run's RNG (LoRA's weights)

@@ -92,7 +92,8 @@ def test_a_template_replaces_the_chat_template(rm_dir):
 @pytest.mark.parametrize(
     "make, kwargs, message",
     [
-        (None, {"name_or_path": "/nonexistent/rm"}, "cannot be loaded"),
+        (None, {"name_or_path": "/nonexistent/rm"}, "cannot be loaded: no such directory"),
+        (None, {"name_or_path": "no-such-org/no-such-rm"}, "cannot be loaded"),
         ("two_labels", {}, "has 2 labels"),
         ("no_template", {}, "has no chat template"),
         ("ok", {"output": "softmax"}, "output='softmax'"),
