@@ -325,3 +325,42 @@ def test_a_real_server_answers_and_what_parses_is_in_range(tiny_judge, tmp_path)
     assert all(0 <= s <= 1 for s in parsed)
     assert rule(texts, rows) == scores and rule.metrics()["cache_hits"] == len(texts)
     rule.close()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_a_judge_that_fails_mid_run_is_counted_and_the_run_goes_on(random_model_dir, tmp_path):
+    """The judge answers step 1, then goes down (500s) for step 2, then answers garbage for half of step
+    3: the run finishes its 3 steps and its checkpoint, every failed grade is counted and is None (out
+    of the loss, never a silent 0), and what was written before the failures is all there."""
+    state = {"chats": 0}
+
+    def failing(req: Seen) -> Reply:
+        if req.path == "/v1/models":
+            return Reply({"data": [{"id": "j"}]})
+        state["chats"] += 1
+        n = state["chats"]
+        if 8 < n <= 8 + 8 * 2:  # step 2: its 8 grades, each tried twice (retries=1): all 500
+            return Reply({"error": "down"}, status=500)
+        if n > 8 + 16 and n % 2:
+            return chat_answer("no grade here")
+        return chat_answer(str(n % 11))
+
+    with FakeEndpoint(failing) as ep:
+        rule = (
+            "reward.rules=[{name:judge,_target_:grpo_cli.rewards.judge.JudgeReward,weight:1.0,"
+            f"base_url:'{ep.url}/v1',cache:null,concurrency:1,timeout:30,retries:1,backoff:0.01}}]"
+        )
+        args = [
+            f"model.name_or_path={random_model_dir}", "lora=none", rule, "train.prompts_per_step=2",
+            "algo.group_size=4", "rollout.max_new_tokens=4", "train.eval_every=0", "data.train_size=64",
+            "data.test_size=8", "console=plain", "train.steps=3", "train.save_every=1",
+        ]  # fmt: skip
+        run_train(args, tmp_path / "run")
+    rows = metric_rows(tmp_path / "run")
+    assert sorted(rows) == [1, 2, 3]
+    assert rows[1]["reward/judge/failures"] == 0 and rows[1]["reward/judge/unjudged"] == 0
+    assert rows[2]["reward/judge/failures"] == 8 and rows[2]["reward/judge/retries"] == 8
+    assert rows[2]["reward/unjudged"] == 8 and "reward/judge" not in rows[2]  # nothing judged, no 0 mean
+    assert rows[3]["reward/judge/failures"] == rows[3]["reward/judge/unparsed"] == 4
+    assert (tmp_path / "run" / "checkpoint-3" / "trainer_state.pt").is_file()  # saved after the failures
