@@ -15,6 +15,8 @@ import json
 import os
 import time
 import urllib.parse
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,3 +139,25 @@ class JsonClient:
             return self.request(path, body, timeout=min(PROBE_TIMEOUT_S, self.timeout))
         except EndpointError as exc:
             raise ConfigError(f"{self.who}: the endpoint does not answer: {exc} (is it running?)") from None
+
+
+class Workers:
+    """The request threads of a rule: started on the first ``map``, stopped by ``close`` (a later
+    ``map`` starts them again), so a rule that is built but never called holds no threads."""
+
+    def __init__(self, count: int, name: str):
+        self.count, self.name = count, name
+        self._pool: ThreadPoolExecutor | None = None
+
+    def map(self, fn: Callable[[Any], Outcome], items: Sequence[Any]) -> list[Outcome]:
+        """``fn`` over ``items`` with ``count`` in flight at once, results in order."""
+        if not items:
+            return []
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.count, thread_name_prefix=self.name)
+        return list(self._pool.map(fn, items))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None

@@ -42,13 +42,12 @@ import re
 import sqlite3
 import string
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from weakref import finalize as weakref_finalize
 
 from grpo_cli.config import ConfigError, grpo_home
-from grpo_cli.rewards.http import JsonClient, Outcome, auth_headers, positive
+from grpo_cli.rewards.http import JsonClient, Outcome, Workers, auth_headers, positive
 
 log = logging.getLogger("grpo_cli")
 
@@ -220,10 +219,10 @@ class JudgeReward:
         self.client = JsonClient(base_url, positive(timeout, "timeout", WHO), retries, backoff, headers, WHO)
         self.model = self._probe(model)
         self.cache = None if cache is None else AnswerCache(self._cache_path(cache))
-        self._pool: ThreadPoolExecutor | None = None
+        self.workers = Workers(self.concurrency, "grpo-judge")
         self._last: dict[str, float] = {}
         self._warned = False
-        weakref_finalize(self, JudgeReward._shut, self.__dict__)
+        weakref_finalize(self, JudgeReward._shut, self.workers, self.cache)
 
     def _probe(self, model: str | None) -> str:
         """The model to ask, after one short ``GET /models`` that proves the endpoint answers."""
@@ -310,11 +309,7 @@ class JudgeReward:
         return scores
 
     def _ask(self, bodies: list[dict]) -> list[Outcome]:
-        if not bodies:
-            return []
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="grpo-judge")
-        return list(self._pool.map(lambda b: self.client.send("/chat/completions", b), bodies))
+        return self.workers.map(lambda b: self.client.send("/chat/completions", b), bodies)
 
     def _warn_once(self, errors: list[str], unparsed: int, answers: dict, keys: list, scores: list) -> None:
         if self._warned or not (errors or unparsed):
@@ -343,15 +338,12 @@ class JudgeReward:
 
     def close(self) -> None:
         """Stop the request threads and close the cache file (a later call opens both again)."""
-        JudgeReward._shut(self.__dict__)
+        JudgeReward._shut(self.workers, self.cache)
 
     @staticmethod
-    def _shut(state: dict) -> None:
-        pool = state.get("_pool")
-        if pool is not None:
-            pool.shutdown(wait=True)
-            state["_pool"] = None
-        cache = state.get("cache")
+    def _shut(workers: Workers, cache: AnswerCache | None) -> None:
+        # Static, on the parts: weakref.finalize must not hold the rule itself.
+        workers.close()
         if cache is not None:
             cache.close()
 

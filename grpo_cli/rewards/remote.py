@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import logging
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from weakref import finalize as weakref_finalize
 
 from grpo_cli.config import ConfigError
-from grpo_cli.rewards.http import JsonClient, Outcome, auth_headers, positive
+from grpo_cli.rewards.http import JsonClient, Outcome, Workers, auth_headers, positive
 
 log = logging.getLogger("grpo_cli")
 
@@ -91,10 +90,10 @@ class RemoteReward:
                 f'{WHO}: {self.client.url} answered {{"items": []}} with {str(answer)[:100]!r}; '
                 'expected {"scores": []} (the shape: grpo_cli/rewards/remote.py)'
             )
-        self._pool: ThreadPoolExecutor | None = None
+        self.workers = Workers(self.concurrency, "grpo-remote")
         self._last: dict[str, float] = {}
         self._warned = False
-        weakref_finalize(self, RemoteReward._shut, self.__dict__)
+        weakref_finalize(self, self.workers.close)  # the threads stop with the rule
 
     def __call__(self, completions: list[str], rows: list[dict]) -> list[float | None]:
         """Scores [N] as the service gave them; None where it gave null or nothing usable."""
@@ -131,11 +130,7 @@ class RemoteReward:
         return scores
 
     def _post(self, batches: list[list[dict]]) -> list[Outcome]:
-        if not batches:
-            return []
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="grpo-remote")
-        return list(self._pool.map(lambda b: self.client.send("", {"items": b}), batches))
+        return self.workers.map(lambda b: self.client.send("", {"items": b}), batches)
 
     def metrics(self) -> dict[str, float]:
         """Counts of the last call: ``failures`` (completions without a usable score: their batch failed,
@@ -144,11 +139,4 @@ class RemoteReward:
 
     def close(self) -> None:
         """Stop the request threads (a later call starts new ones)."""
-        RemoteReward._shut(self.__dict__)
-
-    @staticmethod
-    def _shut(state: dict) -> None:
-        pool = state.get("_pool")
-        if pool is not None:
-            pool.shutdown(wait=True)
-            state["_pool"] = None
+        self.workers.close()
