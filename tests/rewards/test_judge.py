@@ -364,3 +364,34 @@ def test_a_judge_that_fails_mid_run_is_counted_and_the_run_goes_on(random_model_
     assert rows[2]["reward/unjudged"] == 8 and "reward/judge" not in rows[2]  # nothing judged, no 0 mean
     assert rows[3]["reward/judge/failures"] == rows[3]["reward/judge/unparsed"] == 4
     assert (tmp_path / "run" / "checkpoint-3" / "trainer_state.pt").is_file()  # saved after the failures
+
+
+def test_grpo_eval_with_the_judge_pays_once_for_the_same_completions(tmp_path):
+    """grpo eval of a completions file with reward=judge, twice: the second evaluation asks the judge
+    nothing (every grade from the on-disk cache) and reports the same rewards."""
+    import json
+
+    from grpo_cli.commands import eval as evaluate
+    from grpo_cli.config import DataConfig
+    from grpo_cli.data import arithmetic
+
+    rows = arithmetic.load(DataConfig(), "test")[:3]
+    records = [{"id": r["id"], "completion": f"{r['answer']} or {i}"} for r in rows for i in range(2)]
+    path = tmp_path / "completions.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in records))
+    with FakeEndpoint(crc_judge) as ep:
+        rule = (
+            "reward.rules=[{name:judge,_target_:grpo_cli.rewards.judge.JudgeReward,weight:1.0,"
+            f"base_url:'{ep.url}/v1',cache:'{tmp_path / 'judge.sqlite'}',concurrency:2,timeout:30}}]"
+        )
+        results = []
+        for run in ("first", "second"):
+            cfg, _ = compose_config("eval", [f"eval.completions={path}", rule])
+            evaluate.run(cfg, str(tmp_path / run), overrides=[])
+            results.append([json.loads(x) for x in (tmp_path / run / "eval_completions.jsonl").open()])
+            if run == "first":
+                assert ep.count(CHAT) == len(records)
+        assert ep.count(CHAT) == len(records)  # the second evaluation asked nothing
+    first, second = ([(r["completion"], r["reward"]) for r in res] for res in results)
+    assert first == second and len(first) == len(records)
+    assert len({reward for _, reward in first}) > 1  # the grades vary: a cache mix-up would show
