@@ -3,6 +3,7 @@
     grpo train                                     # env=none: one turn, today's single-turn rollout
     grpo train env=calc model.name_or_path=DIR     # the model may call a calculator between turns
     grpo train env=python model=qwen data=gsm8k    # Python in the sandbox, Hermes tool calls
+    grpo train env=openenv env.openenv=pkg.mod:Env reward=env   # an OpenEnv environment, its own reward
     grpo train env._target_=my_pkg.MyEnv           # a user's environment (the protocol below)
 
 An environment answers a model turn. Its protocol (``Environment``):
@@ -33,13 +34,14 @@ from typing import Any
 
 from grpo_cli.config import ConfigError, EnvConfig
 from grpo_cli.envs.calc import CalcEnv
+from grpo_cli.envs.openenv import OpenEnvAdapter
 from grpo_cli.envs.protocol import Environment, Observation
 from grpo_cli.envs.python import PythonEnv
 
 __all__ = ["ENVS", "Environment", "Observation", "build_env", "plain_ids", "stop_token_ids", "token_ids"]
 
 
-ENVS = {"calc": CalcEnv, "python": PythonEnv}  # built with (cfg, tokenizer)
+ENVS = {"calc": CalcEnv, "python": PythonEnv, "openenv": OpenEnvAdapter}  # built with (cfg, tokenizer)
 
 
 def build_env(cfg: EnvConfig, tokenizer: Any = None) -> Environment | None:

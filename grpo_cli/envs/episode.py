@@ -180,6 +180,10 @@ def run_episodes(
             requests.append(Request(ep.prompt_ids + ep.ids, 1, spec.budget - len(ep.ids), stop_ids, seed))
         for k, group in zip(live, engine.generate(requests, decoding)):
             _take_turn(episodes[k], group[0], spec)
+    end = getattr(spec.env, "end", None)
+    if callable(end):  # the loop reset them, so it ends them: each episode's resources go here
+        for ep in episodes:
+            end(ep.state)
     if spec.env is not None and progress is not None:
         progress(len(episodes), sum(len(e.ids) for e in episodes))
     return episodes

@@ -39,6 +39,8 @@ class Environment(Protocol):
       be forged); ``call_strings``: the tokens that open a call (banned when ``env.allow_calls=false``).
     - ``token_help``: how to get the environment's markers into a tokenizer, for the error a tokenizer
       without them gets.
+    - ``end(state)``: an episode is over (called once per episode when its batch is done): release
+      what its state holds.
     - ``has_reward``: True when the environment scores its episodes (``Observation.reward``): every
       episode's record then holds ``env_reward``, the sum of its steps' rewards (0 for none).
     - ``opening(state) -> Observation | None``: what the environment shows before the model's first
