@@ -170,8 +170,7 @@ class OpenEnvAdapter:
         try:
             return self.action_cls(**values)
         except Exception as exc:  # noqa: BLE001 - pydantic's ValidationError, or the class's own check
-            short = " ".join(str(exc).split())
-            raise ValueError(f"not a valid {self.action_cls.__name__}: {short}") from None
+            raise ValueError(f"not a valid {self.action_cls.__name__}: {_why(exc)}") from None
 
     def step(self, state: Session, turn_text: str) -> Observation:
         try:
@@ -202,6 +201,14 @@ class OpenEnvAdapter:
     def close(self) -> None:
         for session in list(self._live):
             self.end(session)
+
+
+def _why(exc: Exception) -> str:
+    """One line: pydantic's field errors as ``field: message`` (without its help links), else the text."""
+    try:
+        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - not a ValidationError
+        return " ".join(str(exc).split())
 
 
 def _close(env: Any) -> None:

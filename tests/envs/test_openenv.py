@@ -157,7 +157,7 @@ def test_a_turn_that_does_not_parse_is_a_counted_error_and_on_error_end_ends_it(
     sp = spec_of(tok)
     (ep,) = run_episodes(Scripted(tok, ["four", "4"]), sp, [[5]], [{}], 1, Decoding(), seeds=[seed])
     assert (ep.tool_calls, ep.tool_errors, ep.turns, ep.env_reward) == (2, 1, 2, pytest.approx(1.0))
-    assert ep.results[0].startswith("error: not a valid GuessAction") and "\n" not in ep.results[0]
+    assert ep.results[0].startswith("error: not a valid GuessAction: guess: Input should be a valid integer")
     sp.close()
     sp = spec_of(tok, on_error="end")
     (ep,) = run_episodes(Scripted(tok, ["four", "4"]), sp, [[5]], [{}], 1, Decoding(), seeds=[seed])
@@ -264,3 +264,40 @@ def test_train_logs_the_environments_own_reward_as_reward_env(random_model_dir, 
         assert rows[step]["reward/env"] == pytest.approx(sum(batch) / 8)
         assert rows[step]["episode/env_reward"] == pytest.approx(sum(batch) / 8)
         assert rows[step]["reward/env/unjudged"] == 0
+
+
+def test_a_real_openenv_environment_subclass_plays_the_same_game(tok):
+    """Where openenv-core is installed (make install-openenv): a subclass of its Environment, with its
+    Action/Observation bases (extra fields forbidden), runs through the adapter unchanged."""
+    interfaces = pytest.importorskip("openenv.core.env_server.interfaces")
+    types = pytest.importorskip("openenv.core.env_server.types")
+
+    class Guess(types.Action):
+        guess: int
+
+    class Hint(types.Observation):
+        hint: str = ""
+
+    class RealGuess(interfaces.Environment[Guess, Hint, types.State]):
+        def reset(self, seed=None, episode_id=None, **kwargs) -> Hint:
+            self.target, self._state = random.Random(seed).randint(1, 8), types.State(episode_id=episode_id)
+            return Hint(hint="guess 1-8")
+
+        def step(self, action: Guess, timeout_s=None, **kwargs) -> Hint:
+            right = action.guess == self.target
+            return Hint(hint="right" if right else "no", done=right, reward=1.0 if right else 0.0)
+
+        @property
+        def state(self):
+            return self._state
+
+    globals()["RealGuess"] = RealGuess  # the class path names this module
+    try:
+        sp = spec_of(tok, budget=256, openenv=f"{HERE}:RealGuess", action_field=None)
+        turns = ['{"guess": 9, "extra": 1}', f'{{"guess": {random.Random(2).randint(1, 8)}}}']
+        (ep,) = run_episodes(Scripted(tok, turns), sp, [[5]], [{}], 1, Decoding(), seeds=[2])
+        sp.close()
+        assert ep.results == ["error: not a valid Guess: extra: Extra inputs are not permitted", "right"]
+        assert (ep.tool_errors, ep.env_reward, ep.done) == (1, 1.0, True)
+    finally:
+        globals().pop("RealGuess")
