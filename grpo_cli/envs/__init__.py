@@ -13,9 +13,12 @@ An environment answers a model turn. Its protocol (``Environment``):
 - ``stop_strings``: texts that end a model turn besides EOS, each one token of the tokenizer (the
   engine stops on token ids: ``</calc>`` for the calculator);
 - ``step(state, turn_text) -> Observation | None``: what the environment says after a turn that
-  ended on a stop string; None ends the episode. A tool that fails returns an ``Observation`` with
-  ``error`` set (malformed call, exception, timeout): the model reads the error, the run goes on;
+  ended on a stop string; None (or an Observation with ``done``) ends the episode. A tool that fails
+  returns an ``Observation`` with ``error`` set (malformed call, exception, timeout): the model reads
+  the error, the run goes on. An environment with its own reward (``has_reward``) puts each step's in
+  ``Observation.reward``: the episode's ``env_reward`` is their sum (``reward=env`` scores it);
 - optional: ``framing(obs) -> (before, after)``, the format's control text around the tool's text;
+  ``opening(state)``, an observation before the first turn; ``end(state)``, once per episode;
   ``close()``, called once when the command ends or fails (``protocol.Environment`` lists the rest).
 
 An observation's ids are ``framing[0]`` (control tokens parsed), the tool's text as plain text (a

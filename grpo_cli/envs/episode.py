@@ -5,7 +5,8 @@ and the observation's ids. A single-turn rollout (``env=none``) is an episode wi
     episodes = run_episodes(engine, spec, prompt_ids, rows, group_size, decoding, seeds)
 
 Turn 0 asks the engine for G completions of each prompt (one request per group, so the G episodes share
-the prompt's prefill); later turns ask for one completion per active episode, with the tokens the
+the prompt's prefill; an environment's ``opening`` observation, where it has one, comes first, after
+the prompt, and a group whose episodes open differently asks one request per episode); later turns ask for one completion per active episode, with the tokens the
 episode has left of its budget (``episode_budget``: model and tool tokens together). A turn that ends
 on one of the environment's stop ids is answered by ``env.step``; one that ends on EOS, or is cut by
 the budget, ends the episode (a call cut off mid-way runs no tool). An observation is the
