@@ -217,6 +217,15 @@ def test_a_class_that_cannot_be_loaded_is_one_config_line(tok, tmp_path, monkeyp
     sys.modules.pop("openenv_needed", None)
 
 
+def test_env_openenv_without_a_class_is_refused_before_any_model_loads():
+    from grpo_cli.cli import compose_config
+    from grpo_cli.commands.validate import validate
+
+    cfg, _ = compose_config("train", ["env=openenv", "reward=env"])
+    with pytest.raises(ConfigError, match=r"^env=openenv needs env.openenv=module:Class"):
+        validate(cfg)
+
+
 class SayAction(BaseModel):
     text: str
 
