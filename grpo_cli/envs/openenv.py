@@ -36,7 +36,6 @@ and a chat template's turn framing around observations (they are plain text betw
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import json
 import threading
@@ -46,6 +45,7 @@ from typing import Any
 
 from grpo_cli.config import ConfigError, EnvConfig
 from grpo_cli.envs.protocol import Observation
+from grpo_cli.rewards import resolve_target
 
 INSTALL = "pip install 'grpo-cli[openenv]'"
 OWN = ("done", "reward", "metadata")  # every OpenEnv observation's fields: the rest are its text
@@ -53,26 +53,18 @@ MAX_ERROR_CHARS = 300  # a validation error is shown to the model: one short lin
 
 
 def load_class(path: str | None) -> type:
-    """The class at ``module:Class`` or ``module.Class``; ConfigError in one line (naming the install
-    command when the missing module is openenv-core's)."""
+    """The class at ``module:Class`` or ``module.Class`` (``rewards.resolve_target``, the one loader);
+    ConfigError in one line, naming the install command when what is missing is openenv-core."""
     if not path:
         raise ConfigError("env=openenv needs env.openenv=module:Class, the OpenEnv Environment class to run")
-    module_name, _, attr = path.rpartition(":") if ":" in path else path.rpartition(".")
-    if not module_name or not attr:
-        raise ConfigError(f"env.openenv={path!r}: expected module:Class, e.g. my_envs.guess:GuessEnv")
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.split(".")[0] == "openenv":
+        cls = resolve_target(path.replace(":", "."), "env", key="openenv")
+    except ConfigError as exc:
+        if "No module named 'openenv'" in str(exc) or "No module named 'openenv." in str(exc):
             raise ConfigError(f"env.openenv={path}: openenv-core is not installed: {INSTALL}") from None
-        raise ConfigError(f"env.openenv={path}: cannot import {module_name} ({exc})") from None
-    except Exception as exc:  # noqa: BLE001 - a broken module is one config line
-        raise ConfigError(
-            f"env.openenv={path}: importing {module_name} failed: {type(exc).__name__}: {exc}"
-        ) from None
-    cls = getattr(module, attr, None)
+        raise
     if not isinstance(cls, type) or not callable(getattr(cls, "step", None)):
-        raise ConfigError(f"env.openenv={path}: {module_name} has no environment class {attr!r}")
+        raise ConfigError(f"env.openenv={path}: {cls!r} is not an environment class (with reset and step)")
     return cls
 
 

@@ -199,8 +199,9 @@ def test_a_step_that_raises_or_hangs_is_an_error_observation_and_the_run_goes_on
 @pytest.mark.parametrize(
     "path, message",
     [
-        ("no_such_pkg.envs:Game", "env.openenv=no_such_pkg.envs:Game: cannot import no_such_pkg.envs"),
-        (f"{HERE}:NoSuchEnv", "has no environment class 'NoSuchEnv'"),
+        ("no_such_pkg.envs:Game", "env.openenv=no_such_pkg.envs.Game: no module 'no_such_pkg'"),
+        (f"{HERE}:NoSuchEnv", f"{HERE} has no attribute 'NoSuchEnv'"),
+        (f"{HERE}:HERE", "is not an environment class"),
         (None, "env=openenv needs env.openenv=module:Class"),
         ("openenv_needed:Game", "openenv-core is not installed: pip install 'grpo-cli[openenv]'"),
     ],
