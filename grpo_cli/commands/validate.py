@@ -202,6 +202,8 @@ def _validate_env(env: Any) -> None:
         raise ConfigError(f"env.timeout_s={env.timeout_s}: must be > 0")
     if env.on_error not in ("observe", "end"):
         raise ConfigError(f"env.on_error={env.on_error!r} is not allowed; choose one of: observe, end")
+    if env._target_ is None and env.name == "openenv" and not env.openenv:  # before any model loads
+        raise ConfigError("env=openenv needs env.openenv=module:Class, the OpenEnv Environment class to run")
 
 
 def _validate_updates_per_batch(tr: Any, algo: Any) -> None:

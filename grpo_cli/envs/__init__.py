@@ -3,6 +3,7 @@
     grpo train                                     # env=none: one turn, today's single-turn rollout
     grpo train env=calc model.name_or_path=DIR     # the model may call a calculator between turns
     grpo train env=python model=qwen data=gsm8k    # Python in the sandbox, Hermes tool calls
+    grpo train env=openenv env.openenv=pkg.mod:Env reward=env   # an OpenEnv environment, its own reward
     grpo train env._target_=my_pkg.MyEnv           # a user's environment (the protocol below)
 
 An environment answers a model turn. Its protocol (``Environment``):
@@ -12,9 +13,12 @@ An environment answers a model turn. Its protocol (``Environment``):
 - ``stop_strings``: texts that end a model turn besides EOS, each one token of the tokenizer (the
   engine stops on token ids: ``</calc>`` for the calculator);
 - ``step(state, turn_text) -> Observation | None``: what the environment says after a turn that
-  ended on a stop string; None ends the episode. A tool that fails returns an ``Observation`` with
-  ``error`` set (malformed call, exception, timeout): the model reads the error, the run goes on;
+  ended on a stop string; None (or an Observation with ``done``) ends the episode. A tool that fails
+  returns an ``Observation`` with ``error`` set (malformed call, exception, timeout): the model reads
+  the error, the run goes on. An environment with its own reward (``has_reward``) puts each step's in
+  ``Observation.reward``: the episode's ``env_reward`` is their sum (``reward=env`` scores it);
 - optional: ``framing(obs) -> (before, after)``, the format's control text around the tool's text;
+  ``opening(state)``, an observation before the first turn; ``end(state)``, once per episode;
   ``close()``, called once when the command ends or fails (``protocol.Environment`` lists the rest).
 
 An observation's ids are ``framing[0]`` (control tokens parsed), the tool's text as plain text (a
@@ -33,13 +37,14 @@ from typing import Any
 
 from grpo_cli.config import ConfigError, EnvConfig
 from grpo_cli.envs.calc import CalcEnv
+from grpo_cli.envs.openenv import OpenEnvAdapter
 from grpo_cli.envs.protocol import Environment, Observation
 from grpo_cli.envs.python import PythonEnv
 
 __all__ = ["ENVS", "Environment", "Observation", "build_env", "plain_ids", "stop_token_ids", "token_ids"]
 
 
-ENVS = {"calc": CalcEnv, "python": PythonEnv}  # built with (cfg, tokenizer)
+ENVS = {"calc": CalcEnv, "python": PythonEnv, "openenv": OpenEnvAdapter}  # built with (cfg, tokenizer)
 
 
 def build_env(cfg: EnvConfig, tokenizer: Any = None) -> Environment | None:

@@ -5,7 +5,8 @@ and the observation's ids. A single-turn rollout (``env=none``) is an episode wi
     episodes = run_episodes(engine, spec, prompt_ids, rows, group_size, decoding, seeds)
 
 Turn 0 asks the engine for G completions of each prompt (one request per group, so the G episodes share
-the prompt's prefill); later turns ask for one completion per active episode, with the tokens the
+the prompt's prefill; an environment's ``opening`` observation, where it has one, comes first, after
+the prompt, and a group whose episodes open differently asks one request per episode); later turns ask for one completion per active episode, with the tokens the
 episode has left of its budget (``episode_budget``: model and tool tokens together). A turn that ends
 on one of the environment's stop ids is answered by ``env.step``; one that ends on EOS, or is cut by
 the budget, ends the episode (a call cut off mid-way runs no tool). An observation is the
@@ -131,6 +132,7 @@ class Episode:
     tool_errors: int = 0
     truncated: bool = False
     done: bool = False
+    env_reward: float | None = None  # the sum of the env's step rewards; None: the env gives none
 
     @property
     def tool_tokens(self) -> int:
@@ -160,17 +162,17 @@ def run_episodes(
     decoding = replace(decoding, banned_ids=decoding.banned_ids + spec.banned_ids)
     group_seed = [0 if seeds is None else int(s) for s in (seeds or [None] * len(rows))]
     reset = (lambda row, seed: None) if spec.env is None else spec.env.reset
+    rewarded = bool(getattr(spec.env, "has_reward", False))
     episodes = [
-        Episode(list(p), reset(row, group_seed[i])) for i, (p, row) in enumerate(zip(prompt_ids, rows))
-        for _ in range(group_size)
+        Episode(list(p), reset(row, group_seed[i]), env_reward=0.0 if rewarded else None)
+        for i, (p, row) in enumerate(zip(prompt_ids, rows)) for _ in range(group_size)
     ]  # fmt: skip
-    first = [
-        Request(list(p), group_size, spec.budget, stop_ids, None if seeds is None else group_seed[i])
-        for i, p in enumerate(prompt_ids)
-    ]
-    for i, group in enumerate(engine.generate(first, decoding, progress if spec.env is None else None)):
-        for j, c in enumerate(group):
-            _take_turn(episodes[i * group_size + j], c, spec)
+    first, owners = _first_requests(
+        spec, episodes, group_size, stop_ids, None if seeds is None else group_seed
+    )
+    for ks, group in zip(owners, engine.generate(first, decoding, progress if spec.env is None else None)):
+        for k, c in zip(ks, group):
+            _take_turn(episodes[k], c, spec)
     while live := [k for k, ep in enumerate(episodes) if not ep.done]:
         requests = []
         for k in live:
@@ -179,9 +181,63 @@ def run_episodes(
             requests.append(Request(ep.prompt_ids + ep.ids, 1, spec.budget - len(ep.ids), stop_ids, seed))
         for k, group in zip(live, engine.generate(requests, decoding)):
             _take_turn(episodes[k], group[0], spec)
+    end = getattr(spec.env, "end", None)
+    if callable(end):  # the loop reset them, so it ends them: each episode's resources go here
+        for ep in episodes:
+            end(ep.state)
     if spec.env is not None and progress is not None:
         progress(len(episodes), sum(len(e.ids) for e in episodes))
     return episodes
+
+
+def _first_requests(
+    spec: EpisodeSpec,
+    episodes: list[Episode],
+    group_size: int,
+    stop_ids: tuple[int, ...],
+    group_seed: list[int] | None,
+) -> tuple[list[Request], list[list[int]]]:
+    """Turn 0's requests and, for each, the episodes its completions go to. One request of G per group
+    (the G episodes share the prompt's prefill) while the group's openings are the same ids (none, or
+    a seeded game's board); else one request per episode, on turn 0's stream of its place."""
+    requests, owners = [], []
+    for i in range(len(episodes) // group_size):
+        ks = list(range(i * group_size, (i + 1) * group_size))
+        opened = [_open(spec, episodes[k]) for k in ks]
+        seed = None if group_seed is None else group_seed[i]
+        ep = episodes[ks[0]]
+        if all(o == opened[0] for o in opened) and not any(episodes[k].done for k in ks):
+            requests.append(
+                Request(ep.prompt_ids + ep.ids, group_size, spec.budget - len(ep.ids), stop_ids, seed)
+            )
+            owners.append(ks)
+            continue
+        for j, k in enumerate(ks):
+            ep = episodes[k]
+            if not ep.done:
+                s = None if seed is None else derive_seed(seed, j, 0)
+                requests.append(Request(ep.prompt_ids + ep.ids, 1, spec.budget - len(ep.ids), stop_ids, s))
+                owners.append([k])
+    return requests, owners
+
+
+def _open(spec: EpisodeSpec, ep: Episode) -> list[int]:
+    """Place the environment's opening observation (``opening(state)``, where it has one) after the
+    prompt as observation tokens; its ids. One that leaves no room for a model token ends the episode
+    as truncated before it starts."""
+    opening = getattr(spec.env, "opening", None)
+    obs = opening(ep.state) if callable(opening) else None
+    if obs is None:
+        return []
+    ids = observation_ids(spec, obs)
+    if len(ids) >= spec.budget:
+        ep.truncated = ep.done = True
+        return []
+    ep.ids += ids
+    ep.model += [0] * len(ids)
+    if ep.logprobs is not None:
+        ep.logprobs += [0.0] * len(ids)
+    return ids
 
 
 def _take_turn(ep: Episode, c: Completion, spec: EpisodeSpec) -> None:
@@ -208,6 +264,11 @@ def _take_turn(ep: Episode, c: Completion, spec: EpisodeSpec) -> None:
     ep.tool_calls += int(obs.call)
     ep.tool_errors += int(obs.error)
     ep.results.append(obs.text)
+    if obs.reward is not None and ep.env_reward is not None:
+        ep.env_reward += float(obs.reward)  # summed: the episode's return, undiscounted
+    if obs.done:  # the environment ended the episode (a game won or lost): nothing more to show
+        ep.done = True
+        return
     ids = observation_ids(spec, obs)
     if (obs.error and spec.end_on_error) or len(ep.ids) + len(ids) >= spec.budget:
         ep.truncated = not obs.error or not spec.end_on_error

@@ -18,6 +18,11 @@ class Observation:
     text: str
     error: bool = False  # a failed call: malformed, raised, timed out
     call: bool = True  # the turn made a tool call (counted in tool_calls)
+    # The environment's own reward for this step (a game's score), summed into the episode's env_reward;
+    # None: the step gives none (a tool).
+    reward: float | None = None
+    # The step ended the episode (the game is over): its reward counts, its text is not shown to the model.
+    done: bool = False
 
 
 class Environment(Protocol):
@@ -34,6 +39,12 @@ class Environment(Protocol):
       be forged); ``call_strings``: the tokens that open a call (banned when ``env.allow_calls=false``).
     - ``token_help``: how to get the environment's markers into a tokenizer, for the error a tokenizer
       without them gets.
+    - ``end(state)``: an episode is over (called once per episode when its batch is done): release
+      what its state holds.
+    - ``has_reward``: True when the environment scores its episodes (``Observation.reward``): every
+      episode's record then holds ``env_reward``, the sum of its steps' rewards (0 for none).
+    - ``opening(state) -> Observation | None``: what the environment shows before the model's first
+      turn (a game's board), placed after the prompt as observation tokens; None: nothing.
     """
 
     stop_strings: tuple[str, ...]

@@ -211,29 +211,33 @@ def _as_score(value: Any) -> float | None:
     return score
 
 
-def resolve_target(path: str, where: str) -> Any:
-    """The object at import path ``pkg.mod.obj`` (or ``pkg.mod.Class.attr``); ConfigError naming ``where``."""
+def resolve_target(path: str, where: str, key: str = "_target_") -> Any:
+    """The object at import path ``pkg.mod.obj`` (or ``pkg.mod.Class.attr``); ConfigError naming
+    ``where.key`` (``env.openenv`` loads its class here too)."""
+    at = f"{where}.{key}"
     parts = path.split(".") if isinstance(path, str) else []
     if len(parts) < 2 or not all(p.isidentifier() for p in parts):
-        raise ConfigError(f"{where}._target_={path!r}: expected an import path like mypkg.rewards.my_rule")
+        raise ConfigError(f"{at}={path!r}: expected an import path like mypkg.rewards.my_rule")
     for split in range(len(parts) - 1, 0, -1):
         module_name = ".".join(parts[:split])
         try:
             obj = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name and module_name.startswith(exc.name):
-                continue  # this prefix is not a module: try a shorter one
-            raise ConfigError(f"{where}._target_={path}: importing {module_name} failed: {exc}") from None
+            # This prefix is not a module: try a shorter one. (Whole names only: a module `mathx` whose own
+            # import of a missing `math...` fails is broken, not absent.)
+            if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+                continue
+            raise ConfigError(f"{at}={path}: importing {module_name} failed: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - the module itself is broken: say so in one line
             raise ConfigError(
-                f"{where}._target_={path}: importing {module_name} failed: {type(exc).__name__}: {exc}"
+                f"{at}={path}: importing {module_name} failed: {type(exc).__name__}: {exc}"
             ) from None
         for attr in parts[split:]:
             if not hasattr(obj, attr):
-                raise ConfigError(f"{where}._target_={path}: {module_name} has no attribute {attr!r}")
+                raise ConfigError(f"{at}={path}: {module_name} has no attribute {attr!r}")
             obj = getattr(obj, attr)
         return obj
-    raise ConfigError(f"{where}._target_={path}: no module {parts[0]!r} (is it installed / on PYTHONPATH?)")
+    raise ConfigError(f"{at}={path}: no module {parts[0]!r} (is it installed / on PYTHONPATH?)")
 
 
 def _instantiate(target: Any, kwargs: dict[str, Any], where: str) -> RuleFn:

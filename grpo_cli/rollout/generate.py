@@ -167,6 +167,8 @@ def episode_rollout(
         "truncated": [float(e.truncated) for e in episodes],
         "tool_tokens": [float(e.tool_tokens) for e in episodes],
     }
+    if episodes and episodes[0].env_reward is not None:  # an env with its own reward (``has_reward``)
+        ro.episode_stats["env_reward"] = [float(e.env_reward or 0.0) for e in episodes]
     return ro
 
 
@@ -193,8 +195,8 @@ def _row(ids: Sequence[int], pad: int, min_width: int) -> tuple[torch.Tensor, to
 def rule_rows(ro: Rollout) -> list[dict]:
     """The rows the reward rules see: for episodes with a tool, with an ``episode`` entry, the record
     beside the model's words: ``turns``, ``tool_calls``, ``tool_errors``, ``truncated``,
-    ``tool_tokens`` (numbers), ``model_turns`` (the model's turns as text) and ``tool_results`` (the
-    tool's text of each call)."""
+    ``tool_tokens`` (numbers; ``env_reward`` too, the environment's own reward, where it gives one),
+    ``model_turns`` (the model's turns as text) and ``tool_results`` (the tool's text of each call)."""
     if not ro.episode_stats:
         return ro.rows
     record = {**ro.episode_stats, **ro.episode_texts}
