@@ -6,13 +6,14 @@ and the observation's ids. A single-turn rollout (``env=none``) is an episode wi
 
 Turn 0 asks the engine for G completions of each prompt (one request per group, so the G episodes share
 the prompt's prefill; an environment's ``opening`` observation, where it has one, comes first, after
-the prompt, and a group whose episodes open differently asks one request per episode); later turns ask for one completion per active episode, with the tokens the
-episode has left of its budget (``episode_budget``: model and tool tokens together). A turn that ends
-on one of the environment's stop ids is answered by ``env.step``; one that ends on EOS, or is cut by
-the budget, ends the episode (a call cut off mid-way runs no tool). An observation is the
-environment's framing around the tool's text (``observation_ids``); a tool text longer than
-``max_tool_tokens`` is cut and ends in ``CUT``, the framing kept whole; an observation that would
-leave no room for another model token ends the episode as truncated.
+the prompt, and a group whose episodes open differently asks one request per episode); later turns ask
+for one completion per active episode, with the tokens the episode has left of its budget
+(``episode_budget``: model and tool tokens together). A turn that ends on one of the environment's stop
+ids is answered by ``env.step``; one that ends on EOS, or is cut by the budget, ends the episode (a
+call cut off mid-way runs no tool). An observation is the environment's framing around the tool's
+text (``observation_ids``); a tool text longer than ``max_tool_tokens`` is cut and ends in ``CUT``, the
+framing kept whole; an observation that would leave no room for another model token ends the episode
+as truncated.
 
 Turn t > 0 of episode j of a group samples from the stream ``runtime.rng.derive_seed(seed, j, t)`` of its group's
 seed, so an episode's tokens depend on the run's seed and its place alone, not on its batch.
