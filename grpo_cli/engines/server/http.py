@@ -55,6 +55,10 @@ class Server:
                 raise ServerError(f"{self.url}{path} not called: {self._aborted}")
             self._open.add(conn)
         try:
+            conn.connect()
+            with self._lock:  # an abort while connecting found no socket to shut: see it here
+                if self._aborted:
+                    raise ServerError(f"{self.url}{path} abandoned: {self._aborted}")
             data = None if body is None else json.dumps(body).encode()
             base = urllib.parse.urlsplit(self.url).path
             conn.request(

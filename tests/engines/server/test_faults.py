@@ -101,6 +101,24 @@ def test_a_killed_server_is_an_error_at_once_and_the_others_calls_are_aborted(he
     pool.shutdown(wait=True)
 
 
+def test_an_abort_while_a_call_connects_still_ends_that_call(healthy, monkeypatch):
+    """The abort lands after the call registered its connection but before the socket exists (nothing
+    to shut yet): the call must see it once connected, not block in the read for its 600 s."""
+    good = Server(f"http://127.0.0.1:{healthy.server_address[1]}", 600)
+    connect = http_mod.http.client.HTTPConnection.connect
+
+    def abort_then_connect(conn):
+        good.abort("a peer failed")
+        connect(conn)
+
+    monkeypatch.setattr(http_mod.http.client.HTTPConnection, "connect", abort_then_connect)
+    pool = ThreadPoolExecutor(1)
+    call = pool.submit(good.call, "/v1/completions", {})
+    with pytest.raises(ServerError, match="abandoned: a peer failed"):
+        call.result(timeout=10)
+    pool.shutdown(wait=True)
+
+
 def test_a_failed_collective_is_blamed_on_the_server_that_no_longer_answers(healthy, fast_probes):
     good = Server(f"http://127.0.0.1:{healthy.server_address[1]}", 600)
     dead = Server(_dead_url(), 600)
