@@ -41,10 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def hard(question: str) -> bool:
     """Precedence matters: evaluating left to right gives another value."""
     from grpo_cli.data import arithmetic
-    from grpo_cli.models.tiny import _left_to_right
+    from grpo_cli.models.tiny import left_to_right
 
     expr = question.removeprefix("Calculate ")
-    return _left_to_right(expr) != arithmetic.evaluate(expr)
+    return left_to_right(expr) != arithmetic.evaluate(expr)
 
 
 def evaluate(

@@ -149,14 +149,21 @@ def noisy_answer(expr: str, rng: random.Random, p_correct: float) -> str:
     right = arithmetic.evaluate(expr)
     if rng.random() < p_correct:
         return str(right)
+    return str(rng.choice(plausible_mistakes(expr)))
+
+
+def plausible_mistakes(expr: str) -> list[int]:
+    """The warm-up's wrong answers to ``expr``, to draw from: off by 1, 2 or 10, and left-to-right
+    evaluation (three times as likely) where precedence matters."""
+    right = arithmetic.evaluate(expr)
     mistakes = [right + d for d in (-10, -2, -1, 1, 2, 10)]
-    left_to_right = _left_to_right(expr)
-    if left_to_right != right:
-        mistakes += [left_to_right] * 3
-    return str(rng.choice(mistakes))
+    if (ltr := left_to_right(expr)) != right:
+        mistakes += [ltr] * 3
+    return mistakes
 
 
-def _left_to_right(expr: str) -> int:
+def left_to_right(expr: str) -> int:
+    """``expr`` evaluated left to right, ignoring precedence: the misconception the warm-up teaches."""
     tokens = expr.split()
     value = int(tokens[0])
     for op, num in zip(tokens[1::2], tokens[2::2]):
@@ -176,7 +183,7 @@ def _example(encode, tokenizer, expr: str, rng: random.Random, spec: TinySpec) -
         return prompt + call + result + answer, [-100] * len(prompt) + call + [-100] * len(result) + answer
     p = spec.p_correct
     if spec.tools:
-        p = spec.p_correct_hard if _left_to_right(expr) != arithmetic.evaluate(expr) else spec.p_correct_easy
+        p = spec.p_correct_hard if left_to_right(expr) != arithmetic.evaluate(expr) else spec.p_correct_easy
     answer = list(encode(noisy_answer(expr, rng, p))) + eos
     return prompt + answer, [-100] * len(prompt) + answer
 

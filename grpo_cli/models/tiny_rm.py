@@ -34,7 +34,7 @@ import torch
 
 from grpo_cli.config import DataConfig, grpo_home
 from grpo_cli.data import arithmetic
-from grpo_cli.models.tiny import _left_to_right, ensure_tiny, save_atomic, tiny_path
+from grpo_cli.models.tiny import ensure_tiny, plausible_mistakes, save_atomic, tiny_path
 from grpo_cli.runtime.rng import forked_rng
 
 # The conversation as the policy's prompt template writes it (models/tiny.py's TEMPLATE) and its answer.
@@ -106,10 +106,7 @@ def sample_answer(expr: str, rng: random.Random, spec: RMSpec) -> str:
         at = rng.randrange(len(text) + 1)
         extra = str(rng.randrange(1, 10) if at == 0 or text[:at] == "-" else rng.randrange(10))
         return text[:at] + extra + text[at:]
-    mistakes = [right + d for d in (-10, -2, -1, 1, 2, 10)]
-    if (ltr := _left_to_right(expr)) != right:
-        mistakes += [ltr] * 3
-    return str(rng.choice(mistakes))
+    return str(rng.choice(plausible_mistakes(expr)))
 
 
 def texts(tokenizer, exprs: list[str], answers: list[str]) -> list[str]:
