@@ -27,6 +27,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -74,8 +75,7 @@ class TinySpec:
         if not self.tools:
             for name in ("tools", "p_tool", "p_correct_easy", "p_correct_hard"):
                 fields.pop(name)
-        digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
-        return f"tiny{'-tools' if self.tools else ''}-v{self.version}-s{self.seed}-{digest}"
+        return cache_name(f"tiny{'-tools' if self.tools else ''}", self.version, self.seed, fields)
 
 
 def default_spec() -> TinySpec:
@@ -91,9 +91,25 @@ def ensure_tiny(spec: TinySpec | None = None, quiet: bool = False) -> Path:
     """Path of the built tiny model, building it first if it is not cached yet."""
     spec = spec or default_spec()
     path = tiny_path(spec)
-    if (path / "config.json").is_file():
-        return path
-    build(spec, path, quiet=quiet)
+    return ensure_built(path, lambda: _build(spec, path, quiet))
+
+
+def cache_name(stem: str, version: int, seed: int, fields: dict) -> str:
+    """The cache directory of a built model (tiny, tiny-rg, tiny-rm): readable, ``<stem>-v<version>-
+    s<seed>``, plus a hash of ``fields``, so a change to any field builds a new model beside the old."""
+    digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{stem}-v{version}-s{seed}-{digest}"
+
+
+def ensure_built(path: Path, build_into: Callable[[], None]) -> Path:
+    """``path``, after ``build_into()`` has written it (``save_atomic``) unless a built model is there.
+
+    The global RNGs are left as found: the first run on a machine builds the model inside ``grpo
+    train``, after the run's seed is set, and must then draw the same LoRA weights as every later run.
+    """
+    if not (path / "config.json").is_file():
+        with forked_rng():
+            build_into()
     return path
 
 
@@ -214,11 +230,8 @@ def _encoder(tokenizer):
 
 
 def build(spec: TinySpec, out: Path, quiet: bool = False) -> None:
-    """Warm up the tiny model and save it atomically to ``out`` (model + tokenizer + spec).
-
-    The global RNGs are left as found: the first run on a machine builds the model inside ``grpo
-    train``, after the run's seed is set, and must then draw the same LoRA weights as every later run.
-    """
+    """Warm up the tiny model and save it atomically to ``out`` (model + tokenizer + spec); the global
+    RNGs are left as found (see ``ensure_built``)."""
     with forked_rng():
         _build(spec, out, quiet)
 

@@ -20,16 +20,22 @@ sharpen a mode that is already right (the default demo's case, where greedy accu
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from grpo_cli.config import DataConfig, grpo_home
 from grpo_cli.data import build_prompt, reasoning_gym
-from grpo_cli.models.tiny import TinySpec, make_model, make_tokenizer, pad_batch, save_atomic, warm_up
-from grpo_cli.runtime.rng import forked_rng
+from grpo_cli.models.tiny import (
+    TinySpec,
+    cache_name,
+    ensure_built,
+    make_model,
+    make_tokenizer,
+    pad_batch,
+    save_atomic,
+    warm_up,
+)
 
 TEMPLATE = "{question}\nAnswer: "  # conf/data/reasoning_gym.yaml's template
 TASK_CONFIG = {"max_terms": 3, "max_digits": 1}
@@ -56,8 +62,7 @@ class RGSpec:
     p_mistake_hard: float = 0.5
 
     def key(self) -> str:
-        digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
-        return f"tiny-rg-v{self.version}-s{self.base.seed}-{digest}"
+        return cache_name("tiny-rg", self.version, self.base.seed, asdict(self))
 
 
 def data_config(size: int) -> DataConfig:
@@ -102,10 +107,7 @@ def ensure_tiny_rg(spec: RGSpec | None = None, quiet: bool = False) -> Path:
     """Path of the built model, building it first if it is not cached yet."""
     spec = spec or RGSpec()
     path = tiny_rg_path(spec)
-    if not (path / "config.json").is_file():
-        with forked_rng():  # as tiny.build: the run's own draws must not depend on a first build
-            _build(spec, path, quiet)
-    return path
+    return ensure_built(path, lambda: _build(spec, path, quiet))
 
 
 def _build(spec: RGSpec, out: Path, quiet: bool) -> None:

@@ -24,8 +24,6 @@ prompt and the model's own words through the one path every reward model takes.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,8 +32,14 @@ import torch
 
 from grpo_cli.config import DataConfig, grpo_home
 from grpo_cli.data import arithmetic
-from grpo_cli.models.tiny import ensure_tiny, plausible_mistakes, save_atomic, tiny_path
-from grpo_cli.runtime.rng import forked_rng
+from grpo_cli.models.tiny import (
+    cache_name,
+    ensure_built,
+    ensure_tiny,
+    plausible_mistakes,
+    save_atomic,
+    tiny_path,
+)
 
 # The conversation as the policy's prompt template writes it (models/tiny.py's TEMPLATE) and its answer.
 CHAT_TEMPLATE = (
@@ -65,9 +69,7 @@ class RMSpec:
     wrong_target: float = 0.0
 
     def key(self) -> str:
-        fields = {**asdict(self), "policy": tiny_path().name}
-        digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
-        return f"tiny-rm-v{self.version}-s{self.seed}-{digest}"
+        return cache_name("tiny-rm", self.version, self.seed, {**asdict(self), "policy": tiny_path().name})
 
 
 def default_spec() -> RMSpec:
@@ -82,10 +84,7 @@ def ensure_tiny_rm(spec: RMSpec | None = None, quiet: bool = False) -> Path:
     """Path of the built reward model, building it (and the policy it starts from) first if needed."""
     spec = spec or default_spec()
     path = tiny_rm_path(spec)
-    if not (path / "config.json").is_file():
-        with forked_rng():  # leave the run's RNG as found (see models/tiny.py's build)
-            _build(spec, path, quiet)
-    return path
+    return ensure_built(path, lambda: _build(spec, path, quiet))
 
 
 def label(answer: str, right: int, spec: RMSpec) -> float:
