@@ -40,6 +40,7 @@ from grpo_cli.envs.calc import CalcEnv
 from grpo_cli.envs.openenv import OpenEnvAdapter
 from grpo_cli.envs.protocol import Environment, Observation
 from grpo_cli.envs.python import PythonEnv
+from grpo_cli.rewards import resolve_target
 
 __all__ = ["ENVS", "Environment", "Observation", "build_env", "plain_ids", "stop_token_ids", "token_ids"]
 
@@ -49,13 +50,16 @@ ENVS = {"calc": CalcEnv, "python": PythonEnv, "openenv": OpenEnvAdapter}  # buil
 
 def build_env(cfg: EnvConfig, tokenizer: Any = None) -> Environment | None:
     """The environment ``env`` names; None for single-turn episodes (``env=none``)."""
-    if cfg._target_:
-        import hydra.utils  # a user's class, by import path
-
+    if cfg._target_:  # a user's class, by import path: the loader of reward rules and env.openenv
+        cls = resolve_target(cfg._target_, "env")
         try:
-            return hydra.utils.get_class(cfg._target_)(cfg)
-        except Exception as exc:  # noqa: BLE001 - any import failure is one config line
-            raise ConfigError(f"env._target_={cfg._target_}: cannot be loaded ({exc})") from None
+            return cls(cfg)
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the user's constructor failed: one config line
+            raise ConfigError(
+                f"env._target_={cfg._target_}: cannot be built: {type(exc).__name__}: {exc}"
+            ) from None
     if cfg.name == "none":
         return None
     if cfg.name not in ENVS:

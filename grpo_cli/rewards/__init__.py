@@ -213,7 +213,7 @@ def _as_score(value: Any) -> float | None:
 
 def resolve_target(path: str, where: str, key: str = "_target_") -> Any:
     """The object at import path ``pkg.mod.obj`` (or ``pkg.mod.Class.attr``); ConfigError naming
-    ``where.key`` (``env.openenv`` loads its class here too)."""
+    ``where.key`` (``env._target_`` and ``env.openenv`` load their classes here too)."""
     at = f"{where}.{key}"
     parts = path.split(".") if isinstance(path, str) else []
     if len(parts) < 2 or not all(p.isidentifier() for p in parts):

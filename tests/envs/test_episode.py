@@ -393,3 +393,28 @@ def test_env_calc_on_a_tokenizer_without_its_markers_names_the_fix():
     )
     tools = make_tokenizer(tools=True)  # the tiny-tools tokenizer has them
     assert EpisodeSpec.of(EnvConfig(name="calc"), tools, (tools.eos_token_id,), RolloutConfig()).tool_stop_ids
+
+
+def test_a_user_environment_that_cannot_load_or_build_is_one_line_naming_env_target(tmp_path, monkeypatch):
+    """env._target_ goes through the rule loader: a missing module, a missing class and a constructor
+    that raises are each one ConfigError line naming the key; the user's own ConfigError is kept."""
+    from grpo_cli.config import ConfigError
+    from grpo_cli.envs import build_env
+
+    (tmp_path / "broken_env.py").write_text(
+        "from grpo_cli.config import ConfigError\n\n"
+        "class Raises:\n    def __init__(self, cfg):\n        raise ValueError('needs a board size')\n\n"
+        "class Refuses:\n    def __init__(self, cfg):\n        raise ConfigError('env.board: must be set')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cases = {
+        "no_such_env_module.Env": "env._target_=no_such_env_module.Env: no module 'no_such_env_module'",
+        "broken_env.Missing": "broken_env has no attribute 'Missing'",
+        "broken_env.Raises": "env._target_=broken_env.Raises: cannot be built: ValueError: needs a board size",
+        "broken_env.Refuses": "env.board: must be set",
+    }
+    for target, message in cases.items():
+        with pytest.raises(ConfigError) as err:
+            build_env(EnvConfig(_target_=target))
+        assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+    sys.modules.pop("broken_env", None)
